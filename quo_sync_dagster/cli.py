@@ -1,0 +1,188 @@
+"""`quo-sync`: the demo on embedded defaults, and integration management."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from quo_sync_dagster.core.models import Integration
+from quo_sync_dagster.core.process import Process, ProcessState
+from quo_sync_dagster.crms import connector_class, registered_connectors
+from quo_sync_dagster.local_stack import LocalStack
+from quo_sync_dagster.orchestration.metadata import process_summary
+from quo_sync_dagster.orchestration.resources import default_store_uri
+from quo_sync_dagster.store import open_store
+
+DEFAULT_HOME = ".quo-sync-home"
+
+
+def _settings(pairs: list[str]) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--setting takes KEY=VALUE, got {pair!r}")
+        try:
+            settings[key] = json.loads(value)
+        except ValueError:
+            settings[key] = value
+    return settings
+
+
+def _progress_line(processes: list[Process], started: float) -> str:
+    total = sum(p.context.get("totalRecords") or 0 for p in processes)
+    done = sum(p.counters["processed"] for p in processes)
+    elapsed = time.monotonic() - started
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = f"{(total - done) / rate:5.0f} s" if rate > 0 and total > done else "    -"
+    width = 30
+    filled = int(width * done / total) if total else width
+    states = ",".join(sorted({str(p.state) for p in processes}))
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+        f"{rate:6.1f} rec/s  ETA {eta}  {states}"
+    )
+
+
+def demo(args: argparse.Namespace) -> int:
+    crm = args.crm
+    connector_class(crm)  # fail fast, naming the known CRMs
+    settings: dict[str, Any] = {"records": args.records} if args.records else {}
+    stack = LocalStack(
+        Path(args.home), quo_rate_limit=args.quo_rate_limit or None, ui_port=args.port
+    )
+    print(f"Starting the Quo sandbox and Dagster (home: {stack.home}) ...", flush=True)
+    stack.start()
+    try:
+        source = connector_class(crm).quo_source
+        before = stack.sandbox_stats()
+        stack.register_integration(f"demo-{crm}", crm, settings)
+        print(f"Dagster UI: {stack.ui_url}  (launching {crm}_initial_sync)", flush=True)
+        started = time.monotonic()
+        process_ids = stack.run_initial_sync(crm, {"integration_id": f"demo-{crm}"})
+        tty = sys.stdout.isatty()
+        last_print = [0.0]
+
+        def show(processes: list[Process]) -> None:
+            if tty:
+                print("\r" + _progress_line(processes, started), end="", flush=True)
+            elif time.monotonic() - last_print[0] >= 10:
+                print(_progress_line(processes, started), flush=True)
+                last_print[0] = time.monotonic()
+
+        processes = stack.wait_processes(process_ids, show)
+        show(processes)
+        print()
+        duration = time.monotonic() - started
+        assert stack.store is not None
+        summaries = [process_summary(stack.store, p) for p in processes]
+        for summary in summaries:
+            summary["aggregateData"]["errors"] = summary["aggregateData"]["errors"][-3:]
+            print(json.dumps(summary, indent=2))
+        after = stack.sandbox_stats()
+        result = _result(processes, before, after, source, duration)
+        if not args.exit_when_done:
+            print(f"Sync done. Dagster UI stays up at {stack.ui_url}; Ctrl-C stops everything.")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        stack.stop()
+    print("RESULT " + json.dumps(result, separators=(",", ":")), flush=True)
+    return 0 if result["state"] == ProcessState.COMPLETED else 1
+
+
+def _result(
+    processes: list[Process],
+    before: dict[str, Any],
+    after: dict[str, Any],
+    source: str,
+    duration: float,
+) -> dict[str, Any]:
+    def delta(*kinds: str) -> int:
+        return sum(after["byKind"].get(k, 0) - before["byKind"].get(k, 0) for k in kinds)
+
+    states = {p.state for p in processes}
+    return {
+        "state": str(
+            ProcessState.COMPLETED if states == {ProcessState.COMPLETED} else ProcessState.ERROR
+        ),
+        "processIds": [p.id for p in processes],
+        "totalRecords": sum(p.context.get("totalRecords") or 0 for p in processes),
+        "totalSynced": sum(p.counters["synced"] for p in processes),
+        "totalFailed": sum(p.counters["failed"] for p in processes),
+        "skippedUnchanged": sum(p.counters["unchanged"] for p in processes),
+        "quoContacts": after["contactsBySource"].get(source, 0),
+        "quoWriteRequests": delta("create", "patch"),
+        "quoRequests": after["requests"] - before["requests"],
+        "rate429s": after["rateLimited"] - before["rateLimited"],
+        "durationSeconds": round(duration, 1),
+    }
+
+
+def integrations(args: argparse.Namespace) -> int:
+    store = open_store(args.store or default_store_uri())
+    if args.action == "add":
+        connector_class(args.crm)
+        store.upsert_integration(
+            Integration(
+                id=args.id,
+                crm=args.crm,
+                quo_api_key_ref=args.quo_key_ref,
+                quo_base_url=args.quo_base_url,
+                default_region=args.region,
+                crm_credential_ref=args.crm_credential_ref,
+                settings=_settings(args.setting),
+            )
+        )
+        print(f"integration {args.id!r} ({args.crm}) saved")
+    else:
+        for i in store.list_integrations():
+            print(f"{i.id}\t{i.crm}\t{i.quo_base_url}\tquo key: {i.quo_api_key_ref}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quo-sync", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="run an initial sync on embedded defaults, UI included")
+    d.add_argument("--crm", default="scalingtest", choices=sorted(registered_connectors()))
+    d.add_argument("--records", type=int, help="people in the synthetic CRM (default: its own)")
+    d.add_argument("--home", default=DEFAULT_HOME, help="state folder (default %(default)s)")
+    d.add_argument("--exit-when-done", action="store_true", help="stop everything at the end")
+    d.add_argument("--port", type=int, help="Dagster UI port (default: a free one)")
+    d.add_argument(
+        "--quo-rate-limit", type=float, default=10.0, help="sandbox requests/s per key (0: off)"
+    )
+    d.set_defaults(func=demo)
+    i = sub.add_parser("integrations", help="add or list integrations in the store")
+    i.add_argument("action", choices=["add", "list"])
+    i.add_argument(
+        "--store", help="store URI (default: QUO_SYNC_STORE_URI or SQLite in DAGSTER_HOME)"
+    )
+    i.add_argument("--id")
+    i.add_argument("--crm", choices=sorted(registered_connectors()))
+    i.add_argument("--quo-key-ref", help="env:NAME or aws-sm:SECRET_ID holding the Quo API key")
+    i.add_argument("--quo-base-url", default="https://api.openphone.com")
+    i.add_argument("--region", default="US", help="default region for phone numbers")
+    i.add_argument("--crm-credential-ref", help="env:NAME or aws-sm:SECRET_ID")
+    i.add_argument("--setting", action="append", default=[], help="KEY=VALUE (JSON values)")
+    i.set_defaults(func=integrations)
+    args = parser.parse_args(argv)
+    if args.command == "integrations" and args.action == "add":
+        missing = [
+            f"--{n.replace('_', '-')}" for n in ("id", "crm", "quo_key_ref") if not getattr(args, n)
+        ]
+        if missing:
+            parser.error(f"integrations add needs {', '.join(missing)}")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The seed's Process: a long-running operation with an enforced state machine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class ProcessState(StrEnum):
+    INITIALIZING = "INITIALIZING"
+    FETCHING_TOTAL = "FETCHING_TOTAL"
+    QUEUING_PAGES = "QUEUING_PAGES"
+    PROCESSING_BATCHES = "PROCESSING_BATCHES"
+    COMPLETING = "COMPLETING"
+    COMPLETED = "COMPLETED"
+    ERROR = "ERROR"
+
+
+_FORWARD: dict[ProcessState, set[ProcessState]] = {
+    ProcessState.INITIALIZING: {ProcessState.FETCHING_TOTAL},
+    ProcessState.FETCHING_TOTAL: {ProcessState.QUEUING_PAGES},
+    ProcessState.QUEUING_PAGES: {ProcessState.PROCESSING_BATCHES},
+    ProcessState.PROCESSING_BATCHES: {ProcessState.COMPLETING},
+    ProcessState.COMPLETING: {ProcessState.COMPLETED},
+    # A process that failed because some pages failed resumes when those pages are re-run.
+    ProcessState.ERROR: {ProcessState.PROCESSING_BATCHES},
+    ProcessState.COMPLETED: set(),
+}
+TERMINAL_STATES = frozenset({ProcessState.COMPLETED, ProcessState.ERROR})
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def check_transition(current: ProcessState, new: ProcessState) -> None:
+    """Raise unless `current -> new` is allowed: the seed's chain, or any live state -> ERROR."""
+    allowed = _FORWARD[current] | (
+        {ProcessState.ERROR} if current not in TERMINAL_STATES else set()
+    )
+    if new not in allowed:
+        raise IllegalTransition(f"process cannot go from {current} to {new}")
+
+
+COUNTER_NAMES = (
+    "processed",  # CRM records handled (synced + failed)
+    "synced",  # records now current in Quo (created + updated + unchanged)
+    "failed",
+    "created",
+    "updated",
+    "unchanged",  # skipped: same content hash as last sync, zero requests
+    "pages_processed",
+    "pages_failed",
+)
+
+
+@dataclass(frozen=True)
+class ErrorDetail:
+    external_id: str | None
+    error: str
+    timestamp: str
+    page: str | None = None
+
+
+@dataclass(frozen=True)
+class PageResult:
+    """Outcome of one page; the store replaces a re-run page's result instead of adding to it."""
+
+    records: int
+    synced: int
+    failed: int
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    ok: bool = True  # False: the page as a whole failed (fetch error, Quo unreachable)
+    errors: tuple[ErrorDetail, ...] = ()
+
+    def counter_values(self) -> dict[str, int]:
+        return {
+            "processed": self.records if self.ok else 0,
+            "synced": self.synced,
+            "failed": self.failed,
+            "created": self.created,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "pages_processed": int(self.ok),
+            "pages_failed": int(not self.ok),
+        }
+
+
+@dataclass
+class Process:
+    id: str
+    integration_id: str
+    name: str
+    type: str
+    state: ProcessState
+    context: dict[str, Any] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTER_NAMES, 0))
+    parent_id: str | None = None
+    children: list[str] = field(default_factory=list)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None

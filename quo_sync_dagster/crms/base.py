@@ -1,0 +1,117 @@
+"""The connector contract every CRM implements: its CRMConfig and the seed's five methods.
+
+A connector module defines one subclass with a unique `name`; subclassing registers it, and the
+orchestration factory turns every registered connector into its Dagster jobs, assets and sensors.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, Field
+
+from quo_sync_dagster.core.models import (
+    CallActivity,
+    Integration,
+    PersonPage,
+    QuoContact,
+    SmsActivity,
+)
+
+
+class PersonObjectType(BaseModel):
+    crm_object_name: str  # e.g. "Contact", "Lead"; one sync Process each
+    quo_contact_type: str = "contact"
+
+
+class SyncConfig(BaseModel):
+    reverse_chronological: bool = True  # newest first, so recent people land in Quo first
+    initial_batch_size: int = Field(100, ge=1)  # records per page in an initial sync
+    ongoing_batch_size: int = Field(50, ge=1)
+    supports_webhooks: bool = False
+    poll_interval_minutes: int = Field(60, ge=1)
+
+
+class QueueConfig(BaseModel):
+    """The seed's queueConfig, mapped onto Dagster: workers are concurrent runs of this CRM,
+    batchSize is pages per ranged run, timeout is the run's maximum runtime."""
+
+    max_workers: int = Field(5, ge=1)
+    batch_size: int = Field(10, ge=1)
+    timeout: int = Field(600, ge=1)
+
+
+class CRMConfig(BaseModel):
+    person_object_types: list[PersonObjectType] = Field(min_length=1)
+    sync_config: SyncConfig = SyncConfig()
+    queue_config: QueueConfig = QueueConfig()
+
+
+_REGISTRY: dict[str, type[CRMConnector]] = {}
+
+
+class CRMConnector(ABC):
+    name: ClassVar[str]  # registry key, Dagster name prefix and `quo-sync demo --crm` value
+    quo_source: ClassVar[str]  # the `source` of every Quo contact this connector writes
+    crm_config: ClassVar[CRMConfig]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name in _REGISTRY:
+            raise TypeError(f"two connectors are named {cls.name!r}")
+        _REGISTRY[cls.name] = cls
+
+    def __init__(self, integration: Integration) -> None:
+        self.integration = integration
+
+    # ---- the five methods of the seed -----------------------------------------------------
+    @abstractmethod
+    def fetch_person_page(
+        self,
+        object_type: str,
+        page: int,
+        limit: int,
+        modified_since: datetime | None = None,
+        sort_desc: bool = True,
+    ) -> PersonPage:
+        """Page `page` (0-based) of `limit` people; `total` on every page when the CRM knows it."""
+
+    @abstractmethod
+    def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
+        """Raise core.models.InvalidRecord naming the bad field for a person Quo cannot take."""
+
+    @abstractmethod
+    def log_sms_to_activity(self, activity: SmsActivity) -> str:
+        """Write the SMS on the CRM record; return the CRM activity id."""
+
+    @abstractmethod
+    def log_call_to_activity(self, activity: CallActivity) -> str:
+        """Write the call on the CRM record; return the CRM activity id."""
+
+    @abstractmethod
+    def setup_webhooks(self, receiver_url: str) -> dict[str, Any]:
+        """Subscribe the CRM's person events to `receiver_url`; return what teardown needs."""
+
+    # ---- optional -------------------------------------------------------------------------
+    def fetch_persons_by_ids(self, object_type: str, ids: Sequence[str]) -> list[dict[str, Any]]:
+        raise NotImplementedError(f"{self.name} cannot fetch people by id")
+
+    def teardown_webhooks(self, subscription: dict[str, Any]) -> None:
+        """Remove what setup_webhooks created; CRMs without webhooks have nothing to remove."""
+
+    def close(self) -> None:
+        """Release HTTP clients."""
+
+
+def connector_class(name: str) -> type[CRMConnector]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no CRM connector named {name!r}; known: {sorted(_REGISTRY)}") from None
+
+
+def registered_connectors() -> dict[str, type[CRMConnector]]:
+    return dict(_REGISTRY)

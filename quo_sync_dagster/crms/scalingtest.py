@@ -1,0 +1,160 @@
+"""ScalingTest: a deterministic synthetic CRM for load tests and the demo.
+
+Integration settings: `records` (default 10,000) and `revision` (default 0; revision r > 0 edits
+every record whose index ends in r % 10 and makes it the newest). The same settings always give
+the same people, so a second sync of an unchanged CRM writes nothing. Three records in every
+hundred are bad on purpose (no phone, an invalid phone, no name): `bad_record_count` says how many.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from typing import Any
+
+from quo_sync_dagster.core.models import (
+    CallActivity,
+    InvalidRecord,
+    LabeledValue,
+    PersonPage,
+    QuoContact,
+    SmsActivity,
+)
+from quo_sync_dagster.core.phones import to_e164
+from quo_sync_dagster.crms.base import (
+    CRMConfig,
+    CRMConnector,
+    PersonObjectType,
+    QueueConfig,
+    SyncConfig,
+)
+
+_BASE_TIME = datetime(2026, 1, 1, tzinfo=UTC)
+_FIRST = ["Ana", "José", "Zoë", "Łukasz", "Mei", "Oluwaseun", "Siobhán", "Kenji", "Amara", "Björn"]
+_LAST = ["García", "Nguyen", "O'Brien", "Müller", "Okafor", "Tanaka", "Silva", "Kowalski", "Ng"]
+_AREA = ["212", "415", "617", "312", "206", "303", "512", "646"]
+_NO_PHONE, _BAD_PHONE, _NO_NAME = 13, 47, 81  # index % 100 of the bad records
+
+
+def bad_record_count(records: int) -> int:
+    return sum(records // 100 + (records % 100 > k) for k in (_NO_PHONE, _BAD_PHONE, _NO_NAME))
+
+
+def _phone(i: int) -> str:
+    if i % 10 == 9:  # an international number now and then
+        return f"+44 20 7946 {i % 1000:04d}"
+    local = f"{200 + (i // 10000) % 700}-{i % 10000:04d}"
+    return (
+        f"({_AREA[i % len(_AREA)]}) {local}"
+        if i % 2
+        else f"{_AREA[i % len(_AREA)]}.{local.replace('-', '.')}"
+    )
+
+
+class ScalingTestConnector(CRMConnector):
+    name = "scalingtest"
+    quo_source = "scalingtest"
+    crm_config = CRMConfig(
+        person_object_types=[PersonObjectType(crm_object_name="MockPerson")],
+        sync_config=SyncConfig(initial_batch_size=200, ongoing_batch_size=100),
+        queue_config=QueueConfig(max_workers=8, batch_size=10, timeout=1800),
+    )
+
+    @property
+    def _records(self) -> int:
+        return int(self.integration.settings.get("records", 10_000))
+
+    @property
+    def _revision(self) -> int:
+        return int(self.integration.settings.get("revision", 0))
+
+    def _edited(self, i: int) -> bool:
+        return self._revision > 0 and i % 10 == self._revision % 10
+
+    def _updated_at(self, i: int) -> datetime:
+        if self._edited(i):
+            return _BASE_TIME + timedelta(hours=self._revision, seconds=-i)
+        return _BASE_TIME - timedelta(minutes=i)
+
+    @cached_property
+    def _newest_first(self) -> list[int]:
+        return sorted(range(self._records), key=lambda i: (self._updated_at(i), -i), reverse=True)
+
+    def person(self, i: int) -> dict[str, Any]:
+        first, last = _FIRST[i % len(_FIRST)], _LAST[(i // len(_FIRST)) % len(_LAST)]
+        if self._edited(i):
+            last = f"{last}-{self._revision}"
+        phones = [{"type": "mobile", "number": _phone(i)}]
+        if i % 100 == _NO_PHONE:
+            phones = []
+        elif i % 100 == _BAD_PHONE:
+            phones = [{"type": "mobile", "number": "555-01"}]
+        if i % 100 == _NO_NAME:
+            first = last = ""
+        if i % 5 == 0:
+            phones.append(
+                {"type": "work", "number": f"+1 {_AREA[(i + 3) % len(_AREA)]} 555 {i % 10000:04d}"}
+            )
+        return {
+            "id": f"st-{i:07d}",
+            "first_name": first,
+            "last_name": last,
+            "company": f"Company {i % 97}" if i % 3 else None,
+            "title": "Buyer" if i % 4 == 0 else None,
+            "emails": [f"person{i}@example.com"] + ([f"p{i}@work.example"] if i % 6 == 0 else []),
+            "phones": phones,
+            "created_at": (_BASE_TIME - timedelta(minutes=i, days=30)).isoformat(),
+            "updated_at": self._updated_at(i).isoformat(),
+        }
+
+    def fetch_person_page(
+        self,
+        object_type: str,
+        page: int,
+        limit: int,
+        modified_since: datetime | None = None,
+        sort_desc: bool = True,
+    ) -> PersonPage:
+        order = self._newest_first
+        if modified_since is not None:  # newest first, so the matches are a prefix
+            order = [i for i in order if self._updated_at(i) > modified_since]
+        if not sort_desc:
+            order = order[::-1]
+        start = page * limit
+        rows = [self.person(i) for i in order[start : start + limit]]
+        return PersonPage(records=rows, total=len(order), has_more=start + limit < len(order))
+
+    def fetch_persons_by_ids(self, object_type: str, ids: list[str]) -> list[dict[str, Any]]:
+        return [self.person(int(pid.removeprefix("st-"))) for pid in ids]
+
+    def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
+        first, last = person["first_name"] or None, person["last_name"] or None
+        if first is None and last is None:
+            raise InvalidRecord("no name: first_name and last_name are empty")
+        if not person["phones"]:
+            raise InvalidRecord("no phone number")
+        region = self.integration.default_region
+        phones = tuple(
+            LabeledValue(p["type"], to_e164(p["number"], region)) for p in person["phones"]
+        )
+        return QuoContact(
+            external_id=person["id"],
+            source=self.quo_source,
+            first_name=first,
+            last_name=last,
+            company=person["company"],
+            role=person["title"],
+            emails=tuple(LabeledValue("email", e) for e in person["emails"]),
+            phone_numbers=phones,
+        )
+
+    # The synthetic CRM keeps no activity timeline: it accepts an activity and names it after the
+    # Quo object, which is all the activity pipeline needs to be exercised end to end.
+    def log_sms_to_activity(self, activity: SmsActivity) -> str:
+        return f"scalingtest-sms-{activity.quo_message_id}"
+
+    def log_call_to_activity(self, activity: CallActivity) -> str:
+        return f"scalingtest-call-{activity.quo_call_id}"
+
+    def setup_webhooks(self, receiver_url: str) -> dict[str, Any]:
+        return {"receiverUrl": receiver_url}

@@ -1,0 +1,1 @@
+"""The factory: every registered CRM connector becomes Dagster jobs, assets and sensors."""

@@ -1,0 +1,54 @@
+"""What analysts see in the Dagster UI: per-page and per-process metadata."""
+
+from __future__ import annotations
+
+import resource
+from datetime import UTC, datetime
+from typing import Any
+
+import dagster as dg
+
+from quo_sync_dagster.core.metrics import summarize
+from quo_sync_dagster.core.process import PageResult, Process
+from quo_sync_dagster.store.port import Store
+
+
+def page_metadata(result: PageResult, duration_s: float) -> dict[str, Any]:
+    return {
+        "records": result.records,
+        "synced": result.synced,
+        "failed": result.failed,
+        "created": result.created,
+        "updated": result.updated,
+        "skipped_unchanged": result.unchanged,
+        "page_ok": result.ok,
+        "duration_s": dg.MetadataValue.float(round(duration_s, 3)),
+    }
+
+
+def process_summary(store: Store, process: Process) -> dict[str, Any]:
+    end = process.context.get("endTime")
+    return summarize(
+        process,
+        store.recent_errors(process.id),
+        now=datetime.now(UTC),
+        ended_at=datetime.fromisoformat(end) if end else None,
+    )
+
+
+def process_metadata(summary: dict[str, Any]) -> dict[str, Any]:
+    agg = summary["aggregateData"]
+    return {
+        "process_id": summary["processId"],
+        "process_state": summary["state"],
+        "process_total_records": summary["totalRecords"] or 0,
+        "process_total_synced": agg["totalSynced"],
+        "process_total_failed": agg["totalFailed"],
+        "process_records_per_second": dg.MetadataValue.float(agg["recordsPerSecond"]),
+        "process_pages": dg.MetadataValue.json(summary["pages"]),
+        "process_summary": dg.MetadataValue.json(summary),
+    }
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux

@@ -1,0 +1,1 @@
+"""Quo v1 API: the HTTP client, the shared rate governor and the idempotent contact upsert."""

@@ -1,0 +1,191 @@
+"""httpx client for Quo's v1 contacts API: raw-key auth, governed, retried, errors parsed."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import httpx
+import tenacity
+
+from quo_sync_dagster.quo.governor import RateGovernor
+
+LOOKUP_CHUNK = 20  # Quo's query parser rejects more than 20 repeated externalIds
+LIST_PAGE_MAX = 50
+
+
+class QuoApiError(Exception):
+    """A non-retryable answer from Quo. Carries status and Quo's 7-digit code; never the key."""
+
+    def __init__(self, status: int, code: str | None, message: str, request: str) -> None:
+        super().__init__(f"Quo {status} {code or '-'} on {request}: {message}")
+        self.status = status
+        self.code = code
+
+
+class QuoUnavailable(Exception):
+    """Quo kept failing (5xx, timeouts, 429s) after every retry, or refused our credentials."""
+
+
+class _Transient(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def parse_error(response: httpx.Response) -> QuoApiError:
+    """Both documented shapes: the spec's `{message, code, ...}` and `{"error": {message, key}}`."""
+    request = f"{response.request.method} {response.request.url.path}"
+    try:
+        body = response.json()
+    except ValueError:
+        return QuoApiError(response.status_code, None, response.text[:200] or "no body", request)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        inner = body["error"]
+        return QuoApiError(
+            response.status_code, inner.get("key"), str(inner.get("message")), request
+        )
+    if isinstance(body, dict):
+        message = str(body.get("message") or body.get("title") or body)
+        details = body.get("errors") or []
+        if details:
+            message += (
+                " (" + "; ".join(f"{e.get('path')}: {e.get('message')}" for e in details) + ")"
+            )
+        return QuoApiError(response.status_code, body.get("code"), message, request)
+    return QuoApiError(response.status_code, None, str(body)[:200], request)
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class QuoClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        governor: RateGovernor | None = None,
+        timeout_seconds: float = 30.0,
+        max_attempts: int = 6,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": api_key},  # Quo takes the raw key, no "Bearer"
+            timeout=timeout_seconds,
+            transport=transport,
+        )
+        self._governor = governor
+        self._max_attempts = max_attempts
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> QuoClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- contacts ------------------------------------------------------------------------
+    def create_contact(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", "/v1/contacts", json=body).json()["data"]
+
+    def patch_contact(self, contact_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._request("PATCH", f"/v1/contacts/{contact_id}", json=body).json()["data"]
+
+    def get_contact(self, contact_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/contacts/{contact_id}").json()["data"]
+
+    def delete_contact(self, contact_id: str) -> None:
+        self._request("DELETE", f"/v1/contacts/{contact_id}")
+
+    def find_by_external_ids(
+        self, external_ids: Iterable[str], source: str | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """externalId -> contact for those that exist, ≤20 ids per request (Quo's limit)."""
+        found: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(sorted(set(external_ids)), LOOKUP_CHUNK):
+            params: dict[str, Any] = {"externalIds": chunk, "maxResults": LIST_PAGE_MAX}
+            if source:
+                params["sources"] = [source]
+            for contact in self._list(params):
+                if contact.get("externalId") in chunk and source in (None, contact.get("source")):
+                    found[contact["externalId"]] = contact
+        return found
+
+    def has_contacts_from(self, source: str) -> bool:
+        body = self._request("GET", "/v1/contacts", params={"sources": [source], "maxResults": 1})
+        return bool(body.json()["data"])
+
+    def _list(self, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        token: str | None = None
+        while True:
+            page_params = {**params, **({"pageToken": token} if token else {})}
+            body = self._request("GET", "/v1/contacts", params=page_params).json()
+            yield from body["data"]
+            token = body.get("nextPageToken")
+            if not token:
+                return
+
+    # ---- transport ------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_Transient),
+            stop=tenacity.stop_after_attempt(self._max_attempts),
+            wait=self._wait,
+            reraise=True,
+        )
+        try:
+            return retrying(self._attempt, method, path, **kwargs)
+        except _Transient as exc:
+            raise QuoUnavailable(
+                f"{method} {path} failed after {self._max_attempts} attempts: {exc}"
+            ) from None
+
+    def _wait(self, retry_state: tenacity.RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, _Transient) and exc.retry_after is not None and self._governor:
+            return 0.0  # the governor already holds every caller back until Retry-After
+        if isinstance(exc, _Transient) and exc.retry_after is not None:
+            return exc.retry_after
+        return tenacity.wait_exponential_jitter(initial=0.5, max=20)(retry_state)
+
+    def _attempt(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        if self._governor:
+            self._governor.acquire()
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:  # timeouts, resets, refused connections
+            raise _Transient(f"{type(exc).__name__}: {exc}") from None
+        status = response.status_code
+        if status == 429:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            if self._governor:
+                self._governor.on_rate_limited(retry_after)
+            raise _Transient("429 Too Many Requests", retry_after if retry_after else 1.0)
+        if status >= 500:
+            raise _Transient(str(parse_error(response)))
+        if status in (401, 403):
+            raise QuoUnavailable(str(parse_error(response)))
+        if status >= 400:
+            raise parse_error(response)
+        return response

@@ -1,0 +1,666 @@
+"""Strict local simulator of Quo's (formerly OpenPhone) v1 contacts API.
+
+Request bodies and list queries are validated against schemas taken from the official OpenAPI
+spec copy; error bodies use the spec's documented envelope for each operation and status. The
+server only ever binds 127.0.0.1; `/_sandbox/*` admin endpoints are unauthenticated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import copy
+import json
+import logging
+import math
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from email.utils import formatdate
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import uvicorn
+from jsonschema import Draft202012Validator, FormatChecker
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from quo_sync_dagster.sandbox.quo_state import (
+    Contact,
+    ContactStore,
+    Fault,
+    RequestCounters,
+    TokenBuckets,
+)
+
+log = logging.getLogger(__name__)
+
+SPEC_PATH = Path(__file__).parent / "specs" / "quo-openapi-v1.json"
+CONTACTS, CONTACT, CUSTOM_FIELDS = "/v1/contacts", "/v1/contacts/{id}", "/v1/contact-custom-fields"
+RESERVED_SOURCES = frozenset({"openphone", "device", "csv", "zapier", "google-people", "other"})
+RESERVED_SOURCE_PREFIXES = ("openphone", "csv")
+MAX_ARRAY_QUERY_VALUES = 20  # Quo's query parser rejects more repeated values (Lefthook finding)
+SANDBOX_USER_ID = "USsandbox0"
+FAULT_STATUSES = frozenset({429, 500, 502, 503})
+DEFAULT_CUSTOM_FIELDS: tuple[dict[str, str], ...] = (
+    {"name": "Inbound Lead", "key": "inbound-lead", "type": "string"},
+    {"name": "Lifetime Value", "key": "lifetime-value", "type": "number"},
+    {"name": "VIP", "key": "vip", "type": "boolean"},
+    {"name": "Interests", "key": "interests", "type": "multi-select"},
+    {"name": "Last Visit", "key": "last-visit", "type": "date"},
+)
+
+Op = tuple[str, str]  # (spec path, lower-case method)
+Handler = Callable[[Request], Awaitable[Response]]
+_OPERATIONS: tuple[Op, ...] = (
+    (CONTACTS, "post"),
+    (CONTACTS, "get"),
+    (CONTACT, "get"),
+    (CONTACT, "patch"),
+    (CONTACT, "delete"),
+    (CUSTOM_FIELDS, "get"),
+)
+_CONFLICT = "A contact with the same source and external ID already exists"
+
+_SPEC: dict[str, Any] = json.loads(SPEC_PATH.read_text())
+_FORMATS = FormatChecker(formats=())
+
+
+@_FORMATS.checks("uri")
+def _is_uri(value: object) -> bool:
+    if not isinstance(value, str):
+        return True
+    parts = urlsplit(value)
+    return bool(parts.scheme and (parts.netloc or parts.path))
+
+
+def _operation(op: Op) -> dict[str, Any]:
+    return _SPEC["paths"][op[0]][op[1]]
+
+
+def _body_validator(op: Op) -> Draft202012Validator:
+    schema = _operation(op)["requestBody"]["content"]["application/json"]["schema"]
+    return Draft202012Validator(schema, format_checker=_FORMATS)
+
+
+def _query_schema(op: Op) -> dict[str, Any]:
+    """The operation's query parameters as one object schema, plus Quo's array-size limit."""
+    params = [p for p in _operation(op)["parameters"] if p["in"] == "query"]
+    properties = {p["name"]: copy.deepcopy(p["schema"]) for p in params}
+    for schema in properties.values():
+        if schema.get("type") == "array":
+            schema["maxItems"] = MAX_ARRAY_QUERY_VALUES
+    required = [p["name"] for p in params if p.get("required")]
+    return {"type": "object", "properties": properties, "required": required}
+
+
+def _error_constants() -> dict[tuple[Op, int], dict[str, Any]]:
+    """code/status/docs/title(/description) fixed by the spec for each documented error."""
+    out = {}
+    for op in _OPERATIONS:
+        for status, response in _operation(op)["responses"].items():
+            schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+            props = schema.get("properties", {})
+            if "code" in props:
+                out[(op, int(status))] = {k: v["const"] for k, v in props.items() if "const" in v}
+    return out
+
+
+_CREATE_VALIDATOR = _body_validator((CONTACTS, "post"))
+_PATCH_VALIDATOR = _body_validator((CONTACT, "patch"))
+_LIST_QUERY_SCHEMA = _query_schema((CONTACTS, "get"))
+_LIST_QUERY_VALIDATOR = Draft202012Validator(_LIST_QUERY_SCHEMA)
+_CUSTOM_FIELD_DEF_VALIDATOR = Draft202012Validator(
+    _operation((CUSTOM_FIELDS, "get"))["responses"]["200"]["content"]["application/json"]["schema"][
+        "properties"
+    ]["data"]["items"]
+)
+_ERRORS = _error_constants()
+
+
+def _is_date(value: object) -> bool:
+    try:
+        return isinstance(value, str) and bool(datetime.fromisoformat(value))
+    except ValueError:
+        return False
+
+
+_VALUE_CHECKS: dict[str, Callable[[object], bool]] = {
+    "address": lambda v: isinstance(v, str),
+    "string": lambda v: isinstance(v, str),
+    "url": lambda v: isinstance(v, str),
+    "multi-select": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "boolean": lambda v: isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "date": _is_date,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, errors: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.errors = status, message, errors
+
+
+def _error_item(path: str, message: str, schema_type: str, value: object = ...) -> dict[str, Any]:
+    item: dict[str, Any] = {"path": path, "message": message, "schema": {"type": schema_type}}
+    if value is not ...:
+        item["value"] = value
+    return item
+
+
+def _type_name(schema: dict[str, Any]) -> str:
+    if isinstance(schema.get("type"), str):
+        return schema["type"]
+    branches = schema.get("anyOf") or schema.get("allOf") or []
+    return "|".join(dict.fromkeys(_type_name(b) for b in branches)) or "unknown"
+
+
+def _validate(validator: Draft202012Validator, instance: object, what: str) -> None:
+    """Raise a 400 listing the schema violations, in the spec's `errors` item shape."""
+    errors = []
+    for err in sorted(validator.iter_errors(instance), key=lambda e: e.json_path)[:10]:
+        path = "/" + "/".join(str(p) for p in err.absolute_path)
+        if err.validator == "required":  # point at the missing property, like Quo does
+            name = next(n for n in err.validator_value if err.message.startswith(repr(n)))
+            prop = err.schema.get("properties", {}).get(name, {})
+            errors.append(_error_item(path.rstrip("/") + f"/{name}", err.message, _type_name(prop)))
+        else:
+            errors.append(_error_item(path, err.message, _type_name(err.schema), err.instance))
+    if errors:
+        raise ApiError(400, f"Invalid {what}: {errors[0]['path']} {errors[0]['message']}", errors)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _new_id() -> str:
+    return secrets.token_hex(12)  # Quo ids look like 24-hex Mongo ObjectIds
+
+
+def _check_source(source: str | None) -> None:
+    if source is not None and (
+        source in RESERVED_SOURCES or source.startswith(RESERVED_SOURCE_PREFIXES)
+    ):
+        message = f"Source '{source}' is reserved"
+        raise ApiError(400, message, [_error_item("/source", message, "string", source)])
+
+
+def _list_items(items: list[dict[str, Any]], existing: list[dict[str, Any]]) -> list[dict]:
+    """Replace an email/phone list: known item ids are kept (once), `value: null` drops the item."""
+    unclaimed = {item["id"] for item in existing}
+    out = []
+    for item in items:
+        if item["value"] is None:
+            continue
+        item_id = item.get("id")
+        if item_id in unclaimed:
+            unclaimed.discard(item_id)
+        else:
+            item_id = _new_id()
+        out.append({"name": item["name"], "value": item["value"], "id": item_id})
+    return out
+
+
+def _encode_token(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"after:{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str | None) -> int:
+    if token is None:
+        return 0
+    try:
+        prefix, _, seq = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).partition(b":")
+        if prefix == b"after":
+            return int(seq)
+    except (binascii.Error, ValueError):
+        pass
+    message = "Invalid pageToken"
+    raise ApiError(400, message, [_error_item("/pageToken", message, "string", token)])
+
+
+class SandboxState:
+    """Everything one sandbox server holds: contacts, config, counters, limiter and faults."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        api_keys: Iterable[str] = ("sandbox-key",),
+        rate_limit: float | None = 10.0,
+        retry_after_format: str = "seconds",
+        custom_fields: Iterable[dict[str, str]] = DEFAULT_CUSTOM_FIELDS,
+    ) -> None:
+        if retry_after_format not in ("seconds", "http-date"):
+            raise ValueError(
+                f"retry_after_format must be 'seconds' or 'http-date', not {retry_after_format!r}"
+            )
+        definitions = [dict(d) for d in custom_fields]
+        for definition in definitions:
+            _CUSTOM_FIELD_DEF_VALIDATOR.validate(definition)
+        self.custom_fields = {d["key"]: d for d in definitions}
+        self.api_keys = frozenset(api_keys)
+        self.limiter = TokenBuckets(rate_limit) if rate_limit else None
+        self.retry_after_format = retry_after_format
+        self.store = ContactStore(Path(data_dir))
+        self.faults: deque[Fault] = deque()
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.overall = RequestCounters()
+        self.by_key: dict[str, RequestCounters] = {}
+
+    def count(self, key: str, kind: str, status: int, at: float) -> None:
+        self.overall.add(kind, status, at)
+        self.by_key.setdefault(key, RequestCounters()).add(kind, status, at)
+
+    def take_fault(self) -> Fault | None:
+        if not self.faults:
+            return None
+        fault = self.faults[0]
+        fault.remaining -= 1
+        if fault.remaining <= 0:
+            self.faults.popleft()
+        return fault
+
+    def retry_after(self, wait: float) -> str:
+        seconds = max(1, math.ceil(wait))
+        if self.retry_after_format == "http-date":  # whole seconds, rounded up: never too early
+            return formatdate(math.ceil(time.time() + seconds), usegmt=True)
+        return str(seconds)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.overall.as_json(),
+            "byApiKey": {k: c.as_json() for k, c in self.by_key.items()},
+            **self.store.summary(),
+            "pendingFaults": sum(f.remaining for f in self.faults),
+        }
+
+
+class _Api:
+    """The v1 endpoints. Every handler runs on the server's single event loop."""
+
+    def __init__(self, state: SandboxState) -> None:
+        self.state = state
+
+    @staticmethod
+    def _error(
+        op: Op,
+        status: int,
+        message: str,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> JSONResponse:
+        consts = _ERRORS.get((op, status))
+        if consts is None:  # undocumented (429, 502, 503): same envelope, code by Quo's scheme
+            family = _ERRORS[(op, 401)]
+            consts = {
+                "code": f"{family['code'][:2]}0{status}",
+                "status": status,
+                "docs": family["docs"],
+                "title": HTTPStatus(status).phrase,
+            }
+        body = {"message": message, **consts}
+        if errors:
+            body["errors"] = errors
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    async def serve(self, request: Request, kind: str, op: Op, handler: Handler) -> Response:
+        """Faults, then auth, then the per-key rate limit, then the handler; count the result."""
+        at = time.time()
+        api_key = request.headers.get("authorization")
+        known = api_key in self.state.api_keys
+        response = await self._guarded(request, op, api_key if known else None, handler)
+        self.state.count(api_key if known else "(unauthenticated)", kind, response.status_code, at)
+        return response
+
+    async def _guarded(
+        self, request: Request, op: Op, api_key: str | None, handler: Handler
+    ) -> Response:
+        fault = self.state.take_fault()
+        if fault is not None:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.status is not None:
+                headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
+                return self._error(op, fault.status, "Injected sandbox fault", headers=headers)
+        if api_key is None:
+            missing = "authorization" not in request.headers
+            message = "No API key found in request" if missing else "Invalid API key"
+            return self._error(op, 401, message)
+        if self.state.limiter is not None and (wait := self.state.limiter.acquire(api_key)):
+            headers = {"Retry-After": self.state.retry_after(wait)}
+            return self._error(op, 429, "API rate limit exceeded", headers=headers)
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return self._error(op, exc.status, exc.message, exc.errors)
+        except Exception:
+            log.exception("sandbox handler failed")
+            return self._error(op, 500, "Unknown error")
+
+    async def contacts(self, request: Request) -> Response:
+        if request.method == "POST":
+            return await self.serve(request, "create", (CONTACTS, "post"), self._create)
+        query = request.query_params
+        kind = "lookup" if "externalIds" in query or "externalIds[]" in query else "list"
+        return await self.serve(request, kind, (CONTACTS, "get"), self._list)
+
+    async def contact(self, request: Request) -> Response:
+        method = request.method.lower()
+        handler = {"get": self._get, "patch": self._patch, "delete": self._delete}[method]
+        return await self.serve(request, method, (CONTACT, method), handler)
+
+    async def custom_field_definitions(self, request: Request) -> Response:
+        return await self.serve(request, "custom_fields", (CUSTOM_FIELDS, "get"), self._fields)
+
+    @staticmethod
+    async def _json_body(request: Request, validator: Draft202012Validator) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            message = "Request body must be valid JSON"
+            raise ApiError(400, message, [_error_item("/", message, "object")]) from None
+        _validate(validator, body, "request body")
+        return body
+
+    def _existing(self, request: Request) -> Contact:
+        contact = self.state.store.get(request.path_params["id"])
+        if contact is None:
+            raise ApiError(404, "Contact not found")
+        return contact
+
+    def _custom_items(self, items: list[dict], existing: list[dict]) -> list[dict[str, Any]]:
+        """Resolve items by `key` (or by the contact's own item `id`) and type-check values."""
+        key_of_id = {item["id"]: item["key"] for item in existing}
+        id_of_key = {item["key"]: item["id"] for item in existing}
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for n, item in enumerate(items):
+            key = item.get("key") or key_of_id.get(item.get("id", ""))
+            definition = self.state.custom_fields.get(key or "")
+            if definition is None or key in seen:
+                problem = "Duplicate" if key in seen else "Unknown"
+                message = f"{problem} custom field {key or item.get('id')!r}"
+                raise ApiError(400, message, [_error_item(f"/customFields/{n}", message, "object")])
+            seen.add(key)
+            if item["value"] is None:
+                continue
+            if not _VALUE_CHECKS[definition["type"]](item["value"]):
+                message = f"Custom field {key!r} expects a {definition['type']} value"
+                error = _error_item(f"/customFields/{n}/value", message, definition["type"])
+                raise ApiError(400, message, [{**error, "value": item["value"]}])
+            out.append(
+                {
+                    "name": definition["name"],
+                    "key": key,
+                    "id": id_of_key.get(key) or _new_id(),
+                    "type": definition["type"],
+                    "value": item["value"],
+                }
+            )
+        return out
+
+    async def _create(self, request: Request) -> Response:
+        body = await self._json_body(request, _CREATE_VALIDATOR)
+        source = body.get("source", "public-api")
+        _check_source(source)
+        fields, now = body["defaultFields"], _now()
+        contact = {
+            "id": _new_id(),
+            "externalId": body.get("externalId"),
+            "source": source,
+            "sourceUrl": body.get("sourceUrl"),
+            "defaultFields": {
+                "company": fields.get("company"),
+                "emails": _list_items(fields.get("emails", []), []),
+                "firstName": fields["firstName"],
+                "lastName": fields.get("lastName"),
+                "phoneNumbers": _list_items(fields.get("phoneNumbers", []), []),
+                "role": fields.get("role"),
+            },
+            "customFields": self._custom_items(body.get("customFields", []), []),
+            "createdAt": now,
+            "updatedAt": now,
+            "createdByUserId": body.get("createdByUserId", SANDBOX_USER_ID),
+        }
+        if not self.state.store.insert(contact):
+            raise ApiError(409, _CONFLICT)
+        return JSONResponse({"data": contact}, status_code=201)
+
+    async def _get(self, request: Request) -> Response:
+        return JSONResponse({"data": self._existing(request)})
+
+    async def _patch(self, request: Request) -> Response:
+        body = await self._json_body(request, _PATCH_VALIDATOR)
+        old = self._existing(request)
+        _check_source(body.get("source"))
+        new = {**old, **{k: body[k] for k in ("externalId", "source", "sourceUrl") if k in body}}
+        fields = body.get("defaultFields", {})
+        new["defaultFields"] = {**old["defaultFields"], **fields}  # scalars merge
+        for name in ("emails", "phoneNumbers"):  # lists are replaced wholesale
+            if name in fields:
+                new["defaultFields"][name] = _list_items(fields[name], old["defaultFields"][name])
+        if "customFields" in body:
+            new["customFields"] = self._custom_items(body["customFields"], old["customFields"])
+        new["updatedAt"] = _now()
+        # No await since _existing(): the read-modify-write cannot interleave with another write.
+        if not self.state.store.replace(new):
+            raise ApiError(409, _CONFLICT)
+        return JSONResponse({"data": new})
+
+    async def _delete(self, request: Request) -> Response:
+        if not self.state.store.delete(request.path_params["id"]):
+            raise ApiError(404, "Contact not found")
+        return Response(status_code=204)
+
+    async def _list(self, request: Request) -> Response:
+        values: dict[str, list[str]] = {}
+        for name, value in request.query_params.multi_items():
+            base = name.removesuffix("[]")
+            is_array = _LIST_QUERY_SCHEMA["properties"].get(base, {}).get("type") == "array"
+            values.setdefault(base if is_array else name, []).append(value)
+        query: dict[str, Any] = {}
+        for name, vals in values.items():
+            schema = _LIST_QUERY_SCHEMA["properties"].get(name, {})
+            if schema.get("type") == "integer":
+                vals = [int(v) if v.lstrip("-").isdigit() else v for v in vals]
+            query[name] = vals if schema.get("type") == "array" or len(vals) > 1 else vals[0]
+        _validate(_LIST_QUERY_VALIDATOR, query, "query")
+        contacts, total, next_seq = self.state.store.page(
+            query.get("externalIds", []),
+            query.get("sources", []),
+            _decode_token(query.get("pageToken")),
+            query["maxResults"],
+        )
+        token = None if next_seq is None else _encode_token(next_seq)
+        return JSONResponse({"data": contacts, "totalItems": total, "nextPageToken": token})
+
+    async def _fields(self, request: Request) -> Response:
+        return JSONResponse({"data": list(self.state.custom_fields.values())})
+
+
+async def _admin_stats(request: Request) -> Response:
+    return JSONResponse(request.app.state.sandbox.stats())
+
+
+async def _admin_reset_stats(request: Request) -> Response:
+    request.app.state.sandbox.reset_stats()
+    return Response(status_code=204)
+
+
+async def _admin_faults(request: Request) -> Response:
+    state: SandboxState = request.app.state.sandbox
+    if request.method == "DELETE":
+        state.faults.clear()
+        return Response(status_code=204)
+    try:
+        spec = json.loads(await request.body())
+        status, delay = spec.get("status"), float(spec.get("delaySeconds") or 0)
+        count, retry_after = int(spec.get("count", 1)), spec.get("retryAfter")
+        if (status is None and not delay) or (status is not None and status not in FAULT_STATUSES):
+            raise ValueError(f"status must be one of {sorted(FAULT_STATUSES)} or delaySeconds > 0")
+        if count < 1 or delay < 0 or not isinstance(retry_after, str | None):
+            raise ValueError("count >= 1, delaySeconds >= 0, retryAfter string or null")
+    except (ValueError, TypeError, AttributeError) as exc:
+        return JSONResponse({"message": str(exc)}, status_code=400)
+    state.faults.append(Fault(status, count, retry_after, delay))
+    return JSONResponse({"pendingFaults": sum(f.remaining for f in state.faults)})
+
+
+def build_app(state: SandboxState) -> Starlette:
+    api = _Api(state)
+    app = Starlette(
+        routes=[
+            Route(CONTACTS, api.contacts, methods=["GET", "POST"]),
+            Route(CONTACT, api.contact, methods=["GET", "PATCH", "DELETE"]),
+            Route(CUSTOM_FIELDS, api.custom_field_definitions, methods=["GET"]),
+            Route("/_sandbox/stats", _admin_stats, methods=["GET"]),
+            Route("/_sandbox/faults", _admin_faults, methods=["POST", "DELETE"]),
+            Route("/_sandbox/reset-stats", _admin_reset_stats, methods=["POST"]),
+        ]
+    )
+    app.state.sandbox = state
+    return app
+
+
+class QuoSandbox:
+    """Runs the sandbox in-process on 127.0.0.1 (uvicorn in a background thread)."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        api_keys: Sequence[str] = ("sandbox-key",),
+        rate_limit: float | None = 10.0,
+        retry_after_format: str = "seconds",
+        custom_fields: Iterable[dict[str, str]] = DEFAULT_CUSTOM_FIELDS,
+        port: int = 0,
+    ) -> None:
+        self.data_dir, self.api_keys, self.port = Path(data_dir), tuple(api_keys), port
+        self._options = {
+            "rate_limit": rate_limit,
+            "retry_after_format": retry_after_format,
+            "custom_fields": tuple(custom_fields),
+        }
+        self.url = ""
+        self._state: SandboxState | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def api_key(self) -> str:
+        return self.api_keys[0]
+
+    def start(self, timeout: float = 10.0) -> QuoSandbox:
+        # Bind ourselves so port=0 yields a known port before uvicorn starts serving.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        self._state = SandboxState(self.data_dir, self.api_keys, **self._options)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        config = uvicorn.Config(
+            build_app(self._state), log_level="warning", access_log=False, lifespan="off"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="quo-sandbox", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.url}/_sandbox/stats", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"Quo sandbox did not start on {self.url}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._state is not None:
+            self._state.store.close()
+        self._server = self._thread = self._state = None
+
+    def __enter__(self) -> QuoSandbox:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        response = httpx.get(f"{self.url}/_sandbox/stats")
+        response.raise_for_status()
+        return response.json()
+
+    def inject_fault(
+        self,
+        status: int | None = None,
+        count: int = 1,
+        retry_after: str | None = None,
+        delay_seconds: float = 0.0,
+    ) -> None:
+        fault = {"status": status, "count": count, "retryAfter": retry_after}
+        response = httpx.post(
+            f"{self.url}/_sandbox/faults", json={**fault, "delaySeconds": delay_seconds}
+        )
+        response.raise_for_status()
+
+    def clear_faults(self) -> None:
+        httpx.delete(f"{self.url}/_sandbox/faults").raise_for_status()
+
+    def reset_stats(self) -> None:
+        httpx.post(f"{self.url}/_sandbox/reset-stats").raise_for_status()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--rate-limit", type=float, default=10.0, help="requests/s per API key")
+    parser.add_argument("--no-rate-limit", action="store_true")
+    parser.add_argument("--api-key", action="append", dest="api_keys")
+    parser.add_argument("--retry-after-format", choices=("seconds", "http-date"), default="seconds")
+    parser.add_argument("--custom-fields", type=Path, help="JSON list of {name, key, type}")
+    args = parser.parse_args(argv)
+    sandbox = QuoSandbox(
+        args.data_dir,
+        api_keys=args.api_keys or ("sandbox-key",),
+        rate_limit=None if args.no_rate_limit else args.rate_limit,
+        retry_after_format=args.retry_after_format,
+        custom_fields=(
+            json.loads(args.custom_fields.read_text())
+            if args.custom_fields
+            else DEFAULT_CUSTOM_FIELDS
+        ),
+        port=args.port,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with sandbox:
+        print(f"QUO_SANDBOX_READY {sandbox.url}", flush=True)
+        while not stop.wait(0.5):
+            pass
+
+
+if __name__ == "__main__":
+    main()

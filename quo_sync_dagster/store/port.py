@@ -1,0 +1,145 @@
+"""The store port: integrations, processes, the externalId -> Quo id map, the rate governor's
+shared state, the webhook inbox and the activity map. Adapters: SQLite (embedded) and MongoDB."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from quo_sync_dagster.core.models import ContactLink, Integration
+from quo_sync_dagster.core.process import ErrorDetail, PageResult, Process, ProcessState
+from quo_sync_dagster.core.ratelimit import GovernorState
+
+MAX_STORED_ERRORS = 100  # the seed keeps the last 100 errors per process
+
+
+class NotFound(KeyError):
+    """An integration or process id the store does not know; the message names it."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class InboxItem:
+    id: str
+    integration_id: str
+    event_id: str
+    payload: dict[str, Any]
+
+
+class Store(ABC):
+    # ---- integrations -------------------------------------------------------------------
+    @abstractmethod
+    def upsert_integration(self, integration: Integration) -> None: ...
+
+    @abstractmethod
+    def get_integration(self, integration_id: str) -> Integration:
+        """Raise NotFound for an unknown id."""
+
+    @abstractmethod
+    def list_integrations(self, crm: str | None = None) -> list[Integration]: ...
+
+    # ---- processes ------------------------------------------------------------------------
+    @abstractmethod
+    def create_process(self, process: Process) -> Process:
+        """Insert; sets created_at/updated_at; a parent_id also appends the id to the parent's
+        children."""
+
+    @abstractmethod
+    def get_process(self, process_id: str) -> Process:
+        """Raise NotFound for an unknown id."""
+
+    @abstractmethod
+    def list_processes(
+        self,
+        integration_id: str | None = None,
+        states: Iterable[ProcessState] | None = None,
+        crm: str | None = None,
+    ) -> list[Process]:
+        """Oldest first. `crm` matches `context["crm"]`."""
+
+    @abstractmethod
+    def transition(
+        self,
+        process_id: str,
+        new_state: ProcessState,
+        context_updates: Mapping[str, Any] | None = None,
+    ) -> Process:
+        """Atomically move to `new_state` (core.process.check_transition decides legality; an
+        illegal one raises IllegalTransition and changes nothing) and merge `context_updates`
+        into the context at the top level."""
+
+    @abstractmethod
+    def update_context(self, process_id: str, updates: Mapping[str, Any]) -> Process:
+        """Merge `updates` into the context at the top level, atomically per key."""
+
+    @abstractmethod
+    def increment_counters(self, process_id: str, deltas: Mapping[str, int]) -> None:
+        """Atomic increments of the named counters (core.process.COUNTER_NAMES), never a
+        read-modify-write in Python."""
+
+    @abstractmethod
+    def record_page(self, process_id: str, page_key: str, result: PageResult) -> None:
+        """Idempotent per page: replace the page's earlier result (if any), apply only the
+        difference to the process counters, and replace that page's errors in the error log."""
+
+    @abstractmethod
+    def page_results(self, process_id: str) -> dict[str, PageResult]:
+        """Latest result per page key (errors not included)."""
+
+    @abstractmethod
+    def recent_errors(self, process_id: str, limit: int = MAX_STORED_ERRORS) -> list[ErrorDetail]:
+        """The last `limit` errors, oldest first."""
+
+    # ---- externalId -> Quo id map ----------------------------------------------------------
+    @abstractmethod
+    def get_contact_links(
+        self, integration_id: str, external_ids: Iterable[str]
+    ) -> dict[str, ContactLink]: ...
+
+    @abstractmethod
+    def put_contact_links(self, integration_id: str, links: Mapping[str, ContactLink]) -> None: ...
+
+    @abstractmethod
+    def delete_contact_links(self, integration_id: str, external_ids: Iterable[str]) -> None: ...
+
+    @abstractmethod
+    def count_contact_links(self, integration_id: str) -> int: ...
+
+    # ---- rate governor ------------------------------------------------------------------------
+    @abstractmethod
+    def update_governor(
+        self, key: str, fn: Callable[[GovernorState], tuple[GovernorState, float]]
+    ) -> float:
+        """Atomically replace the governor state of `key` (a hash, never a secret) by
+        `fn(current)[0]` and return `fn(current)[1]`. `fn` may be called more than once (for
+        optimistic retries) and must be pure. A missing key starts as GovernorState()."""
+
+    # ---- webhook inbox (durable, at-least-once, deduplicated by event id) -----------------
+    @abstractmethod
+    def enqueue_webhook(self, integration_id: str, event_id: str, payload: dict[str, Any]) -> bool:
+        """False (and nothing stored) when this event id was already enqueued."""
+
+    @abstractmethod
+    def claim_webhooks(
+        self, integration_id: str, limit: int, lease_seconds: float = 300.0
+    ) -> list[InboxItem]:
+        """Oldest unacknowledged items; a claimed item is not returned again until its lease
+        expires (then it is redelivered: at-least-once)."""
+
+    @abstractmethod
+    def ack_webhooks(self, item_ids: Iterable[str]) -> None: ...
+
+    # ---- activity map (Quo message/call id -> CRM activity id) ------------------------------
+    @abstractmethod
+    def put_activity(self, integration_id: str, quo_object_id: str, crm_activity_id: str) -> bool:
+        """False (and nothing changed) when the Quo object was already logged."""
+
+    @abstractmethod
+    def get_activity(self, integration_id: str, quo_object_id: str) -> str | None: ...
+
+    def close(self) -> None:
+        """Release connections."""

@@ -1,0 +1,541 @@
+"""Embedded store: one SQLite file shared by every thread and process on a host.
+
+WAL lets readers run beside the single writer; every write is a `BEGIN IMMEDIATE` transaction, so
+read-modify-write sequences (transition checks, page deltas, the governor) are atomic across
+processes without any lock outside SQLite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from quo_sync_dagster.core.models import ContactLink, Integration
+from quo_sync_dagster.core.process import (
+    COUNTER_NAMES,
+    ErrorDetail,
+    PageResult,
+    Process,
+    ProcessState,
+    check_transition,
+)
+from quo_sync_dagster.core.ratelimit import GovernorState
+from quo_sync_dagster.store.port import MAX_STORED_ERRORS, InboxItem, NotFound, Store
+
+_BUSY_TIMEOUT_SECONDS = 30.0
+_MAX_SQL_VARIABLES = 500  # below SQLite's limit for IN (...) lists, old builds included
+
+_COUNTER_COLUMNS = ",\n".join(f"    {name} INTEGER NOT NULL DEFAULT 0" for name in COUNTER_NAMES)
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS integrations (
+    id TEXT PRIMARY KEY,
+    crm TEXT NOT NULL,
+    quo_api_key_ref TEXT NOT NULL,
+    quo_base_url TEXT NOT NULL,
+    default_region TEXT NOT NULL,
+    crm_credential_ref TEXT,
+    settings TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS processes (
+    id TEXT PRIMARY KEY,
+    integration_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL,
+    state TEXT NOT NULL,
+    context TEXT NOT NULL,
+    parent_id TEXT,
+    children TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+{_COUNTER_COLUMNS}
+);
+CREATE INDEX IF NOT EXISTS processes_by_integration ON processes (integration_id);
+CREATE TABLE IF NOT EXISTS pages (
+    process_id TEXT NOT NULL,
+    page_key TEXT NOT NULL,
+    records INTEGER NOT NULL,
+    synced INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    updated INTEGER NOT NULL,
+    unchanged INTEGER NOT NULL,
+    ok INTEGER NOT NULL,
+    PRIMARY KEY (process_id, page_key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS process_errors (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    process_id TEXT NOT NULL,
+    page_key TEXT NOT NULL,
+    external_id TEXT,
+    error TEXT NOT NULL,
+    timestamp TEXT NOT NULL,
+    page TEXT
+);
+CREATE INDEX IF NOT EXISTS process_errors_by_page ON process_errors (process_id, page_key);
+CREATE INDEX IF NOT EXISTS process_errors_by_age ON process_errors (process_id, id);
+CREATE TABLE IF NOT EXISTS contact_links (
+    integration_id TEXT NOT NULL,
+    external_id TEXT NOT NULL,
+    quo_id TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    PRIMARY KEY (integration_id, external_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS governors (
+    key TEXT PRIMARY KEY,
+    next_at REAL NOT NULL,
+    slowdown REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS webhook_inbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    integration_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    lease_until REAL NOT NULL DEFAULT 0,
+    acked INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (integration_id, event_id)
+);
+CREATE INDEX IF NOT EXISTS webhook_inbox_pending ON webhook_inbox (integration_id, id)
+    WHERE acked = 0;
+CREATE TABLE IF NOT EXISTS activities (
+    integration_id TEXT NOT NULL,
+    quo_object_id TEXT NOT NULL,
+    crm_activity_id TEXT NOT NULL,
+    PRIMARY KEY (integration_id, quo_object_id)
+) WITHOUT ROWID;
+"""
+
+
+def _now() -> str:
+    # Fixed width (always microseconds) so the text sorts like the time it encodes.
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _check_counters(names: Iterable[str]) -> None:
+    # Counter names become column names, so only the known ones may reach the SQL.
+    if unknown := sorted(set(names) - set(COUNTER_NAMES)):
+        raise ValueError(f"unknown process counters: {unknown}")
+
+
+def _chunks(items: Iterable[str]) -> Iterator[list[str]]:
+    unique = list(dict.fromkeys(items))
+    for start in range(0, len(unique), _MAX_SQL_VARIABLES):
+        yield unique[start : start + _MAX_SQL_VARIABLES]
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _process(row: sqlite3.Row) -> Process:
+    return Process(
+        id=row["id"],
+        integration_id=row["integration_id"],
+        name=row["name"],
+        type=row["type"],
+        state=ProcessState(row["state"]),
+        context=json.loads(row["context"]),
+        counters={name: row[name] for name in COUNTER_NAMES},
+        parent_id=row["parent_id"],
+        children=json.loads(row["children"]),
+        created_at=datetime.fromisoformat(row["created_at"]),
+        updated_at=datetime.fromisoformat(row["updated_at"]),
+    )
+
+
+def _page_result(row: sqlite3.Row) -> PageResult:
+    return PageResult(
+        records=row["records"],
+        synced=row["synced"],
+        failed=row["failed"],
+        created=row["created"],
+        updated=row["updated"],
+        unchanged=row["unchanged"],
+        ok=bool(row["ok"]),
+    )
+
+
+class SqliteStore(Store):
+    def __init__(self, path: str | Path) -> None:
+        self._path = Path(path)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[tuple[int, sqlite3.Connection]] = []  # (owning pid, connection)
+        self._connections_lock = threading.Lock()
+        with self._write() as conn:
+            # Not executescript(): it would commit the IMMEDIATE transaction first.
+            for statement in _SCHEMA.split(";"):
+                conn.execute(statement)
+            # A file created before COUNTER_NAMES grew gets the new counter columns.
+            present = {row["name"] for row in conn.execute("PRAGMA table_info(processes)")}
+            for name in COUNTER_NAMES:
+                if name not in present:
+                    conn.execute(f"ALTER TABLE processes ADD {name} INTEGER NOT NULL DEFAULT 0")
+
+    # ---- connections and transactions -----------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        local = self._local
+        # A forked child must not reuse its parent's connection; the pid tells them apart.
+        if getattr(local, "pid", None) != os.getpid():
+            conn = sqlite3.connect(
+                self._path,
+                timeout=_BUSY_TIMEOUT_SECONDS,
+                isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE ... COMMIT
+                check_same_thread=False,  # used by one thread only, but close() may run elsewhere
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; no fsync per commit
+            local.conn, local.pid = conn, os.getpid()
+            with self._connections_lock:
+                self._connections.append((local.pid, conn))
+        return local.conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front (waiting up to busy_timeout), so what the
+        # transaction reads cannot change before it writes.
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        # Connections inherited through fork belong to the parent, which closes them itself.
+        with self._connections_lock:
+            for pid, conn in self._connections:
+                if pid == os.getpid():
+                    conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # ---- integrations ---------------------------------------------------------------------------
+    def upsert_integration(self, integration: Integration) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO integrations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    integration.id,
+                    integration.crm,
+                    integration.quo_api_key_ref,
+                    integration.quo_base_url,
+                    integration.default_region,
+                    integration.crm_credential_ref,
+                    json.dumps(integration.settings),
+                ),
+            )
+
+    @staticmethod
+    def _integration(row: sqlite3.Row) -> Integration:
+        return Integration(**{**dict(row), "settings": json.loads(row["settings"])})
+
+    def get_integration(self, integration_id: str) -> Integration:
+        row = (
+            self._conn()
+            .execute("SELECT * FROM integrations WHERE id = ?", (integration_id,))
+            .fetchone()
+        )
+        if row is None:
+            raise NotFound(f"unknown integration {integration_id!r}")
+        return self._integration(row)
+
+    def list_integrations(self, crm: str | None = None) -> list[Integration]:
+        rows = self._conn().execute(
+            "SELECT * FROM integrations WHERE ? IS NULL OR crm = ? ORDER BY id", (crm, crm)
+        )
+        return [self._integration(row) for row in rows]
+
+    # ---- processes ------------------------------------------------------------------------------
+    @staticmethod
+    def _fetch_process(conn: sqlite3.Connection, process_id: str) -> Process:
+        row = conn.execute("SELECT * FROM processes WHERE id = ?", (process_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"unknown process {process_id!r}")
+        return _process(row)
+
+    def create_process(self, process: Process) -> Process:
+        _check_counters(process.counters)
+        columns = ["id", "integration_id", "name", "type", "state", "context", "parent_id"]
+        columns += ["children", "created_at", "updated_at", *process.counters]
+        values = [process.id, process.integration_id, process.name, process.type]
+        values += [str(process.state), json.dumps(process.context), process.parent_id]
+        with self._write() as conn:
+            # Stamped under the write lock, so creation times follow rowid order.
+            now = _now()
+            values += [json.dumps(process.children), now, now, *process.counters.values()]
+            try:
+                conn.execute(
+                    f"INSERT INTO processes ({', '.join(columns)}) "
+                    f"VALUES ({_placeholders(len(values))})",
+                    values,
+                )
+            except sqlite3.IntegrityError:
+                raise ValueError(f"process {process.id!r} already exists") from None
+            if process.parent_id is not None:
+                appended = conn.execute(
+                    "UPDATE processes SET children = json_insert(children, '$[#]', ?) WHERE id = ?",
+                    (process.id, process.parent_id),
+                )
+                if appended.rowcount == 0:
+                    raise NotFound(f"unknown process {process.parent_id!r}")
+            return self._fetch_process(conn, process.id)
+
+    def get_process(self, process_id: str) -> Process:
+        return self._fetch_process(self._conn(), process_id)
+
+    def list_processes(
+        self,
+        integration_id: str | None = None,
+        states: Iterable[ProcessState] | None = None,
+        crm: str | None = None,
+    ) -> list[Process]:
+        where, params = ["1"], []
+        if integration_id is not None:
+            where.append("integration_id = ?")
+            params.append(integration_id)
+        if states is not None:
+            state_values = [str(state) for state in states]
+            where.append(f"state IN ({_placeholders(len(state_values))})")
+            params += state_values
+        if crm is not None:
+            where.append("json_extract(context, '$.crm') = ?")
+            params.append(crm)
+        # rowid follows insertion order, which is creation order.
+        rows = self._conn().execute(
+            f"SELECT * FROM processes WHERE {' AND '.join(where)} ORDER BY rowid", params
+        )
+        return [_process(row) for row in rows]
+
+    def _rewrite(
+        self,
+        process_id: str,
+        updates: Mapping[str, Any] | None,
+        new_state: ProcessState | None = None,
+    ) -> Process:
+        with self._write() as conn:
+            process = self._fetch_process(conn, process_id)
+            if new_state is not None:
+                check_transition(process.state, new_state)
+                process.state = new_state
+            conn.execute(
+                "UPDATE processes SET state = ?, context = ?, updated_at = ? WHERE id = ?",
+                (
+                    str(process.state),
+                    json.dumps({**process.context, **(updates or {})}),
+                    _now(),
+                    process_id,
+                ),
+            )
+            return self._fetch_process(conn, process_id)
+
+    def transition(
+        self,
+        process_id: str,
+        new_state: ProcessState,
+        context_updates: Mapping[str, Any] | None = None,
+    ) -> Process:
+        return self._rewrite(process_id, context_updates, ProcessState(new_state))
+
+    def update_context(self, process_id: str, updates: Mapping[str, Any]) -> Process:
+        return self._rewrite(process_id, updates)
+
+    @staticmethod
+    def _increment(conn: sqlite3.Connection, process_id: str, deltas: Mapping[str, int]) -> None:
+        assignments = ", ".join(f"{name} = {name} + ?" for name in deltas)
+        updated = conn.execute(
+            f"UPDATE processes SET {assignments}, updated_at = ? WHERE id = ?",
+            (*deltas.values(), _now(), process_id),
+        )
+        if updated.rowcount == 0:
+            raise NotFound(f"unknown process {process_id!r}")
+
+    def increment_counters(self, process_id: str, deltas: Mapping[str, int]) -> None:
+        _check_counters(deltas)
+        if deltas:
+            with self._write() as conn:
+                self._increment(conn, process_id, deltas)
+
+    def record_page(self, process_id: str, page_key: str, result: PageResult) -> None:
+        with self._write() as conn:
+            previous = conn.execute(
+                "SELECT * FROM pages WHERE process_id = ? AND page_key = ?",
+                (process_id, page_key),
+            ).fetchone()
+            before = _page_result(previous).counter_values() if previous else {}
+            after = result.counter_values()
+            # Every counter is named (zeros included), so the UPDATE also proves the process exists.
+            self._increment(
+                conn, process_id, {name: after[name] - before.get(name, 0) for name in after}
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO pages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    process_id,
+                    page_key,
+                    result.records,
+                    result.synced,
+                    result.failed,
+                    result.created,
+                    result.updated,
+                    result.unchanged,
+                    int(result.ok),
+                ),
+            )
+            conn.execute(
+                "DELETE FROM process_errors WHERE process_id = ? AND page_key = ?",
+                (process_id, page_key),
+            )
+            conn.executemany(
+                "INSERT INTO process_errors (process_id, page_key, external_id, error, timestamp, "
+                "page) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (process_id, page_key, e.external_id, e.error, e.timestamp, e.page)
+                    for e in result.errors
+                ],
+            )
+            conn.execute(
+                "DELETE FROM process_errors WHERE process_id = ? AND id <= ("
+                "SELECT id FROM process_errors WHERE process_id = ? "
+                "ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (process_id, process_id, MAX_STORED_ERRORS),
+            )
+
+    def page_results(self, process_id: str) -> dict[str, PageResult]:
+        rows = self._conn().execute(
+            "SELECT * FROM pages WHERE process_id = ? ORDER BY page_key", (process_id,)
+        )
+        return {row["page_key"]: _page_result(row) for row in rows}
+
+    def recent_errors(self, process_id: str, limit: int = MAX_STORED_ERRORS) -> list[ErrorDetail]:
+        rows = self._conn().execute(
+            "SELECT external_id, error, timestamp, page FROM process_errors "
+            "WHERE process_id = ? ORDER BY id DESC LIMIT ?",
+            (process_id, max(limit, 0)),
+        )
+        return [ErrorDetail(**row) for row in reversed(rows.fetchall())]
+
+    # ---- externalId -> Quo id map -------------------------------------------------------------
+    def get_contact_links(
+        self, integration_id: str, external_ids: Iterable[str]
+    ) -> dict[str, ContactLink]:
+        links: dict[str, ContactLink] = {}
+        conn = self._conn()
+        for chunk in _chunks(external_ids):
+            rows = conn.execute(
+                "SELECT external_id, quo_id, content_hash FROM contact_links "
+                f"WHERE integration_id = ? AND external_id IN ({_placeholders(len(chunk))})",
+                (integration_id, *chunk),
+            )
+            links.update((row[0], ContactLink(row[1], row[2])) for row in rows)
+        return links
+
+    def put_contact_links(self, integration_id: str, links: Mapping[str, ContactLink]) -> None:
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO contact_links VALUES (?, ?, ?, ?)",
+                [
+                    (integration_id, external_id, link.quo_id, link.content_hash)
+                    for external_id, link in links.items()
+                ],
+            )
+
+    def delete_contact_links(self, integration_id: str, external_ids: Iterable[str]) -> None:
+        with self._write() as conn:
+            conn.executemany(
+                "DELETE FROM contact_links WHERE integration_id = ? AND external_id = ?",
+                [(integration_id, external_id) for external_id in external_ids],
+            )
+
+    def count_contact_links(self, integration_id: str) -> int:
+        return (
+            self._conn()
+            .execute(
+                "SELECT COUNT(*) FROM contact_links WHERE integration_id = ?", (integration_id,)
+            )
+            .fetchone()[0]
+        )
+
+    # ---- rate governor --------------------------------------------------------------------------
+    def update_governor(
+        self, key: str, fn: Callable[[GovernorState], tuple[GovernorState, float]]
+    ) -> float:
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT next_at, slowdown FROM governors WHERE key = ?", (key,)
+            ).fetchone()
+            state, value = fn(GovernorState(**row) if row else GovernorState())
+            conn.execute(
+                "INSERT OR REPLACE INTO governors VALUES (?, ?, ?)",
+                (key, state.next_at, state.slowdown),
+            )
+        return value
+
+    # ---- webhook inbox --------------------------------------------------------------------------
+    def enqueue_webhook(self, integration_id: str, event_id: str, payload: dict[str, Any]) -> bool:
+        with self._write() as conn:
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO webhook_inbox (integration_id, event_id, payload) "
+                "VALUES (?, ?, ?)",
+                (integration_id, event_id, json.dumps(payload)),
+            )
+        return inserted.rowcount == 1
+
+    def claim_webhooks(
+        self, integration_id: str, limit: int, lease_seconds: float = 300.0
+    ) -> list[InboxItem]:
+        now = time.time()
+        with self._write() as conn:
+            rows = conn.execute(
+                "SELECT id, event_id, payload FROM webhook_inbox "
+                "WHERE integration_id = ? AND acked = 0 AND lease_until <= ? ORDER BY id LIMIT ?",
+                (integration_id, now, max(limit, 0)),  # a negative LIMIT would mean "all"
+            ).fetchall()
+            conn.executemany(
+                "UPDATE webhook_inbox SET lease_until = ? WHERE id = ?",
+                [(now + lease_seconds, row["id"]) for row in rows],
+            )
+        return [
+            InboxItem(str(row["id"]), integration_id, row["event_id"], json.loads(row["payload"]))
+            for row in rows
+        ]
+
+    def ack_webhooks(self, item_ids: Iterable[str]) -> None:
+        # Acknowledged rows stay: they remember the event id for deduplication.
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE webhook_inbox SET acked = 1 WHERE id = ?",
+                [(int(item_id),) for item_id in item_ids],
+            )
+
+    # ---- activity map ---------------------------------------------------------------------------
+    def put_activity(self, integration_id: str, quo_object_id: str, crm_activity_id: str) -> bool:
+        with self._write() as conn:
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO activities VALUES (?, ?, ?)",
+                (integration_id, quo_object_id, crm_activity_id),
+            )
+        return inserted.rowcount == 1
+
+    def get_activity(self, integration_id: str, quo_object_id: str) -> str | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT crm_activity_id FROM activities "
+                "WHERE integration_id = ? AND quo_object_id = ?",
+                (integration_id, quo_object_id),
+            )
+            .fetchone()
+        )
+        return row[0] if row else None

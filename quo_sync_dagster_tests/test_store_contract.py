@@ -1,0 +1,523 @@
+"""One contract for every Store adapter: SQLite, mongomock and (with QUO_SYNC_MONGO_URI) MongoDB.
+
+The concurrency tests run real processes against SQLite and MongoDB; mongomock lives in one
+interpreter, so there the same jobs run on threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mongomock
+import pymongo
+import pytest
+from mongomock.collection import Cursor
+
+from quo_sync_dagster.core.models import ContactLink, Integration
+from quo_sync_dagster.core.process import (
+    COUNTER_NAMES,
+    ErrorDetail,
+    IllegalTransition,
+    PageResult,
+    Process,
+    ProcessState,
+)
+from quo_sync_dagster.core.ratelimit import GovernorState, reserve
+from quo_sync_dagster.store import NotFound, Store, open_store
+from quo_sync_dagster.store import mongo as mongo_store
+from quo_sync_dagster.store import sqlite as sqlite_store
+from quo_sync_dagster.store.mongo import MongoStore
+from quo_sync_dagster.store.sqlite import SqliteStore
+
+MONGO_URI = os.environ.get("QUO_SYNC_MONGO_URI")
+WORKERS = 8
+S = ProcessState
+
+
+@dataclass
+class Backend:
+    store: Store
+    # Opens another handle on the same data in a spawned process; None: share `store` on threads.
+    opener: Callable[[], Store] | None
+
+
+class AtomicMongomock:
+    """A mongomock client, database or collection whose calls run one at a time.
+
+    A server applies each single-document operation atomically; mongomock runs one as several
+    Python steps that threads interleave (a filtered find_one_and_update can even update a
+    document that no longer matches). Serialising calls restores the server's guarantee, so the
+    thread tests check the adapter's logic, not mongomock's.
+    """
+
+    def __init__(self, target: Any, lock: threading.Lock) -> None:
+        self._target, self._lock = target, lock
+
+    def __getitem__(self, name: str) -> AtomicMongomock:
+        return AtomicMongomock(self._target[name], self._lock)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._target, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                result = method(*args, **kwargs)
+                # A cursor evaluates lazily: read it while the lock is held.
+                return iter(list(result)) if isinstance(result, Cursor) else result
+
+        return call
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        "mongomock",
+        pytest.param(
+            "mongodb",
+            marks=pytest.mark.skipif(not MONGO_URI, reason="QUO_SYNC_MONGO_URI is not set"),
+        ),
+    ]
+)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        uri = f"sqlite:///{tmp_path / 'nested' / 'store.sqlite'}"
+        backend = Backend(open_store(uri), partial(open_store, uri))
+    elif request.param == "mongomock":
+        backend = Backend(
+            MongoStore(AtomicMongomock(mongomock.MongoClient(), threading.Lock())), None
+        )
+    else:
+        database = f"quo_sync_test_{uuid.uuid4().hex}"
+        backend = Backend(
+            MongoStore.from_uri(MONGO_URI, database),
+            partial(MongoStore.from_uri, MONGO_URI, database),
+        )
+    yield backend
+    backend.store.close()
+    if request.param == "mongodb":
+        with pymongo.MongoClient(MONGO_URI) as client:
+            client.drop_database(database)
+
+
+@pytest.fixture
+def store(backend: Backend) -> Store:
+    return backend.store
+
+
+def integration(integration_id: str = "int-1", crm: str = "hubspot") -> Integration:
+    return Integration(
+        id=integration_id,
+        crm=crm,
+        quo_api_key_ref="env:QUO_KEY",
+        crm_credential_ref="aws-sm:crm/secret",
+        settings={"pageSize": 50, "fields": ["email", "phone"]},
+    )
+
+
+def new_process(store: Store, process_id: str, **kwargs: Any) -> Process:
+    fields = {"integration_id": "int-1", "name": "sync", "type": "SYNC", "state": S.INITIALIZING}
+    return store.create_process(Process(id=process_id, **(fields | kwargs)))
+
+
+def error(n: int, page: str = "p1") -> ErrorDetail:
+    return ErrorDetail(external_id=f"ext-{n}", error=f"bad {n}", timestamp=f"t{n}", page=page)
+
+
+# ---- integrations ---------------------------------------------------------------------------
+def test_integration_round_trip_and_not_found(store: Store) -> None:
+    first, other = integration(), integration("int-2", crm="salesforce")
+    store.upsert_integration(first)
+    store.upsert_integration(other)
+    assert store.get_integration("int-1") == first
+    changed = replace(first, default_region="GB", settings={"pageSize": 10})
+    store.upsert_integration(changed)
+    assert store.get_integration("int-1") == changed
+    assert store.list_integrations() == [changed, other]
+    assert store.list_integrations(crm="salesforce") == [other]
+    assert store.list_integrations(crm="pipedrive") == []
+    with pytest.raises(NotFound, match="int-missing"):
+        store.get_integration("int-missing")
+
+
+# ---- processes ------------------------------------------------------------------------------
+def test_create_get_and_timestamps(store: Store) -> None:
+    created = new_process(store, "p-1", context={"crm": "hubspot", "total": 3})
+    assert created.created_at is not None and created.updated_at is not None
+    assert created.created_at.utcoffset() == timedelta(0)
+    assert created.created_at == created.updated_at
+    assert created.counters == dict.fromkeys(COUNTER_NAMES, 0)
+    assert store.get_process("p-1") == created
+    assert created.context == {"crm": "hubspot", "total": 3}
+    with pytest.raises(NotFound, match="p-missing"):
+        store.get_process("p-missing")
+    with pytest.raises(ValueError, match="p-1"):
+        new_process(store, "p-1")
+
+
+def test_list_processes_filters_oldest_first(store: Store) -> None:
+    new_process(store, "a", context={"crm": "hubspot"})
+    new_process(store, "b", integration_id="int-2", context={"crm": "salesforce"})
+    new_process(store, "c", context={"crm": "salesforce"})
+    store.transition("c", S.ERROR)
+
+    def ids(**filters: Any) -> list[str]:
+        return [p.id for p in store.list_processes(**filters)]
+
+    assert ids() == ["a", "b", "c"]
+    assert ids(integration_id="int-1") == ["a", "c"]
+    assert ids(states=[S.ERROR]) == ["c"]
+    assert ids(states=[S.INITIALIZING, S.ERROR]) == ["a", "b", "c"]
+    assert ids(states=[]) == []
+    assert ids(crm="salesforce") == ["b", "c"]
+    assert ids(integration_id="int-1", crm="salesforce", states=[S.ERROR]) == ["c"]
+
+
+def test_parent_children_linkage(store: Store) -> None:
+    new_process(store, "parent")
+    new_process(store, "child-1", parent_id="parent")
+    new_process(store, "child-2", parent_id="parent")
+    assert store.get_process("parent").children == ["child-1", "child-2"]
+    assert store.get_process("child-2").parent_id == "parent"
+    with pytest.raises(NotFound, match="no-parent"):
+        new_process(store, "orphan", parent_id="no-parent")
+    assert [p.id for p in store.list_processes()] == ["parent", "child-1", "child-2"]
+
+
+def test_transitions_legal_illegal_and_context_merge(store: Store) -> None:
+    created = new_process(store, "p", context={"crm": "hubspot", "keep": 1})
+    fetched = store.transition("p", S.FETCHING_TOTAL, {"total": 10, "keep": 2})
+    assert fetched.state is S.FETCHING_TOTAL
+    assert fetched.context == {"crm": "hubspot", "keep": 2, "total": 10}
+    assert fetched.updated_at is not None and created.updated_at is not None
+    assert fetched.updated_at > created.updated_at
+    assert fetched.created_at == created.created_at
+
+    with pytest.raises(IllegalTransition):
+        store.transition("p", S.COMPLETED, {"total": 99})
+    assert store.get_process("p") == fetched  # neither state nor context changed
+
+    for state in (S.QUEUING_PAGES, S.PROCESSING_BATCHES, S.ERROR, S.PROCESSING_BATCHES):
+        assert store.transition("p", state).state is state
+    store.transition("p", S.COMPLETING)
+    done = store.transition("p", S.COMPLETED)
+    for state in (S.ERROR, S.PROCESSING_BATCHES):
+        with pytest.raises(IllegalTransition):
+            store.transition("p", state)
+    assert store.get_process("p") == done
+    with pytest.raises(NotFound, match="p-missing"):
+        store.transition("p-missing", S.ERROR)
+
+
+def test_update_context_merges_top_level(store: Store) -> None:
+    new_process(store, "p", context={"crm": "hubspot", "cursor": {"page": 1, "size": 50}})
+    updated = store.update_context("p", {"cursor": {"page": 2}, "total": 7})
+    assert updated.context == {"crm": "hubspot", "cursor": {"page": 2}, "total": 7}
+    assert store.get_process("p").context == updated.context
+    assert updated.state is S.INITIALIZING
+    with pytest.raises(NotFound, match="p-missing"):
+        store.update_context("p-missing", {"x": 1})
+
+
+def test_increment_counters(store: Store) -> None:
+    new_process(store, "p")
+    store.increment_counters("p", {"synced": 3, "failed": 1})
+    store.increment_counters("p", {"synced": 2, "pages_processed": 1})
+    store.increment_counters("p", {})
+    counters = store.get_process("p").counters
+    assert counters == dict.fromkeys(COUNTER_NAMES, 0) | {
+        "synced": 5,
+        "failed": 1,
+        "pages_processed": 1,
+    }
+    with pytest.raises(ValueError, match="bogus"):
+        store.increment_counters("p", {"bogus": 1})
+    with pytest.raises(NotFound, match="p-missing"):
+        store.increment_counters("p-missing", {"synced": 1})
+
+
+# ---- pages and errors -----------------------------------------------------------------------
+def test_record_page_is_idempotent_per_page(store: Store) -> None:
+    new_process(store, "p")
+    first = PageResult(
+        records=10, synced=8, failed=2, created=5, updated=3, errors=(error(1), error(2))
+    )
+    store.record_page("p", "p1", first)
+    store.record_page("p", "p1", first)
+    assert store.get_process("p").counters == first.counter_values()
+    assert store.recent_errors("p") == [error(1), error(2)]
+
+    rerun = PageResult(records=10, synced=10, failed=0, unchanged=10, errors=(error(3),))
+    store.record_page("p", "p1", rerun)
+    other = PageResult(records=0, synced=0, failed=0, ok=False, errors=(error(4, "p2"),))
+    store.record_page("p", "p2", other)
+
+    expected = {
+        name: rerun.counter_values()[name] + other.counter_values()[name] for name in COUNTER_NAMES
+    }
+    assert store.get_process("p").counters == expected
+    assert store.recent_errors("p") == [error(3), error(4, "p2")]
+    assert store.page_results("p") == {
+        "p1": replace(rerun, errors=()),
+        "p2": replace(other, errors=()),
+    }
+    assert store.page_results("other") == {}
+    with pytest.raises(NotFound, match="p-missing"):
+        store.record_page("p-missing", "p1", first)
+    assert store.page_results("p-missing") == {}
+
+
+def test_recent_errors_keeps_last_100_in_order(store: Store) -> None:
+    new_process(store, "p")
+    new_process(store, "q")
+    for page in range(13):  # 130 errors over 13 pages
+        errors = tuple(error(page * 10 + i, f"page-{page}") for i in range(10))
+        store.record_page(
+            "p", f"page-{page}", PageResult(records=10, synced=0, failed=10, errors=errors)
+        )
+    store.record_page(
+        "q", "page-0", PageResult(records=1, synced=0, failed=1, errors=(error(999),))
+    )
+
+    kept = store.recent_errors("p")
+    assert [e.external_id for e in kept] == [f"ext-{n}" for n in range(30, 130)]
+    assert store.recent_errors("p", limit=3) == kept[-3:]
+    assert store.recent_errors("q") == [error(999)]
+
+    # Re-running an old page replaces its errors and makes them the newest.
+    store.record_page("p", "page-5", PageResult(records=10, synced=10, failed=0))
+    store.record_page(
+        "p", "page-12", PageResult(records=10, synced=9, failed=1, errors=(error(7),))
+    )
+    after = [e.external_id for e in store.recent_errors("p")]
+    assert after == [f"ext-{n}" for n in range(30, 120) if not 50 <= n < 60] + ["ext-7"]
+
+
+# ---- contact links ----------------------------------------------------------------------------
+def test_contact_links_are_per_integration(store: Store) -> None:
+    store.put_contact_links("int-1", {"e1": ContactLink("q1", "h1"), "e2": ContactLink("q2", "h2")})
+    store.put_contact_links("int-2", {"e1": ContactLink("other", "hx")})
+    assert store.get_contact_links("int-1", ["e1", "e2", "e3"]) == {
+        "e1": ContactLink("q1", "h1"),
+        "e2": ContactLink("q2", "h2"),
+    }
+    assert store.get_contact_links("int-2", ["e1", "e2"]) == {"e1": ContactLink("other", "hx")}
+
+    store.put_contact_links("int-1", {"e1": ContactLink("q1", "h1-new")})
+    assert store.get_contact_links("int-1", ["e1"]) == {"e1": ContactLink("q1", "h1-new")}
+    assert store.count_contact_links("int-1") == 2
+    assert store.count_contact_links("int-3") == 0
+
+    store.delete_contact_links("int-1", ["e1", "missing"])
+    assert store.get_contact_links("int-1", ["e1", "e2"]) == {"e2": ContactLink("q2", "h2")}
+    assert store.get_contact_links("int-2", ["e1"]) == {"e1": ContactLink("other", "hx")}
+    assert store.count_contact_links("int-1") == 1
+    store.put_contact_links("int-1", {})
+    assert store.get_contact_links("int-1", []) == {}
+
+
+def test_contact_links_span_query_chunks(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small chunks stand in for thousands of ids (mongomock matches `$in` in quadratic time).
+    monkeypatch.setattr(sqlite_store, "_MAX_SQL_VARIABLES", 7)
+    monkeypatch.setattr(mongo_store, "_MAX_IDS_PER_QUERY", 7)
+    links = {f"e{i}": ContactLink(f"q{i}", f"h{i}") for i in range(30)}
+    store.put_contact_links("int-1", links)
+    assert store.get_contact_links("int-1", [*links, "nope", "e1"]) == links
+    store.delete_contact_links("int-1", list(links)[:18])
+    assert store.count_contact_links("int-1") == 12
+    assert store.get_contact_links("int-1", links) == dict(list(links.items())[18:])
+
+
+# ---- governor --------------------------------------------------------------------------------
+def test_update_governor_defaults_and_returns_value(store: Store) -> None:
+    seen: list[GovernorState] = []
+
+    def bump(state: GovernorState) -> tuple[GovernorState, float]:
+        seen.append(state)
+        return GovernorState(state.next_at + 1.5, state.slowdown * 2), state.next_at + 100
+
+    assert store.update_governor("k1", bump) == 100.0
+    assert seen[-1] == GovernorState()
+    assert store.update_governor("k1", bump) == 101.5
+    assert seen[-1] == GovernorState(1.5, 2.0)
+    assert store.update_governor("k2", bump) == 100.0  # keys are independent
+    assert seen[-1] == GovernorState()
+
+
+# ---- webhook inbox ---------------------------------------------------------------------------
+def test_webhook_inbox_dedup_claim_lease_ack(store: Store) -> None:
+    assert store.enqueue_webhook("int-1", "ev-1", {"type": "message.received", "n": 1})
+    assert not store.enqueue_webhook("int-1", "ev-1", {"type": "changed", "n": 99})
+    assert store.enqueue_webhook("int-1", "ev-2", {"n": 2})
+    assert store.enqueue_webhook("int-1", "ev-3", {"n": 3})
+    assert store.enqueue_webhook("int-2", "ev-1", {"n": "other tenant"})
+
+    first = store.claim_webhooks("int-1", limit=2, lease_seconds=0.2)
+    assert [(i.event_id, i.payload, i.integration_id) for i in first] == [
+        ("ev-1", {"type": "message.received", "n": 1}, "int-1"),
+        ("ev-2", {"n": 2}, "int-1"),
+    ]
+    second = store.claim_webhooks("int-1", limit=10, lease_seconds=0.2)
+    assert [i.event_id for i in second] == ["ev-3"]
+    assert store.claim_webhooks("int-1", limit=10) == []
+
+    store.ack_webhooks([first[0].id])
+    time.sleep(0.25)
+    redelivered = store.claim_webhooks("int-1", limit=10, lease_seconds=60)
+    assert [i.event_id for i in redelivered] == ["ev-2", "ev-3"]
+    assert [i.id for i in redelivered] == [first[1].id, second[0].id]
+    store.ack_webhooks([i.id for i in redelivered])
+    time.sleep(0.05)
+    assert store.claim_webhooks("int-1", limit=10, lease_seconds=0) == []
+    assert not store.enqueue_webhook("int-1", "ev-2", {})  # acked ids still deduplicate
+
+    other = store.claim_webhooks("int-2", limit=10)
+    assert [(i.event_id, i.payload) for i in other] == [("ev-1", {"n": "other tenant"})]
+
+
+# ---- activity map ----------------------------------------------------------------------------
+def test_activity_map_keeps_first_id(store: Store) -> None:
+    assert store.get_activity("int-1", "msg-1") is None
+    assert store.put_activity("int-1", "msg-1", "crm-a")
+    assert not store.put_activity("int-1", "msg-1", "crm-b")
+    assert store.get_activity("int-1", "msg-1") == "crm-a"
+    assert store.put_activity("int-2", "msg-1", "crm-c")
+    assert store.get_activity("int-2", "msg-1") == "crm-c"
+
+
+# ---- open_store ------------------------------------------------------------------------------
+def test_open_store_schemes(tmp_path: Path) -> None:
+    for uri in (str(tmp_path / "plain.sqlite"), f"sqlite:///{tmp_path}/uri.sqlite"):
+        opened = open_store(uri)
+        assert isinstance(opened, SqliteStore)
+        opened.close()
+    assert (tmp_path / "plain.sqlite").exists() and (tmp_path / "uri.sqlite").exists()
+    with pytest.raises(ValueError, match="'postgres'") as raised:
+        open_store("postgres://user:hunter2@db/quo")
+    assert "hunter2" not in str(raised.value)
+
+
+# ---- concurrency -------------------------------------------------------------------------------
+def _worker(
+    job: Callable[[Store, int], Any],
+    opener: Callable[[], Store],
+    index: int,
+    barrier: Any,
+    results: Any,
+) -> None:
+    store = opener()
+    try:
+        barrier.wait(timeout=60)  # everyone starts together, so the jobs really overlap
+        results.put((index, job(store, index)))
+    except BaseException:
+        results.put((index, RuntimeError(traceback.format_exc())))
+    finally:
+        store.close()
+
+
+def run_concurrently(backend: Backend, job: Callable[[Store, int], Any]) -> list[Any]:
+    """Run `job(store, index)` in WORKERS spawned processes (threads for mongomock)."""
+    switch_interval = sys.getswitchinterval()
+    if backend.opener is None:
+        # Switch threads often, so the jobs' store calls really interleave.
+        sys.setswitchinterval(1e-5)
+        barrier, results = threading.Barrier(WORKERS), queue.Queue()
+        shared = backend.store
+        workers: list[Any] = [
+            threading.Thread(target=_worker, args=(job, lambda: shared, i, barrier, results))
+            for i in range(WORKERS)
+        ]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        barrier, results = ctx.Barrier(WORKERS), ctx.Queue()
+        workers = [
+            ctx.Process(target=_worker, args=(job, backend.opener, i, barrier, results))
+            for i in range(WORKERS)
+        ]
+    try:
+        for worker in workers:
+            worker.start()
+        outcomes = dict(results.get(timeout=120) for _ in workers)
+        for worker in workers:
+            worker.join(timeout=30)
+    finally:
+        sys.setswitchinterval(switch_interval)
+    failures = [o for o in outcomes.values() if isinstance(o, BaseException)]
+    assert not failures, failures[0]
+    return [outcomes[i] for i in range(WORKERS)]
+
+
+def _increment_job(store: Store, index: int, process_id: str) -> None:
+    for _ in range(200):
+        store.increment_counters(process_id, {"synced": 1, "failed": 2})
+
+
+def _own_page(index: int, page: int, rerun: bool) -> PageResult:
+    synced = index + page + (5 if rerun else 0)
+    return PageResult(records=synced + 1, synced=synced, failed=1, created=synced)
+
+
+def _shared_page(index: int) -> PageResult:
+    return PageResult(records=index, synced=index, failed=0, updated=index, ok=index % 2 == 0)
+
+
+def _record_pages_job(store: Store, index: int, process_id: str) -> None:
+    for rerun in (False, True, True):
+        for page in range(4):
+            store.record_page(process_id, f"w{index}-{page}", _own_page(index, page, rerun))
+            store.record_page(process_id, f"shared-{page}", _shared_page(index))
+
+
+def _reserve_job(store: Store, index: int, key: str, t0: float) -> list[float]:
+    # Times relative to t0 keep float spacing exact to ~1e-15 s (epoch seconds: only ~1e-7 s).
+    return [
+        store.update_governor(key, partial(reserve, now=time.time() - t0, interval=0.01))
+        for _ in range(25)
+    ]
+
+
+def test_concurrent_increments_are_exact(backend: Backend) -> None:
+    new_process(backend.store, "p")
+    run_concurrently(backend, partial(_increment_job, process_id="p"))
+    counters = backend.store.get_process("p").counters
+    assert (counters["synced"], counters["failed"]) == (WORKERS * 200, WORKERS * 400)
+
+
+def test_concurrent_record_page_counters_are_exact(backend: Backend) -> None:
+    new_process(backend.store, "p")
+    run_concurrently(backend, partial(_record_pages_job, process_id="p"))
+    pages = backend.store.page_results("p")
+    assert len(pages) == WORKERS * 4 + 4
+    for index in range(WORKERS):
+        for page in range(4):
+            assert pages[f"w{index}-{page}"] == _own_page(index, page, rerun=True)
+    for page in range(4):
+        assert pages[f"shared-{page}"] in [_shared_page(i) for i in range(WORKERS)]
+    expected = {
+        name: sum(p.counter_values()[name] for p in pages.values()) for name in COUNTER_NAMES
+    }
+    assert backend.store.get_process("p").counters == expected
+
+
+def test_concurrent_governor_slots_are_spaced(backend: Backend) -> None:
+    send_times = sorted(
+        t
+        for times in run_concurrently(backend, partial(_reserve_job, key="gov-key", t0=time.time()))
+        for t in times
+    )
+    assert len(set(send_times)) == WORKERS * 25
+    gaps = [b - a for a, b in itertools.pairwise(send_times)]
+    assert min(gaps) >= 0.01 - 1e-9
