@@ -115,7 +115,7 @@ class LocalStack:
 
     def _start_sandbox(self) -> None:
         argv = [sys.executable, "-m", "quo_sync_dagster.sandbox.quo_server"]
-        argv += ["--data-dir", str(self.home / "quo-sandbox"), "--port", str(free_port())]
+        argv += ["--data-dir", str(self.home / "quo-sandbox"), "--port", "0"]
         argv += ["--api-key", self.sandbox_key]
         argv += (
             ["--rate-limit", str(self.quo_rate_limit)]
@@ -151,7 +151,7 @@ class LocalStack:
         self.stop()
 
     # ---- Dagster, through GraphQL as the UI does -----------------------------------------------
-    def _graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+    def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
         response = httpx.post(
             f"{self.ui_url}/graphql",
             json={"query": query, "variables": variables or {}},
@@ -163,7 +163,7 @@ class LocalStack:
 
     def _location_loaded(self) -> bool:
         try:
-            data = self._graphql(_LOCATION)["workspaceOrError"]
+            data = self.graphql(_LOCATION)["workspaceOrError"]
         except (httpx.HTTPError, KeyError, TypeError):
             return False
         for entry in data.get("locationEntries", []):
@@ -183,7 +183,7 @@ class LocalStack:
             },
             "runConfigData": run_config,
         }
-        result = self._graphql(_LAUNCH, {"params": params})["launchRun"]
+        result = self.graphql(_LAUNCH, {"params": params})["launchRun"]
         if result["__typename"] != "LaunchRunSuccess":
             raise RuntimeError(f"launching {job} failed: {result}")
         return result["run"]["runId"]
@@ -192,7 +192,7 @@ class LocalStack:
         """Tags of the finished run; raises if it did not succeed."""
 
         def finished() -> dict[str, Any] | None:
-            run = self._graphql(_RUN, {"runId": run_id})["runOrError"]
+            run = self.graphql(_RUN, {"runId": run_id})["runOrError"]
             return run if run["status"] in ("SUCCESS", "FAILURE", "CANCELED") else None
 
         run = _wait(f"run {run_id}", finished, timeout)

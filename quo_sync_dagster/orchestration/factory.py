@@ -226,18 +226,22 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
                 connector, _, upserter = workers[process.integration_id]
                 records = frame_records(frames[key])
                 started = time.perf_counter()
-                try:
-                    result = sync_records(
-                        connector,
-                        upserter,
-                        records,
-                        process.context["personObjectType"],
-                        key,
-                        assume_absent=process.context.get("quoSourceEmptyAtStart", False),
-                    )
-                except QuoUnavailable as exc:
-                    result = failed_page(len(records), key, exc)
-                    failures[key] = str(exc)
+                if failures:  # Quo is unreachable: the rest of the range would only wait
+                    result = failed_page(len(records), key, "not tried: Quo unavailable")
+                    failures[key] = "not tried: Quo unavailable"
+                else:
+                    try:
+                        result = sync_records(
+                            connector,
+                            upserter,
+                            records,
+                            process.context["personObjectType"],
+                            key,
+                            assume_absent=process.context.get("quoSourceEmptyAtStart", False),
+                        )
+                    except QuoUnavailable as exc:
+                        result = failed_page(len(records), key, str(exc))
+                        failures[key] = str(exc)
                 s.record_page(process_id, key, result)
                 totals.update(result.counter_values())
                 context.add_asset_metadata(

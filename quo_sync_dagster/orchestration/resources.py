@@ -50,6 +50,7 @@ class QuoResource(dg.ConfigurableResource):
     requests_per_second: float = 10.0  # Quo's documented limit per API key
     concurrency: int = 4  # requests in flight per page step (the governor still paces them)
     timeout_seconds: float = 30.0
+    max_attempts: int = 6  # per request, on 5xx, timeouts and 429s
 
     def client(self, integration: Integration, store: Store) -> QuoClient:
         api_key = resolve_secret(integration.quo_api_key_ref)
@@ -58,6 +59,7 @@ class QuoResource(dg.ConfigurableResource):
             api_key,
             governor=RateGovernor(store, api_key, self.requests_per_second),
             timeout_seconds=self.timeout_seconds,
+            max_attempts=self.max_attempts,
         )
 
     def upserter(

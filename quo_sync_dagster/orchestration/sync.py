@@ -148,7 +148,7 @@ def sync_records(
     )
 
 
-def failed_page(records: int, page: str, error: Exception) -> PageResult:
+def failed_page(records: int, page: str, error: str) -> PageResult:
     return PageResult(
         records=records,
         synced=0,

@@ -9,7 +9,7 @@ recovered by lookup + PATCH, and a PATCH 404 (deleted in Quo) by a create.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from quo_sync_dagster.core.models import ContactLink, QuoContact, RecordOutcome, UpsertAction
@@ -72,16 +72,21 @@ class ContactUpserter:
             writes += [_Write(c, None) for c in unmapped]
 
         pending: dict[str, ContactLink] = {}
-        with ThreadPoolExecutor(max_workers=self._concurrency) as pool:
-            for outcome, link in pool.map(self._write, writes):
+        pool = ThreadPoolExecutor(max_workers=self._concurrency)
+        try:
+            for future in as_completed([pool.submit(self._write, w) for w in writes]):
+                outcome, link = future.result()  # QuoUnavailable ends the page here
                 outcomes[outcome.external_id] = outcome
                 if link is not None:
                     pending[outcome.external_id] = link
                 if len(pending) >= LINK_FLUSH_EVERY:
                     self._store.put_contact_links(self._integration_id, pending)
                     pending = {}
-        if pending:
-            self._store.put_contact_links(self._integration_id, pending)
+        finally:
+            # Quo is down: drop queued writes instead of retrying each of them for minutes.
+            pool.shutdown(wait=True, cancel_futures=True)
+            if pending:
+                self._store.put_contact_links(self._integration_id, pending)
         return [outcomes[ext_id] for ext_id in latest]
 
     def _write(self, write: _Write) -> tuple[RecordOutcome, ContactLink | None]:

@@ -107,7 +107,11 @@ def _query_schema(op: Op) -> dict[str, Any]:
 
 
 def _error_constants() -> dict[tuple[Op, int], dict[str, Any]]:
-    """code/status/docs/title(/description) fixed by the spec for each documented error."""
+    """code/status/docs/title(/description) fixed by the spec for each documented error.
+
+    The spec documents a single 400 body per contacts operation (0801400 "Invalid Custom Field
+    Item"), so every contacts 400 carries it; `message` and `errors` say what was wrong.
+    """
     out = {}
     for op in _OPERATIONS:
         for status, response in _operation(op)["responses"].items():
@@ -401,8 +405,9 @@ class _Api:
                 continue
             if not _VALUE_CHECKS[definition["type"]](item["value"]):
                 message = f"Custom field {key!r} expects a {definition['type']} value"
-                error = _error_item(f"/customFields/{n}/value", message, definition["type"])
-                raise ApiError(400, message, [{**error, "value": item["value"]}])
+                path = f"/customFields/{n}/value"
+                error = _error_item(path, message, definition["type"], item["value"])
+                raise ApiError(400, message, [error])
             out.append(
                 {
                     "name": definition["name"],

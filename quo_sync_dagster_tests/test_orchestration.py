@@ -1,0 +1,219 @@
+"""The factory's jobs, assets and sensors on a real (temporary) Dagster instance, a real SQLite
+store and the Quo sandbox over HTTP. The daemon-driven path is in test_e2e.py."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from quo_sync_dagster.core.models import Integration
+from quo_sync_dagster.core.process import ProcessState
+from quo_sync_dagster.crms.scalingtest import bad_record_count
+from quo_sync_dagster.definitions import defs
+from quo_sync_dagster.orchestration.factory import RANGE_END, RANGE_START, TAG_PROCESS
+from quo_sync_dagster.orchestration.instance import render_instance_yaml
+from quo_sync_dagster.orchestration.resources import (
+    PageFramesIOManager,
+    QuoResource,
+    StoreResource,
+)
+from quo_sync_dagster.orchestration.sync import page_key
+from quo_sync_dagster.sandbox.quo_server import QuoSandbox
+from quo_sync_dagster.store import Store, open_store
+
+REPO = Path(__file__).resolve().parents[1]
+KEY_ENV = "QUO_SYNC_TEST_QUO_KEY"
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    store_uri = f"sqlite:///{tmp_path}/store.sqlite"
+    with (
+        QuoSandbox(tmp_path / "quo", api_keys=("test-key",), rate_limit=None) as quo,
+        dg.instance_for_test() as instance,
+    ):
+        store = open_store(store_uri)
+        resources = {
+            "store": StoreResource(uri=store_uri),
+            "quo": QuoResource(requests_per_second=10_000, max_attempts=2),
+            "page_frames": PageFramesIOManager(),
+        }
+        yield {"quo": quo, "instance": instance, "store": store, "resources": resources}
+        store.close()
+
+
+def _integration(store: Store, quo: QuoSandbox, records: int, iid: str = "it-1") -> None:
+    store.upsert_integration(
+        Integration(
+            id=iid,
+            crm="scalingtest",
+            quo_api_key_ref=f"env:{KEY_ENV}",
+            quo_base_url=quo.url,
+            settings={"records": records},
+        )
+    )
+
+
+def _plan(env: dict, records: int, page_size: int, pages_per_run: int) -> str:
+    _integration(env["store"], env["quo"], records)
+    job = defs.get_job_def("scalingtest_initial_sync")
+    config = {"integration_id": "it-1", "page_size": page_size, "pages_per_run": pages_per_run}
+    result = job.execute_in_process(
+        run_config={"ops": {"scalingtest_plan_initial_sync": {"config": config}}},
+        instance=env["instance"],
+        resources=env["resources"],
+    )
+    assert result.success
+    (process,) = env["store"].list_processes(integration_id="it-1")
+    return process.id
+
+
+def _sync_range(env: dict, process_id: str, first: int, last: int) -> dg.ExecuteInProcessResult:
+    assets = [defs.get_assets_def(k) for k in ("scalingtest_crm_pages", "scalingtest_quo_contacts")]
+    return dg.materialize(
+        assets,
+        instance=env["instance"],
+        resources=env["resources"],
+        tags={
+            RANGE_START: page_key(process_id, first),
+            RANGE_END: page_key(process_id, last),
+            TAG_PROCESS: process_id,
+        },
+        raise_on_error=False,
+    )
+
+
+def _sensor(name: str):
+    return defs.get_sensor_def(name)
+
+
+def _evaluate(env: dict, name: str, cursor: str | None = None):
+    context = dg.build_sensor_context(
+        instance=env["instance"], cursor=cursor, resources={"store": env["resources"]["store"]}
+    )
+    return _sensor(name)(context)
+
+
+def test_definitions_load_and_top_level_dagster_yaml_is_rendered() -> None:
+    dg.Definitions.validate_loadable(defs)
+    assert (REPO / "dagster.yaml").read_text() == render_instance_yaml()
+
+
+def test_plan_adds_one_partition_per_page_for_an_exact_multiple(env: dict) -> None:
+    process_id = _plan(env, records=1000, page_size=200, pages_per_run=2)
+    process = env["store"].get_process(process_id)
+    assert process.state is ProcessState.PROCESSING_BATCHES
+    assert process.context["totalRecords"] == 1000 and process.context["totalPages"] == 5
+    keys = env["instance"].get_dynamic_partitions("scalingtest_pages")
+    assert keys == [page_key(process_id, i) for i in range(5)]
+
+
+def test_page_sensor_launches_ranged_runs_once(env: dict) -> None:
+    process_id = _plan(env, records=1000, page_size=100, pages_per_run=4)
+    result = _evaluate(env, "scalingtest_page_sensor")
+    ranges = [(r.tags[RANGE_START], r.tags[RANGE_END]) for r in result.run_requests]
+    assert ranges == [
+        (page_key(process_id, 0), page_key(process_id, 3)),
+        (page_key(process_id, 4), page_key(process_id, 7)),
+        (page_key(process_id, 8), page_key(process_id, 9)),
+    ]
+    assert len({r.run_key for r in result.run_requests}) == 3
+    assert all(r.tags[TAG_PROCESS] == process_id for r in result.run_requests)
+    again = _evaluate(env, "scalingtest_page_sensor", cursor=result.cursor)
+    assert isinstance(again, dg.SkipReason)
+
+
+def test_ranged_runs_sync_everything_and_the_completion_sensor_closes_the_process(
+    env: dict,
+) -> None:
+    records, page_size = 1000, 200  # an exact multiple: the production peer never completed it
+    process_id = _plan(env, records=records, page_size=page_size, pages_per_run=3)
+    assert isinstance(_evaluate(env, "scalingtest_completion_sensor"), dg.SkipReason)
+    for first in range(0, 5, 3):
+        assert _sync_range(env, process_id, first, min(first + 3, 5) - 1).success
+    closed = _evaluate(env, "scalingtest_completion_sensor")
+    (event,) = closed.asset_events
+    assert event.metadata["process_state"].value == "COMPLETED"
+    process = env["store"].get_process(process_id)
+    bad = bad_record_count(records)
+    assert process.state is ProcessState.COMPLETED
+    assert process.counters["synced"] == records - bad and process.counters["failed"] == bad
+    assert process.counters["pages_processed"] == 5
+    stats = env["quo"].stats()
+    assert stats["contactsBySource"]["scalingtest"] == records - bad
+    assert stats["duplicateExternalIds"] == 0
+    # per-page metadata reached the materializations of each partition
+    mats = (
+        env["instance"]
+        .fetch_materializations(
+            dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey("scalingtest_quo_contacts"),
+                asset_partitions=[page_key(process_id, 0)],
+            ),
+            limit=1,
+        )
+        .records
+    )
+    meta = mats[0].asset_materialization.metadata
+    assert meta["records"].value == page_size
+    assert meta["synced"].value + meta["failed"].value == page_size
+
+
+def test_a_failed_page_shows_failed_and_its_rerun_duplicates_nothing(env: dict) -> None:
+    records = 600
+    process_id = _plan(env, records=records, page_size=100, pages_per_run=3)
+    assert _sync_range(env, process_id, 0, 2).success
+    env["quo"].inject_fault(status=503, count=10_000)
+    failed = _sync_range(env, process_id, 3, 5)
+    assert not failed.success
+    assets_def = defs.get_assets_def("scalingtest_quo_contacts")
+    keys = [page_key(process_id, i) for i in range(6)]
+    status = env["instance"].get_status_by_partition(
+        dg.AssetKey("scalingtest_quo_contacts"), keys, assets_def.partitions_def
+    )
+    assert [status[k].value for k in keys[3:]] == ["FAILED"] * 3
+    assert [status[k].value for k in keys[:3]] == ["MATERIALIZED"] * 3
+
+    # No run of this process is live any more: the sensor closes it as ERROR with the reason.
+    _register_finished_page_runs(env["instance"], process_id, math.ceil(6 / 3))
+    closed = _evaluate(env, "scalingtest_completion_sensor")
+    assert closed.asset_events[0].metadata["process_state"].value == "ERROR"
+    process = env["store"].get_process(process_id)
+    assert (
+        process.state is ProcessState.ERROR
+        and "3 of 6 pages not synced" in process.context["error"]
+    )
+    assert process.counters["pages_failed"] == 3
+
+    env["quo"].clear_faults()  # the outage ends
+    before = env["quo"].stats()["byKind"]
+    assert _sync_range(env, process_id, 3, 5).success  # the backfill of the failed partitions
+    after = env["quo"].stats()["byKind"]
+    bad = bad_record_count(records)
+    # Only the failed pages' contacts were written; the good pages cost nothing again.
+    assert after["create"] - before["create"] == 300 - bad_record_count(300)
+    _evaluate(env, "scalingtest_completion_sensor")
+    process = env["store"].get_process(process_id)
+    assert process.state is ProcessState.COMPLETED
+    assert process.counters["processed"] == records
+    assert process.counters["synced"] + process.counters["failed"] == records
+    assert process.counters["failed"] == bad
+    assert process.counters["pages_failed"] == 0 and process.counters["pages_processed"] == 6
+    stats = env["quo"].stats()
+    assert stats["duplicateExternalIds"] == 0
+    assert stats["contactsBySource"]["scalingtest"] == records - bad
+
+
+def _register_finished_page_runs(instance: dg.DagsterInstance, process_id: str, n: int) -> None:
+    """materialize() runs are not page-job runs; record the sensor-launched runs the completion
+    sensor counts before it declares a process failed, as finished."""
+    for _ in range(n):
+        run = instance.create_run_for_job(
+            defs.get_job_def("scalingtest_page_sync"), tags={TAG_PROCESS: process_id}
+        )
+        instance.report_run_failed(run)
