@@ -119,6 +119,7 @@ def _result(
         "totalFailed": sum(p.counters["failed"] for p in processes),
         "skippedUnchanged": sum(p.counters["unchanged"] for p in processes),
         "quoContacts": after["contactsBySource"].get(source, 0),
+        "quoDuplicateExternalIds": after["duplicateExternalIds"],
         "quoWriteRequests": delta("create", "patch"),
         "quoRequests": after["requests"] - before["requests"],
         "rate429s": after["rateLimited"] - before["rateLimited"],

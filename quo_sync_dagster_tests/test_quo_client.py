@@ -209,9 +209,11 @@ def test_persistent_500s_become_quo_unavailable(sandbox: QuoSandbox) -> None:
     sandbox.inject_fault(500, count=10)
     before = sandbox.stats()["requests"]
     try:
-        with QuoClient(sandbox.url, sandbox.api_key, max_attempts=2) as c:
-            with pytest.raises(QuoUnavailable) as info:
-                c.get_contact("0" * 24)
+        with (
+            QuoClient(sandbox.url, sandbox.api_key, max_attempts=2) as c,
+            pytest.raises(QuoUnavailable) as info,
+        ):
+            c.get_contact("0" * 24)
         assert sandbox.stats()["requests"] - before == 2
         assert sandbox.stats()["pendingFaults"] == 8
         assert "2 attempts" in str(info.value)

@@ -19,7 +19,9 @@ BAD = {13: "no phone", 47: "invalid phone", 81: "no name"}  # index % 100 -> pro
 def connector(records: int, revision: int = 0, region: str = "US") -> ScalingTestConnector:
     settings = {"records": records, "revision": revision}
     return ScalingTestConnector(
-        Integration("int-st", "scalingtest", "env:QUO_KEY", default_region=region, settings=settings)
+        Integration(
+            "int-st", "scalingtest", "env:QUO_KEY", default_region=region, settings=settings
+        )
     )
 
 

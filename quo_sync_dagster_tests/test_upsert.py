@@ -181,7 +181,9 @@ def test_assume_absent_recovers_from_409(
     assert after["duplicateExternalIds"] == 0
     links = store.get_contact_links(INTEGRATION, existing)
     assert {e: link.quo_id for e, link in links.items()} == existing
-    assert client.get_contact(existing[contacts[2].external_id])["defaultFields"]["lastName"] == "V2"
+    assert (
+        client.get_contact(existing[contacts[2].external_id])["defaultFields"]["lastName"] == "V2"
+    )
 
 
 def test_link_to_contact_deleted_in_quo_is_recreated(
@@ -211,9 +213,10 @@ def test_contact_quo_rejects_fails_alone(
     )
     contacts[2] = bad
     outcomes = upserter.upsert(contacts)
-    assert actions(outcomes) == [UpsertAction.CREATED] * 2 + [UpsertAction.FAILED] + [
-        UpsertAction.CREATED
-    ] * 2
+    assert (
+        actions(outcomes)
+        == [UpsertAction.CREATED] * 2 + [UpsertAction.FAILED] + [UpsertAction.CREATED] * 2
+    )
     error = outcomes[2].error or ""
     assert "400" in error and "Unknown custom field 'no-such-field'" in error
     assert all(o.error is None for o in outcomes if o is not outcomes[2])
