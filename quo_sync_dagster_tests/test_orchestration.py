@@ -4,6 +4,9 @@ store and the Quo sandbox over HTTP. The daemon-driven path is in test_e2e.py.""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -217,3 +220,25 @@ def _register_finished_page_runs(instance: dg.DagsterInstance, process_id: str, 
             defs.get_job_def("scalingtest_page_sync"), tags={TAG_PROCESS: process_id}
         )
         instance.report_run_failed(run)
+
+
+def test_dagster_definitions_validate_cli(tmp_path: Path) -> None:
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "definitions",
+            "validate",
+            "-w",
+            str(REPO / "workspace.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "passed validation" in proc.stdout + proc.stderr

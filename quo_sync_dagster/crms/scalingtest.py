@@ -57,7 +57,7 @@ class ScalingTestConnector(CRMConnector):
     crm_config = CRMConfig(
         person_object_types=[PersonObjectType(crm_object_name="MockPerson")],
         sync_config=SyncConfig(initial_batch_size=200, ongoing_batch_size=100),
-        queue_config=QueueConfig(max_workers=8, batch_size=10, timeout=1800),
+        queue_config=QueueConfig(max_workers=8, batch_size=25, timeout=1800),
     )
 
     @property

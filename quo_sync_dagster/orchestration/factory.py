@@ -49,7 +49,7 @@ TAG_PROCESS = "quo_sync/process"  # on page runs: the Process whose pages they s
 TAG_PLANNED = "quo_sync/planned_processes"  # on initial-sync runs: the Processes they planned
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
-SENSOR_INTERVAL_SECONDS = 5
+SENSOR_INTERVAL_SECONDS = 1  # the daemon still evaluates sensors at most every 5 s
 _LIVE = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
