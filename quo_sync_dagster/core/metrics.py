@@ -14,7 +14,11 @@ def summarize(
     """The seed's `results` shape plus progress: what the UI, the CLI and metadata show."""
     c = process.counters
     ctx = process.context
-    started = datetime.fromisoformat(ctx["startTime"]) if "startTime" in ctx else now
+    started = (
+        datetime.fromisoformat(ctx["startTime"])
+        if "startTime" in ctx
+        else process.created_at or now
+    )
     elapsed = max(((ended_at or now) - started).total_seconds(), 1e-9)
     rate = c["processed"] / elapsed
     total = ctx.get("totalRecords")

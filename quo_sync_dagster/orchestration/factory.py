@@ -20,7 +20,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field, create_model
 
-from quo_sync_dagster.core.process import ProcessState
+from quo_sync_dagster.core.process import IllegalTransition, Process, ProcessState
 from quo_sync_dagster.crms.base import CRMConnector
 from quo_sync_dagster.orchestration.metadata import (
     page_metadata,
@@ -211,9 +211,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         try:
             for key in context.partition_keys:
                 process_id, _ = parse_page_key(key)
-                process = s.get_process(process_id)
-                if process.state is ProcessState.ERROR:  # a re-run of failed pages resumes it
-                    process = s.transition(process_id, ProcessState.PROCESSING_BATCHES)
+                process = _resume(s, process_id)
                 touched[process_id] = None
                 if process.integration_id not in workers:
                     connector = open_connector(s, crm, process.integration_id)
@@ -243,6 +241,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
                         result = failed_page(len(records), key, str(exc))
                         failures[key] = str(exc)
                 s.record_page(process_id, key, result)
+                _resume(s, process_id)  # the completion sensor may have closed it meanwhile
                 totals.update(result.counter_values())
                 context.add_asset_metadata(
                     page_metadata(result, time.perf_counter() - started), partition_key=key
@@ -342,36 +341,55 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
     )
 
 
+def _resume(store: Store, process_id: str) -> Process:
+    """A run syncing pages of a Process closed as ERROR (a re-run of its failed pages) reopens
+    it, so the completion sensor can close it again with what the pages now say."""
+    process = store.get_process(process_id)
+    if process.state is ProcessState.ERROR:
+        try:
+            process = store.transition(process_id, ProcessState.PROCESSING_BATCHES)
+        except IllegalTransition:  # another run reopened it first
+            process = store.get_process(process_id)
+    return process
+
+
+def _unsynced_pages(store: Store, process: Process) -> tuple[list[str], list[str]]:
+    """(failed, never ran) page keys of the Process."""
+    results = store.page_results(process.id)
+    keys = [page_key(process.id, i) for i in range(process.context["totalPages"])]
+    failed = [k for k in keys if k in results and not results[k].ok]
+    return failed, [k for k in keys if k not in results]
+
+
 def _close_if_finished(
     instance: dg.DagsterInstance, store: Store, process_id: str, page_job: str
 ) -> dict[str, Any] | None:
     """COMPLETED when every page succeeded; ERROR (with the reason) when some did not and no run
-    that could still process them is queued or running. None while work is outstanding."""
+    that could still sync them is queued or running. None while work is outstanding."""
     process = store.get_process(process_id)
-    total = process.context["totalPages"]
-    results = store.page_results(process_id)
-    unfinished = [
-        page_key(process_id, i)
-        for i in range(total)
-        if not (r := results.get(page_key(process_id, i))) or not r.ok
-    ]
-    if not unfinished:
+    failed, missing = _unsynced_pages(store, process)
+    if failed or missing:
+        launched = instance.get_run_records(
+            dg.RunsFilter(job_name=page_job, tags={TAG_PROCESS: process_id})
+        )
+        if len(launched) < math.ceil(
+            process.context["totalPages"] / process.context["pagesPerRun"]
+        ):
+            return None  # the page sensor has not launched every range yet
+        # Any live run over this Process's pages (sensor-launched or a UI backfill) may still
+        # sync them. Runs are checked before the pages are read again, so a page recorded by a
+        # run that has just finished is seen.
+        live = instance.get_run_records(dg.RunsFilter(statuses=_LIVE))
+        if any(_process_of(r.dagster_run.tags) == process_id for r in live):
+            return None
+        failed, missing = _unsynced_pages(store, process)
+    if not failed and not missing:
         store.transition(process_id, ProcessState.COMPLETING)
         process = store.transition(process_id, ProcessState.COMPLETED, {"endTime": now_iso()})
         return process_summary(store, process)
-    launched = instance.get_run_records(
-        dg.RunsFilter(job_name=page_job, tags={TAG_PROCESS: process_id})
-    )
-    expected = math.ceil(total / process.context["pagesPerRun"])
-    if len(launched) < expected:
-        return None  # the page sensor has not launched every range yet
-    live = instance.get_run_records(dg.RunsFilter(job_name=page_job, statuses=_LIVE))
-    if any(_process_of(r.dagster_run.tags) == process_id for r in live):
-        return None
-    failed = [k for k in unfinished if k in results]
     reason = (
-        f"{len(unfinished)} of {total} pages not synced "
-        f"(failed: {failed[:20]}, never ran: {[k for k in unfinished if k not in results][:20]})"
+        f"{len(failed) + len(missing)} of {process.context['totalPages']} pages not synced "
+        f"(failed: {failed[:20]}, never ran: {missing[:20]})"
     )
     process = store.transition(
         process_id, ProcessState.ERROR, {"error": reason, "errorTimestamp": now_iso()}

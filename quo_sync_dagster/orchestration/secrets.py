@@ -22,6 +22,13 @@ def resolve_secret(ref: str) -> str:
         return value
     if scheme == "aws-sm" and name:
         import boto3  # only deployments that use Secrets Manager pay for the import
+        from botocore.exceptions import BotoCoreError, ClientError
 
-        return boto3.client("secretsmanager").get_secret_value(SecretId=name)["SecretString"]
+        try:
+            response = boto3.client("secretsmanager").get_secret_value(SecretId=name)
+        except (BotoCoreError, ClientError) as exc:  # AWS's text names no secret value
+            raise MissingSecret(f"cannot read {ref!r} from AWS Secrets Manager: {exc}") from exc
+        if "SecretString" not in response:
+            raise MissingSecret(f"{ref!r} has no SecretString (binary secrets are not supported)")
+        return response["SecretString"]
     raise MissingSecret(f"unsupported secret reference {ref!r}: use env:NAME or aws-sm:SECRET_ID")
