@@ -103,7 +103,8 @@ def _evaluate(env: dict, name: str, cursor: str | None = None):
 
 
 def test_definitions_load_and_top_level_dagster_yaml_is_rendered() -> None:
-    dg.Definitions.validate_loadable(defs)
+    with dg.instance_for_test():  # never an instance an earlier test left behind
+        dg.Definitions.validate_loadable(defs)
     assert (REPO / "dagster.yaml").read_text() == render_instance_yaml()
 
 
