@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +34,21 @@ def _settings(pairs: list[str]) -> dict[str, Any]:
     return settings
 
 
-def _progress_line(processes: list[Process], started: float) -> str:
-    total = sum(p.context.get("totalRecords") or 0 for p in processes)
-    done = sum(p.counters["processed"] for p in processes)
-    elapsed = time.monotonic() - started
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = f"{(total - done) / rate:5.0f} s" if rate > 0 and total > done else "    -"
+def _progress_line(summaries: list[dict[str, Any]]) -> str:
+    """One line from the process store: records done, throughput and the store's ETA."""
+    total = sum(s["totalRecords"] or 0 for s in summaries)
+    done = sum(s["processedRecords"] for s in summaries)
+    rate = sum(s["aggregateData"]["recordsPerSecond"] for s in summaries)
+    etas = [
+        datetime.fromisoformat(s["estimatedCompletion"])
+        for s in summaries
+        if s["estimatedCompletion"]
+    ]
+    left = (max(etas) - datetime.now(UTC)).total_seconds() if etas else None
+    eta = f"{max(left, 0):5.0f} s" if left is not None else "    -"
     width = 30
     filled = int(width * done / total) if total else width
-    states = ",".join(sorted({str(p.state) for p in processes}))
+    states = ",".join(sorted({s["state"] for s in summaries}))
     return (
         f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
         f"{rate:6.1f} rec/s  ETA {eta}  {states}"
@@ -51,7 +58,7 @@ def _progress_line(processes: list[Process], started: float) -> str:
 def demo(args: argparse.Namespace) -> int:
     crm = args.crm
     connector_class(crm)  # fail fast, naming the known CRMs
-    settings: dict[str, Any] = {"records": args.records} if args.records else {}
+    settings: dict[str, Any] = {"records": args.records}
     stack = LocalStack(
         Path(args.home), quo_rate_limit=args.quo_rate_limit or None, ui_port=args.port
     )
@@ -64,22 +71,24 @@ def demo(args: argparse.Namespace) -> int:
         print(f"Dagster UI: {stack.ui_url}  (launching {crm}_initial_sync)", flush=True)
         started = time.monotonic()
         process_ids = stack.run_initial_sync(crm, {"integration_id": f"demo-{crm}"})
+        assert stack.store is not None
+        store = stack.store
         tty = sys.stdout.isatty()
         last_print = [0.0]
 
         def show(processes: list[Process]) -> None:
+            line = _progress_line([process_summary(store, p) for p in processes])
             if tty:
-                print("\r" + _progress_line(processes, started), end="", flush=True)
+                print("\r" + line, end="", flush=True)
             elif time.monotonic() - last_print[0] >= 10:
-                print(_progress_line(processes, started), flush=True)
+                print(line, flush=True)
                 last_print[0] = time.monotonic()
 
         processes = stack.wait_processes(process_ids, show)
         show(processes)
         print()
         duration = time.monotonic() - started
-        assert stack.store is not None
-        summaries = [process_summary(stack.store, p) for p in processes]
+        summaries = [process_summary(store, p) for p in processes]
         for summary in summaries:
             summary["aggregateData"]["errors"] = summary["aggregateData"]["errors"][-3:]
             print(json.dumps(summary, indent=2))
@@ -154,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run an initial sync on embedded defaults, UI included")
     d.add_argument("--crm", default="scalingtest", choices=sorted(registered_connectors()))
-    d.add_argument("--records", type=int, help="people in the synthetic CRM (default: its own)")
+    d.add_argument(
+        "--records", type=int, default=2000, help="people in the CRM (default %(default)s)"
+    )
     d.add_argument("--home", default=DEFAULT_HOME, help="state folder (default %(default)s)")
     d.add_argument("--exit-when-done", action="store_true", help="stop everything at the end")
     d.add_argument("--port", type=int, help="Dagster UI port (default: a free one)")

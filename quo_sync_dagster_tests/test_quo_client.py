@@ -56,13 +56,6 @@ def governor_state(store: Store, api_key: str) -> GovernorState:
     )
 
 
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuoSandbox]:
-    with QuoSandbox(tmp_path_factory.mktemp("quo"), rate_limit=None) as sb:
-        yield sb
-        assert sb.stats()["duplicateExternalIds"] == 0
-
-
 @pytest.fixture
 def client(sandbox: QuoSandbox) -> Iterator[QuoClient]:
     sandbox.clear_faults()

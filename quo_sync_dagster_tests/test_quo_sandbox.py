@@ -76,13 +76,6 @@ def lookup(client: httpx.Client, status: int = 200, **params: Any) -> Any:
     return check(client.get(CONTACTS, params=params), CONTACTS, "get", status)
 
 
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuoSandbox]:
-    with QuoSandbox(tmp_path_factory.mktemp("quo"), rate_limit=None) as sb:
-        yield sb
-        assert sb.stats()["duplicateExternalIds"] == 0
-
-
 @pytest.fixture
 def client(sandbox: QuoSandbox) -> Iterator[httpx.Client]:
     sandbox.clear_faults()

@@ -24,13 +24,6 @@ from quo_sync_dagster.store import Store, open_store
 INTEGRATION = "int-up"
 
 
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuoSandbox]:
-    with QuoSandbox(tmp_path_factory.mktemp("quo"), rate_limit=None) as sb:
-        yield sb
-        assert sb.stats()["duplicateExternalIds"] == 0
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     s = open_store(f"sqlite:///{tmp_path}/s.sqlite")

@@ -182,7 +182,13 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
                     connectors[process.integration_id] = open_connector(
                         s, crm, process.integration_id
                     )
-                frames[key] = fetch_page_frame(connectors[process.integration_id], process, page)
+                try:
+                    frames[key] = fetch_page_frame(
+                        connectors[process.integration_id], process, page
+                    )
+                except Exception as exc:  # shown as this page's error; the range fails
+                    s.record_page(process_id, key, failed_page(0, key, f"fetch failed: {exc}"))
+                    raise
         finally:
             for connector in connectors.values():
                 connector.close()
