@@ -243,3 +243,45 @@ def test_dagster_definitions_validate_cli(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "passed validation" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"integration_id": "nope"}, "'nope'"),
+        ({"integration_id": "it-1", "modified_since": "last tuesday"}, "'last tuesday'"),
+        ({"integration_id": "it-1", "object_types": ["Planet"]}, "Planet"),
+        ({"integration_id": "no-key"}, "QUO_SYNC_UNSET_KEY"),
+    ],
+)
+def test_bad_launch_config_fails_with_an_error_naming_it(
+    env: dict, config: dict, message: str
+) -> None:
+    _integration(env["store"], env["quo"], 10)
+    env["store"].upsert_integration(
+        Integration("no-key", "scalingtest", "env:QUO_SYNC_UNSET_KEY", env["quo"].url)
+    )
+    result = defs.get_job_def("scalingtest_initial_sync").execute_in_process(
+        run_config={"ops": {"scalingtest_plan_initial_sync": {"config": config}}},
+        instance=env["instance"],
+        resources=env["resources"],
+        raise_on_error=False,
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert message in str(failure.step_failure_data.error.message)
+    assert env["store"].list_processes() == []
+
+
+def test_modified_since_syncs_only_people_changed_after_it(env: dict) -> None:
+    _integration(env["store"], env["quo"], 500)
+    job = defs.get_job_def("scalingtest_initial_sync")
+    config = {"integration_id": "it-1", "modified_since": "2025-12-31T23:00:00"}  # naive = UTC
+    job.execute_in_process(
+        run_config={"ops": {"scalingtest_plan_initial_sync": {"config": config}}},
+        instance=env["instance"],
+        resources=env["resources"],
+    )
+    (process,) = env["store"].list_processes()
+    # ScalingTest people are one minute apart, newest at 2026-01-01T00:00Z: 60 are newer.
+    assert process.context["totalRecords"] == 60

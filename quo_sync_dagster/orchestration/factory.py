@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
@@ -29,6 +29,7 @@ from quo_sync_dagster.orchestration.metadata import (
     process_summary,
 )
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
+from quo_sync_dagster.orchestration.secrets import MissingSecret
 from quo_sync_dagster.orchestration.sync import (
     failed_page,
     fetch_page_frame,
@@ -41,7 +42,7 @@ from quo_sync_dagster.orchestration.sync import (
     sync_records,
 )
 from quo_sync_dagster.quo.client import QuoUnavailable
-from quo_sync_dagster.store.port import Store
+from quo_sync_dagster.store.port import NotFound, Store
 
 TAG_CRM = "quo_sync/crm"
 TAG_INTEGRATION = "quo_sync/integration"
@@ -90,6 +91,16 @@ def _initial_sync_config(connector_cls: type[CRMConnector]) -> type[dg.Config]:
     )
 
 
+def _parse_since(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        since = datetime.fromisoformat(value)
+    except ValueError:
+        raise dg.Failure(f"modified_since {value!r} is not an ISO 8601 date-time") from None
+    return since if since.tzinfo else since.replace(tzinfo=UTC)  # naive means UTC
+
+
 def _process_of(tags: dict[str, str]) -> str | None:
     key = tags.get(RANGE_START) or tags.get("dagster/partition")
     return parse_page_key(key)[0] if key else None
@@ -114,10 +125,13 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         unknown = set(config.object_types) - set(known_types)
         if unknown:
             raise dg.Failure(f"unknown object types {sorted(unknown)}; {crm} has {known_types}")
-        since = datetime.fromisoformat(config.modified_since) if config.modified_since else None
+        since = _parse_since(config.modified_since)
         s = store.get()
-        connector = open_connector(s, crm, config.integration_id)
-        client = quo.client(connector.integration, s)
+        try:
+            connector = open_connector(s, crm, config.integration_id)
+            client = quo.client(connector.integration, s)
+        except (NotFound, ValueError, MissingSecret) as exc:  # shown as is in the run's page
+            raise dg.Failure(str(exc)) from None
         planned = []
         try:
             for object_type in config.object_types:
