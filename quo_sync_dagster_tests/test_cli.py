@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from quo_sync_dagster.cli import main
+from quo_sync_dagster.store import open_store
+
+
+def test_integrations_add_stores_references_and_typed_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri = f"sqlite:///{tmp_path}/store.sqlite"
+    args = ["integrations", "add", "--store", uri, "--id", "acme", "--crm", "scalingtest"]
+    args += ["--quo-key-ref", "env:ACME_QUO_KEY", "--region", "GB"]
+    args += ["--setting", "records=5000", "--setting", "label=west"]
+    assert main(args) == 0
+    integration = open_store(uri).get_integration("acme")
+    assert integration.quo_api_key_ref == "env:ACME_QUO_KEY"
+    assert integration.default_region == "GB"
+    assert integration.settings == {"records": 5000, "label": "west"}
+
+    assert main(["integrations", "list", "--store", uri]) == 0
+    assert "acme\tscalingtest" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["integrations", "add", "--crm", "scalingtest"], "--id"),
+        (["integrations", "add", "--id", "x", "--crm", "hubspot"], "hubspot"),
+        (["demo", "--crm", "nope"], "nope"),
+    ],
+)
+def test_bad_arguments_are_named(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_malformed_setting_is_named(tmp_path: Path) -> None:
+    args = ["integrations", "add", "--store", f"sqlite:///{tmp_path}/s.sqlite", "--id", "a"]
+    args += ["--crm", "scalingtest", "--quo-key-ref", "env:K", "--setting", "records"]
+    with pytest.raises(SystemExit, match="KEY=VALUE, got 'records'"):
+        main(args)
