@@ -19,6 +19,7 @@ from quo_sync_dagster.crms.scalingtest import bad_record_count
 from quo_sync_dagster.local_stack import LocalStack
 from quo_sync_dagster.orchestration.factory import TAG_PROCESS
 from quo_sync_dagster.orchestration.sync import page_key
+from quo_sync_dagster_tests.browser import rendered_page
 
 _BACKFILL = """
 mutation($params: LaunchBackfillParams!) {
@@ -121,6 +122,9 @@ def test_a_run_killed_part_way_is_backfilled_without_duplicates(tmp_path: Path) 
         )
         process = store.get_process(process_id)
         assert "pages not synced" in process.context["error"]
+        # The UI (real webserver, real browser) shows the pages of the killed runs as failed.
+        partitions_page = f"{stack.ui_url}/assets/scalingtest_quo_contacts?view=partitions"
+        assert "Failed (6)" in rendered_page(partitions_page, tmp_path / "browser-1")
 
         # The UI's "backfill failed and missing partitions", through the same GraphQL call.
         results = store.page_results(process_id)
@@ -156,3 +160,5 @@ def test_a_run_killed_part_way_is_backfilled_without_duplicates(tmp_path: Path) 
         stats = stack.sandbox_stats()
         assert stats["duplicateExternalIds"] == 0
         assert stats["contactsBySource"]["scalingtest"] == records - bad
+        dom = rendered_page(partitions_page, tmp_path / "browser-2")
+        assert "Failed (0)" in dom and "Materialized (6)" in dom
