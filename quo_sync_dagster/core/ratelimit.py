@@ -7,6 +7,7 @@ only compute the next state, so the store can apply them atomically.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 MAX_SLOWDOWN = 4.0
 SLOWDOWN_AFTER_429 = 1.5
@@ -34,3 +35,11 @@ def after_429(
     slowdown = min(MAX_SLOWDOWN, state.slowdown * SLOWDOWN_AFTER_429)
     pause = retry_after if retry_after is not None else interval * slowdown
     return GovernorState(max(state.next_at, now + pause), slowdown)
+
+
+class Throttle(Protocol):
+    """What an API client needs from a rate governor (quo.governor.RateGovernor is one)."""
+
+    def acquire(self) -> None: ...
+
+    def on_rate_limited(self, retry_after: float | None) -> None: ...

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import email.utils
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import httpx
-import tenacity
 
+from quo_sync_dagster.governed_http import ApiUnavailable, GovernedHttp, parse_retry_after
 from quo_sync_dagster.quo.governor import RateGovernor
+
+__all__ = ["QuoApiError", "QuoClient", "QuoUnavailable", "parse_error", "parse_retry_after"]
 
 LOOKUP_CHUNK = 20  # Quo's query parser rejects more than 20 repeated externalIds
 LIST_PAGE_MAX = 50
@@ -25,28 +25,8 @@ class QuoApiError(Exception):
         self.code = code
 
 
-class QuoUnavailable(Exception):
+class QuoUnavailable(ApiUnavailable):
     """Quo kept failing (5xx, timeouts, 429s) after every retry, or refused our credentials."""
-
-
-class _Transient(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After as seconds: either delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def parse_error(response: httpx.Response) -> QuoApiError:
@@ -87,14 +67,18 @@ class QuoClient:
         max_attempts: int = 6,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._http = httpx.Client(
-            base_url=base_url.rstrip("/"),
-            headers={"Authorization": api_key},  # Quo takes the raw key, no "Bearer"
-            timeout=timeout_seconds,
-            transport=transport,
+        self._http = GovernedHttp(
+            httpx.Client(
+                base_url=base_url.rstrip("/"),
+                headers={"Authorization": api_key},  # Quo takes the raw key, no "Bearer"
+                timeout=timeout_seconds,
+                transport=transport,
+            ),
+            governor,
+            max_attempts,
+            unavailable=QuoUnavailable,
+            describe=lambda r: str(parse_error(r)),
         )
-        self._governor = governor
-        self._max_attempts = max_attempts
 
     def close(self) -> None:
         self._http.close()
@@ -146,46 +130,10 @@ class QuoClient:
             if not token:
                 return
 
-    # ---- transport ------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(_Transient),
-            stop=tenacity.stop_after_attempt(self._max_attempts),
-            wait=self._wait,
-            reraise=True,
-        )
-        try:
-            return retrying(self._attempt, method, path, **kwargs)
-        except _Transient as exc:
-            raise QuoUnavailable(
-                f"{method} {path} failed after {self._max_attempts} attempts: {exc}"
-            ) from None
-
-    def _wait(self, retry_state: tenacity.RetryCallState) -> float:
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        if isinstance(exc, _Transient) and exc.retry_after is not None and self._governor:
-            return 0.0  # the governor already holds every caller back until Retry-After
-        if isinstance(exc, _Transient) and exc.retry_after is not None:
-            return exc.retry_after
-        return tenacity.wait_exponential_jitter(initial=0.5, max=20)(retry_state)
-
-    def _attempt(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        if self._governor:
-            self._governor.acquire()
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:  # timeouts, resets, refused connections
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
-        status = response.status_code
-        if status == 429:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            if self._governor:
-                self._governor.on_rate_limited(retry_after)
-            raise _Transient("429 Too Many Requests", retry_after if retry_after else 1.0)
-        if status >= 500:
-            raise _Transient(str(parse_error(response)))
-        if status in (401, 403):
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code in (401, 403):
             raise QuoUnavailable(str(parse_error(response)))
-        if status >= 400:
+        if response.status_code >= 400:
             raise parse_error(response)
         return response

@@ -1,4 +1,5 @@
-"""One request schedule per Quo API key, shared by every thread, run and process via the store."""
+"""One request schedule per API credential (Quo key or CRM token), shared by every thread, run
+and process via the store."""
 
 from __future__ import annotations
 
@@ -10,24 +11,25 @@ from quo_sync_dagster.core.ratelimit import after_429, reserve
 from quo_sync_dagster.store.port import Store
 
 
-def governor_key(api_key: str) -> str:
-    """The store key for an API key: a hash, so the key itself is never written anywhere."""
-    return "quo:" + hashlib.sha256(api_key.encode()).hexdigest()[:24]
+def governor_key(credential: str, api: str = "quo") -> str:
+    """The store key for a credential: a hash, so the credential is never written anywhere."""
+    return f"{api}:" + hashlib.sha256(credential.encode()).hexdigest()[:24]
 
 
 class RateGovernor:
     def __init__(
         self,
         store: Store,
-        api_key: str,
+        credential: str,
         requests_per_second: float,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        api: str = "quo",
     ) -> None:
         if requests_per_second <= 0:
             raise ValueError(f"requests_per_second must be > 0, got {requests_per_second}")
         self._store = store
-        self._key = governor_key(api_key)
+        self._key = governor_key(credential, api)
         self._interval = 1.0 / requests_per_second
         self._clock = clock
         self._sleep = sleep
