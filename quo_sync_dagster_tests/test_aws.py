@@ -18,8 +18,8 @@ from quo_sync_dagster.core.process import Process, ProcessState
 from quo_sync_dagster.definitions import defs
 from quo_sync_dagster.orchestration.factory import RANGE_END, RANGE_START
 from quo_sync_dagster.orchestration.resources import PageFramesIOManager, StoreResource
-from quo_sync_dagster.orchestration.secrets import MissingSecret, resolve_secret
 from quo_sync_dagster.orchestration.sync import page_key
+from quo_sync_dagster.secrets import MissingSecret, resolve_secret
 from quo_sync_dagster.store import open_store
 
 BUCKET = "quo-sync-frames"

@@ -285,3 +285,32 @@ def test_modified_since_syncs_only_people_changed_after_it(env: dict) -> None:
     (process,) = env["store"].list_processes()
     # ScalingTest people are one minute apart, newest at 2026-01-01T00:00Z: 60 are newer.
     assert process.context["totalRecords"] == 60
+
+
+def test_a_crm_without_a_total_is_walked_once_then_synced_by_cursor(env: dict) -> None:
+    records = 450
+    env["store"].upsert_integration(
+        Integration(
+            "it-1",
+            "scalingtest",
+            f"env:{KEY_ENV}",
+            env["quo"].url,
+            settings={"records": records, "paging": "cursor"},
+        )
+    )
+    config = {"integration_id": "it-1", "page_size": 100, "pages_per_run": 5}
+    defs.get_job_def("scalingtest_initial_sync").execute_in_process(
+        run_config={"ops": {"scalingtest_plan_initial_sync": {"config": config}}},
+        instance=env["instance"],
+        resources=env["resources"],
+    )
+    (process,) = env["store"].list_processes()
+    assert process.context["totalRecords"] == records and process.context["totalPages"] == 5
+    assert process.context["pageCursors"] == [None, "100", "200", "300", "400"]
+    assert _sync_range(env, process.id, 0, 4).success
+    _evaluate(env, "scalingtest_completion_sensor")
+    process = env["store"].get_process(process.id)
+    bad = bad_record_count(records)
+    assert process.state is ProcessState.COMPLETED
+    assert process.counters["synced"] == records - bad and process.counters["failed"] == bad
+    assert env["quo"].stats()["contactsBySource"]["scalingtest"] == records - bad

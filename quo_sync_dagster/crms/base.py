@@ -76,8 +76,14 @@ class CRMConnector(ABC):
         limit: int,
         modified_since: datetime | None = None,
         sort_desc: bool = True,
+        cursor: str | None = None,
     ) -> PersonPage:
-        """Page `page` (0-based) of `limit` people; `total` on every page when the CRM knows it."""
+        """Page `page` (0-based) of `limit` people.
+
+        A CRM that reports a `total` must serve any page by its index: its pages are fetched in
+        parallel. Otherwise the planner walks the pages once, passing each page's
+        `next_cursor` as `cursor` of the next (None for page 0), and later fetches page k with
+        the cursor it noted for k (so an offset-paged CRM may ignore `cursor`)."""
 
     @abstractmethod
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:

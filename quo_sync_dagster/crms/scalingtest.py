@@ -1,7 +1,9 @@
 """ScalingTest: a deterministic synthetic CRM for load tests and the demo.
 
-Integration settings: `records` (default 10,000) and `revision` (default 0; revision r > 0 edits
-every record whose index ends in r % 10 and makes it the newest). The same settings always give
+Integration settings: `records` (default 10,000), `revision` (default 0; revision r > 0 edits
+every record whose index ends in r % 10 and makes it the newest) and `paging` ("index", the
+default, with a total; or "cursor": no total, each page reached through the previous one's
+cursor, as most real CRMs page). The same settings always give
 the same people, so a second sync of an unchanged CRM writes nothing. Three records in every
 hundred are bad on purpose (no phone, an invalid phone, no name): `bad_record_count` says how many.
 """
@@ -65,6 +67,10 @@ class ScalingTestConnector(CRMConnector):
         return int(self.integration.settings.get("records", 10_000))
 
     @property
+    def _cursor_paging(self) -> bool:
+        return self.integration.settings.get("paging", "index") == "cursor"
+
+    @property
     def _revision(self) -> int:
         return int(self.integration.settings.get("revision", 0))
 
@@ -114,15 +120,24 @@ class ScalingTestConnector(CRMConnector):
         limit: int,
         modified_since: datetime | None = None,
         sort_desc: bool = True,
+        cursor: str | None = None,
     ) -> PersonPage:
         order = self._newest_first
         if modified_since is not None:  # newest first, so the matches are a prefix
             order = [i for i in order if self._updated_at(i) > modified_since]
         if not sort_desc:
             order = order[::-1]
-        start = page * limit
+        if not self._cursor_paging:
+            start = page * limit
+            rows = [self.person(i) for i in order[start : start + limit]]
+            return PersonPage(rows, total=len(order), has_more=start + limit < len(order))
+        # Like cursor-paged CRMs: no total, and page k only through page k-1's cursor.
+        start = int(cursor or 0)
+        more = start + limit < len(order)
         rows = [self.person(i) for i in order[start : start + limit]]
-        return PersonPage(records=rows, total=len(order), has_more=start + limit < len(order))
+        return PersonPage(
+            rows, None, has_more=more, next_cursor=str(start + limit) if more else None
+        )
 
     def fetch_persons_by_ids(self, object_type: str, ids: list[str]) -> list[dict[str, Any]]:
         return [self.person(int(pid.removeprefix("st-"))) for pid in ids]

@@ -29,7 +29,6 @@ from quo_sync_dagster.orchestration.metadata import (
     process_summary,
 )
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
-from quo_sync_dagster.orchestration.secrets import MissingSecret
 from quo_sync_dagster.orchestration.sync import (
     failed_page,
     fetch_page_frame,
@@ -42,6 +41,7 @@ from quo_sync_dagster.orchestration.sync import (
     sync_records,
 )
 from quo_sync_dagster.quo.client import QuoUnavailable
+from quo_sync_dagster.secrets import MissingSecret
 from quo_sync_dagster.store.port import NotFound, Store
 
 TAG_CRM = "quo_sync/crm"

@@ -12,10 +12,10 @@ from dagster._core.storage.fs_io_manager import PickledObjectFilesystemIOManager
 from dagster._core.storage.upath_io_manager import UPathIOManager
 
 from quo_sync_dagster.core.models import Integration
-from quo_sync_dagster.orchestration.secrets import resolve_secret
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.quo.governor import RateGovernor
 from quo_sync_dagster.quo.upsert import ContactUpserter
+from quo_sync_dagster.secrets import resolve_secret
 from quo_sync_dagster.store import Store, open_store
 
 

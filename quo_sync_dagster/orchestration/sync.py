@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from quo_sync_dagster.core.models import InvalidRecord, UpsertAction
+from quo_sync_dagster.core.models import InvalidRecord, PersonPage, UpsertAction
 from quo_sync_dagster.core.process import ErrorDetail, PageResult, Process, ProcessState
 from quo_sync_dagster.crms import connector_class
 from quo_sync_dagster.crms.base import CRMConnector
@@ -22,6 +22,7 @@ from quo_sync_dagster.quo.upsert import ContactUpserter
 from quo_sync_dagster.store.port import Store
 
 _PAGE_MARK = "-p"
+MAX_PAGES = 99_999  # page keys have five digits; Dagster advises < 100k partitions per asset
 
 
 def page_key(process_id: str, page: int) -> str:
@@ -77,19 +78,18 @@ def plan_initial_sync(
         first = connector.fetch_person_page(
             object_type, 0, page_size, modified_since, process.context["sortDesc"]
         )
-        if first.total is None:
-            raise ValueError(
-                f"{connector.name} reported no total for {object_type}; page fan-out needs one"
-            )
-        # Exact multiples of the page size end on a full page: no "short last page" is needed
-        # to finish (the production peer never completed such syncs).
-        total_pages = math.ceil(first.total / page_size)
+        if first.total is not None:  # pages can be fetched by index: fan out in parallel
+            total, total_pages, cursors = first.total, math.ceil(first.total / page_size), None
+        else:  # no total (and maybe cursor paging): walk the pages once, noting each cursor
+            total, cursors = _walk_pages(connector, process.context, first, modified_since)
+            total_pages = len(cursors) if total else 0
         return store.transition(
             process_id,
             ProcessState.QUEUING_PAGES,
             {
-                "totalRecords": first.total,
+                "totalRecords": total,
                 "totalPages": total_pages,
+                "pageCursors": cursors,
                 # Nobody else writes this source, so unmapped contacts can skip the lookup.
                 "quoSourceEmptyAtStart": not quo.has_contacts_from(connector.quo_source),
             },
@@ -101,11 +101,43 @@ def plan_initial_sync(
         raise
 
 
+def _walk_pages(
+    connector: CRMConnector,
+    ctx: dict[str, Any],
+    first: PersonPage,
+    modified_since: datetime | None,
+) -> tuple[int, list[str | None]]:
+    """(records, the cursor that fetches each page). Costs one extra read of every page, cheap
+    next to the Quo writes, so that the pages can then be synced by parallel runs."""
+    cursors: list[str | None] = [None]
+    total, page = len(first.records), first
+    while page.has_more:
+        if len(cursors) >= MAX_PAGES:
+            raise ValueError(f"{connector.name} still had more pages after {MAX_PAGES}")
+        cursors.append(page.next_cursor)
+        page = connector.fetch_person_page(
+            ctx["personObjectType"],
+            len(cursors) - 1,
+            ctx["pageSize"],
+            modified_since,
+            ctx["sortDesc"],
+            cursor=page.next_cursor,
+        )
+        total += len(page.records)
+    return total, cursors
+
+
 def fetch_page_frame(connector: CRMConnector, process: Process, page: int) -> pd.DataFrame:
     ctx = process.context
     since = datetime.fromisoformat(ctx["modifiedSince"]) if ctx.get("modifiedSince") else None
+    cursors = ctx.get("pageCursors")
     result = connector.fetch_person_page(
-        ctx["personObjectType"], page, ctx["pageSize"], since, ctx["sortDesc"]
+        ctx["personObjectType"],
+        page,
+        ctx["pageSize"],
+        since,
+        ctx["sortDesc"],
+        cursor=cursors[page] if cursors else None,
     )
     # dtype=object keeps values as the CRM sent them (no None -> NaN, no int -> float).
     return pd.DataFrame(result.records, dtype=object)
