@@ -50,7 +50,7 @@ def dagster_sync(
 ) -> dict[str, Any]:
     """Launch the initial sync as the UI does; time it until every Process is COMPLETED."""
     with LocalStack(home, quo_rate_limit=rate_limit) as stack:
-        stack.register_integration("bench", "scalingtest", {"records": records})
+        stack.register_integration("bench", "scalingtest", records)
         started = time.monotonic()
         process_ids = stack.run_initial_sync("scalingtest", {"integration_id": "bench", **config})
         planning = stack.sandbox_stats()  # from here on the sandbox counts page-run requests only

@@ -58,7 +58,6 @@ def _progress_line(summaries: list[dict[str, Any]]) -> str:
 def demo(args: argparse.Namespace) -> int:
     crm = args.crm
     connector_class(crm)  # fail fast, naming the known CRMs
-    settings: dict[str, Any] = {"records": args.records}
     stack = LocalStack(
         Path(args.home), quo_rate_limit=args.quo_rate_limit or None, ui_port=args.port
     )
@@ -67,7 +66,7 @@ def demo(args: argparse.Namespace) -> int:
     try:
         source = connector_class(crm).quo_source
         before = stack.sandbox_stats()
-        stack.register_integration(f"demo-{crm}", crm, settings)
+        stack.register_integration(f"demo-{crm}", crm, args.records)
         print(f"Dagster UI: {stack.ui_url}  (launching {crm}_initial_sync)", flush=True)
         started = time.monotonic()
         process_ids = stack.run_initial_sync(crm, {"integration_id": f"demo-{crm}"})

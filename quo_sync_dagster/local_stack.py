@@ -17,6 +17,7 @@ import httpx
 
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.core.process import TERMINAL_STATES, Process
+from quo_sync_dagster.crms import connector_class, registered_connectors
 from quo_sync_dagster.orchestration.factory import TAG_PLANNED
 from quo_sync_dagster.orchestration.instance import render_instance_yaml
 from quo_sync_dagster.orchestration.resources import default_store_uri
@@ -41,6 +42,10 @@ query($runId: ID!) {
 _LOCATION = """
 { workspaceOrError { __typename ... on Workspace { locationEntries { name
     locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
+
+
+def _crm_token_env(crm: str) -> str:
+    return f"QUO_SYNC_SANDBOX_{crm.upper()}_TOKEN"
 
 
 def free_port() -> int:
@@ -82,6 +87,14 @@ class LocalStack:
             "QUO_SYNC_QUO_RATE": str(quo_rate_limit or 100_000),
         }
         self.env.pop("QUO_SYNC_STORE_URI", None)
+        # Every CRM simulator's token, known to the runs before any simulator starts.
+        self.env.update(
+            {
+                _crm_token_env(name): f"{name}-sandbox-token"
+                for name, connector in registered_connectors().items()
+                if connector.simulator
+            }
+        )
         self.store: Store | None = None
 
     @property
@@ -114,21 +127,29 @@ class LocalStack:
         return proc
 
     def _start_sandbox(self) -> None:
-        argv = [sys.executable, "-m", "quo_sync_dagster.sandbox.quo_server"]
-        argv += ["--data-dir", str(self.home / "quo-sandbox"), "--port", "0"]
-        argv += ["--api-key", self.sandbox_key]
-        argv += (
+        args = ["--api-key", self.sandbox_key]
+        args += (
             ["--rate-limit", str(self.quo_rate_limit)]
             if self.quo_rate_limit
             else ["--no-rate-limit"]
         )
-        proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, start_new_session=True)
+        self.sandbox_url = self._start_simulator("quo_sync_dagster.sandbox.quo_server", "quo", args)
+
+    def _start_simulator(self, module: str, name: str, args: list[str]) -> str:
+        """Start a simulator process; it prints one `..._READY <url>` line once serving."""
+        argv = [sys.executable, "-m", module, "--data-dir", str(self.home / f"{name}-sandbox")]
+        proc = subprocess.Popen(
+            [*argv, "--port", "0", *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
         self._procs.append(proc)
         assert proc.stdout is not None
-        line = proc.stdout.readline().decode().strip()
-        if not line.startswith("QUO_SANDBOX_READY "):
-            raise RuntimeError(f"Quo sandbox did not start (said {line!r})")
-        self.sandbox_url = line.split()[1]
+        ready, _, url = proc.stdout.readline().decode().strip().partition(" ")
+        if not ready.endswith("READY") or not url:
+            raise RuntimeError(f"simulator {module} did not start")
+        return url
 
     def stop(self) -> None:
         for proc in reversed(self._procs):
@@ -204,14 +225,27 @@ class LocalStack:
 
     # ---- the sync ------------------------------------------------------------------------
     def register_integration(
-        self, integration_id: str, crm: str, settings: dict[str, Any]
+        self, integration_id: str, crm: str, records: int, settings: dict[str, Any] | None = None
     ) -> Integration:
+        """An integration of `crm` against its local simulator (holding `records` people), or,
+        for a CRM without one (ScalingTest), with `records` in its settings."""
         assert self.store is not None
+        connector = connector_class(crm)
+        settings = dict(settings or {})
+        credential_ref = None
+        if connector.simulator:
+            token = f"{crm}-sandbox-token"
+            args = ["--records", str(records), "--token", token]
+            settings["base_url"] = self._start_simulator(connector.simulator, crm, args)
+            credential_ref = f"env:{_crm_token_env(crm)}"
+        else:
+            settings["records"] = records
         integration = Integration(
             id=integration_id,
             crm=crm,
             quo_api_key_ref=f"env:{SANDBOX_KEY_ENV}",
             quo_base_url=self.sandbox_url,
+            crm_credential_ref=credential_ref,
             settings=settings,
         )
         self.store.upsert_integration(integration)

@@ -95,7 +95,7 @@ def _wait_for(what: str, check, timeout: float = 300):
 def test_a_run_killed_part_way_is_backfilled_without_duplicates(tmp_path: Path) -> None:
     records, page_size = 600, 100
     with LocalStack(tmp_path / "home", quo_rate_limit=40) as stack:
-        stack.register_integration("kill-test", "scalingtest", {"records": records})
+        stack.register_integration("kill-test", "scalingtest", records)
         (process_id,) = stack.run_initial_sync(
             "scalingtest",
             {"integration_id": "kill-test", "page_size": page_size, "pages_per_run": 3},

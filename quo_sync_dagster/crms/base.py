@@ -57,6 +57,11 @@ class CRMConnector(ABC):
     name: ClassVar[str]  # registry key, Dagster name prefix and `quo-sync demo --crm` value
     quo_source: ClassVar[str]  # the `source` of every Quo contact this connector writes
     crm_config: ClassVar[CRMConfig]
+    # Module of the CRM's local simulator in sandbox/, run by `quo-sync demo` and the tests as
+    # `python -m MODULE --data-dir D --port 0 --records N --token T`; it prints
+    # `SANDBOX_READY <url>`, which becomes the integration's `base_url` setting. None: the
+    # connector needs no server (ScalingTest).
+    simulator: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
