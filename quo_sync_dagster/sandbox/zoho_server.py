@@ -1,0 +1,986 @@
+"""Strict local simulator of the Zoho CRM v8 API: Contacts and Leads, Calls, Notes, watch channels.
+
+Enforces what real Zoho enforces and a lax fake would let through: the `Zoho-oauthtoken` auth
+form, a mandatory `fields` list, `per_page` <= 200, `page` paging only up to record 2,000 (then
+`page_token`), 204 with no body for an empty result, 429 without Retry-After, v8 body shapes for
+Calls and Notes. The people are generated deterministically on first start and persisted in the
+data dir, as are created calls, notes and channels. Binds 127.0.0.1 only; `/_sandbox/*` admin
+endpoints are unauthenticated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from quo_sync_dagster.sandbox.quo_state import Fault, TokenBuckets
+
+log = logging.getLogger(__name__)
+
+API = "/crm/v8"
+PEOPLE_MODULES = ("Contacts", "Leads")
+WATCHABLE_MODULES = frozenset({"Contacts", "Leads", "Accounts", "Deals"})
+WATCH_OPERATIONS = frozenset({"create", "edit", "delete", "all"})
+SORT_FIELDS = frozenset({"id", "Created_Time", "Modified_Time"})
+MAX_PER_PAGE = 200
+PAGE_LIMIT = 2000  # `page` paging stops here; beyond it only `page_token` works
+MAX_FIELDS = 50
+MAX_IDS = 100
+MAX_WRITE_RECORDS = 100
+TOKEN_TTL = timedelta(hours=24)
+DEFAULT_CHANNEL_TTL = timedelta(hours=1)  # also what a too-distant channel_expiry falls back to
+MAX_CHANNEL_TTL = timedelta(weeks=1)
+FAULT_STATUSES = frozenset({429, 500, 502, 503})
+ORG_TZ = timezone(timedelta(hours=5, minutes=30))  # Zoho answers in the org's offset
+RECORDS_FILE, ACTIVITY_FILE = "zoho_records.json", "zoho_activity.json"
+OWNER = {"name": "Pat Sandbox", "id": "3652397000000080001", "email": "pat@sandbox.example"}
+_DURATION = re.compile(r"^(\d{1,4}):([0-5]\d)$")  # mm:ss, minutes may exceed 59
+
+_FIRST = ["Jane", "José", "Zoë", "Łukasz", "Mei", "Oluwaseun", "Siobhán", "Kenji", "Ana", "Björn"]
+_LAST = ["Doe", "García", "Nguyen", "O'Brien", "Müller", "Okafor", "田中", "Silva", "Kowalski"]
+_COMPANIES = ["Acme", "Globex GmbH", "Initech", "Société Générale Démo", "Umbrella Ltd", "Stark"]
+_TITLES = ["CEO", "Office Manager", "Head of Sales", "Nurse", "Paralegal", None]
+_CITIES = [
+    ("Austin", "TX", "78701", "United States"),
+    ("München", "Bayern", "80331", "Germany"),
+    ("London", None, "EC1A 1BB", "United Kingdom"),
+    ("Bengaluru", "Karnataka", "560001", "India"),
+]
+_TIERS = ["Gold", "Silver", "Bronze", None]
+
+Record = dict[str, Any]
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ZohoError(Exception):
+    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "details": self.details,
+            "message": self.message,
+            "status": "error",
+        }
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(ORG_TZ).isoformat(timespec="seconds")
+
+
+def _parse_time(value: str, param: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:  # Zoho wants an explicit offset
+        raise ZohoError(400, "INVALID_DATA", "invalid data", param_name=param)
+    return moment
+
+
+def _phone(i: int, salt: int) -> str | None:
+    n = (i * 7 + salt) % 13
+    if n == 0:
+        return None
+    k = (i * 37 + salt * 11) % 10_000
+    return [
+        f"+1 555 123 {k:04d}",
+        f"(415) 555-{k:04d}",
+        f"555-{k % 1000:03d}-{k:04d}",
+        f"+44 20 7946 {k:04d}",
+        f"+91 98765 {k:05d}",
+        f"+49 30 {k:04d}820",
+        f"+61 2 9374 {k:04d}",
+        f"+81 3-{k % 9000 + 1000}-{k:04d}",
+        f"212.555.{k:04d}",
+        f"+1 (646) 555-{k:04d} ext. 12",
+    ][n % 10]
+
+
+def _person(module: str, i: int) -> Record:
+    """Person i of a module; ids rise with Created_Time, Modified_Time is scattered."""
+    lead = module == "Leads"
+    first = None if i % 11 == 5 else _FIRST[(i * 3 + lead) % len(_FIRST)]
+    last = _LAST[(i * 7 + 2 * lead) % len(_LAST)]
+    created = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(minutes=97 * i + 13 * lead)
+    modified = created + timedelta(seconds=(i * 7919 + 17 * lead) % 40_000_000)
+    local = f"{(first or 'x').lower()}.{i}".encode("ascii", "ignore").decode()
+    city, state, zip_code, country = _CITIES[i % len(_CITIES)]
+    record: Record = {
+        "id": f"3652397000{1 + lead}{i * 7 + 1:08d}",
+        "Owner": OWNER,
+        "First_Name": first,
+        "Last_Name": last,
+        "Full_Name": f"{first} {last}" if first else last,
+        "Email": None if i % 13 == 3 else f"{local}@{module.lower()}.example",
+        "Secondary_Email": f"{local}@home.example" if i % 5 == 0 else None,
+        "Phone": _phone(i, 1),
+        "Mobile": _phone(i, 4),
+        "Home_Phone": _phone(i, 9) if i % 4 == 0 else None,
+        "Other_Phone": None,
+        "Fax": None,
+        "Title": _TITLES[i % len(_TITLES)],
+        "Email_Opt_Out": i % 17 == 0,
+        "Customer_Tier__c": _TIERS[i % len(_TIERS)],
+        "Created_Time": _iso(created),
+        "Modified_Time": _iso(modified),
+        "Created_By": OWNER,
+        "Modified_By": OWNER,
+    }
+    company = _COMPANIES[i % len(_COMPANIES)]
+    if lead:
+        record |= {
+            "Company": company,
+            "Street": f"{i % 900 + 1} Main St",
+            "City": city,
+            "State": state,
+            "Zip_Code": zip_code,
+            "Country": country,
+            "Lead_Status": ["Not Contacted", "Contacted", "Qualified"][i % 3],
+            "Lead_Source": ["Web Download", "Cold Call", None][i % 3],
+            "Converted__s": False,
+        }
+    else:
+        account = None if i % 9 == 4 else {"name": company, "id": f"365239700000{i % 6:07d}"}
+        record |= {
+            "Account_Name": account,
+            "Mailing_Street": f"{i % 900 + 1} Main St",
+            "Mailing_City": city,
+            "Mailing_State": state,
+            "Mailing_Zip": zip_code,
+            "Mailing_Country": country,
+        }
+    return record
+
+
+# A module's fields are those its generated people carry (Leads: Company, Street...; Contacts:
+# Account_Name, Mailing_*...), so asking Leads for Account_Name fails as it does in Zoho.
+MODULE_FIELDS = {m: frozenset(_person(m, 0)) for m in PEOPLE_MODULES}
+
+
+def split_records(records: int | Mapping[str, int]) -> dict[str, int]:
+    """An int is split two contacts to one lead; a mapping gives each module's count."""
+    if isinstance(records, int):
+        return {"Contacts": records - records // 3, "Leads": records // 3}
+    unknown = set(records) - set(PEOPLE_MODULES)
+    if unknown:
+        raise ValueError(f"unknown modules {sorted(unknown)}; people modules: {PEOPLE_MODULES}")
+    return {module: int(records.get(module, 0)) for module in PEOPLE_MODULES}
+
+
+class ZohoState:
+    """People, written activities, watch channels, page tokens, counters, limiter, faults."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        access_token: str = "zoho-sandbox-token",
+        records: int | Mapping[str, int] = 500,
+        rate_limit: float | None = 10.0,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.access_token = access_token
+        self.limiter = TokenBuckets(rate_limit) if rate_limit else None
+        records_path = self.data_dir / RECORDS_FILE
+        if records_path.exists():  # a restart keeps the people (and any touches) it had
+            self.people: dict[str, list[Record]] = json.loads(records_path.read_text())
+        else:
+            counts = split_records(records)
+            self.people = {m: [_person(m, i) for i in range(counts[m])] for m in PEOPLE_MODULES}
+            self._save_people()
+        activity_path = self.data_dir / ACTIVITY_FILE
+        self.activity: dict[str, Any] = (
+            json.loads(activity_path.read_text())
+            if activity_path.exists()
+            else {"calls": [], "notes": [], "channels": {}}
+        )
+        self.page_tokens: dict[str, tuple[tuple, int, datetime]] = {}
+        self.faults: deque[Fault] = deque()
+        self.reset_stats()
+
+    def _save_people(self) -> None:
+        (self.data_dir / RECORDS_FILE).write_text(json.dumps(self.people))
+
+    def save_activity(self) -> None:
+        (self.data_dir / ACTIVITY_FILE).write_text(json.dumps(self.activity))
+
+    def reset_stats(self) -> None:
+        self.by_kind: Counter[str] = Counter()
+        self.by_status: Counter[int] = Counter()
+
+    def find(self, record_id: str) -> tuple[str, Record] | None:
+        for module in PEOPLE_MODULES:
+            for record in self.people[module]:
+                if record["id"] == record_id:
+                    return module, record
+        return None
+
+    def touch(self, module: str, ids: Sequence[str]) -> int:
+        """Mark records as just modified (what an edit in the Zoho UI does to Modified_Time)."""
+        now, wanted, touched = _iso(datetime.now(UTC)), set(ids), 0
+        for record in self.people[module]:
+            if record["id"] in wanted:
+                record["Modified_Time"] = now
+                touched += 1
+        self._save_people()
+        return touched
+
+    def take_fault(self) -> Fault | None:
+        if not self.faults:
+            return None
+        fault = self.faults[0]
+        fault.remaining -= 1
+        if fault.remaining <= 0:
+            self.faults.popleft()
+        return fault
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "requests": sum(self.by_kind.values()),
+            "byKind": dict(self.by_kind),
+            "byStatus": {str(s): n for s, n in sorted(self.by_status.items())},
+            "rateLimited": self.by_status[429],
+            "records": {m: len(rs) for m, rs in self.people.items()},
+            "calls": len(self.activity["calls"]),
+            "notes": len(self.activity["notes"]),
+            "channels": len(self.activity["channels"]),
+            "pendingFaults": sum(f.remaining for f in self.faults),
+        }
+
+
+def _record_key(sort_by: str) -> Callable[[Record], tuple]:
+    if sort_by == "id":
+        return lambda r: (int(r["id"]),)
+    # Compare instants, not strings: touched records may carry another offset's text.
+    return lambda r: (datetime.fromisoformat(r[sort_by]), int(r["id"]))
+
+
+def _fields(query: Mapping[str, str], module: str) -> list[str]:
+    raw = query.get("fields")
+    if not raw:
+        raise ZohoError(
+            400,
+            "REQUIRED_PARAM_MISSING",
+            "One of the expected parameter is missing",
+            param="fields",
+        )
+    fields = [f.strip() for f in raw.split(",") if f.strip()]
+    if len(fields) > MAX_FIELDS:
+        raise ZohoError(
+            400, "LIMIT_EXCEEDED", "fields limit exceeded", param="fields", limit=MAX_FIELDS
+        )
+    for name in fields:
+        if name not in MODULE_FIELDS[module]:
+            raise ZohoError(
+                400,
+                "INVALID_DATA",
+                "invalid field in fields",
+                param_name="fields",
+                api_name=name,
+            )
+    return fields
+
+
+def _int_param(query: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ZohoError(
+            400,
+            "INVALID_DATA",
+            f"invalid value for {name}",
+            param_name=name,
+            minimum=low,
+            maximum=high,
+        )
+    return int(raw)
+
+
+class _Api:
+    """The v8 endpoints. Handlers run on the server's single event loop and never await while
+    mutating, so no lock is needed."""
+
+    def __init__(self, state: ZohoState) -> None:
+        self.state = state
+
+    async def serve(self, request: Request, kind: str, handler: Handler) -> Response:
+        """Faults, then auth, then the rate limit, then the handler; count the result."""
+        response = await self._guarded(request, handler)
+        self.state.by_kind[kind] += 1
+        self.state.by_status[response.status_code] += 1
+        return response
+
+    async def _guarded(self, request: Request, handler: Handler) -> Response:
+        try:
+            fault = self.state.take_fault()
+            if fault is not None:
+                if fault.delay:
+                    await asyncio.sleep(fault.delay)
+                if fault.status is not None:
+                    raise self._status_error(fault.status)
+            self._authenticate(request)
+            if self.state.limiter is not None and self.state.limiter.acquire("org"):
+                raise self._status_error(429)
+            return await handler(request)
+        except ZohoError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
+        except Exception:
+            log.exception("zoho sandbox handler failed")
+            return JSONResponse(ZohoError(500, "INTERNAL_ERROR", "Internal Error").body(), 500)
+
+    @staticmethod
+    def _status_error(status: int) -> ZohoError:
+        if status == 429:  # deliberately no Retry-After: Zoho sends none
+            return ZohoError(429, "TOO_MANY_REQUESTS", "API call limit exceeded")
+        return ZohoError(status, "INTERNAL_ERROR", "Internal Error")
+
+    def _authenticate(self, request: Request) -> None:
+        header = request.headers.get("authorization")
+        if header is None:
+            raise ZohoError(401, "AUTHENTICATION_FAILURE", "Authentication failed")
+        scheme, _, token = header.partition(" ")
+        if scheme != "Zoho-oauthtoken" or token != self.state.access_token:
+            raise ZohoError(401, "INVALID_TOKEN", "invalid oauth token")
+
+    @staticmethod
+    def _module(request: Request) -> str:
+        module = request.path_params["module"]
+        if module not in PEOPLE_MODULES:
+            raise ZohoError(
+                400,
+                "INVALID_MODULE",
+                "the module name given seems to be invalid",
+                module=module,
+            )
+        return module
+
+    async def _json(self, request: Request, key: str) -> list[Any]:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            raise ZohoError(400, "INVALID_DATA", "body is not valid JSON") from None
+        items = body.get(key) if isinstance(body, dict) else None
+        if not isinstance(items, list) or not items:
+            raise ZohoError(
+                400,
+                "REQUIRED_PARAM_MISSING",
+                "One of the expected parameter is missing",
+                param=key,
+            )
+        if len(items) > MAX_WRITE_RECORDS:
+            raise ZohoError(
+                400,
+                "LIMIT_EXCEEDED",
+                f"at most {MAX_WRITE_RECORDS} {key} per call",
+                limit=MAX_WRITE_RECORDS,
+            )
+        return items
+
+    # ---- people ---------------------------------------------------------------------------
+    async def records(self, request: Request) -> Response:
+        kind = "get_by_ids" if "ids" in request.query_params else "list"
+        return await self.serve(request, kind, self._list)
+
+    async def count(self, request: Request) -> Response:
+        return await self.serve(request, "count", self._count)
+
+    async def _count(self, request: Request) -> Response:
+        return JSONResponse({"count": len(self.state.people[self._module(request)])})
+
+    async def _list(self, request: Request) -> Response:
+        module, query = self._module(request), request.query_params
+        fields = _fields(query, module)
+        if "ids" in query:
+            return self._by_ids(module, query["ids"], fields)
+        per_page = _int_param(query, "per_page", MAX_PER_PAGE, 1, MAX_PER_PAGE)
+        sort_by = query.get("sort_by", "id")
+        sort_order = query.get("sort_order", "desc")
+        if sort_by not in SORT_FIELDS:
+            raise ZohoError(
+                400,
+                "INVALID_DATA",
+                "invalid value for sort_by",
+                param_name="sort_by",
+                supported_values=sorted(SORT_FIELDS),
+            )
+        if sort_order not in ("asc", "desc"):
+            raise ZohoError(
+                400, "INVALID_DATA", "invalid value for sort_order", param_name="sort_order"
+            )
+        since_header = request.headers.get("if-modified-since")
+        since = _parse_time(since_header, "If-Modified-Since") if since_header else None
+        # A page token only continues the query it was issued for.
+        binding = (module, tuple(fields), sort_by, sort_order, since and since.timestamp())
+        offset = self._offset(query, binding, per_page)
+        people = self.state.people[module]
+        if since is not None:
+            people = [r for r in people if datetime.fromisoformat(r["Modified_Time"]) > since]
+        people = sorted(people, key=_record_key(sort_by), reverse=sort_order == "desc")
+        window = people[offset : offset + per_page]
+        if not window:  # Zoho's empty result: 204 and no body at all
+            return Response(status_code=204)
+        more = offset + per_page < len(people)
+        expiry = datetime.now(UTC) + TOKEN_TTL
+        info = {
+            "per_page": per_page,
+            "count": len(window),
+            "page": offset // per_page + 1,
+            "sort_by": sort_by,
+            "sort_order": sort_order,
+            "more_records": more,
+            "next_page_token": self._issue(binding, offset + per_page, expiry) if more else None,
+            "previous_page_token": (
+                self._issue(binding, max(0, offset - per_page), expiry) if offset else None
+            ),
+            "page_token_expiry": _iso(expiry),
+        }
+        return JSONResponse({"data": [self._project(r, fields) for r in window], "info": info})
+
+    def _offset(self, query: Mapping[str, str], binding: tuple, per_page: int) -> int:
+        token = query.get("page_token")
+        if token is None:
+            page = _int_param(query, "page", 1, 1, 10**6)
+            if page * per_page > PAGE_LIMIT:
+                raise ZohoError(
+                    400,
+                    "DISCRETE_PAGINATION_LIMIT_EXCEEDED",
+                    "you can only get the first 2000 records without using page_token",
+                    limit=PAGE_LIMIT,
+                )
+            return (page - 1) * per_page
+        if "page" in query:
+            raise ZohoError(
+                400,
+                "AMBIGUITY_DURING_PROCESSING",
+                "page and page_token cannot be used together",
+                ambiguity_due_to=["page", "page_token"],
+            )
+        issued = self.state.page_tokens.get(token)
+        if issued is None or issued[2] < datetime.now(UTC):
+            raise ZohoError(400, "INVALID_DATA", "invalid page_token", param_name="page_token")
+        if issued[0] != binding:
+            raise ZohoError(
+                400,
+                "TOKEN_BOUND_DATA_MISMATCH",
+                "the page_token does not match the other parameters of the request",
+                param_name="page_token",
+            )
+        return issued[1]
+
+    def _issue(self, binding: tuple, offset: int, expiry: datetime) -> str:
+        token = secrets.token_hex(16)
+        self.state.page_tokens[token] = (binding, offset, expiry)
+        return token
+
+    @staticmethod
+    def _project(record: Record, fields: list[str]) -> Record:
+        return {"id": record["id"], **{f: record.get(f) for f in fields}}
+
+    def _by_ids(self, module: str, raw: str, fields: list[str]) -> Response:
+        ids = [i.strip() for i in raw.split(",") if i.strip()]
+        if len(ids) > MAX_IDS:
+            raise ZohoError(
+                400,
+                "LIMIT_EXCEEDED",
+                f"at most {MAX_IDS} ids per request",
+                param="ids",
+                limit=MAX_IDS,
+            )
+        by_id = {r["id"]: r for r in self.state.people[module]}
+        found = [self._project(by_id[i], fields) for i in dict.fromkeys(ids) if i in by_id]
+        if not found:
+            return Response(status_code=204)
+        info = {"per_page": len(found), "count": len(found), "page": 1, "more_records": False}
+        return JSONResponse({"data": found, "info": info})
+
+    # ---- activities -----------------------------------------------------------------------
+    async def calls(self, request: Request) -> Response:
+        return await self.serve(request, "create_call", self._create_calls)
+
+    async def notes(self, request: Request) -> Response:
+        return await self.serve(request, "create_note", self._create_notes)
+
+    async def _create_calls(self, request: Request) -> Response:
+        return self._write(await self._json(request, "data"), "calls", self._check_call)
+
+    async def _create_notes(self, request: Request) -> Response:
+        return self._write(await self._json(request, "data"), "notes", self._check_note)
+
+    def _write(
+        self, items: list[Any], kind: str, check: Callable[[Any, str], None]
+    ) -> JSONResponse:
+        """Zoho's per-record results: 201 all written, 207 some, 400 none."""
+        results, now = [], _iso(datetime.now(UTC))
+        for n, item in enumerate(items):
+            try:
+                if not isinstance(item, dict):
+                    raise ZohoError(400, "INVALID_DATA", "invalid data", json_path=f"$.data[{n}]")
+                check(item, f"$.data[{n}]")
+            except ZohoError as exc:
+                results.append(exc.body())
+                continue
+            record_id = f"36523970009{len(self.state.activity[kind]) + 1:08d}"
+            self.state.activity[kind].append({**item, "id": record_id, "Created_Time": now})
+            details = {
+                "id": record_id,
+                "Created_Time": now,
+                "Modified_Time": now,
+                "Created_By": OWNER,
+                "Modified_By": OWNER,
+            }
+            message = "record added"
+            results.append(
+                {"code": "SUCCESS", "details": details, "message": message, "status": "success"}
+            )
+        self.state.save_activity()
+        ok = sum(r["status"] == "success" for r in results)
+        status = 201 if ok == len(results) else 207 if ok else 400
+        return JSONResponse({"data": results}, status_code=status)
+
+    def _check_call(self, call: dict[str, Any], path: str) -> None:
+        subject = call.get("Subject")
+        _require(call, "Subject", path)
+        if not isinstance(subject, str) or len(subject) > 255:
+            raise _invalid("Subject", path, "text")
+        _require(call, "Call_Type", path)
+        call_type = call["Call_Type"]
+        if call_type not in ("Inbound", "Outbound", "Missed"):
+            raise _invalid("Call_Type", path, "picklist")
+        _require(call, "Call_Start_Time", path)
+        start = call["Call_Start_Time"]
+        if not isinstance(start, str) or "T" not in start:
+            raise _invalid("Call_Start_Time", path, "datetime")
+        try:
+            _parse_time(start, "Call_Start_Time")
+        except ZohoError:
+            raise _invalid("Call_Start_Time", path, "datetime") from None
+        if call_type != "Missed":
+            _require(call, "Call_Duration", path)
+        duration = call.get("Call_Duration")
+        if duration is not None:
+            match = _DURATION.match(duration) if isinstance(duration, str) else None
+            if match is None or (call_type != "Missed" and match.group(0) in ("0:00", "00:00")):
+                raise _invalid("Call_Duration", path, "mm:ss, non-zero for Inbound/Outbound")
+        # Who_Id ("Contact Name") looks up Contacts only; a Lead is the "Related To" record:
+        # What_Id with $se_module "Leads", and then no contact may be named.
+        if "Who_Id" in call and self._check_person_ref(call["Who_Id"], "Who_Id", path) != (
+            "Contacts"
+        ):
+            raise _invalid("Who_Id", path, "a Contacts record id")
+        if "What_Id" in call:
+            if call.get("$se_module") != "Leads":  # the only "Related To" module held here
+                raise _invalid("$se_module", path, "Leads")
+            if self._check_person_ref(call["What_Id"], "What_Id", path) != "Leads":
+                raise _invalid("What_Id", path, "a Leads record id")
+            if "Who_Id" in call:
+                raise _invalid("Who_Id", path, "no contact on a call related to a lead")
+
+    def _check_person_ref(self, ref: object, name: str, path: str) -> str:
+        if not isinstance(ref, dict) or not isinstance(ref.get("id"), str):
+            raise _invalid(name, path, "lookup")
+        found = self.state.find(ref["id"])
+        if found is None:
+            raise ZohoError(
+                400,
+                "INVALID_DATA",
+                "the related id given seems to be invalid",
+                api_name=name,
+                json_path=f"{path}.{name}",
+                id=ref["id"],
+            )
+        return found[0]
+
+    def _check_note(self, note: dict[str, Any], path: str) -> None:
+        _require(note, "Note_Content", path)
+        if not isinstance(note["Note_Content"], str):
+            raise _invalid("Note_Content", path, "textarea")
+        if not isinstance(note.get("Note_Title", ""), str | None):
+            raise _invalid("Note_Title", path, "text")
+        _require(note, "Parent_Id", path)
+        parent = note["Parent_Id"]
+        # v8 wants {"module": {"api_name": ...}, "id": ...}; v2's string + se_module is refused.
+        module = parent.get("module") if isinstance(parent, dict) else None
+        if not isinstance(module, dict) or module.get("api_name") not in PEOPLE_MODULES:
+            raise _invalid("Parent_Id", path, "{module: {api_name}, id}")
+        if self._check_person_ref(parent, "Parent_Id", path) != module["api_name"]:
+            raise _invalid("Parent_Id", path, f"a {module['api_name']} record id")
+
+    # ---- notifications --------------------------------------------------------------------
+    async def watch(self, request: Request) -> Response:
+        handler = {
+            "GET": self._list_channels,
+            "POST": self._subscribe,
+            "PATCH": self._renew,
+            "DELETE": self._unsubscribe,
+        }[request.method]
+        return await self.serve(request, f"watch_{request.method.lower()}", handler)
+
+    async def _list_channels(self, request: Request) -> Response:
+        now = datetime.now(UTC)
+        live = [c for c in self.state.activity["channels"].values() if _expiry(c) > now]
+        return JSONResponse({"watch": live}) if live else Response(status_code=204)
+
+    async def _subscribe(self, request: Request) -> Response:
+        return self._watch_write(await self._json(request, "watch"), renew=False)
+
+    async def _renew(self, request: Request) -> Response:
+        return self._watch_write(await self._json(request, "watch"), renew=True)
+
+    def _watch_write(self, items: list[Any], renew: bool) -> JSONResponse:
+        results, channels, now = [], self.state.activity["channels"], datetime.now(UTC)
+        for n, item in enumerate(items):
+            path = f"$.watch[{n}]"
+            try:
+                if not isinstance(item, dict):
+                    raise ZohoError(400, "INVALID_DATA", "invalid data", json_path=path)
+                channel_id = str(item.get("channel_id") or "")
+                if not channel_id.isdigit():
+                    raise _invalid("channel_id", path, "long")
+                existing = channels.get(channel_id)
+                if renew and (existing is None or _expiry(existing) <= now):
+                    raise ZohoError(
+                        400,
+                        "NOT_SUBSCRIBED",
+                        "the channel is not subscribed",
+                        channel_id=channel_id,
+                    )
+                channel = self._channel(item, path, existing if renew else None, now)
+            except ZohoError as exc:
+                results.append(exc.body())
+                continue
+            channels[channel_id] = channel
+            events = [
+                {
+                    "channel_expiry": channel["channel_expiry"],
+                    "resource_uri": f"https://www.zohoapis.com{API}/{event.split('.')[0]}",
+                    "resource_id": "3652397000000002179",
+                    "resource_name": event.split(".")[0],
+                    "channel_id": channel_id,
+                }
+                for event in channel["events"]
+            ]
+            verb = "updated" if renew else "subscribed for actions-watch of the given module"
+            results.append(
+                {
+                    "code": "SUCCESS",
+                    "details": {"events": events},
+                    "message": f"Successfully {verb}",
+                    "status": "success",
+                }
+            )
+        self.state.save_activity()
+        ok = sum(r["status"] == "success" for r in results)
+        return JSONResponse({"watch": results}, status_code=200 if ok else 400)
+
+    @staticmethod
+    def _channel(
+        item: dict[str, Any], path: str, existing: dict[str, Any] | None, now: datetime
+    ) -> dict[str, Any]:
+        merged = {**(existing or {}), **item}
+        for name in ("events", "notify_url"):
+            if not merged.get(name):
+                raise ZohoError(
+                    400,
+                    "MANDATORY_NOT_FOUND",
+                    "required field not found",
+                    api_name=name,
+                    json_path=f"{path}.{name}",
+                )
+        events = merged["events"]
+        for event in events if isinstance(events, list) else [None]:
+            module, _, operation = str(event).partition(".")
+            if module not in WATCHABLE_MODULES or operation not in WATCH_OPERATIONS:
+                raise _invalid("events", path, "Module.create|edit|delete|all")
+        if not str(merged["notify_url"]).startswith(("https://", "http://")):
+            raise _invalid("notify_url", path, "url")
+        token = merged.get("token")
+        if token is not None and (not isinstance(token, str) or len(token) > 50):
+            raise _invalid("token", path, "text of at most 50 characters")
+        expiry = now + DEFAULT_CHANNEL_TTL
+        if item.get("channel_expiry") is not None:
+            try:
+                asked = _parse_time(str(item["channel_expiry"]), "channel_expiry")
+            except ZohoError:
+                raise _invalid("channel_expiry", path, "datetime") from None
+            if asked <= now:
+                raise _invalid("channel_expiry", path, "a future datetime")
+            # Like Zoho: beyond the one-week maximum silently becomes the one-hour default.
+            expiry = asked if asked <= now + MAX_CHANNEL_TTL else expiry
+        elif existing is not None:
+            expiry = _expiry(existing)
+        keep = (
+            "channel_id",
+            "events",
+            "notify_url",
+            "token",
+            "return_affected_field_values",
+            "notify_on_related_action",
+        )
+        channel = {k: merged[k] for k in keep if k in merged}
+        return {**channel, "channel_id": str(merged["channel_id"]), "channel_expiry": _iso(expiry)}
+
+    async def _unsubscribe(self, request: Request) -> Response:
+        raw = request.query_params.get("channel_ids")
+        if not raw:
+            raise ZohoError(
+                400,
+                "REQUIRED_PARAM_MISSING",
+                "One of the expected parameter is missing",
+                param="channel_ids",
+            )
+        results = []
+        for channel_id in [c.strip() for c in raw.split(",") if c.strip()]:
+            if self.state.activity["channels"].pop(channel_id, None) is None:
+                results.append(
+                    ZohoError(
+                        400,
+                        "NOT_SUBSCRIBED",
+                        "the channel is not subscribed",
+                        channel_id=channel_id,
+                    ).body()
+                )
+            else:
+                results.append(
+                    {
+                        "code": "SUCCESS",
+                        "details": {"channel_id": channel_id},
+                        "message": "Successfully unsubscribed",
+                        "status": "success",
+                    }
+                )
+        self.state.save_activity()
+        return JSONResponse({"watch": results})
+
+
+def _require(item: dict[str, Any], name: str, path: str) -> None:
+    if item.get(name) in (None, ""):
+        raise ZohoError(
+            400,
+            "MANDATORY_NOT_FOUND",
+            "required field not found",
+            api_name=name,
+            json_path=f"{path}.{name}",
+        )
+
+
+def _invalid(name: str, path: str, expected: str) -> ZohoError:
+    return ZohoError(
+        400,
+        "INVALID_DATA",
+        "invalid data",
+        api_name=name,
+        json_path=f"{path}.{name}",
+        expected_data_type=expected,
+    )
+
+
+def _expiry(channel: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(channel["channel_expiry"])
+
+
+# ---- admin --------------------------------------------------------------------------------
+async def _admin_stats(request: Request) -> Response:
+    return JSONResponse(request.app.state.zoho.stats())
+
+
+async def _admin_reset_stats(request: Request) -> Response:
+    request.app.state.zoho.reset_stats()
+    return Response(status_code=204)
+
+
+async def _admin_created(request: Request) -> Response:
+    activity = request.app.state.zoho.activity
+    return JSONResponse({**activity, "channels": list(activity["channels"].values())})
+
+
+async def _admin_touch(request: Request) -> Response:
+    state: ZohoState = request.app.state.zoho
+    try:
+        spec = json.loads(await request.body())
+        module, ids = spec["module"], spec["ids"]
+        if module not in PEOPLE_MODULES or not isinstance(ids, list):
+            raise ValueError(f"module must be one of {PEOPLE_MODULES}, ids a list")
+    except (ValueError, TypeError, KeyError) as exc:
+        return JSONResponse({"message": str(exc)}, status_code=400)
+    return JSONResponse({"touched": state.touch(module, [str(i) for i in ids])})
+
+
+async def _admin_faults(request: Request) -> Response:
+    state: ZohoState = request.app.state.zoho
+    if request.method == "DELETE":
+        state.faults.clear()
+        return Response(status_code=204)
+    try:
+        spec = json.loads(await request.body())
+        status, delay = spec.get("status"), float(spec.get("delaySeconds") or 0)
+        count = int(spec.get("count", 1))
+        if (status is None and not delay) or (status is not None and status not in FAULT_STATUSES):
+            raise ValueError(f"status must be one of {sorted(FAULT_STATUSES)} or delaySeconds > 0")
+        if count < 1 or delay < 0:
+            raise ValueError("count >= 1, delaySeconds >= 0")
+    except (ValueError, TypeError, AttributeError) as exc:
+        return JSONResponse({"message": str(exc)}, status_code=400)
+    state.faults.append(Fault(status, count, None, delay))
+    return JSONResponse({"pendingFaults": sum(f.remaining for f in state.faults)})
+
+
+def build_app(state: ZohoState) -> Starlette:
+    api = _Api(state)
+    app = Starlette(
+        routes=[
+            Route(f"{API}/Calls", api.calls, methods=["POST"]),
+            Route(f"{API}/Notes", api.notes, methods=["POST"]),
+            Route(f"{API}/actions/watch", api.watch, methods=["GET", "POST", "PATCH", "DELETE"]),
+            Route(f"{API}/{{module}}/actions/count", api.count, methods=["GET"]),
+            Route(f"{API}/{{module}}", api.records, methods=["GET"]),
+            Route("/_sandbox/stats", _admin_stats, methods=["GET"]),
+            Route("/_sandbox/reset-stats", _admin_reset_stats, methods=["POST"]),
+            Route("/_sandbox/created", _admin_created, methods=["GET"]),
+            Route("/_sandbox/touch", _admin_touch, methods=["POST"]),
+            Route("/_sandbox/faults", _admin_faults, methods=["POST", "DELETE"]),
+        ]
+    )
+    app.state.zoho = state
+    return app
+
+
+class ZohoSandbox:
+    """Runs the sandbox in-process on 127.0.0.1 (uvicorn in a background thread)."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        access_token: str = "zoho-sandbox-token",
+        records: int | Mapping[str, int] = 500,
+        rate_limit: float | None = 10.0,
+        port: int = 0,
+    ) -> None:
+        self.data_dir, self.access_token, self.port = Path(data_dir), access_token, port
+        self._records, self._rate_limit = records, rate_limit
+        self.url = ""
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 10.0) -> ZohoSandbox:
+        # Bind ourselves so port=0 yields a known port before uvicorn starts serving.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        state = ZohoState(self.data_dir, self.access_token, self._records, self._rate_limit)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        config = uvicorn.Config(
+            build_app(state), log_level="warning", access_log=False, lifespan="off"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="zoho-sandbox", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.url}/_sandbox/stats", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"Zoho sandbox did not start on {self.url}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._server = self._thread = None
+
+    def __enter__(self) -> ZohoSandbox:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = httpx.request(method, f"{self.url}/_sandbox/{path}", **kwargs)
+        response.raise_for_status()
+        return response
+
+    def stats(self) -> dict[str, Any]:
+        return self._admin("GET", "stats").json()
+
+    def reset_stats(self) -> None:
+        self._admin("POST", "reset-stats")
+
+    def created(self) -> dict[str, list[dict[str, Any]]]:
+        """What was written through the API: {"calls": [...], "notes": [...], "channels": [...]}"""
+        return self._admin("GET", "created").json()
+
+    def touch(self, module: str, ids: Sequence[str]) -> int:
+        """Set Modified_Time of these records to now; returns how many were found."""
+        return self._admin("POST", "touch", json={"module": module, "ids": list(ids)}).json()[
+            "touched"
+        ]
+
+    def inject_fault(
+        self, status: int | None = None, count: int = 1, delay_seconds: float = 0.0
+    ) -> None:
+        self._admin(
+            "POST", "faults", json={"status": status, "count": count, "delaySeconds": delay_seconds}
+        )
+
+    def clear_faults(self) -> None:
+        self._admin("DELETE", "faults")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--records", type=int, default=500, help="people, split 2:1 Contacts:Leads")
+    parser.add_argument("--token", default="zoho-sandbox-token", help="the valid access token")
+    parser.add_argument("--rate-limit", type=float, default=10.0, help="requests/s for the org")
+    parser.add_argument("--no-rate-limit", action="store_true")
+    args = parser.parse_args(argv)
+    sandbox = ZohoSandbox(
+        args.data_dir,
+        access_token=args.token,
+        records=args.records,
+        rate_limit=None if args.no_rate_limit else args.rate_limit,
+        port=args.port,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with sandbox:
+        print(f"SANDBOX_READY {sandbox.url}", flush=True)
+        while not stop.wait(0.5):
+            pass
+
+
+if __name__ == "__main__":
+    main()

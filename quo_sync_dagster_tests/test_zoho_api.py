@@ -1,0 +1,178 @@
+"""ZohoApi against the Zoho sandbox over real HTTP: paging switch, writes, watch, 429s, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from quo_sync_dagster.crms.zoho_api import ZohoApi, ZohoApiError, ZohoUnavailable
+from quo_sync_dagster.quo.governor import RateGovernor, governor_key
+from quo_sync_dagster.sandbox.zoho_server import ZohoSandbox
+from quo_sync_dagster.store import open_store
+
+TOKEN = "zoho-sandbox-token"
+CONTACTS, LEADS = 2600, 150
+
+
+class RecordingTransport(httpx.HTTPTransport):
+    """Keeps the query of every request, to see how the client paged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries: list[httpx.QueryParams] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.queries.append(request.url.params)
+        return super().handle_request(request)
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZohoSandbox]:
+    records = {"Contacts": CONTACTS, "Leads": LEADS}
+    with ZohoSandbox(tmp_path_factory.mktemp("zoho"), records=records, rate_limit=None) as sb:
+        yield sb
+
+
+@pytest.fixture
+def api(sandbox: ZohoSandbox) -> Iterator[ZohoApi]:
+    sandbox.clear_faults()
+    with ZohoApi(sandbox.url, TOKEN, max_attempts=3) as client:
+        yield client
+
+
+@pytest.mark.parametrize(("module", "total"), [("Contacts", CONTACTS), ("Leads", LEADS)])
+def test_lists_every_record_newest_first(sandbox: ZohoSandbox, module: str, total: int) -> None:
+    transport = RecordingTransport()
+    with ZohoApi(sandbox.url, TOKEN, transport=transport) as api:
+        records = list(api.iter_records(module))
+        assert api.count(module) == total
+    assert len(records) == total
+    assert len({r["id"] for r in records}) == total
+    times = [datetime.fromisoformat(r["Modified_Time"]) for r in records]
+    assert times == sorted(times, reverse=True)
+    pages = [q for q in transport.queries if "per_page" in q]
+    assert [q.get("page") for q in pages[:10]] == [str(p) for p in range(1, 11)][: len(pages)]
+    past_2000 = pages[10:]
+    assert len(past_2000) == max(0, -(-total // 200) - 10)
+    assert all("page_token" in q and "page" not in q for q in past_2000)
+
+
+def test_empty_result_is_an_empty_page(sandbox: ZohoSandbox, api: ZohoApi) -> None:
+    before = sandbox.stats()["byStatus"].get("204", 0)
+    records, info = api.list_records("Leads", modified_since=datetime.now(UTC))
+    assert records == []
+    assert info["more_records"] is False
+    assert sandbox.stats()["byStatus"].get("204", 0) == before + 1
+
+
+def test_modified_since_returns_only_newer_records(sandbox: ZohoSandbox, api: ZohoApi) -> None:
+    newest = next(api.iter_records("Leads"))
+    since = datetime.fromisoformat(newest["Modified_Time"])
+    target = next(api.iter_records("Leads", sort_order="asc"))["id"]
+    sandbox.touch("Leads", [target])
+    records, _ = api.list_records("Leads", modified_since=since)
+    assert [r["id"] for r in records] == [target]
+
+
+def test_get_records_reads_in_batches_of_100(api: ZohoApi) -> None:
+    ids = [r["id"] for r in api.iter_records("Contacts", per_page=150)][:230]
+    found = api.get_records("Contacts", [*ids, "3652397000999999999"])
+    assert [r["id"] for r in found] == ids
+    assert all("Account_Name" in r for r in found)
+
+
+def test_call_and_note_are_written(sandbox: ZohoSandbox, api: ZohoApi) -> None:
+    contact = next(api.iter_records("Contacts"))["id"]
+    lead = next(api.iter_records("Leads"))["id"]
+    start = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+    call_id = api.create_call("Contacts", contact, "Outbound call via Quo", "Outbound", start, 205)
+    lead_call = api.create_call("Leads", lead, "Inbound call via Quo", "Inbound", start, 61, "Hi")
+    note_id = api.create_note("Leads", lead, "Message from +1 212 555 0100", title="SMS")
+
+    created = sandbox.created()
+    calls = {c["id"]: c for c in created["calls"]}
+    assert calls[call_id]["Who_Id"] == {"id": contact}
+    assert calls[call_id]["Call_Duration"] == "03:25"
+    assert calls[call_id]["Call_Start_Time"] == "2026-03-01T10:00:00+00:00"
+    assert (calls[lead_call]["$se_module"], calls[lead_call]["What_Id"]) == ("Leads", {"id": lead})
+    assert "Who_Id" not in calls[lead_call]
+    note = {n["id"]: n for n in created["notes"]}[note_id]
+    assert note["Parent_Id"] == {"module": {"api_name": "Leads"}, "id": lead}
+    assert note["Note_Title"] == "SMS"
+
+
+def test_rejected_call_raises_with_zoho_code(api: ZohoApi) -> None:
+    contact = next(api.iter_records("Contacts"))["id"]
+    now = datetime.now(UTC)
+    with pytest.raises(ZohoApiError) as zero:
+        api.create_call("Contacts", contact, "Outbound call", "Outbound", now, 0)
+    assert (zero.value.status, zero.value.code) == (400, "INVALID_DATA")
+    assert "Call_Duration" in str(zero.value)
+    with pytest.raises(ZohoApiError) as unknown:
+        api.create_note("Contacts", "3652397000999999999", "text")
+    assert unknown.value.code == "INVALID_DATA"
+
+
+def test_watch_renew_and_unwatch(sandbox: ZohoSandbox, api: ZohoApi) -> None:
+    expiry = (datetime.now(UTC) + timedelta(days=6)).replace(microsecond=0)
+    events = ["Contacts.all", "Leads.all"]
+    granted = api.watch("1000000068001", events, "https://example.test/zoho?t=1", "tok", expiry)
+    assert [e["resource_name"] for e in granted] == ["Contacts", "Leads"]
+    assert datetime.fromisoformat(granted[0]["channel_expiry"]) == expiry
+
+    later = expiry + timedelta(hours=12)
+    renewed = api.renew_watch("1000000068001", events, later)
+    assert datetime.fromisoformat(renewed[0]["channel_expiry"]) == later
+    channel = {c["channel_id"]: c for c in sandbox.created()["channels"]}["1000000068001"]
+    assert channel["token"] == "tok"
+
+    api.unwatch(["1000000068001"])
+    assert "1000000068001" not in {c["channel_id"] for c in sandbox.created()["channels"]}
+    with pytest.raises(ZohoApiError) as gone:
+        api.renew_watch("1000000068001", events, later)
+    assert gone.value.code == "NOT_SUBSCRIBED"
+
+
+def test_expiry_beyond_a_week_silently_becomes_one_hour(api: ZohoApi) -> None:
+    now = datetime.now(UTC)
+    granted = api.watch("1000000068002", ["Leads.edit"], "https://x.test", "t", now + timedelta(8))
+    expiry = datetime.fromisoformat(granted[0]["channel_expiry"])
+    assert timedelta(minutes=59) < expiry - now < timedelta(minutes=61)
+    api.unwatch(["1000000068002"])
+
+
+def test_429_without_retry_after_is_retried_through_the_throttle(
+    sandbox: ZohoSandbox, tmp_path: Path
+) -> None:
+    store = open_store(f"sqlite:///{tmp_path}/s.sqlite")
+    governor = RateGovernor(store, TOKEN, 50, api="zoho")
+    before = sandbox.stats()["rateLimited"]
+    sandbox.inject_fault(429, count=2)
+    with ZohoApi(sandbox.url, TOKEN, throttle=governor, max_attempts=3) as api:
+        assert api.count("Leads") == LEADS
+    assert sandbox.stats()["rateLimited"] == before + 2
+    slowdown = store.update_governor(governor_key(TOKEN, "zoho"), lambda s: (s, s.slowdown))
+    assert slowdown > 1.0  # each 429 slowed the shared schedule
+
+    sandbox.inject_fault(429, count=3)
+    api = ZohoApi(sandbox.url, TOKEN, throttle=governor, max_attempts=3)
+    with api, pytest.raises(ZohoUnavailable):
+        api.count("Leads")
+
+
+def test_errors_carry_the_code_and_never_the_token(sandbox: ZohoSandbox) -> None:
+    secret = "1000.secretaccesstoken.abcdef"
+    with ZohoApi(sandbox.url, secret) as api, pytest.raises(ZohoApiError) as denied:
+        api.count("Contacts")
+    assert (denied.value.status, denied.value.code) == (401, "INVALID_TOKEN")
+    assert secret not in str(denied.value)
+    assert all(secret not in str(arg) for arg in denied.value.args)
+
+    with ZohoApi(sandbox.url, TOKEN) as api, pytest.raises(ZohoApiError) as bad_field:
+        api.list_records("Contacts", fields=["Last_Name", "Company"])
+    assert bad_field.value.code == "INVALID_DATA"
+    assert "Company" in str(bad_field.value)
