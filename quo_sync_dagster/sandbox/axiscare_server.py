@@ -1,0 +1,640 @@
+"""Strict local simulator of AxisCare's API: people lists (clients, leads, caregivers, applicants)
+and call logs.
+
+Parameters, limits, version header and envelopes follow the official OpenAPI spec copy, including
+its per-type differences: clients/leads answer `{results: {<kind>: [...], nextPage}, errors}`,
+caregivers/applicants answer `{<kind>: [...], nextPage, <kind>NotFound}` with 404 when nothing
+matches, and applicants take no `limit`. The spec declares no closed parameter set, so unknown
+query parameters are ignored, as the real API does. The server only binds 127.0.0.1;
+`/_sandbox/*` admin endpoints are unauthenticated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import random
+import re
+import signal
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import uvicorn
+import yaml
+from jsonschema import Draft202012Validator
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from quo_sync_dagster.sandbox.quo_state import TokenBuckets
+
+log = logging.getLogger(__name__)
+
+SPEC_PATH = Path(__file__).parent / "specs" / "axiscare-openapi.yaml"
+_SPEC: dict[str, Any] = yaml.load(SPEC_PATH.read_text(), Loader=yaml.CSafeLoader)
+
+KINDS = ("clients", "leads", "caregivers", "applicants")
+# Share of `records` per kind; the last kind takes the remainder.
+_SHARES = {"clients": 0.4, "leads": 0.2, "caregivers": 0.25}
+_SINGULAR = {
+    "clients": "client",
+    "leads": "lead",
+    "caregivers": "caregiver",
+    "applicants": "applicant",
+}
+# Kinds whose list answer is the spec's bare `{<kind>: [...], nextPage, <kind>NotFound}` shape.
+_BARE_KINDS = frozenset({"caregivers", "applicants"})
+CALL_LOGS = "/api/call-logs"
+DEFAULT_PAGE_SIZE = 100  # the spec's `limit` default; also applicants' fixed page size
+PEOPLE_FILE, CALL_LOGS_FILE = "axiscare_people.json", "axiscare_call_logs.json"
+FAULT_STATUSES = frozenset({429, 500, 502, 503})
+SANDBOX_USER_ID = 1
+
+
+def _list_op(kind: str) -> dict[str, Any]:
+    return _SPEC["paths"][f"/api/{kind}"]["get"]
+
+
+def _query_params(kind: str) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p["schema"] for p in _list_op(kind)["parameters"] if p["in"] == "query"}
+
+
+def _supported_versions() -> frozenset[str]:
+    """Every version any operation's X-AxisCare-Api-Version enum allows."""
+    versions: set[str] = set()
+    for item in _SPEC["paths"].values():
+        for op in item.values():
+            for param in op.get("parameters", []) if isinstance(op, dict) else []:
+                if param["in"] == "header" and param["name"].lower() == "x-axiscare-api-version":
+                    versions.update(param["schema"].get("enum", []))
+    return frozenset(versions)
+
+
+SUPPORTED_VERSIONS = _supported_versions()
+_CALL_LOG_VALIDATOR = Draft202012Validator(
+    _SPEC["paths"][CALL_LOGS]["post"]["requestBody"]["content"]["application/json"]["schema"]
+)
+# The spec's description of tags[].type: "supported options ... `applicant`, `caregiver`, ..."
+TAG_TYPES = frozenset(
+    re.findall(
+        r"`(\w+)`",
+        _CALL_LOG_VALIDATOR.schema["properties"]["tags"]["items"]["properties"]["type"][
+            "description"
+        ],
+    )
+)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    # The spec's error envelope for every documented 4xx/5xx of these operations.
+    body = {"results": None, "success": False, "errors": [message]}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# ---- deterministic people -----------------------------------------------------------------------
+
+_FIRST = (
+    "Ruth", "James", "María", "José", "Zoë", "Chloé", "Søren", "Björn", "Łukasz", "Nguyễn",
+    "Aoife", "Dmitri", "Fatima", "Grace", "Hiroshi", "Ingrid", "Kwame", "Linda", "Renée", "Walter",
+)  # fmt: skip
+_LAST = (
+    "Adams", "Baker", "García", "Müller", "O'Brien", "Núñez", "Øster", "Smith-Jones", "Tran",
+    "Williams", "Kowalski", "Haddad", "Johnson", "de la Cruz", "Lee", "Brontë", "Nakamura", "Patel",
+)  # fmt: skip
+_CITIES = (("Oxnard", "CA", "930"), ("Milwaukee", "WI", "532"), ("Austin", "TX", "787"),
+           ("Tampa", "FL", "336"), ("Portland", "OR", "972"), ("Albany", "NY", "122"))  # fmt: skip
+_STREETS = ("Main St", "Oak Ave", "Elm St", "Maple Dr", "Cedar Ln", "Lakeview Rd")
+_STATUSES = {
+    "clients": (("Active", True), ("Temporarily Unavailable", True), ("On Vacation Leave", True),
+                ("Discharged", False), ("Deceased", False)),
+    "leads": (("New", True), ("Contacted", True), ("Assessment Scheduled", True), ("Lost", False)),
+    "caregivers": (("Active", True), ("On Leave", True), ("Terminated", False)),
+    "applicants": (("Applied", True), ("Interviewing", True), ("Hired", False),
+                   ("Rejected", False)),
+}  # fmt: skip
+
+
+def _phone(rng: random.Random) -> str | None:
+    """Free text, as AxisCare stores it: several formats, some blank, a few unusable."""
+    area, mid, last = rng.randint(201, 989), rng.randint(200, 999), rng.randint(0, 9999)
+    roll = rng.random()
+    if roll < 0.2:
+        return None
+    if roll < 0.23:
+        return rng.choice(("123", "n/a", ""))
+    return rng.choice(
+        (
+            f"{area}-{mid}-{last:04d}",
+            f"({area}) {mid}-{last:04d}",
+            f"+1 {area} {mid} {last:04d}",
+            f"{area}{mid}{last:04d}",
+            f"{area}.{mid}.{last:04d} x{rng.randint(1, 99)}",
+        )
+    )
+
+
+def _day(rng: random.Random, start: date, span_days: int) -> str:
+    return (start + timedelta(days=rng.randrange(span_days))).isoformat()
+
+
+def _address(rng: random.Random, name: str) -> dict[str, Any]:
+    city, region, zip_prefix = rng.choice(_CITIES)
+    return {
+        "name": name,
+        "streetAddress1": f"{rng.randint(1, 9999)} {rng.choice(_STREETS)}",
+        "streetAddress2": rng.choice(("", "", f"Apt {rng.randint(1, 40)}")),
+        "locality": city,
+        "region": region,
+        "postalCode": f"{zip_prefix}{rng.randint(0, 99):02d}",
+        "latitude": f"{rng.uniform(25, 48):.4f}",
+        "longitude": f"{rng.uniform(-123, -73):.4f}",
+    }
+
+
+def _person(kind: str, person_id: int, rng: random.Random) -> dict[str, Any]:
+    # A few legacy imports lack a first or last name.
+    first = None if rng.random() < 0.02 else rng.choice(_FIRST)
+    last = "" if rng.random() < 0.02 else rng.choice(_LAST)
+    full = " ".join(n for n in (first, last) if n)
+    email_local = re.sub(r"[^a-z]", "", (first or "x").lower()) or "person"
+    label, active = rng.choice(_STATUSES[kind])
+    person: dict[str, Any] = {
+        "id": person_id,
+        "firstName": first,
+        "lastName": last,
+        "status": {"label": label, "active": active},
+        "dateOfBirth": _day(rng, date(1925, 1, 1), 365 * 75) if rng.random() < 0.8 else None,
+        "createdDate": _day(rng, date(2019, 1, 1), 365 * 6),
+        "personalEmail": (f"{email_local}.{person_id}@example.com" if rng.random() < 0.7 else None),
+        "homePhone": _phone(rng),
+        "mobilePhone": _phone(rng),
+    }
+    region = {"id": rng.randint(1, 4), "name": rng.choice(_CITIES)[0]}
+    if kind == "clients":
+        person.update(
+            goesBy=rng.choice((None, None, None, first)),
+            otherPhone=_phone(rng) if rng.random() < 0.3 else None,
+            billingEmail=rng.choice(
+                (None, person["personalEmail"], f"billing.{person_id}@example.org")
+            ),
+            residentialAddress=_address(rng, full),
+            billingAddress=_address(rng, full) if rng.random() < 0.5 else None,
+            startDate=_day(rng, date(2020, 1, 1), 365 * 5),
+            effectiveEndDate=None,
+            region=region,
+            classes=[{"code": "PRV", "name": "Private Pay"}],
+        )
+    elif kind == "leads":
+        person.update(residentialAddress=_address(rng, full), region=region)
+    elif kind == "caregivers":
+        person.update(
+            goesBy=rng.choice((None, None, first)),
+            otherPhone=_phone(rng) if rng.random() < 0.2 else None,
+            mailingAddress=_address(rng, full),
+            hireDate=_day(rng, date(2018, 1, 1), 365 * 7),
+            region=region,
+            classes=[{"code": "CNA", "name": "Certified Nursing Assistant"}],
+        )
+    else:
+        person.update(
+            mailingAddress=_address(rng, full),
+            applicationDate=_day(rng, date(2024, 1, 1), 600),
+        )
+    return person
+
+
+def generate_people(records: int, seed: int = 7) -> dict[str, list[dict[str, Any]]]:
+    """`records` people over the four kinds, ascending ids starting near 1 for every kind, so
+    ids of different kinds overlap as in the real API."""
+    rng = random.Random(seed)
+    counts = {kind: int(records * share) for kind, share in _SHARES.items()}
+    counts["applicants"] = records - sum(counts.values())
+    people: dict[str, list[dict[str, Any]]] = {}
+    for kind in KINDS:
+        next_id, rows = 0, []
+        for _ in range(counts[kind]):
+            next_id += rng.choice((1, 1, 1, 2, 3))  # deleted records leave gaps
+            rows.append(_person(kind, next_id, rng))
+        people[kind] = rows
+    return people
+
+
+# ---- state ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fault:
+    status: int | None
+    remaining: int
+    retry_after: str | None
+    delay: float
+
+
+class SandboxState:
+    """People (generated once, persisted), call logs (persisted), counters, limiter, faults."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        token: str,
+        records: int,
+        rate_limit: float | None,
+        live_envelope: bool = False,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.token, self.live_envelope = token, live_envelope
+        people_file = self.data_dir / PEOPLE_FILE
+        stored = json.loads(people_file.read_text()) if people_file.exists() else None
+        if stored is None or stored["records"] != records:
+            stored = {"records": records, "people": generate_people(records)}
+            people_file.write_text(json.dumps(stored, ensure_ascii=False))
+        self.people: dict[str, list[dict[str, Any]]] = stored["people"]
+        self.by_id = {kind: {p["id"]: p for p in rows} for kind, rows in self.people.items()}
+        logs_file = self.data_dir / CALL_LOGS_FILE
+        self.call_logs: list[dict[str, Any]] = (
+            json.loads(logs_file.read_text()) if logs_file.exists() else []
+        )
+        self.limiter = TokenBuckets(rate_limit) if rate_limit else None
+        self.faults: deque[Fault] = deque()
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.by_kind: Counter[str] = Counter()
+        self.by_status: Counter[int] = Counter()
+
+    def add_call_log(self, log_entry: dict[str, Any]) -> None:
+        self.call_logs.append(log_entry)
+        (self.data_dir / CALL_LOGS_FILE).write_text(json.dumps(self.call_logs, ensure_ascii=False))
+
+    def take_fault(self) -> Fault | None:
+        if not self.faults:
+            return None
+        fault = self.faults[0]
+        fault.remaining -= 1
+        if fault.remaining <= 0:
+            self.faults.popleft()
+        return fault
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "requests": sum(self.by_kind.values()),
+            "byKind": dict(sorted(self.by_kind.items())),
+            "byStatus": {str(s): n for s, n in sorted(self.by_status.items())},
+            "rateLimited": self.by_status[429],
+            "people": {kind: len(rows) for kind, rows in self.people.items()},
+            "callLogs": self.call_logs,
+            "pendingFaults": sum(f.remaining for f in self.faults),
+        }
+
+
+# ---- API -----------------------------------------------------------------------------------------
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _int_list(name: str, raw: str) -> list[int]:
+    parts = [p.strip() for p in raw.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ApiError(400, f"{name} must be a comma-delimited list of integer IDs")
+    return [int(p) for p in parts]
+
+
+def _limit(kind: str, raw: str | None) -> int:
+    schema = _query_params(kind).get("limit")
+    if schema is None or raw is None:  # applicants take no limit: a fixed page size
+        return int((schema or {}).get("default", DEFAULT_PAGE_SIZE))
+    low, high = schema.get("minimum", 1), schema.get("maximum", math.inf)
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        bound = f"between {low} and {high}" if high != math.inf else f"at least {low}"
+        raise ApiError(400, f"limit must be an integer {bound}")
+    return int(raw)
+
+
+class _Api:
+    def __init__(self, state: SandboxState) -> None:
+        self.state = state
+
+    async def serve(self, request: Request, kind: str, handler: Handler) -> Response:
+        response = await self._guarded(request, handler)
+        self.state.by_kind[kind] += 1
+        self.state.by_status[response.status_code] += 1
+        return response
+
+    async def _guarded(self, request: Request, handler: Handler) -> Response:
+        """Faults, then the version header (checked before auth, as AxisCare does), then the
+        token, then the per-token rate limit, then the handler."""
+        fault = self.state.take_fault()
+        if fault is not None:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.status is not None:
+                headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
+                return _error(fault.status, "Injected sandbox fault", headers)
+        version = request.headers.get("x-axiscare-api-version")
+        if version is None:
+            return _error(400, "X-AxisCare-Api-Version header is required")
+        if version not in SUPPORTED_VERSIONS:
+            return _error(400, "Unsupported version")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or token != self.state.token:
+            return _error(401, "Unauthorized")
+        if self.state.limiter is not None and (wait := self.state.limiter.acquire(token)):
+            return _error(429, "Too many requests", {"Retry-After": str(max(1, math.ceil(wait)))})
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _error(exc.status, exc.message)
+        except Exception:
+            log.exception("axiscare sandbox handler failed")
+            return _error(500, "Internal server error")
+
+    def people_route(self, kind: str) -> Handler:
+        async def route(request: Request) -> Response:
+            lookup = f"{_SINGULAR[kind]}Ids" in request.query_params
+            op = f"{'lookup' if lookup else 'list'}_{kind}"
+            return await self.serve(request, op, lambda r: self._list(kind, r))
+
+        return route
+
+    async def call_logs(self, request: Request) -> Response:
+        return await self.serve(request, "create_call_log", self._create_call_log)
+
+    async def _list(self, kind: str, request: Request) -> Response:
+        query = request.query_params
+        limit = _limit(kind, query.get("limit"))
+        after_raw = query.get("startAfterId")
+        if after_raw is not None and not after_raw.isdigit():
+            raise ApiError(400, "startAfterId must be an integer")
+        after = int(after_raw or 0)
+        ids_param = f"{_SINGULAR[kind]}Ids"
+        wanted = _int_list(ids_param, query[ids_param]) if ids_param in query else None
+        statuses = (
+            {s.strip().lower() for s in query["statuses"].split(",")}
+            if "statuses" in query
+            else None
+        )
+        rows = self.state.people[kind]
+        if wanted is not None:  # explicit ids bypass the other filters (spec)
+            rows = [
+                self.state.by_id[kind][i]
+                for i in sorted(set(wanted))
+                if i in self.state.by_id[kind]
+            ]
+        elif statuses is not None:
+            rows = [p for p in rows if p["status"]["label"].lower() in statuses]
+        rows = [p for p in rows if p["id"] > after]
+        page, more = rows[:limit], len(rows) > limit
+        next_page = None
+        if more:  # the same query, continued after this page's last id
+            params = {k: v for k, v in query.items() if k not in ("startAfterId", "limit")}
+            params["startAfterId"] = str(page[-1]["id"])
+            if "limit" in _query_params(kind):
+                params["limit"] = str(limit)
+            next_page = f"{str(request.base_url).rstrip('/')}/api/{kind}?{urlencode(params)}"
+        if kind not in _BARE_KINDS:
+            body = {"results": {kind: page, "nextPage": next_page}, "errors": None, "success": True}
+            return JSONResponse(body)
+        not_found = sorted(set(wanted) - self.state.by_id[kind].keys()) if wanted else []
+        status = 404 if not page else 207 if not_found else 200
+        bare: dict[str, Any] = {kind: page, f"{kind}NotFound": not_found}
+        if next_page is not None:  # nextPage is a plain string in the spec: absent at the end
+            bare["nextPage"] = next_page
+        if self.state.live_envelope:  # what a third party saw live: results.<kind> keyed by id
+            results = {**bare, kind: {str(p["id"]): p for p in page}}
+            return JSONResponse({"results": results, "errors": None}, status_code=status)
+        return JSONResponse(bare, status_code=status)
+
+    async def _create_call_log(self, request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            raise ApiError(400, "Request body must be valid JSON") from None
+        error = next(iter(sorted(_CALL_LOG_VALIDATOR.iter_errors(body), key=str)), None)
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "body"
+            raise ApiError(400, f"{where}: {error.message}")
+        try:
+            when = datetime.fromisoformat(body["dateTime"])
+        except ValueError:
+            when = None
+        if when is None or when.tzinfo is None:
+            raise ApiError(
+                400, "dateTime field is required and must be a DateTime string in a format ISO8601"
+            )
+        tags = []
+        for tag in body["tags"]:
+            kind = f"{tag['type']}s"
+            if tag["type"] not in TAG_TYPES:
+                raise ApiError(400, f"Unsupported tag type {tag['type']!r}")
+            person = self.state.by_id[kind].get(tag["entityId"])
+            if person is None:
+                raise ApiError(400, f"{tag['type']} {tag['entityId']} not found")
+            profile = "customers" if kind == "clients" else kind
+            site = str(request.base_url).rstrip("/")
+            tags.append(
+                {
+                    "name": f"{person['lastName']}, {person['firstName'] or ''}".strip(", "),
+                    "type": tag["type"],
+                    "url": f"{site}?{profile}-profile.php&id={person['id']}",
+                }
+            )
+        entry = {
+            "id": len(self.state.call_logs) + 1,
+            **{k: body[k] for k in ("callerName", "callerPhone", "followUp", "dateTime")},
+            "followUpDone": False,
+            "subject": body["subject"],
+            "notes": body["notes"],
+            "userId": SANDBOX_USER_ID,
+            "comments": [],
+            "tags": tags,
+        }
+        self.state.add_call_log(entry)
+        return JSONResponse({"results": {"data": entry}, "success": True, "errors": []})
+
+
+async def _admin_stats(request: Request) -> Response:
+    return JSONResponse(request.app.state.sandbox.stats())
+
+
+async def _admin_reset_stats(request: Request) -> Response:
+    request.app.state.sandbox.reset_stats()
+    return Response(status_code=204)
+
+
+async def _admin_faults(request: Request) -> Response:
+    state: SandboxState = request.app.state.sandbox
+    if request.method == "DELETE":
+        state.faults.clear()
+        return Response(status_code=204)
+    try:
+        spec = json.loads(await request.body())
+        status, delay = spec.get("status"), float(spec.get("delaySeconds") or 0)
+        count, retry_after = int(spec.get("count", 1)), spec.get("retryAfter")
+        if (status is None and not delay) or (status is not None and status not in FAULT_STATUSES):
+            raise ValueError(f"status must be one of {sorted(FAULT_STATUSES)} or delaySeconds > 0")
+        if count < 1 or delay < 0 or not isinstance(retry_after, str | None):
+            raise ValueError("count >= 1, delaySeconds >= 0, retryAfter string or null")
+    except (ValueError, TypeError, AttributeError) as exc:
+        return JSONResponse({"message": str(exc)}, status_code=400)
+    state.faults.append(Fault(status, count, retry_after, delay))
+    return JSONResponse({"pendingFaults": sum(f.remaining for f in state.faults)})
+
+
+def build_app(state: SandboxState) -> Starlette:
+    api = _Api(state)
+    routes = [Route(f"/api/{kind}", api.people_route(kind), methods=["GET"]) for kind in KINDS]
+    app = Starlette(
+        routes=[
+            *routes,
+            Route(CALL_LOGS, api.call_logs, methods=["POST"]),
+            Route("/_sandbox/stats", _admin_stats, methods=["GET"]),
+            Route("/_sandbox/faults", _admin_faults, methods=["POST", "DELETE"]),
+            Route("/_sandbox/reset-stats", _admin_reset_stats, methods=["POST"]),
+        ]
+    )
+    app.state.sandbox = state
+    return app
+
+
+class AxisCareSandbox:
+    """Runs the sandbox in-process on 127.0.0.1 (uvicorn in a background thread)."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        token: str = "axiscare-sandbox-token",
+        records: int = 500,
+        rate_limit: float | None = 5.0,  # the ~5 requests/s a third party reports
+        port: int = 0,
+        live_envelope: bool = False,
+    ) -> None:
+        self.data_dir, self.token, self.port = Path(data_dir), token, port
+        self._options = {"records": records, "rate_limit": rate_limit}
+        self._live_envelope = live_envelope
+        self.url = ""
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 10.0) -> AxisCareSandbox:
+        # Bind ourselves so port=0 yields a known port before uvicorn starts serving.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        state = SandboxState(
+            self.data_dir, self.token, live_envelope=self._live_envelope, **self._options
+        )
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        config = uvicorn.Config(
+            build_app(state), log_level="warning", access_log=False, lifespan="off"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [sock]},
+            name="axiscare-sandbox",
+            daemon=True,
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.url}/_sandbox/stats", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"AxisCare sandbox did not start on {self.url}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._server = self._thread = None
+
+    def __enter__(self) -> AxisCareSandbox:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        response = httpx.get(f"{self.url}/_sandbox/stats")
+        response.raise_for_status()
+        return response.json()
+
+    def inject_fault(
+        self,
+        status: int | None = None,
+        count: int = 1,
+        retry_after: str | None = None,
+        delay_seconds: float = 0.0,
+    ) -> None:
+        fault = {"status": status, "count": count, "retryAfter": retry_after}
+        response = httpx.post(
+            f"{self.url}/_sandbox/faults", json={**fault, "delaySeconds": delay_seconds}
+        )
+        response.raise_for_status()
+
+    def clear_faults(self) -> None:
+        httpx.delete(f"{self.url}/_sandbox/faults").raise_for_status()
+
+    def reset_stats(self) -> None:
+        httpx.post(f"{self.url}/_sandbox/reset-stats").raise_for_status()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--records", type=int, default=500)
+    parser.add_argument("--token", default="axiscare-sandbox-token")
+    parser.add_argument("--rate-limit", type=float, default=5.0, help="requests/s per token")
+    parser.add_argument("--no-rate-limit", action="store_true")
+    parser.add_argument(
+        "--live-envelope",
+        action="store_true",
+        help="caregivers/applicants as results.<kind> keyed by id, as seen live",
+    )
+    args = parser.parse_args(argv)
+    sandbox = AxisCareSandbox(
+        args.data_dir,
+        token=args.token,
+        records=args.records,
+        rate_limit=None if args.no_rate_limit else args.rate_limit,
+        port=args.port,
+        live_envelope=args.live_envelope,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with sandbox:
+        print(f"SANDBOX_READY {sandbox.url}", flush=True)
+        while not stop.wait(0.5):
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""The AxisCare sandbox is as strict as the official spec says, checked over real HTTP.
+
+Every body is validated against the spec's response schema for its operation and status. The
+spec copy points its record schemas at sibling files (`../Client.yaml`, ...) that AxisCare does
+not publish, so those refs resolve to RECORD below: the fields of the spec's examples and
+request bodies, with their types.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from jsonschema import Draft202012Validator, FormatChecker
+from referencing import Registry, Resource
+
+from quo_sync_dagster.sandbox.axiscare_server import (
+    KINDS,
+    PEOPLE_FILE,
+    SPEC_PATH,
+    AxisCareSandbox,
+    generate_people,
+)
+
+SPEC = yaml.safe_load(SPEC_PATH.read_text())
+TOKEN = "axiscare-sandbox-token"
+HEADERS = {"Authorization": f"Bearer {TOKEN}", "X-AxisCare-Api-Version": "2023-10-01"}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECORDS = 500
+
+_TEXT = {"type": ["string", "null"]}
+_ADDRESS = {
+    "type": ["object", "null"],
+    "required": ["streetAddress1", "locality", "region", "postalCode"],
+    "properties": {k: _TEXT for k in ("name", "streetAddress1", "streetAddress2", "locality")},
+}
+RECORD: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "firstName", "lastName", "status", "homePhone", "mobilePhone"],
+    "properties": {
+        "id": {"type": "integer", "minimum": 1},
+        "firstName": _TEXT,
+        "lastName": _TEXT,
+        "goesBy": _TEXT,
+        "status": {
+            "type": "object",
+            "required": ["label", "active"],
+            "properties": {"label": {"type": "string"}, "active": {"type": "boolean"}},
+        },
+        **{k: _TEXT for k in ("homePhone", "mobilePhone", "otherPhone")},
+        **{k: _TEXT for k in ("personalEmail", "billingEmail")},
+        **{k: {"type": ["string", "null"], "format": "date"} for k in ("dateOfBirth", "startDate")},
+        **{k: _ADDRESS for k in ("residentialAddress", "billingAddress", "mailingAddress")},
+    },
+}
+CALL_LOG = {
+    "type": "object",
+    "required": ["id", "callerName", "callerPhone", "followUp", "dateTime", "tags"],
+    "properties": {
+        "id": {"type": "integer"},
+        "tags": {
+            "type": "array",
+            "items": {"type": "object", "required": ["name", "type", "url"]},
+        },
+    },
+}
+_REGISTRY = Registry().with_resources(
+    [(f"../{name}.yaml", Resource.opaque(RECORD)) for name in ("Client", "Lead", "Caregiver")]
+    + [
+        ("../Applicant.yaml", Resource.opaque(RECORD)),
+        ("../CallLog.yaml", Resource.opaque(CALL_LOG)),
+    ]
+)
+
+
+@cache
+def _validator(path: str, method: str, status: int) -> Draft202012Validator:
+    response = SPEC["paths"][path][method]["responses"][str(status)]
+    schema = response["content"]["application/json"]["schema"]
+    return Draft202012Validator(schema, registry=_REGISTRY, format_checker=FormatChecker())
+
+
+def check(response: httpx.Response, path: str, method: str, status: int) -> Any:
+    """Assert the status, validate the body against the spec, return the parsed body."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    _validator(path, method, status).validate(body)
+    return body
+
+
+def check_error(response: httpx.Response, status: int, fragment: str) -> None:
+    # 401 is documented only on visits, 429 nowhere: all errors share the spec's envelope.
+    assert response.status_code == status, response.text
+    body = response.json()
+    _validator("/api/call-logs", "post", 400).validate(body)
+    assert body["success"] is False and body["results"] is None
+    assert any(fragment in e for e in body["errors"]), body
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AxisCareSandbox]:
+    with AxisCareSandbox(
+        tmp_path_factory.mktemp("axiscare"), records=RECORDS, rate_limit=None
+    ) as sb:
+        yield sb
+
+
+@pytest.fixture
+def client(sandbox: AxisCareSandbox) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sandbox.url, headers=HEADERS) as c:
+        yield c
+
+
+def walk(client: httpx.Client, kind: str, limit: int) -> tuple[list[dict[str, Any]], int]:
+    """Every person of `kind` by following nextPage; also the number of pages."""
+    people: list[dict[str, Any]] = []
+    url: str | None = f"/api/{kind}?limit={limit}"
+    pages = 0
+    while url is not None:
+        response = client.get(url)
+        bare = kind in ("caregivers", "applicants")
+        body = check(response, f"/api/{kind}", "get", response.status_code)
+        envelope = body if bare else body["results"]
+        people += envelope[kind]
+        url = envelope.get("nextPage")
+        assert url is None or url.startswith(f"{client.base_url}/api/{kind}?")
+        pages += 1
+    return people, pages
+
+
+# ---- auth and version ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "authorization",
+    [None, TOKEN, f"Bearer {TOKEN}x", f"Basic {TOKEN}", "Bearer"],
+)
+def test_requests_without_the_bearer_token_are_401(
+    sandbox: AxisCareSandbox, authorization: str | None
+) -> None:
+    headers = {"X-AxisCare-Api-Version": "2023-10-01"}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    for kind in KINDS:
+        check_error(httpx.get(f"{sandbox.url}/api/{kind}", headers=headers), 401, "Unauthorized")
+    check(httpx.get(f"{sandbox.url}/api/clients", headers=HEADERS), "/api/clients", "get", 200)
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [(None, "X-AxisCare-Api-Version header is required"), ("2024-01-01", "Unsupported version")],
+)
+@pytest.mark.parametrize("token_ok", [True, False])
+def test_version_header_is_required_and_checked_before_auth(
+    sandbox: AxisCareSandbox, version: str | None, message: str, token_ok: bool
+) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN if token_ok else 'nope'}"}
+    if version is not None:
+        headers["X-AxisCare-Api-Version"] = version
+    for kind in KINDS:
+        check_error(httpx.get(f"{sandbox.url}/api/{kind}", headers=headers), 400, message)
+    post = httpx.post(f"{sandbox.url}/api/call-logs", json={}, headers=headers)
+    check_error(post, 400, message)
+
+
+# ---- parameters ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["clients", "leads"])
+def test_limit_is_bounded_by_the_spec(
+    client: httpx.Client, sandbox: AxisCareSandbox, kind: str
+) -> None:
+    for bad in ("501", "0", "ten", "-5"):
+        check_error(client.get(f"/api/{kind}", params={"limit": bad}), 400, "limit")
+    expected = sandbox.stats()["people"][kind]
+    for limit, size in ((500, min(500, expected)), (60, 60)):
+        body = client.get(f"/api/{kind}", params={"limit": limit})
+        assert len(check(body, f"/api/{kind}", "get", 200)["results"][kind]) == size
+
+
+def test_caregiver_limit_must_be_a_positive_integer(client: httpx.Client) -> None:
+    # The spec types caregivers' limit as a string with no bounds: only nonsense is refused.
+    for bad in ("0", "x"):
+        check_error(client.get("/api/caregivers", params={"limit": bad}), 400, "limit")
+    body = check(client.get("/api/caregivers", params={"limit": 7}), "/api/caregivers", "get", 200)
+    assert len(body["caregivers"]) == 7 and "limit=7" in body["nextPage"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("after", ["abc", "-1", "1.5", ""])
+def test_malformed_start_after_id_is_400(client: httpx.Client, kind: str, after: str) -> None:
+    check_error(client.get(f"/api/{kind}", params={"startAfterId": after}), 400, "startAfterId")
+
+
+def test_unknown_parameters_are_ignored(client: httpx.Client) -> None:
+    # The spec's parameter lists are open; the peer's page/sort_by/updated_since do nothing.
+    plain = client.get("/api/clients", params={"limit": 5}).json()
+    noisy = client.get(
+        "/api/clients",
+        params={"limit": 5, "page": 3, "sort_by": "updated_at", "updated_since": "2030-01-01"},
+    )
+    body = check(noisy, "/api/clients", "get", 200)
+    assert [p["id"] for p in body["results"]["clients"]] == [
+        p["id"] for p in plain["results"]["clients"]
+    ]
+    assert "total" not in body["results"] and "total" not in body
+
+
+# ---- paging ----------------------------------------------------------------------------------
+# A one-per-page walk is slow, so only leads get it.
+@pytest.mark.parametrize(
+    ("kind", "limit"), [("leads", 1)] + [(k, n) for k in KINDS for n in (37, 500)]
+)
+def test_paging_returns_every_person_once_ascending(
+    client: httpx.Client, sandbox: AxisCareSandbox, kind: str, limit: int
+) -> None:
+    expected = sandbox.stats()["people"][kind]
+    people, pages = walk(client, kind, limit)
+    ids = [p["id"] for p in people]
+    assert ids == sorted(set(ids)) and len(ids) == expected
+    # Applicants have no limit parameter: they always come in pages of the default 100.
+    page_size = 100 if kind == "applicants" else limit
+    assert pages == max(1, -(-expected // page_size))
+
+
+def test_people_are_realistic(sandbox: AxisCareSandbox) -> None:
+    people = generate_people(RECORDS)
+    assert people == generate_people(RECORDS)  # deterministic
+    assert sum(len(rows) for rows in people.values()) == RECORDS
+    assert {k: len(v) for k, v in people.items()} == sandbox.stats()["people"]
+    everyone = [p for rows in people.values() for p in rows]
+    names = [f"{p['firstName']} {p['lastName']}" for p in everyone]
+    assert any(not n.isascii() for n in names)
+    assert any(p["firstName"] is None or p["lastName"] == "" for p in everyone)
+    assert {p["status"]["active"] for p in people["clients"]} == {True, False}
+    phones = [p[f] for p in everyone for f in ("homePhone", "mobilePhone")]
+    assert None in phones and any(ph and "(" in ph for ph in phones)
+    assert any(p.get("otherPhone") for p in people["clients"])
+    ids = {kind: {p["id"] for p in rows} for kind, rows in people.items()}
+    assert ids["clients"] & ids["leads"] & ids["caregivers"] & ids["applicants"]
+
+
+def test_people_persist_in_the_data_dir(tmp_path: Path) -> None:
+    with AxisCareSandbox(tmp_path, records=40, rate_limit=None) as sb:
+        first = httpx.get(f"{sb.url}/api/clients", headers=HEADERS).json()
+    stored = json.loads((tmp_path / PEOPLE_FILE).read_text())
+    stored["people"]["clients"][0]["firstName"] = "Persisted"
+    (tmp_path / PEOPLE_FILE).write_text(json.dumps(stored))
+    with AxisCareSandbox(tmp_path, records=40, rate_limit=None) as sb:
+        again = httpx.get(f"{sb.url}/api/clients", headers=HEADERS).json()
+    assert again["results"]["clients"][0]["firstName"] == "Persisted"
+    assert [p["id"] for p in again["results"]["clients"]] == [
+        p["id"] for p in first["results"]["clients"]
+    ]
+
+
+# ---- batch read ------------------------------------------------------------------------------
+def test_ids_filter_reports_missing_caregivers(
+    client: httpx.Client, sandbox: AxisCareSandbox
+) -> None:
+    some = [p["id"] for p in walk(client, "caregivers", 500)[0][:3]]
+    mixed = client.get(
+        "/api/caregivers", params={"caregiverIds": ",".join(map(str, [*some, 99999]))}
+    )
+    body = check(mixed, "/api/caregivers", "get", 207)
+    assert [p["id"] for p in body["caregivers"]] == some
+    assert body["caregiversNotFound"] == [99999]
+    none = client.get("/api/caregivers", params={"caregiverIds": "99998,99999"})
+    assert check(none, "/api/caregivers", "get", 404)["caregivers"] == []
+    clients = client.get("/api/clients", params={"clientIds": "1,2,99999", "statuses": "nope"})
+    # Explicit ids bypass the other filters (spec).
+    found = {p["id"] for p in check(clients, "/api/clients", "get", 200)["results"]["clients"]}
+    assert found == {1, 2} & {p["id"] for p in walk(client, "clients", 500)[0]}
+    check_error(client.get("/api/clients", params={"clientIds": "1,x"}), 400, "clientIds")
+
+
+def test_statuses_filter(client: httpx.Client) -> None:
+    body = client.get("/api/clients", params={"statuses": "Discharged,Deceased", "limit": 500})
+    clients = check(body, "/api/clients", "get", 200)["results"]["clients"]
+    assert clients and all(not p["status"]["active"] for p in clients)
+
+
+# ---- call logs -------------------------------------------------------------------------------
+CALL = {
+    "callerName": "Ruth Adams",
+    "callerPhone": "(555) 123-0001",
+    "followUp": False,
+    "dateTime": "2026-03-01T10:00:00-05:00",
+    "subject": "Quo call (inbound, 3m25s)",
+    "notes": "Summary: asked to move Tuesday visit.",
+    "tags": [{"type": "client", "entityId": 1}],
+}
+
+
+def test_call_log_is_created_and_recorded(client: httpx.Client, sandbox: AxisCareSandbox) -> None:
+    caregiver = walk(client, "caregivers", 500)[0][0]
+    body = {**CALL, "tags": [*CALL["tags"], {"type": "caregiver", "entityId": caregiver["id"]}]}
+    created = check(client.post("/api/call-logs", json=body), "/api/call-logs", "post", 200)
+    log = created["results"]["data"]
+    assert {k: log[k] for k in ("callerName", "callerPhone", "subject", "notes")} == {
+        k: CALL[k] for k in ("callerName", "callerPhone", "subject", "notes")
+    }
+    assert [t["type"] for t in log["tags"]] == ["client", "caregiver"]
+    assert log["tags"][1]["url"].endswith(f"caregivers-profile.php&id={caregiver['id']}")
+    assert log in sandbox.stats()["callLogs"]
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"callerName": None}, "callerName"),
+        ({"followUp": "no"}, "followUp"),
+        ({"tags": None}, "tags"),
+        ({"dateTime": "yesterday"}, "ISO8601"),
+        ({"dateTime": "2026-03-01T10:00:00"}, "ISO8601"),  # no offset
+        ({"tags": [{"type": "client"}]}, "entityId"),
+        ({"tags": [{"type": "contact", "entityId": 1}]}, "tag type"),
+        ({"tags": [{"type": "lead", "entityId": 99999}]}, "not found"),
+    ],
+)
+def test_invalid_call_logs_are_400(
+    client: httpx.Client, sandbox: AxisCareSandbox, change: dict[str, Any], fragment: str
+) -> None:
+    before = len(sandbox.stats()["callLogs"])
+    body = {k: v for k, v in {**CALL, **change}.items() if v is not None}
+    check_error(client.post("/api/call-logs", json=body), 400, fragment)
+    assert len(sandbox.stats()["callLogs"]) == before
+
+
+# ---- rate limit, faults, stats, CLI ----------------------------------------------------------
+def test_rate_limit_answers_429_with_retry_after(tmp_path: Path) -> None:
+    with AxisCareSandbox(tmp_path, records=20, rate_limit=3) as sb:
+        statuses = [httpx.get(f"{sb.url}/api/leads", headers=HEADERS) for _ in range(6)]
+        stats = sb.stats()
+    limited = [r for r in statuses if r.status_code == 429]
+    assert limited and int(limited[0].headers["Retry-After"]) >= 1
+    check_error(limited[0], 429, "Too many requests")
+    assert stats["rateLimited"] == len(limited) and stats["byKind"]["list_leads"] == 6
+
+
+def test_faults_and_stats_by_kind(client: httpx.Client, sandbox: AxisCareSandbox) -> None:
+    sandbox.reset_stats()
+    sandbox.inject_fault(503, count=2)
+    assert client.get("/api/leads").status_code == 503
+    assert client.get("/api/leads", params={"leadIds": "1"}).status_code == 503
+    assert client.get("/api/leads").status_code == 200
+    stats = sandbox.stats()
+    assert stats["byKind"] == {"list_leads": 2, "lookup_leads": 1}
+    assert stats["byStatus"] == {"200": 1, "503": 2} and stats["pendingFaults"] == 0
+
+
+def test_cli_prints_ready_line_and_serves(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quo_sync_dagster.sandbox.axiscare_server",
+         "--data-dir", str(tmp_path), "--port", "0", "--records", "12",
+         "--token", "cli-token", "--no-rate-limit"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env={**os.environ},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line.startswith("SANDBOX_READY http://127.0.0.1:")
+        url = line.split()[1]
+        headers = {**HEADERS, "Authorization": "Bearer cli-token"}
+        body = httpx.get(f"{url}/api/clients", headers=headers).json()
+        assert len(body["results"]["clients"]) == 4  # 40% of 12
+        assert httpx.get(f"{url}/api/clients", headers=HEADERS).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+    assert (tmp_path / PEOPLE_FILE).exists()
