@@ -1,0 +1,406 @@
+"""The Pipedrive sandbox rejects what Pipedrive rejects and pages like it, over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from quo_sync_dagster.sandbox.pipedrive_server import (
+    CUSTOM_FIELD_KEYS,
+    DEFAULT_TOKEN,
+    PipedriveSandbox,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECORDS = 500
+PERSONS = "/api/v2/persons"
+AUTH = {"x-api-token": DEFAULT_TOKEN}
+CALL = {
+    "person_id": 1001,
+    "outcome": "connected",
+    "to_phone_number": "+12125550100",
+    "start_time": "2026-03-01 10:00:00",
+    "end_time": "2026-03-01 10:01:35",
+    "duration": "95",
+}
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipedriveSandbox]:
+    with PipedriveSandbox(tmp_path_factory.mktemp("pipedrive"), rate_limit=None) as sb:
+        yield sb
+
+
+@pytest.fixture(autouse=True)
+def no_faults_left(sandbox: PipedriveSandbox) -> Iterator[None]:
+    sandbox.clear_faults()
+    yield
+    sandbox.clear_faults()
+
+
+@pytest.fixture(scope="module")
+def client(sandbox: PipedriveSandbox) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sandbox.url, headers=AUTH) as c:
+        yield c
+
+
+def error_of(response: httpx.Response, status: int) -> str:
+    """Assert a Pipedrive JSON error with `status`; return its message."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["success"] is False and body["error_info"]
+    return body["error"]
+
+
+def all_persons(client: httpx.Client, **params: Any) -> list[dict[str, Any]]:
+    persons, cursor = [], None
+    while True:
+        query = {**params, **({"cursor": cursor} if cursor else {})}
+        response = client.get(PERSONS, params=query)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["success"] is True and set(body["additional_data"]) == {"next_cursor"}
+        persons += body["data"]
+        cursor = body["additional_data"]["next_cursor"]
+        if cursor is None:
+            return persons
+
+
+# ---- auth -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "headers", [{}, {"x-api-token": "wrong"}, {"Authorization": f"Bearer {DEFAULT_TOKEN}"}]
+)
+def test_requests_without_the_token_are_401(
+    sandbox: PipedriveSandbox, headers: dict[str, str]
+) -> None:
+    before = sandbox.stats()["byKind"]["unauthenticated"]
+    response = httpx.get(f"{sandbox.url}{PERSONS}", headers=headers)
+    assert response.status_code == 401
+    assert response.json() == {
+        "success": False,
+        "error": "unauthorized access",
+        "errorCode": 401,
+        "error_info": "Please check developers.pipedrive.com",
+    }
+    assert sandbox.stats()["byKind"]["unauthenticated"] == before + 1
+
+
+def test_legacy_api_token_query_is_accepted(sandbox: PipedriveSandbox) -> None:
+    response = httpx.get(f"{sandbox.url}{PERSONS}/1001", params={"api_token": DEFAULT_TOKEN})
+    assert response.status_code == 200 and response.json()["data"]["id"] == 1001
+
+
+# ---- list validation ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": 501},
+        {"limit": 0},
+        {"limit": "ten"},
+        {"sort_by": "name"},
+        {"sort_direction": "down"},
+        {"updated_since": "2025-01-01"},
+        {"updated_since": "2025-01-01 10:00:00"},
+        {"updated_since": "2025-13-01T00:00:00Z"},
+        {"updated_since": "yesterday"},
+        {"ids": ",".join(str(1001 + i) for i in range(101))},
+        {"ids": "1001,abc"},
+        {"cursor": "not-a-cursor"},
+    ],
+)
+def test_invalid_list_parameters_are_400(client: httpx.Client, params: dict[str, Any]) -> None:
+    name = next(iter(params))
+    assert name in error_of(client.get(PERSONS, params=params), 400)
+
+
+def test_cursor_of_another_sort_is_400(client: httpx.Client) -> None:
+    body = client.get(PERSONS, params={"limit": 5, "sort_by": "add_time"}).json()
+    cursor = body["additional_data"]["next_cursor"]
+    assert cursor is not None
+    response = client.get(PERSONS, params={"limit": 5, "sort_by": "id", "cursor": cursor})
+    assert "cursor" in error_of(response, 400)
+
+
+def test_limit_defaults_to_100_and_allows_500(client: httpx.Client) -> None:
+    assert len(client.get(PERSONS).json()["data"]) == 100
+    assert len(client.get(PERSONS, params={"limit": 500}).json()["data"]) == 500
+
+
+# ---- paging ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("sort_by", ["id", "update_time", "add_time"])
+@pytest.mark.parametrize("direction", ["asc", "desc"])
+def test_cursor_paging_returns_every_person_once_in_order(
+    client: httpx.Client, sort_by: str, direction: str
+) -> None:
+    persons = all_persons(client, limit=37, sort_by=sort_by, sort_direction=direction)
+    ids = [p["id"] for p in persons]
+    assert sorted(ids) == list(range(1001, 1001 + RECORDS))
+    keys = [(p[sort_by], p["id"]) for p in persons]
+    assert keys == sorted(keys, reverse=direction == "desc")
+
+
+def test_default_order_is_id_ascending(client: httpx.Client) -> None:
+    ids = [p["id"] for p in client.get(PERSONS, params={"limit": 10}).json()["data"]]
+    assert ids == list(range(1001, 1011))
+
+
+def test_update_time_ties_are_paged_without_loss(client: httpx.Client) -> None:
+    """A bulk edit gives many persons one update_time; page boundaries fall inside the tie."""
+    persons = all_persons(client, limit=3, sort_by="update_time", sort_direction="desc")
+    newest = [p for p in persons if p["update_time"] == persons[0]["update_time"]]
+    assert len(newest) > 3
+    assert len({p["id"] for p in persons}) == RECORDS
+
+
+@pytest.mark.parametrize("suffix", ["Z", "+02:00"])
+def test_updated_since_keeps_persons_updated_at_or_after_it(
+    client: httpx.Client, suffix: str
+) -> None:
+    everyone = all_persons(client, limit=500)
+    times = sorted(datetime.fromisoformat(p["update_time"]) for p in everyone)
+    since = times[len(times) // 2]
+    stamp = since.astimezone(datetime.fromisoformat(f"2026-01-01T00:00:00{suffix}").tzinfo)
+    text = stamp.strftime("%Y-%m-%dT%H:%M:%S") + suffix
+    kept = all_persons(client, limit=100, updated_since=text, sort_by="update_time")
+    expected = {p["id"] for p in everyone if datetime.fromisoformat(p["update_time"]) >= since}
+    assert {p["id"] for p in kept} == expected
+    assert 0 < len(expected) < RECORDS
+
+
+def test_batch_read_by_ids_leaves_out_unknown_ids(
+    sandbox: PipedriveSandbox, client: httpx.Client
+) -> None:
+    before = sandbox.stats()["byKind"]["batch_persons"]
+    wanted = [*range(1400, 1450), 99999]
+    response = client.get(PERSONS, params={"ids": ",".join(map(str, wanted)), "limit": 100})
+    assert sorted(p["id"] for p in response.json()["data"]) == list(range(1400, 1450))
+    assert sandbox.stats()["byKind"]["batch_persons"] == before + 1
+
+
+def test_single_read_and_its_errors(client: httpx.Client) -> None:
+    assert client.get(f"{PERSONS}/1234").json()["data"]["id"] == 1234
+    assert error_of(client.get(f"{PERSONS}/99999"), 404) == "Person not found"
+    error_of(client.get(f"{PERSONS}/abc"), 400)
+
+
+def test_seeded_persons_look_like_real_pipedrive_data(client: httpx.Client) -> None:
+    persons = all_persons(client, limit=500)
+    assert any(len(p["phones"]) > 1 for p in persons)
+    assert any(len(p["emails"]) > 1 for p in persons)
+    assert any(ph["value"].startswith("+44") for p in persons for ph in p["phones"])
+    assert any(not p["name"].isascii() for p in persons)
+    assert any(not p["name"] and p["first_name"] is None for p in persons)
+    assert any(not p["phones"] for p in persons)
+    for p in persons:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", p["update_time"])
+        assert set(p["custom_fields"]) == set(CUSTOM_FIELD_KEYS.values())
+        for item in p["phones"] + p["emails"]:
+            assert set(item) == {"value", "primary", "label"}
+        if p["phones"]:
+            assert sum(item["primary"] for item in p["phones"]) == 1
+    assert all(re.fullmatch("[0-9a-f]{40}", key) for key in CUSTOM_FIELD_KEYS.values())
+
+
+def test_seed_is_deterministic_and_persists(tmp_path: Path) -> None:
+    with PipedriveSandbox(tmp_path / "a", records=20, rate_limit=None) as a:
+        first = httpx.get(f"{a.url}{PERSONS}", headers=AUTH).json()["data"]
+        hook = {"subscription_url": "https://example.com/h", "event_action": "*"}
+        hook |= {"event_object": "person", "name": "kept"}
+        assert httpx.post(f"{a.url}/v1/webhooks", json=hook, headers=AUTH).status_code == 201
+    with PipedriveSandbox(tmp_path / "b", records=20, rate_limit=None) as b:
+        assert httpx.get(f"{b.url}{PERSONS}", headers=AUTH).json()["data"] == first
+    with PipedriveSandbox(tmp_path / "a", records=5, rate_limit=None) as again:
+        assert len(httpx.get(f"{again.url}{PERSONS}", headers=AUTH).json()["data"]) == 20
+        assert [w["name"] for w in again.stats()["created"]["webhooks"]] == ["kept"]
+
+
+# ---- writes ---------------------------------------------------------------------------------
+def test_call_log_is_stored_with_its_fields(
+    sandbox: PipedriveSandbox, client: httpx.Client
+) -> None:
+    subject = f"call-{uuid.uuid4().hex[:8]}"
+    response = client.post("/v1/callLogs", json={**CALL, "subject": subject})
+    assert response.status_code == 200, response.text
+    created = response.json()["data"]
+    stored = [c for c in sandbox.stats()["created"]["callLogs"] if c["subject"] == subject]
+    assert stored == [created]
+    assert created["duration"] == "95" and created["person_id"] == 1001
+    assert sandbox.stats()["byKind"]["create_call_log"] >= 1
+
+
+@pytest.mark.parametrize("missing", ["person_id", "outcome", "to_phone_number", "start_time"])
+def test_call_log_requires_its_fields(client: httpx.Client, missing: str) -> None:
+    body = {k: v for k, v in CALL.items() if k != missing}
+    assert missing in error_of(client.post("/v1/callLogs", json=body), 400)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"outcome": "answered"},
+        {"start_time": "2026-03-01T10:00:00Z"},
+        {"duration": 95},
+        {"duration": "1:35"},
+        {"end_time": "2026-03-01 09:59:59"},
+        {"person_id": "1001"},
+    ],
+)
+def test_call_log_rejects_bad_values(client: httpx.Client, change: dict[str, Any]) -> None:
+    error_of(client.post("/v1/callLogs", json={**CALL, **change}), 400)
+
+
+def test_call_log_for_unknown_person_is_404(client: httpx.Client) -> None:
+    error_of(client.post("/v1/callLogs", json={**CALL, "person_id": 99999}), 404)
+
+
+def test_activity_links_person_through_participants_only(
+    sandbox: PipedriveSandbox, client: httpx.Client
+) -> None:
+    body = {"subject": "Call", "type": "call", "done": True, "duration": "00:03"}
+    message = error_of(client.post("/api/v2/activities", json={**body, "person_id": 1001}), 400)
+    assert "read-only" in message
+    subject = f"act-{uuid.uuid4().hex[:8]}"
+    participants = [{"person_id": 1002, "primary": True}]
+    response = client.post(
+        "/api/v2/activities", json={**body, "subject": subject, "participants": participants}
+    )
+    assert response.status_code == 200, response.text
+    stored = [a for a in sandbox.stats()["created"]["activities"] if a["subject"] == subject]
+    assert len(stored) == 1 and stored[0]["person_id"] == 1002
+    assert stored[0]["participants"] == participants
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"done": 1}, {"duration": "00:00"}, {"duration": "3"}, {"type": "sms"}, {"due_time": "25:00"}],
+)
+def test_activity_rejects_loose_types(client: httpx.Client, change: dict[str, Any]) -> None:
+    body = {"subject": "Call", "type": "call", "participants": [{"person_id": 1001}]}
+    error_of(client.post("/api/v2/activities", json={**body, **change}), 400)
+
+
+def test_note_needs_content_and_a_target(sandbox: PipedriveSandbox, client: httpx.Client) -> None:
+    assert "content" in error_of(client.post("/v1/notes", json={"person_id": 1001}), 400)
+    assert "person_id" in error_of(client.post("/v1/notes", json={"content": "<p>x</p>"}), 400)
+    content = f"<p>{uuid.uuid4().hex}</p>"
+    response = client.post("/v1/notes", json={"content": content, "person_id": 1003})
+    assert response.status_code == 200, response.text
+    stored = [n for n in sandbox.stats()["created"]["notes"] if n["content"] == content]
+    assert len(stored) == 1 and stored[0]["person_id"] == 1003
+
+
+WEBHOOK = {
+    "subscription_url": "https://hooks.example.com/pipedrive",
+    "event_action": "*",
+    "event_object": "person",
+    "name": "Quo sync",
+    "version": "2.0",
+    "http_auth_user": "quo",
+    "http_auth_password": "s3cret",
+}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"subscription_url": "http://hooks.example.com/pipedrive"},
+        {"subscription_url": "hooks.example.com"},
+        {"event_action": "updated"},  # a v1 action on a v2 webhook
+        {"event_object": "people"},
+        {"version": "3.0"},
+        {"http_auth_password": None},
+        {"name": None},
+    ],
+)
+def test_webhook_rejects_bad_bodies(client: httpx.Client, change: dict[str, Any]) -> None:
+    error_of(client.post("/v1/webhooks", json={**WEBHOOK, **change}), 400)
+
+
+def test_webhook_create_list_delete(sandbox: PipedriveSandbox, client: httpx.Client) -> None:
+    response = client.post("/v1/webhooks", json=WEBHOOK)
+    assert response.status_code == 201, response.text
+    webhook = response.json()["data"]
+    assert webhook["version"] == "2.0" and webhook["http_auth_user"] == "quo"
+    assert webhook in client.get("/v1/webhooks").json()["data"]
+    assert webhook in sandbox.stats()["created"]["webhooks"]
+    assert client.delete(f"/v1/webhooks/{webhook['id']}").status_code == 200
+    assert webhook not in sandbox.stats()["created"]["webhooks"]
+    error_of(client.delete(f"/v1/webhooks/{webhook['id']}"), 404)
+
+
+# ---- limits and faults ----------------------------------------------------------------------
+def test_burst_window_answers_429_with_headers_then_recovers(tmp_path: Path) -> None:
+    with (
+        PipedriveSandbox(tmp_path, records=5, rate_limit=3) as sb,
+        httpx.Client(base_url=sb.url, headers=AUTH) as c,
+    ):
+        ok = [c.get(PERSONS) for _ in range(3)]
+        assert [r.status_code for r in ok] == [200] * 3
+        assert [r.headers["x-ratelimit-remaining"] for r in ok] == ["2", "1", "0"]
+        limited = c.get(PERSONS)
+        assert limited.status_code == 429 and limited.json()["success"] is False
+        assert limited.headers["x-ratelimit-limit"] == "3"
+        assert limited.headers["x-ratelimit-remaining"] == "0"
+        retry_after = int(limited.headers["Retry-After"])
+        assert 1 <= retry_after <= 2
+        time.sleep(2.05)
+        assert c.get(PERSONS).status_code == 200
+        assert sb.stats()["rateLimited"] == 1
+
+
+def test_spent_daily_budget_gets_the_403_html_page(tmp_path: Path) -> None:
+    with (
+        PipedriveSandbox(tmp_path, records=5, rate_limit=None, daily_budget=25) as sb,
+        httpx.Client(base_url=sb.url, headers=AUTH) as c,
+    ):
+        left = [c.get(PERSONS).headers["x-daily-ratelimit-token-remaining"] for _ in range(3)]
+        assert left == ["15", "5", "0"]
+        blocked = c.get(f"{PERSONS}/1001")
+        assert blocked.status_code == 403
+        assert blocked.headers["content-type"].startswith("text/html")
+        assert "Cloudflare" in blocked.text
+        assert sb.stats()["blocked"] == 1 and sb.stats()["tokensUsed"] == 30
+
+
+@pytest.mark.parametrize("status", [500, 429, 403])
+def test_injected_faults_come_first_then_clear(
+    sandbox: PipedriveSandbox, client: httpx.Client, status: int
+) -> None:
+    sandbox.inject_fault(status, count=2, retry_after="3")
+    first, second = client.get(f"{PERSONS}/1001"), client.get(f"{PERSONS}/1001")
+    assert first.status_code == second.status_code == status
+    if status == 403:
+        assert first.headers["content-type"].startswith("text/html")
+    else:
+        assert first.headers["Retry-After"] == "3" and first.json()["success"] is False
+    assert sandbox.stats()["pendingFaults"] == 0
+    assert client.get(f"{PERSONS}/1001").status_code == 200
+
+
+def test_runs_as_a_process(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "quo_sync_dagster.sandbox.pipedrive_server"]
+    args = ["--data-dir", str(tmp_path), "--port", "0", "--records", "7", "--token", "t1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(
+        [*command, *args, "--no-rate-limit"], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert process.stdout is not None
+        ready, url = process.stdout.readline().split()
+        assert ready == "SANDBOX_READY" and url.startswith("http://127.0.0.1:")
+        response = httpx.get(f"{url}{PERSONS}", headers={"x-api-token": "t1"})
+        assert len(response.json()["data"]) == 7
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
