@@ -20,6 +20,7 @@ from quo_sync_dagster.core.models import (
     QuoContact,
     SmsActivity,
 )
+from quo_sync_dagster.core.ratelimit import Throttle
 
 
 class PersonObjectType(BaseModel):
@@ -48,6 +49,9 @@ class CRMConfig(BaseModel):
     person_object_types: list[PersonObjectType] = Field(min_length=1)
     sync_config: SyncConfig = SyncConfig()
     queue_config: QueueConfig = QueueConfig()
+    # Requests/s the CRM allows per credential: one governor, shared by every run through the
+    # store, keeps all users of that credential under it. None: no shared limit.
+    requests_per_second: float | None = Field(None, gt=0)
 
 
 _REGISTRY: dict[str, type[CRMConnector]] = {}
@@ -69,8 +73,17 @@ class CRMConnector(ABC):
             raise TypeError(f"two connectors are named {cls.name!r}")
         _REGISTRY[cls.name] = cls
 
-    def __init__(self, integration: Integration) -> None:
+    def __init__(
+        self,
+        integration: Integration,
+        credential: str | None = None,
+        throttle: Throttle | None = None,
+    ) -> None:
+        """`credential` is the resolved `integration.crm_credential_ref` (never stored or
+        logged); `throttle` the shared governor for it (see CRMConfig.requests_per_second)."""
         self.integration = integration
+        self.credential = credential
+        self.throttle = throttle
 
     # ---- the five methods of the seed -----------------------------------------------------
     @abstractmethod

@@ -18,7 +18,9 @@ from quo_sync_dagster.core.process import ErrorDetail, PageResult, Process, Proc
 from quo_sync_dagster.crms import connector_class
 from quo_sync_dagster.crms.base import CRMConnector
 from quo_sync_dagster.quo.client import QuoClient
+from quo_sync_dagster.quo.governor import RateGovernor
 from quo_sync_dagster.quo.upsert import ContactUpserter
+from quo_sync_dagster.secrets import resolve_secret
 from quo_sync_dagster.store.port import Store
 
 _PAGE_MARK = "-p"
@@ -191,9 +193,17 @@ def failed_page(records: int, page: str, error: str) -> PageResult:
 
 
 def open_connector(store: Store, crm: str, integration_id: str) -> CRMConnector:
+    """The integration's connector with its CRM credential and the governor shared by every
+    run that uses that credential."""
     integration = store.get_integration(integration_id)
     if integration.crm != crm:
         raise ValueError(
             f"integration {integration_id!r} is a {integration.crm} integration, not {crm}"
         )
-    return connector_class(crm)(integration)
+    cls = connector_class(crm)
+    credential = (
+        resolve_secret(integration.crm_credential_ref) if integration.crm_credential_ref else None
+    )
+    rps = cls.crm_config.requests_per_second
+    throttle = RateGovernor(store, credential, rps, api=crm) if credential and rps else None
+    return cls(integration, credential, throttle)
