@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -19,87 +20,43 @@ from quo_sync_dagster.crms.scalingtest import bad_record_count
 from quo_sync_dagster.definitions import defs
 from quo_sync_dagster.orchestration.factory import RANGE_END, RANGE_START, TAG_PROCESS
 from quo_sync_dagster.orchestration.instance import render_instance_yaml
-from quo_sync_dagster.orchestration.resources import (
-    PageFramesIOManager,
-    QuoResource,
-    StoreResource,
-)
 from quo_sync_dagster.orchestration.sync import page_key
-from quo_sync_dagster.sandbox.quo_server import QuoSandbox
-from quo_sync_dagster.store import Store, open_store
+from quo_sync_dagster_tests.pipeline import (
+    Pipeline,
+    add_integration,
+    evaluate_sensor,
+    launch_initial_sync,
+    pipeline,
+    sync_range,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-KEY_ENV = "QUO_SYNC_TEST_QUO_KEY"
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
-    monkeypatch.setenv(KEY_ENV, "test-key")
-    store_uri = f"sqlite:///{tmp_path}/store.sqlite"
-    with (
-        QuoSandbox(tmp_path / "quo", api_keys=("test-key",), rate_limit=None) as quo,
-        dg.instance_for_test() as instance,
-    ):
-        store = open_store(store_uri)
-        resources = {
-            "store": StoreResource(uri=store_uri),
-            "quo": QuoResource(requests_per_second=10_000, max_attempts=2),
-            "page_frames": PageFramesIOManager(),
-        }
-        yield {"quo": quo, "instance": instance, "store": store, "resources": resources}
-        store.close()
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeline]:
+    with pipeline(tmp_path, monkeypatch) as p:
+        yield p
 
 
-def _integration(store: Store, quo: QuoSandbox, records: int, iid: str = "it-1") -> None:
-    store.upsert_integration(
-        Integration(
-            id=iid,
-            crm="scalingtest",
-            quo_api_key_ref=f"env:{KEY_ENV}",
-            quo_base_url=quo.url,
-            settings={"records": records},
-        )
-    )
+def _integration(p: Pipeline, records: int, **settings: Any) -> None:
+    add_integration(p, "scalingtest", {"records": records, **settings})
 
 
-def _plan(env: dict, records: int, page_size: int, pages_per_run: int) -> str:
-    _integration(env["store"], env["quo"], records)
-    job = defs.get_job_def("scalingtest_initial_sync")
+def _plan(p: Pipeline, records: int, page_size: int, pages_per_run: int) -> str:
+    _integration(p, records)
     config = {"integration_id": "it-1", "page_size": page_size, "pages_per_run": pages_per_run}
-    result = job.execute_in_process(
-        run_config={"ops": {"scalingtest_plan_initial_sync": {"config": config}}},
-        instance=env["instance"],
-        resources=env["resources"],
-    )
-    assert result.success
-    (process,) = env["store"].list_processes(integration_id="it-1")
+    launch_initial_sync(p, "scalingtest", config)
+    (process,) = p.store.list_processes(integration_id="it-1")
     return process.id
 
 
-def _sync_range(env: dict, process_id: str, first: int, last: int) -> dg.ExecuteInProcessResult:
-    assets = [defs.get_assets_def(k) for k in ("scalingtest_crm_pages", "scalingtest_quo_contacts")]
-    return dg.materialize(
-        assets,
-        instance=env["instance"],
-        resources=env["resources"],
-        tags={
-            RANGE_START: page_key(process_id, first),
-            RANGE_END: page_key(process_id, last),
-            TAG_PROCESS: process_id,
-        },
-        raise_on_error=False,
-    )
+def _sync_range(p: Pipeline, process_id: str, first: int, last: int) -> dg.ExecuteInProcessResult:
+    return sync_range(p, "scalingtest", process_id, first, last)
 
 
-def _sensor(name: str):
-    return defs.get_sensor_def(name)
-
-
-def _evaluate(env: dict, name: str, cursor: str | None = None):
-    context = dg.build_sensor_context(
-        instance=env["instance"], cursor=cursor, resources={"store": env["resources"]["store"]}
-    )
-    return _sensor(name)(context)
+def _evaluate(p: Pipeline, name: str, cursor: str | None = None) -> Any:
+    return evaluate_sensor(p, name, cursor)
 
 
 def test_definitions_load_and_top_level_dagster_yaml_is_rendered() -> None:
@@ -108,16 +65,16 @@ def test_definitions_load_and_top_level_dagster_yaml_is_rendered() -> None:
     assert (REPO / "dagster.yaml").read_text() == render_instance_yaml()
 
 
-def test_plan_adds_one_partition_per_page_for_an_exact_multiple(env: dict) -> None:
+def test_plan_adds_one_partition_per_page_for_an_exact_multiple(env: Pipeline) -> None:
     process_id = _plan(env, records=1000, page_size=200, pages_per_run=2)
-    process = env["store"].get_process(process_id)
+    process = env.store.get_process(process_id)
     assert process.state is ProcessState.PROCESSING_BATCHES
     assert process.context["totalRecords"] == 1000 and process.context["totalPages"] == 5
-    keys = env["instance"].get_dynamic_partitions("scalingtest_pages")
+    keys = env.instance.get_dynamic_partitions("scalingtest_pages")
     assert keys == [page_key(process_id, i) for i in range(5)]
 
 
-def test_page_sensor_launches_ranged_runs_once(env: dict) -> None:
+def test_page_sensor_launches_ranged_runs_once(env: Pipeline) -> None:
     process_id = _plan(env, records=1000, page_size=100, pages_per_run=4)
     result = _evaluate(env, "scalingtest_page_sensor")
     ranges = [(r.tags[RANGE_START], r.tags[RANGE_END]) for r in result.run_requests]
@@ -133,7 +90,7 @@ def test_page_sensor_launches_ranged_runs_once(env: dict) -> None:
 
 
 def test_ranged_runs_sync_everything_and_the_completion_sensor_closes_the_process(
-    env: dict,
+    env: Pipeline,
 ) -> None:
     records, page_size = 1000, 200  # an exact multiple: the production peer never completed it
     process_id = _plan(env, records=records, page_size=page_size, pages_per_run=3)
@@ -143,72 +100,68 @@ def test_ranged_runs_sync_everything_and_the_completion_sensor_closes_the_proces
     closed = _evaluate(env, "scalingtest_completion_sensor")
     (event,) = closed.asset_events
     assert event.metadata["process_state"].value == "COMPLETED"
-    process = env["store"].get_process(process_id)
+    process = env.store.get_process(process_id)
     bad = bad_record_count(records)
     assert process.state is ProcessState.COMPLETED
     assert process.counters["synced"] == records - bad and process.counters["failed"] == bad
     assert process.counters["pages_processed"] == 5
-    stats = env["quo"].stats()
+    stats = env.quo.stats()
     assert stats["contactsBySource"]["scalingtest"] == records - bad
     assert stats["duplicateExternalIds"] == 0
     # per-page metadata reached the materializations of each partition
-    mats = (
-        env["instance"]
-        .fetch_materializations(
-            dg.AssetRecordsFilter(
-                asset_key=dg.AssetKey("scalingtest_quo_contacts"),
-                asset_partitions=[page_key(process_id, 0)],
-            ),
-            limit=1,
-        )
-        .records
-    )
+    mats = env.instance.fetch_materializations(
+        dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey("scalingtest_quo_contacts"),
+            asset_partitions=[page_key(process_id, 0)],
+        ),
+        limit=1,
+    ).records
     meta = mats[0].asset_materialization.metadata
     assert meta["records"].value == page_size
     assert meta["synced"].value + meta["failed"].value == page_size
 
 
-def test_a_failed_page_shows_failed_and_its_rerun_duplicates_nothing(env: dict) -> None:
+def test_a_failed_page_shows_failed_and_its_rerun_duplicates_nothing(env: Pipeline) -> None:
     records = 600
     process_id = _plan(env, records=records, page_size=100, pages_per_run=3)
     assert _sync_range(env, process_id, 0, 2).success
-    env["quo"].inject_fault(status=503, count=10_000)
+    env.quo.inject_fault(status=503, count=10_000)
     failed = _sync_range(env, process_id, 3, 5)
     assert not failed.success
     assets_def = defs.get_assets_def("scalingtest_quo_contacts")
     keys = [page_key(process_id, i) for i in range(6)]
-    status = env["instance"].get_status_by_partition(
+    status = env.instance.get_status_by_partition(
         dg.AssetKey("scalingtest_quo_contacts"), keys, assets_def.partitions_def
     )
     assert [status[k].value for k in keys[3:]] == ["FAILED"] * 3
     assert [status[k].value for k in keys[:3]] == ["MATERIALIZED"] * 3
 
     # No run of this process is live any more: the sensor closes it as ERROR with the reason.
-    _register_finished_page_runs(env["instance"], process_id, math.ceil(6 / 3))
+    _register_finished_page_runs(env.instance, process_id, math.ceil(6 / 3))
     closed = _evaluate(env, "scalingtest_completion_sensor")
     assert closed.asset_events[0].metadata["process_state"].value == "ERROR"
-    process = env["store"].get_process(process_id)
+    process = env.store.get_process(process_id)
     assert (
         process.state is ProcessState.ERROR
         and "3 of 6 pages not synced" in process.context["error"]
     )
     assert process.counters["pages_failed"] == 3
 
-    env["quo"].clear_faults()  # the outage ends
-    before = env["quo"].stats()["byKind"]
+    env.quo.clear_faults()  # the outage ends
+    before = env.quo.stats()["byKind"]
     assert _sync_range(env, process_id, 3, 5).success  # the backfill of the failed partitions
-    after = env["quo"].stats()["byKind"]
+    after = env.quo.stats()["byKind"]
     bad = bad_record_count(records)
     # Only the failed pages' contacts were written; the good pages cost nothing again.
     assert after["create"] - before["create"] == 300 - bad_record_count(300)
     _evaluate(env, "scalingtest_completion_sensor")
-    process = env["store"].get_process(process_id)
+    process = env.store.get_process(process_id)
     assert process.state is ProcessState.COMPLETED
     assert process.counters["processed"] == records
     assert process.counters["synced"] + process.counters["failed"] == records
     assert process.counters["failed"] == bad
     assert process.counters["pages_failed"] == 0 and process.counters["pages_processed"] == 6
-    stats = env["quo"].stats()
+    stats = env.quo.stats()
     assert stats["duplicateExternalIds"] == 0
     assert stats["contactsBySource"]["scalingtest"] == records - bad
 
@@ -255,62 +208,39 @@ def test_dagster_definitions_validate_cli(tmp_path: Path) -> None:
     ],
 )
 def test_bad_launch_config_fails_with_an_error_naming_it(
-    env: dict, config: dict, message: str
+    env: Pipeline, config: dict, message: str
 ) -> None:
-    _integration(env["store"], env["quo"], 10)
-    env["store"].upsert_integration(
-        Integration("no-key", "scalingtest", "env:QUO_SYNC_UNSET_KEY", env["quo"].url)
+    _integration(env, 10)
+    env.store.upsert_integration(
+        Integration("no-key", "scalingtest", "env:QUO_SYNC_UNSET_KEY", env.quo.url)
     )
-    result = defs.get_job_def("scalingtest_initial_sync").execute_in_process(
-        run_config={"ops": {"scalingtest_plan_initial_sync": {"config": config}}},
-        instance=env["instance"],
-        resources=env["resources"],
-        raise_on_error=False,
-    )
+    result = launch_initial_sync(env, "scalingtest", config, raise_on_error=False)
     assert not result.success
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     assert message in str(failure.step_failure_data.error.message)
-    assert env["store"].list_processes() == []
+    assert env.store.list_processes() == []
 
 
-def test_modified_since_syncs_only_people_changed_after_it(env: dict) -> None:
-    _integration(env["store"], env["quo"], 500)
-    job = defs.get_job_def("scalingtest_initial_sync")
+def test_modified_since_syncs_only_people_changed_after_it(env: Pipeline) -> None:
+    _integration(env, 500)
     config = {"integration_id": "it-1", "modified_since": "2025-12-31T23:00:00"}  # naive = UTC
-    job.execute_in_process(
-        run_config={"ops": {"scalingtest_plan_initial_sync": {"config": config}}},
-        instance=env["instance"],
-        resources=env["resources"],
-    )
-    (process,) = env["store"].list_processes()
+    launch_initial_sync(env, "scalingtest", config)
+    (process,) = env.store.list_processes()
     # ScalingTest people are one minute apart, newest at 2026-01-01T00:00Z: 60 are newer.
     assert process.context["totalRecords"] == 60
 
 
-def test_a_crm_without_a_total_is_walked_once_then_synced_by_cursor(env: dict) -> None:
+def test_a_crm_without_a_total_is_walked_once_then_synced_by_cursor(env: Pipeline) -> None:
     records = 450
-    env["store"].upsert_integration(
-        Integration(
-            "it-1",
-            "scalingtest",
-            f"env:{KEY_ENV}",
-            env["quo"].url,
-            settings={"records": records, "paging": "cursor"},
-        )
-    )
-    config = {"integration_id": "it-1", "page_size": 100, "pages_per_run": 5}
-    defs.get_job_def("scalingtest_initial_sync").execute_in_process(
-        run_config={"ops": {"scalingtest_plan_initial_sync": {"config": config}}},
-        instance=env["instance"],
-        resources=env["resources"],
-    )
-    (process,) = env["store"].list_processes()
+    _integration(env, records, paging="cursor")
+    launch_initial_sync(env, "scalingtest", {"integration_id": "it-1", "page_size": 100})
+    (process,) = env.store.list_processes()
     assert process.context["totalRecords"] == records and process.context["totalPages"] == 5
     assert process.context["pageCursors"] == [None, "100", "200", "300", "400"]
     assert _sync_range(env, process.id, 0, 4).success
     _evaluate(env, "scalingtest_completion_sensor")
-    process = env["store"].get_process(process.id)
+    process = env.store.get_process(process.id)
     bad = bad_record_count(records)
     assert process.state is ProcessState.COMPLETED
     assert process.counters["synced"] == records - bad and process.counters["failed"] == bad
-    assert env["quo"].stats()["contactsBySource"]["scalingtest"] == records - bad
+    assert env.quo.stats()["contactsBySource"]["scalingtest"] == records - bad
