@@ -15,6 +15,7 @@ import dagster as dg
 import pytest
 
 from quo_sync_dagster.core.process import ProcessState
+from quo_sync_dagster.crms import registered_connectors
 from quo_sync_dagster.crms.scalingtest import bad_record_count
 from quo_sync_dagster.local_stack import LocalStack
 from quo_sync_dagster.orchestration.factory import TAG_PROCESS
@@ -29,8 +30,8 @@ mutation($params: LaunchBackfillParams!) {
 }"""
 
 
-def _demo(home: Path, records: int) -> tuple[int, dict]:
-    args = ["--records", str(records), "--home", str(home), "--quo-rate-limit", "0"]
+def _demo(home: Path, records: int, crm: str = "scalingtest") -> tuple[int, dict]:
+    args = ["--crm", crm, "--records", str(records), "--home", str(home), "--quo-rate-limit", "0"]
     proc = subprocess.run(
         [sys.executable, "-m", "quo_sync_dagster.cli", "demo", *args, "--exit-when-done"],
         capture_output=True,
@@ -58,6 +59,20 @@ def test_demo_syncs_everything_once_and_a_second_run_writes_nothing(tmp_path: Pa
     assert second["quoWriteRequests"] == 0
     assert second["skippedUnchanged"] == first["totalSynced"]
     assert second["quoContacts"] == first["quoContacts"]
+
+
+@pytest.mark.parametrize(
+    "crm", sorted(name for name, c in registered_connectors().items() if c.simulator)
+)
+def test_demo_of_each_real_crm_syncs_against_its_simulator(tmp_path: Path, crm: str) -> None:
+    code, first = _demo(tmp_path / "home", 150, crm)
+    assert code == 0 and first["state"] == "COMPLETED", first
+    assert first["totalRecords"] > 0
+    assert first["totalSynced"] + first["totalFailed"] == first["totalRecords"]
+    assert first["quoContacts"] == first["totalSynced"] and first["quoDuplicateExternalIds"] == 0
+    code, second = _demo(tmp_path / "home", 150, crm)
+    assert code == 0 and second["state"] == "COMPLETED"
+    assert second["quoWriteRequests"] == 0 and second["quoContacts"] == first["quoContacts"]
 
 
 def _cmdline(pid: int | str) -> bytes:

@@ -16,7 +16,7 @@ import pytest
 
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.core.process import ProcessState
-from quo_sync_dagster.crms.scalingtest import bad_record_count
+from quo_sync_dagster.crms.scalingtest import ScalingTestConnector, bad_record_count
 from quo_sync_dagster.definitions import defs
 from quo_sync_dagster.orchestration.factory import RANGE_END, RANGE_START, TAG_PROCESS
 from quo_sync_dagster.orchestration.instance import render_instance_yaml
@@ -244,3 +244,20 @@ def test_a_crm_without_a_total_is_walked_once_then_synced_by_cursor(env: Pipelin
     assert process.state is ProcessState.COMPLETED
     assert process.counters["synced"] == records - bad and process.counters["failed"] == bad
     assert env.quo.stats()["contactsBySource"]["scalingtest"] == records - bad
+
+
+def test_a_crm_that_lists_oldest_first_gets_its_last_pages_launched_first(
+    env: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = ScalingTestConnector.crm_config
+    sync = config.sync_config.model_copy(update={"lists_oldest_first": True})
+    monkeypatch.setattr(
+        ScalingTestConnector, "crm_config", config.model_copy(update={"sync_config": sync})
+    )
+    process_id = _plan(env, records=1000, page_size=100, pages_per_run=4)
+    result = _evaluate(env, "scalingtest_page_sensor")
+    assert [r.tags[RANGE_START] for r in result.run_requests] == [
+        page_key(process_id, 8),
+        page_key(process_id, 4),
+        page_key(process_id, 0),
+    ]

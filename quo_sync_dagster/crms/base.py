@@ -30,6 +30,9 @@ class PersonObjectType(BaseModel):
 
 class SyncConfig(BaseModel):
     reverse_chronological: bool = True  # newest first, so recent people land in Quo first
+    # The API can only list oldest first (e.g. ascending ids, no sort): the page sensor then
+    # launches the last pages' runs first, so the newest people still reach Quo first.
+    lists_oldest_first: bool = False
     initial_batch_size: int = Field(100, ge=1)  # records per page in an initial sync
     ongoing_batch_size: int = Field(50, ge=1)
     supports_webhooks: bool = False

@@ -309,7 +309,10 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         requests = []
         for process in active:
             total, per_run = process.context["totalPages"], process.context["pagesPerRun"]
-            for first in range(launched.get(process.id, 0), total, per_run):
+            firsts = list(range(launched.get(process.id, 0), total, per_run))
+            if process.context.get("launchLastPageFirst"):
+                firsts.reverse()  # the run queue starts the newest people's pages first
+            for first in firsts:
                 last = min(first + per_run, total) - 1
                 requests.append(
                     dg.RunRequest(

@@ -55,6 +55,7 @@ def plan_initial_sync(
     """INITIALIZING -> FETCHING_TOTAL (page 0 gives the total) -> QUEUING_PAGES. The caller adds
     the partitions and then moves the process to PROCESSING_BATCHES."""
     integration = connector.integration
+    sync_config = connector.crm_config.sync_config
     process_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
     process = store.create_process(
         Process(
@@ -69,7 +70,10 @@ def plan_initial_sync(
                 "personObjectType": object_type,
                 "pageSize": page_size,
                 "pagesPerRun": pages_per_run,
-                "sortDesc": connector.crm_config.sync_config.reverse_chronological,
+                "sortDesc": sync_config.reverse_chronological,
+                "launchLastPageFirst": (
+                    sync_config.reverse_chronological and sync_config.lists_oldest_first
+                ),
                 "modifiedSince": modified_since.isoformat() if modified_since else None,
                 "startTime": now_iso(),
             },
