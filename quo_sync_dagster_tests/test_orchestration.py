@@ -261,3 +261,14 @@ def test_a_crm_that_lists_oldest_first_gets_its_last_pages_launched_first(
         page_key(process_id, 4),
         page_key(process_id, 0),
     ]
+
+
+def test_runs_of_a_single_page_sync_it(env: Pipeline) -> None:
+    records = 150
+    process_id = _plan(env, records=records, page_size=100, pages_per_run=1)
+    assert _sync_range(env, process_id, 0, 0).success
+    assert _sync_range(env, process_id, 1, 1).success
+    _evaluate(env, "scalingtest_completion_sensor")
+    process = env.store.get_process(process_id)
+    assert process.state is ProcessState.COMPLETED
+    assert process.counters["synced"] + process.counters["failed"] == records

@@ -123,6 +123,10 @@ class CRMConnector(ABC):
         """Subscribe the CRM's person events to `receiver_url`; return what teardown needs."""
 
     # ---- optional -------------------------------------------------------------------------
+    def person_id(self, person: dict[str, Any]) -> str:
+        """How errors name a CRM person: its id as people see it in the CRM."""
+        return str(person.get("id"))
+
     def fetch_persons_by_ids(self, object_type: str, ids: Sequence[str]) -> list[dict[str, Any]]:
         raise NotImplementedError(f"{self.name} cannot fetch people by id")
 

@@ -81,7 +81,9 @@ class _RangedFrames(UPathIOManager):
         context.add_output_metadata({"partitions": len(paths)})
 
     def load_input(self, context: dg.InputContext) -> dict[str, Any]:
-        return self._load_partitions(context)
+        keys = context.asset_partition_keys
+        loaded = self.load_partitions(context)  # one partition: the frame itself, not a dict
+        return {keys[0]: loaded} if len(keys) == 1 else loaded
 
 
 class _LocalFrames(_RangedFrames, PickledObjectFilesystemIOManager):

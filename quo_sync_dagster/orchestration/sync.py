@@ -167,8 +167,9 @@ def sync_records(
     for record in records:
         try:
             contacts.append(connector.transform_person_to_quo(record, object_type))
-        except InvalidRecord as exc:
-            errors.append(ErrorDetail(str(record.get("id")), str(exc), now_iso(), page))
+        except Exception as exc:  # one odd record must not fail the page of good ones
+            message = str(exc) if isinstance(exc, InvalidRecord) else f"{type(exc).__name__}: {exc}"
+            errors.append(ErrorDetail(connector.person_id(record), message, now_iso(), page))
     outcomes = upserter.upsert(contacts, assume_absent=assume_absent)
     counts = dict.fromkeys(UpsertAction, 0)
     for outcome in outcomes:
