@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 import pytest
+import yaml
 
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.core.process import ProcessState
@@ -20,7 +22,9 @@ from quo_sync_dagster.crms.scalingtest import ScalingTestConnector, bad_record_c
 from quo_sync_dagster.definitions import defs
 from quo_sync_dagster.orchestration.factory import RANGE_END, RANGE_START, TAG_PROCESS
 from quo_sync_dagster.orchestration.instance import render_instance_yaml
-from quo_sync_dagster.orchestration.sync import page_key
+from quo_sync_dagster.orchestration.sync import frame_records, page_key, sync_records
+from quo_sync_dagster.quo.client import QuoClient
+from quo_sync_dagster.quo.upsert import ContactUpserter
 from quo_sync_dagster_tests.pipeline import (
     Pipeline,
     add_integration,
@@ -272,3 +276,36 @@ def test_runs_of_a_single_page_sync_it(env: Pipeline) -> None:
     process = env.store.get_process(process_id)
     assert process.state is ProcessState.COMPLETED
     assert process.counters["synced"] + process.counters["failed"] == records
+
+
+def test_a_record_that_breaks_the_transform_fails_alone(env: Pipeline) -> None:
+    integration = add_integration(env, "scalingtest", {"records": 3})
+    connector = ScalingTestConnector(integration)
+    records = [connector.person(i) for i in range(3)]
+    del records[1]["phones"]  # a shape the transform does not expect: KeyError
+    with QuoClient(env.quo.url, "test-key") as client:
+        result = sync_records(
+            connector,
+            ContactUpserter(client, env.store, integration.id),
+            records,
+            "MockPerson",
+            "p0",
+            False,
+        )
+    assert (result.records, result.synced, result.failed) == (3, 2, 1)
+    (error,) = result.errors
+    assert error.external_id == "st-0000001" and error.error.startswith("KeyError")
+
+
+def test_page_frames_give_back_records_as_the_crm_sent_them() -> None:
+    records = [{"id": 1, "name": "A", "tags": ["x"]}, {"id": 2, "phone": None}]
+    assert frame_records(pd.DataFrame(records, dtype=object)) == records
+
+
+def test_production_dagster_yaml_keeps_the_per_crm_run_limits() -> None:
+    production = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
+    rendered = yaml.safe_load(render_instance_yaml())
+    assert (
+        production["concurrency"]["runs"]["tag_concurrency_limits"]
+        == rendered["concurrency"]["runs"]["tag_concurrency_limits"]
+    )

@@ -150,7 +150,12 @@ def fetch_page_frame(connector: CRMConnector, process: Process, page: int) -> pd
 
 
 def frame_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return frame.to_dict("records")
+    """The CRM's records again: a field a record lacked comes back absent, not as NaN (JSON has
+    no NaN, so a NaN can only be pandas filling a column)."""
+    return [
+        {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+        for row in frame.to_dict("records")
+    ]
 
 
 def sync_records(

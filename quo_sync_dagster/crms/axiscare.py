@@ -1,0 +1,224 @@
+"""AxisCare (home care): clients, leads, caregivers and applicants become Quo contacts.
+
+Integration settings: `base_url`, the site (`https://{siteNumber}.axiscare.com`); the credential
+is the API token. Paging and freshness follow what the API can do, not what the contract hopes:
+
+* Order: AxisCare has no sort parameter and lists every kind by ascending id, so pages come in
+  id order (oldest first) whatever `sort_desc` asks. Ids ascend with creation, so the last pages
+  hold the newest people: `lists_oldest_first` makes the page sensor launch them first.
+  Reversing within the API is impossible and reversing in memory would mean reading every page
+  before writing any; the planner notes each page's cursor, so runs can still start anywhere.
+* Paging: no total, so `total=None` and the page's `nextPage` URL is the cursor of the next page.
+* `modified_since`: no person list has a modified-since filter (and records carry no update
+  time), so it is ignored: every poll is a full scan, and the store's content hashes keep
+  unchanged people from being written to Quo again.
+* Ids overlap across kinds, so externalIds are "<type>-<id>" ("client-625").
+* Activities: `POST /api/call-logs` tagged with the person. AxisCare has no SMS activity, so an
+  SMS is a call log whose subject says it is an SMS.
+* Webhooks exist but are configured by AxisCare support in the admin UI, with no API: polling.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+from urllib.parse import urlsplit
+
+from quo_sync_dagster.core.models import (
+    CallActivity,
+    InvalidRecord,
+    LabeledValue,
+    PersonPage,
+    QuoContact,
+    SmsActivity,
+)
+from quo_sync_dagster.core.phones import to_e164
+from quo_sync_dagster.crms.axiscare_api import KINDS, AxisCareApi
+from quo_sync_dagster.crms.base import (
+    CRMConfig,
+    CRMConnector,
+    PersonObjectType,
+    QueueConfig,
+    SyncConfig,
+)
+
+MAX_PAGE = 500  # the spec's `limit` maximum (clients, leads); applicants use the server's size
+_SINGULAR = {kind: kind.removesuffix("s") for kind in KINDS}  # "clients" -> "client"
+_KIND_OF = {singular: kind for kind, singular in _SINGULAR.items()}
+_EXTERNAL_ID = re.compile(r"(client|lead|caregiver|applicant)-([1-9][0-9]*)")
+# Profile pages as the spec's call-log tag URLs show them; leads/applicants have none documented.
+_PROFILE_PAGE = {"clients": "customers", "caregivers": "caregivers"}
+_PHONES = (("homePhone", "home"), ("mobilePhone", "mobile"), ("otherPhone", "other"))
+_EMAILS = (("personalEmail", "personal"), ("billingEmail", "billing"))
+
+
+def _text(value: Any) -> str | None:
+    """Stripped text, or None for blanks and non-strings (page frames turn gaps into NaN)."""
+    return (value.strip() or None) if isinstance(value, str) else None
+
+
+def parse_external_id(external_id: str) -> tuple[str, int]:
+    """("client", 625) from "client-625". Anything else is refused rather than logged untagged
+    (the peer wrote untagged call logs that no person shows)."""
+    match = _EXTERNAL_ID.fullmatch(external_id or "")
+    if match is None:
+        raise ValueError(f"{external_id!r} is not an AxisCare externalId like 'client-625'")
+    return match[1], int(match[2])
+
+
+class AxisCareConnector(CRMConnector):
+    name = "axiscare"
+    quo_source = "axiscare"
+    simulator = "quo_sync_dagster.sandbox.axiscare_server"
+    crm_config = CRMConfig(
+        person_object_types=[PersonObjectType(crm_object_name=kind) for kind in KINDS],
+        # Big pages: each page is read twice (planning walk, then sync) under a low rate limit.
+        sync_config=SyncConfig(
+            lists_oldest_first=True,
+            initial_batch_size=200,
+            ongoing_batch_size=200,
+            supports_webhooks=False,
+            poll_interval_minutes=60,
+        ),
+        queue_config=QueueConfig(max_workers=4, batch_size=5, timeout=1800),
+        # Unpublished; third parties report ~5 requests/s per token, so stay below it.
+        requests_per_second=4.0,
+    )
+
+    @cached_property
+    def _api(self) -> AxisCareApi:
+        if not self.credential:
+            raise ValueError(f"integration {self.integration.id} has no AxisCare API token")
+        return AxisCareApi(self._base_url, self.credential, throttle=self.throttle)
+
+    @property
+    def _base_url(self) -> str:
+        return str(self.integration.settings["base_url"]).rstrip("/")
+
+    def close(self) -> None:
+        if "_api" in self.__dict__:
+            self.__dict__.pop("_api").close()
+
+    def fetch_person_page(
+        self,
+        object_type: str,
+        page: int,
+        limit: int,
+        modified_since: datetime | None = None,
+        sort_desc: bool = True,
+        cursor: str | None = None,
+    ) -> PersonPage:
+        # Ascending ids whatever sort_desc says, and no modified filter: see the module docstring.
+        people, next_page = self._api.list_people(
+            object_type, min(limit, MAX_PAGE), next_page_url=cursor
+        )
+        return PersonPage(people, None, has_more=next_page is not None, next_cursor=next_page)
+
+    def fetch_persons_by_ids(self, object_type: str, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """`ids` are AxisCare ids ("625") or this kind's externalIds ("client-625")."""
+        numbers = []
+        for raw in ids:
+            if raw.isdigit():
+                numbers.append(int(raw))
+                continue
+            kind, number = parse_external_id(raw)
+            if _KIND_OF[kind] != object_type:
+                raise ValueError(f"{raw!r} is not one of the {object_type}")
+            numbers.append(number)
+        return self._api.get_people(object_type, numbers)
+
+    def _phones(self, person: dict[str, Any]) -> tuple[list[LabeledValue], list[str]]:
+        """The person's valid phones in E.164 (first label wins for a repeated number) and
+        the problems with the others."""
+        phones: dict[str, LabeledValue] = {}
+        problems = []
+        for field, label in _PHONES:
+            raw = _text(person.get(field))
+            if raw is None:
+                continue
+            try:
+                number = to_e164(raw, self.integration.default_region)
+            except InvalidRecord as exc:
+                problems.append(f"{field}: {exc}")
+                continue
+            phones.setdefault(number, LabeledValue(label, number))
+        return list(phones.values()), problems
+
+    def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
+        external_id = f"{_SINGULAR[object_type]}-{person['id']}"
+        # The name people use on the phone; AxisCare keeps it in goesBy (clients, caregivers).
+        first = _text(person.get("goesBy")) or _text(person.get("firstName"))
+        last = _text(person.get("lastName"))
+        if first is None and last is None:
+            raise InvalidRecord(f"{external_id}: no name (firstName, goesBy, lastName are empty)")
+        if first is None:  # Quo shows contacts by first name: a lone last name goes there
+            first, last = last, None
+        phones, problems = self._phones(person)
+        if not phones:  # invalid phones are dropped only while a valid one remains
+            why = "; ".join(problems) or "homePhone, mobilePhone, otherPhone are empty"
+            raise InvalidRecord(f"{external_id}: no valid phone number ({why})")
+        emails: dict[str, LabeledValue] = {}
+        for field, label in _EMAILS:
+            if email := _text(person.get(field)):
+                emails.setdefault(email.lower(), LabeledValue(label, email))
+        # Profile pages exist only on a real AxisCare site (a simulator has none, and a new port
+        # per start would change every link, so every contact, on each restart).
+        site = urlsplit(self._base_url).hostname or ""
+        profile = _PROFILE_PAGE.get(object_type) if site.endswith(".axiscare.com") else None
+        return QuoContact(
+            external_id=external_id,
+            source=self.quo_source,
+            first_name=first,
+            last_name=last,
+            company=None,  # people of a care agency have no employer field
+            role=_SINGULAR[object_type].capitalize(),  # their role towards the agency
+            emails=tuple(emails.values()),
+            phone_numbers=tuple(phones),
+            source_url=f"{self._base_url}?{profile}-profile.php&id={person['id']}"
+            if profile
+            else None,
+        )
+
+    def _log(self, external_id: str, timestamp: str, subject: str, notes: str) -> str:
+        """A call log tagged with the person. The caller fields name the person: the activity
+        does not say which Quo line or user was on the other end."""
+        tag_type, entity_id = parse_external_id(external_id)
+        found = self._api.get_people(_KIND_OF[tag_type], [entity_id])
+        if not found:
+            raise LookupError(f"AxisCare has no {tag_type} {entity_id}")
+        person = found[0]
+        name = " ".join(
+            n for n in (_text(person.get("firstName")), _text(person.get("lastName"))) if n
+        )
+        phones, _ = self._phones(person)
+        when = datetime.fromisoformat(timestamp)
+        created = self._api.create_call_log(
+            caller_name=name or external_id,
+            caller_phone=phones[0].value if phones else "",
+            date_time=when if when.tzinfo else when.replace(tzinfo=UTC),
+            subject=subject,
+            notes=notes,
+            tags=[(tag_type, entity_id)],
+        )
+        return str(created["id"])
+
+    def log_sms_to_activity(self, activity: SmsActivity) -> str:
+        # AxisCare has no SMS activity; a call log is the only timeline entry the API writes.
+        subject = f"Quo SMS ({activity.direction})"
+        notes = activity.content or "(no text)"
+        return self._log(activity.contact_external_id, activity.timestamp, subject, notes)
+
+    def log_call_to_activity(self, activity: CallActivity) -> str:
+        minutes, seconds = divmod(max(activity.duration_seconds, 0), 60)
+        subject = f"Quo call ({activity.direction}, {minutes}m{seconds:02d}s)"
+        notes = activity.summary or ""
+        return self._log(activity.contact_external_id, activity.timestamp, subject, notes)
+
+    def setup_webhooks(self, receiver_url: str) -> dict[str, Any]:
+        raise NotImplementedError(
+            "AxisCare has no webhook API (AxisCare support configures webhooks in its admin UI), "
+            "so AxisCare people are synced by polling"
+        )

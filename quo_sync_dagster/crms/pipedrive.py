@@ -1,0 +1,220 @@
+"""Pipedrive: v2 persons into Quo contacts; SMS as notes and calls as call logs written back.
+
+Integration settings: `base_url` (the API base, e.g. https://acme.pipedrive.com) and optionally
+`custom_fields`, a map of Pipedrive person custom field key -> Quo custom field key. The
+credential is the API token. Webhooks use HTTP Basic auth (Pipedrive signs nothing) with a
+password derived from the token and integration id: `webhook_basic_auth()` gives the receiver
+the same pair, nothing stores it, and a new token means setting the webhooks up again.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from typing import Any
+
+from quo_sync_dagster.core.models import (
+    CallActivity,
+    CustomFieldValue,
+    InvalidRecord,
+    LabeledValue,
+    PersonPage,
+    QuoContact,
+    SmsActivity,
+)
+from quo_sync_dagster.core.phones import to_e164
+from quo_sync_dagster.crms.base import (
+    CRMConfig,
+    CRMConnector,
+    PersonObjectType,
+    QueueConfig,
+    SyncConfig,
+)
+from quo_sync_dagster.crms.pipedrive_api import PipedriveApi, PipedriveApiError
+
+LIST_LIMIT_MAX = 500  # GET /api/v2/persons
+# v2 webhooks have no `merged`: a merge arrives as `delete` (merged_to_id) plus `change`.
+WEBHOOK_ACTIONS = ("create", "change", "delete")
+WEBHOOK_USER = "quo-sync"
+
+
+def _text(value: Any) -> str | None:
+    return value.strip() or None if isinstance(value, str) else None
+
+
+def _labeled(items: Any) -> list[tuple[str, str]]:
+    """(label, value) of the non-blank items, primary first: Pipedrive's is not always first."""
+    ordered = sorted(items or [], key=lambda item: not item.get("primary"))
+    return [(i.get("label") or "work", v) for i in ordered if (v := _text(i.get("value")))]
+
+
+class PipedriveConnector(CRMConnector):
+    name = "pipedrive"
+    quo_source = "pipedrive"
+    simulator = "quo_sync_dagster.sandbox.pipedrive_server"
+    crm_config = CRMConfig(
+        person_object_types=[PersonObjectType(crm_object_name="Person")],
+        # A list call costs 10 tokens whatever its size: full pages spare the daily budget.
+        # Webhooks carry changes; the hourly poll catches what a banned webhook lost.
+        sync_config=SyncConfig(
+            initial_batch_size=LIST_LIMIT_MAX, ongoing_batch_size=100, supports_webhooks=True
+        ),
+        queue_config=QueueConfig(max_workers=4, batch_size=5, timeout=1800),
+        # Lite plan API-token burst: 20 per 2 s; half of it leaves room for other token users.
+        requests_per_second=5.0,
+    )
+
+    @cached_property
+    def api(self) -> PipedriveApi:
+        if not self.credential:
+            raise ValueError(f"integration {self.integration.id!r} has no Pipedrive API token")
+        return PipedriveApi(
+            self.integration.settings["base_url"], self.credential, throttle=self.throttle
+        )
+
+    def close(self) -> None:
+        if "api" in self.__dict__:
+            self.__dict__.pop("api").close()
+
+    def fetch_person_page(
+        self,
+        object_type: str,
+        page: int,
+        limit: int,
+        modified_since: datetime | None = None,
+        sort_desc: bool = True,
+        cursor: str | None = None,
+    ) -> PersonPage:
+        # No total: the planner walks the cursors once and passes page k its cursor.
+        records, next_cursor = self.api.list_persons(
+            min(limit, LIST_LIMIT_MAX),
+            cursor,
+            sort_by="update_time",
+            sort_direction="desc" if sort_desc else "asc",
+            updated_since=modified_since,
+        )
+        return PersonPage(records, None, has_more=next_cursor is not None, next_cursor=next_cursor)
+
+    def fetch_persons_by_ids(self, object_type: str, ids: Sequence[str]) -> list[dict[str, Any]]:
+        return self.api.get_persons(int(i) for i in ids)
+
+    def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
+        first, last = _text(person.get("first_name")), _text(person.get("last_name"))
+        if first is None and last is None:
+            first = _text(person.get("name"))  # a person created with a name only
+        if first is None and last is None:
+            raise InvalidRecord("no name: first_name, last_name and name are empty")
+        org = person.get("org_id")  # an object, with the name, in v1-shaped payloads only
+        company = _text(person.get("org_name")) or (
+            _text(org.get("name")) if isinstance(org, dict) else None
+        )
+        emails: dict[str, LabeledValue] = {}
+        for label, value in _labeled(person.get("emails")):
+            emails.setdefault(value.lower(), LabeledValue(label, value))
+        mapping = self.integration.settings.get("custom_fields") or {}
+        values = person.get("custom_fields") or {}
+        return QuoContact(
+            external_id=str(person["id"]),
+            source=self.quo_source,
+            first_name=first,
+            last_name=last,
+            company=company,
+            role=_text(person.get("job_title")),  # present with Contact Sync only
+            emails=tuple(emails.values()),
+            phone_numbers=self._phones(person.get("phones")),
+            custom_fields=tuple(
+                CustomFieldValue(quo_key, values[key])
+                for key, quo_key in mapping.items()
+                if isinstance(values.get(key), str | int | float)
+            ),
+            source_url=f"https://app.pipedrive.com/person/{person['id']}",
+        )
+
+    def _phones(self, items: Any) -> tuple[LabeledValue, ...]:
+        """Valid numbers in E.164, once each; invalid ones are dropped while a valid one is left."""
+        phones: dict[str, LabeledValue] = {}
+        problems: list[str] = []
+        for label, raw in _labeled(items):
+            try:
+                number = to_e164(raw, self.integration.default_region)
+            except InvalidRecord as exc:
+                problems.append(str(exc))
+                continue
+            phones.setdefault(number, LabeledValue(label, number))
+        if not phones:
+            raise InvalidRecord("; ".join(problems) or "no phone number")
+        return tuple(phones.values())
+
+    # ---- activity write-back -----------------------------------------------------------------
+    def log_sms_to_activity(self, activity: SmsActivity) -> str:
+        title = "Incoming SMS" if activity.direction == "incoming" else "Outgoing SMS"
+        text = html.escape(activity.content) or "(no text)"  # note content is HTML
+        note = self.api.create_note(
+            int(activity.contact_external_id),
+            f"<p><strong>{title}</strong></p><p>{text}</p>",
+            add_time=_when(activity.timestamp),
+        )
+        return str(note["id"])
+
+    def log_call_to_activity(self, activity: CallActivity) -> str:
+        person_id = int(activity.contact_external_id)
+        # Call logs require the number called, and CallActivity carries no number at all: the
+        # person's primary phone is the contact's side of the call.
+        (person,) = self.api.get_persons([person_id]) or [None]
+        if person is None or not (phones := _labeled(person.get("phones"))):
+            raise ValueError(f"Pipedrive person {person_id} is gone or has no phone to log on")
+        number, incoming = phones[0][1], activity.direction == "incoming"
+        start = _when(activity.timestamp)
+        call = self.api.create_call_log(
+            person_id,
+            # Quo reports no outcome; a call that lasted was answered.
+            outcome="connected" if activity.duration_seconds > 0 else "no_answer",
+            to_phone_number=number,
+            from_phone_number=number if incoming else None,
+            start_time=start,
+            # The client derives the duration (seconds) from these two times.
+            end_time=start + timedelta(seconds=max(activity.duration_seconds, 0)),
+            subject="Incoming call (Quo)" if incoming else "Outgoing call (Quo)",
+            note=f"<p>{html.escape(activity.summary)}</p>" if activity.summary else None,
+        )
+        return str(call["id"])
+
+    # ---- webhooks ----------------------------------------------------------------------------
+    def webhook_basic_auth(self) -> tuple[str, str]:
+        """The Basic-auth pair the receiver must check; derived, so it is never stored."""
+        secret = hmac.new(
+            (self.credential or "").encode(), f"quo-sync:{self.integration.id}".encode(), "sha256"
+        )
+        return WEBHOOK_USER, secret.hexdigest()
+
+    def setup_webhooks(self, receiver_url: str) -> dict[str, Any]:
+        user, password = self.webhook_basic_auth()
+        ids: list[int] = []
+        try:
+            for action in WEBHOOK_ACTIONS:
+                hook = self.api.create_webhook(
+                    receiver_url, action, "person", f"Quo sync: person {action}", user, password
+                )
+                ids.append(hook["id"])
+        except Exception:
+            self.teardown_webhooks({"webhookIds": ids})  # leave no half subscription behind
+            raise
+        # No password in here: the subscription gets stored and logged.
+        return {"receiverUrl": receiver_url, "webhookIds": ids, "httpAuthUser": user}
+
+    def teardown_webhooks(self, subscription: dict[str, Any]) -> None:
+        for webhook_id in subscription.get("webhookIds", []):
+            try:
+                self.api.delete_webhook(webhook_id)
+            except PipedriveApiError as exc:
+                # Pipedrive itself deletes a webhook after 3 days of failed deliveries.
+                if exc.status != 404:
+                    raise
+
+
+def _when(timestamp: str) -> datetime:
+    when = datetime.fromisoformat(timestamp)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)  # Quo times are UTC

@@ -1,0 +1,256 @@
+"""Zoho CRM: Contacts and Leads into Quo; calls to the Calls module, SMS as Notes.
+
+Integration settings: `base_url`, the data centre's API domain (the OAuth token response's
+`api_domain`, or the simulator's URL), and optionally `org_domain_name` (Zoho's org
+`domain_name`) so that contacts link back to their CRM record.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from typing import Any
+from urllib.parse import urlsplit
+
+from quo_sync_dagster.core.models import (
+    CallActivity,
+    InvalidRecord,
+    LabeledValue,
+    PersonPage,
+    QuoContact,
+    SmsActivity,
+)
+from quo_sync_dagster.core.phones import to_e164
+from quo_sync_dagster.crms.base import (
+    CRMConfig,
+    CRMConnector,
+    PersonObjectType,
+    QueueConfig,
+    SyncConfig,
+)
+from quo_sync_dagster.crms.zoho_api import (
+    DEFAULT_FIELDS,
+    MAX_PER_PAGE,
+    PAGE_LIMIT,
+    ZohoApi,
+    ZohoApiError,
+)
+
+MODULES = ("Contacts", "Leads")
+# Other_Phone is documented for Contacts only, and Zoho refuses fields a module lacks.
+FIELDS = {
+    "Contacts": (*DEFAULT_FIELDS["Contacts"], "Other_Phone"),
+    "Leads": DEFAULT_FIELDS["Leads"],
+}
+EVENTS = [f"{m}.all" for m in MODULES]
+PHONES = (("Phone", "work"), ("Mobile", "mobile"), ("Home_Phone", "home"), ("Other_Phone", "other"))
+EMAILS = (("Email", "primary"), ("Secondary_Email", "secondary"))
+# Zoho allows a week and silently turns anything longer into one hour: stay well inside it.
+CHANNEL_TTL = timedelta(days=6)
+
+
+def _text(value: Any) -> str | None:
+    """A non-blank string, else None (page frames may turn a missing value into NaN)."""
+    return (value.strip() or None) if isinstance(value, str) else None
+
+
+def _moment(timestamp: str) -> datetime:
+    moment = datetime.fromisoformat(timestamp)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class ZohoConnector(CRMConnector):
+    name = "zoho"
+    quo_source = "zoho"
+    simulator = "quo_sync_dagster.sandbox.zoho_server"
+    crm_config = CRMConfig(
+        person_object_types=[PersonObjectType(crm_object_name=m) for m in MODULES],
+        # A list call costs one API credit whatever its size, so read Zoho's maximum page.
+        sync_config=SyncConfig(
+            initial_batch_size=MAX_PER_PAGE,
+            ongoing_batch_size=100,
+            supports_webhooks=True,
+            poll_interval_minutes=60,
+        ),
+        queue_config=QueueConfig(max_workers=4, batch_size=10, timeout=900),
+        # Zoho meters credits per day and concurrent calls (5 on the Free edition); at ~1 s per
+        # call, 4 requests/s keeps even a Free org under its concurrency limit.
+        requests_per_second=4.0,
+    )
+
+    @cached_property
+    def _api(self) -> ZohoApi:
+        base_url = self.integration.settings.get("base_url")
+        if not base_url or not self.credential:
+            raise ValueError("zoho needs settings.base_url (the api_domain) and an access token")
+        return ZohoApi(base_url, self.credential, throttle=self.throttle)
+
+    def close(self) -> None:
+        if "_api" in self.__dict__:
+            self.__dict__.pop("_api").close()
+
+    @staticmethod
+    def _module(object_type: str) -> str:
+        if object_type not in MODULES:
+            raise ValueError(f"zoho has no person module {object_type!r}; known: {MODULES}")
+        return object_type
+
+    # ---- people ---------------------------------------------------------------------------
+    def fetch_person_page(
+        self,
+        object_type: str,
+        page: int,
+        limit: int,
+        modified_since: datetime | None = None,
+        sort_desc: bool = True,
+        cursor: str | None = None,
+    ) -> PersonPage:
+        """No total: the planner walks "page:N" cursors while Zoho's `page` paging reaches
+        (record 2,000), then "token:T" with the next_page_token (bound to this query, 24 h)."""
+        module, per_page = self._module(object_type), min(limit, MAX_PER_PAGE)
+        kind, _, value = (cursor or f"page:{page + 1}").partition(":")
+        if kind not in ("page", "token"):
+            raise ValueError(f"not a zoho page cursor: {cursor!r}")
+        number = int(value) if kind == "page" else None
+        records, info = self._api.list_records(
+            module,
+            per_page,
+            page=number,
+            page_token=None if kind == "page" else value,
+            fields=FIELDS[module],
+            sort_order="desc" if sort_desc else "asc",
+            modified_since=modified_since,
+        )
+        more = bool(info.get("more_records"))
+        next_cursor = None
+        if more and number is not None and (number + 1) * per_page <= PAGE_LIMIT:
+            next_cursor = f"page:{number + 1}"
+        elif more:
+            next_cursor = f"token:{info['next_page_token']}"
+        return PersonPage(records, None, has_more=more, next_cursor=next_cursor)
+
+    def fetch_persons_by_ids(self, object_type: str, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Zoho ids or this connector's external ids ("Contacts-<id>")."""
+        module = self._module(object_type)
+        raw = [i.removeprefix(f"{module}-") for i in ids]
+        return self._api.get_records(module, raw, fields=FIELDS[module])
+
+    def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
+        module = self._module(object_type)
+        first, last = _text(person.get("First_Name")), _text(person.get("Last_Name"))
+        if first is None and last is None:
+            raise InvalidRecord("no name: First_Name and Last_Name are empty")
+        if first is None:  # Last_Name is Zoho's mandatory field; a lone one is the name shown
+            first, last = last, None
+        phones: dict[str, LabeledValue] = {}
+        invalid = []
+        for field, label in PHONES:
+            if (raw := _text(person.get(field))) is None:
+                continue
+            try:
+                number = to_e164(raw, self.integration.default_region)
+            except InvalidRecord:
+                invalid.append(f"{field} {raw!r}")
+                continue
+            phones.setdefault(number, LabeledValue(label, number))  # Phone == Mobile: keep one
+        if not phones:
+            found = f"only invalid numbers: {', '.join(invalid)}" if invalid else "none given"
+            raise InvalidRecord(f"no valid phone number ({found})")
+        emails: dict[str, LabeledValue] = {}
+        for field, label in EMAILS:
+            if (email := _text(person.get(field))) is not None:
+                emails.setdefault(email.lower(), LabeledValue(label, email))
+        account = person.get("Account_Name")
+        company = account.get("name") if isinstance(account, dict) else person.get("Company")
+        return QuoContact(
+            external_id=f"{module}-{person['id']}",
+            source=self.quo_source,
+            first_name=first,
+            last_name=last,
+            company=_text(company),
+            role=_text(person.get("Title")),
+            emails=tuple(emails.values()),
+            phone_numbers=tuple(phones.values()),
+            source_url=self._record_url(module, str(person["id"])),
+        )
+
+    def _record_url(self, module: str, record_id: str) -> str | None:
+        """Zoho's web UI lives at crm.zoho.<dc>/crm/<org domain_name>/tab/<module>/<id>."""
+        org = self.integration.settings.get("org_domain_name")
+        if not org:
+            return None
+        base = self.integration.settings["base_url"].rstrip("/")
+        host = urlsplit(base).hostname or ""
+        if host.startswith("www.zohoapis."):
+            dc = host.removeprefix("www.zohoapis.")
+            base = "https://crm.zohocloud.ca" if dc == "ca" else f"https://crm.zoho.{dc}"
+        return f"{base}/crm/{org}/tab/{module}/{record_id}"
+
+    # ---- activities -----------------------------------------------------------------------
+    def _person_ref(self, external_id: str) -> tuple[str, str]:
+        module, _, record_id = external_id.partition("-")
+        if module not in MODULES or not record_id.isdigit():
+            raise ValueError(f"{external_id!r} is not a zoho external id (Contacts-<id>)")
+        return module, record_id
+
+    def log_sms_to_activity(self, activity: SmsActivity) -> str:
+        # Zoho has no SMS module; a Note on the person is what its timeline shows.
+        module, record_id = self._person_ref(activity.contact_external_id)
+        verb = "received" if activity.direction == "incoming" else "sent"
+        return self._api.create_note(
+            module,
+            record_id,
+            f"{activity.content}\n\n({activity.timestamp}, Quo message {activity.quo_message_id})",
+            title=f"SMS {verb} via Quo",
+        )
+
+    def log_call_to_activity(self, activity: CallActivity) -> str:
+        module, record_id = self._person_ref(activity.contact_external_id)
+        # Zoho refuses a zero duration on Inbound/Outbound calls: a 0 s call was not answered.
+        if activity.duration_seconds <= 0:
+            call_type = "Missed"
+        else:
+            call_type = "Inbound" if activity.direction == "incoming" else "Outbound"
+        return self._api.create_call(
+            module,
+            record_id,
+            subject=f"{call_type} call via Quo",
+            call_type=call_type,
+            start_time=_moment(activity.timestamp),
+            duration_seconds=max(activity.duration_seconds, 0),
+            description=activity.summary,
+        )
+
+    # ---- notifications --------------------------------------------------------------------
+    def setup_webhooks(self, receiver_url: str) -> dict[str, Any]:
+        """A watch channel; Zoho echoes `token` in every notification (it signs nothing)."""
+        # A random channel id per integration: a shared constant lets installs replace each other.
+        channel_id, token = str(10**12 + secrets.randbelow(9 * 10**12)), secrets.token_hex(20)
+        granted = self._api.watch(
+            channel_id, EVENTS, receiver_url, token, datetime.now(UTC) + CHANNEL_TTL
+        )
+        return {
+            "channel_id": channel_id,
+            "token": token,
+            "notify_url": receiver_url,
+            "events": list(EVENTS),
+            "expires_at": granted[0]["channel_expiry"],
+        }
+
+    def renew_webhooks(self, subscription: dict[str, Any]) -> dict[str, Any]:
+        """Move the channel's expiry; a channel that already lapsed is subscribed again."""
+        expires = datetime.now(UTC) + CHANNEL_TTL
+        channel_id, token = subscription["channel_id"], subscription["token"]
+        url, events = subscription["notify_url"], subscription["events"]
+        try:
+            granted = self._api.renew_watch(channel_id, events, expires, token, url)
+        except ZohoApiError as exc:
+            if exc.code != "NOT_SUBSCRIBED":
+                raise
+            granted = self._api.watch(channel_id, events, url, token, expires)
+        return {**subscription, "expires_at": granted[0]["channel_expiry"]}
+
+    def teardown_webhooks(self, subscription: dict[str, Any]) -> None:
+        self._api.unwatch([subscription["channel_id"]])

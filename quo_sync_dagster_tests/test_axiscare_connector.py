@@ -1,0 +1,334 @@
+"""The AxisCare connector against the AxisCare simulator over real HTTP, and through the whole
+Dagster pipeline into the Quo sandbox."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quo_sync_dagster.core.models import (
+    CallActivity,
+    Integration,
+    InvalidRecord,
+    LabeledValue,
+    SmsActivity,
+)
+from quo_sync_dagster.core.process import ProcessState
+from quo_sync_dagster.crms import connector_class
+from quo_sync_dagster.crms.axiscare import AxisCareConnector
+from quo_sync_dagster.sandbox.axiscare_server import KINDS, AxisCareSandbox, generate_people
+from quo_sync_dagster_tests.pipeline import add_integration, pipeline, sync_everything
+
+TOKEN = "axiscare-test-token"
+RECORDS = 200
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AxisCareSandbox]:
+    data = tmp_path_factory.mktemp("axiscare")
+    with AxisCareSandbox(data, token=TOKEN, records=RECORDS, rate_limit=None) as sb:
+        yield sb
+
+
+@pytest.fixture
+def connector(sim: AxisCareSandbox) -> Iterator[AxisCareConnector]:
+    integration = Integration("it-ax", "axiscare", "env:UNUSED", settings={"base_url": sim.url})
+    c = AxisCareConnector(integration, TOKEN)
+    yield c
+    c.close()
+
+
+def offline() -> AxisCareConnector:
+    settings = {"base_url": "https://7060.axiscare.com/"}
+    return AxisCareConnector(Integration("it-ax", "axiscare", "env:UNUSED", settings=settings))
+
+
+def client_record(**changes: Any) -> dict[str, Any]:
+    """A client in the list's shape (the spec's example, with realistic free-text phones)."""
+    record = {
+        "id": 295,
+        "firstName": "Zoë",
+        "lastName": "Núñez",
+        "goesBy": "Zozo",
+        "gender": "Female",
+        "dateOfBirth": "1941-05-12",
+        "status": {"label": "Temporarily Unavailable", "active": True},
+        "createdDate": "2024-02-01",
+        "classes": [{"code": "PRV", "name": "Private Pay"}],
+        "region": {"id": 1, "name": "Milwaukee"},
+        "residentialAddress": {"streetAddress1": "1 Main St", "locality": "Milwaukee"},
+        "personalEmail": "zoe.nunez@example.com",
+        "billingEmail": "Billing.295@example.org",
+        "homePhone": "(414) 555-0199",
+        "mobilePhone": "414.555.0142 x12",
+        "otherPhone": "+44 20 7946 0958",
+        "telephonyPhone": "Unrestricted",
+    }
+    return {**record, **changes}
+
+
+# ---- transform ------------------------------------------------------------------------------
+
+
+def test_client_maps_every_field() -> None:
+    contact = offline().transform_person_to_quo(client_record(), "clients")
+    assert contact.external_id == "client-295"
+    assert contact.source == "axiscare"
+    assert (contact.first_name, contact.last_name) == ("Zozo", "Núñez")
+    assert contact.company is None
+    assert contact.role == "Client"
+    assert contact.emails == (
+        LabeledValue("personal", "zoe.nunez@example.com"),
+        LabeledValue("billing", "Billing.295@example.org"),
+    )
+    assert contact.phone_numbers == (
+        LabeledValue("home", "+14145550199"),
+        LabeledValue("mobile", "+14145550142"),
+        LabeledValue("other", "+442079460958"),
+    )
+    # status, classes, region...: AxisCare fields with no configured Quo custom field.
+    assert contact.custom_fields == ()
+    assert contact.source_url == "https://7060.axiscare.com?customers-profile.php&id=295"
+
+
+def test_caregiver_without_goes_by_and_duplicates_collapsed() -> None:
+    record = client_record(
+        goesBy=None,
+        mobilePhone="+1 414 555 0199",  # the home number again
+        otherPhone=None,
+        billingEmail="ZOE.NUNEZ@example.com",  # the personal email again
+    )
+    contact = offline().transform_person_to_quo(record, "caregivers")
+    assert (contact.external_id, contact.role) == ("caregiver-295", "Caregiver")
+    assert (contact.first_name, contact.last_name) == ("Zoë", "Núñez")
+    assert contact.phone_numbers == (LabeledValue("home", "+14145550199"),)
+    assert contact.emails == (LabeledValue("personal", "zoe.nunez@example.com"),)
+    assert contact.source_url == "https://7060.axiscare.com?caregivers-profile.php&id=295"
+
+
+def test_lead_with_missing_names_and_an_invalid_phone_beside_a_valid_one() -> None:
+    lead = {
+        "id": 42,
+        "firstName": None,
+        "lastName": "  O'Brien ",
+        "status": {"label": "New", "active": True},
+        "personalEmail": None,
+        "homePhone": "n/a",
+        "mobilePhone": "4145550177",
+    }
+    contact = offline().transform_person_to_quo(lead, "leads")
+    assert (contact.external_id, contact.role) == ("lead-42", "Lead")
+    assert (contact.first_name, contact.last_name) == ("O'Brien", None)  # last name moves up
+    assert contact.phone_numbers == (LabeledValue("mobile", "+14145550177"),)
+    assert contact.emails == ()
+    assert contact.source_url is None  # no documented profile page for leads
+    applicant = {**lead, "id": 7, "firstName": "Łukasz", "lastName": ""}
+    contact = offline().transform_person_to_quo(applicant, "applicants")
+    assert (contact.external_id, contact.first_name, contact.last_name) == (
+        "applicant-7",
+        "Łukasz",
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"homePhone": None, "mobilePhone": "", "otherPhone": None}, "are empty"),
+        ({"homePhone": "123", "mobilePhone": "n/a", "otherPhone": None}, "'123'"),
+        ({"firstName": None, "goesBy": "", "lastName": " "}, "no name"),
+    ],
+)
+def test_invalid_records_name_the_problem(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRecord, match=message) as raised:
+        offline().transform_person_to_quo(client_record(**changes), "clients")
+    assert "client-295" in str(raised.value)
+
+
+def test_simulator_records_transform_or_fail_cleanly(connector: AxisCareConnector) -> None:
+    good = 0
+    for kind in KINDS:
+        for record in connector.fetch_person_page(kind, 0, 50).records:
+            try:
+                contact = connector.transform_person_to_quo(record, kind)
+            except InvalidRecord:
+                continue
+            good += 1
+            assert contact.external_id == f"{kind[:-1]}-{record['id']}"
+            assert all(p.value.startswith("+") for p in contact.phone_numbers)
+            assert contact.source_url is None  # no profile pages on a simulator's URL
+    assert good > 100
+
+
+# ---- paging ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_planner_walk_returns_everyone_once_in_id_order(
+    connector: AxisCareConnector, kind: str
+) -> None:
+    expected = [p["id"] for p in generate_people(RECORDS)[kind]]
+    pages, cursors, cursor = [], [], None
+    while True:
+        cursors.append(cursor)
+        page = connector.fetch_person_page(kind, len(pages), 25, cursor=cursor)
+        assert page.total is None
+        pages.append(page)
+        if not page.has_more:
+            break
+        assert page.next_cursor is not None
+        cursor = page.next_cursor
+    assert pages[-1].next_cursor is None
+    assert [r["id"] for p in pages for r in p.records] == expected  # ascending: no sort in API
+    # A sync run later fetches page k with the cursor the planner noted for it.
+    k = len(pages) - 1
+    again = connector.fetch_person_page(kind, k, 25, cursor=cursors[k])
+    assert again.records == pages[k].records
+
+
+def test_page_size_capped_and_modified_since_ignored(connector: AxisCareConnector) -> None:
+    everyone = connector.fetch_person_page("clients", 0, 2000)  # the API refuses limit > 500
+    assert len(everyone.records) == len(generate_people(RECORDS)["clients"])
+    assert not everyone.has_more
+    since = connector.fetch_person_page("clients", 0, 2000, modified_since=datetime.now(UTC))
+    assert since.records == everyone.records  # no filter exists: polls are full scans
+
+
+def test_fetch_persons_by_ids(connector: AxisCareConnector) -> None:
+    ids = [p["id"] for p in generate_people(RECORDS)["leads"][:3]]
+    found = connector.fetch_persons_by_ids("leads", [str(ids[0]), f"lead-{ids[2]}"])
+    assert [p["id"] for p in found] == [ids[0], ids[2]]
+    with pytest.raises(ValueError, match="not one of the leads"):
+        connector.fetch_persons_by_ids("leads", [f"client-{ids[0]}"])
+
+
+# ---- activities and webhooks ----------------------------------------------------------------
+
+
+def _valid_person(connector: AxisCareConnector, kind: str) -> dict[str, Any]:
+    for record in connector.fetch_person_page(kind, 0, 50).records:
+        try:
+            connector.transform_person_to_quo(record, kind)
+            return record
+        except InvalidRecord:
+            continue
+    raise AssertionError(f"no valid {kind}")
+
+
+def test_call_and_sms_become_tagged_call_logs(
+    connector: AxisCareConnector, sim: AxisCareSandbox
+) -> None:
+    client = _valid_person(connector, "clients")
+    caregiver = _valid_person(connector, "caregivers")
+    before = len(sim.stats()["callLogs"])
+    call_id = connector.log_call_to_activity(
+        CallActivity(
+            "AC1",
+            "incoming",
+            205,
+            f"client-{client['id']}",
+            "2026-03-01T15:00:00Z",
+            "Asked to move Tuesday",
+        )
+    )
+    sms_id = connector.log_sms_to_activity(
+        SmsActivity(
+            "MS1",
+            "outgoing",
+            "See you at 9",
+            f"caregiver-{caregiver['id']}",
+            "2026-03-01T10:00:00-05:00",
+        )
+    )
+    call, sms = sim.stats()["callLogs"][before:]
+    assert (call_id, sms_id) == (str(call["id"]), str(sms["id"]))
+    assert call["subject"] == "Quo call (incoming, 3m25s)"
+    assert call["notes"] == "Asked to move Tuesday"
+    assert call["dateTime"] == "2026-03-01T15:00:00+00:00"
+    assert call["followUp"] is False
+    assert call["tags"][0]["type"] == "client"
+    assert call["tags"][0]["url"].endswith(f"customers-profile.php&id={client['id']}")
+    assert call["callerName"] == f"{client['firstName'] or ''} {client['lastName']}".strip()
+    client_phones = connector.transform_person_to_quo(client, "clients").phone_numbers
+    assert call["callerPhone"] == client_phones[0].value
+    assert sms["subject"] == "Quo SMS (outgoing)"
+    assert sms["notes"] == "See you at 9"
+    assert sms["dateTime"] == "2026-03-01T10:00:00-05:00"
+    assert [(t["type"], t["url"].rsplit("=", 1)[1]) for t in sms["tags"]] == [
+        ("caregiver", str(caregiver["id"]))
+    ]
+
+
+@pytest.mark.parametrize("external_id", ["client-0", "foo-123", "512", "abc123def", "client-"])
+def test_malformed_external_ids_write_nothing(
+    connector: AxisCareConnector, sim: AxisCareSandbox, external_id: str
+) -> None:
+    before = len(sim.stats()["callLogs"])
+    with pytest.raises(ValueError, match="not an AxisCare externalId"):
+        connector.log_call_to_activity(
+            CallActivity("AC2", "outgoing", 5, external_id, "2026-03-01T10:00:00Z")
+        )
+    assert len(sim.stats()["callLogs"]) == before
+
+
+def test_unknown_person_is_an_error(connector: AxisCareConnector) -> None:
+    with pytest.raises(LookupError, match="no lead 99999"):
+        connector.log_sms_to_activity(
+            SmsActivity("MS2", "incoming", "hi", "lead-99999", "2026-03-01T10:00:00Z")
+        )
+
+
+def test_no_webhooks_so_polling() -> None:
+    assert AxisCareConnector.crm_config.sync_config.supports_webhooks is False
+    with pytest.raises(NotImplementedError, match="polling"):
+        offline().setup_webhooks("https://example.com/hook")
+
+
+def test_registered_with_its_simulator() -> None:
+    assert connector_class("axiscare") is AxisCareConnector
+    assert AxisCareConnector.simulator == "quo_sync_dagster.sandbox.axiscare_server"
+    types = [t.crm_object_name for t in AxisCareConnector.crm_config.person_object_types]
+    assert types == list(KINDS)
+    assert AxisCareConnector.crm_config.sync_config.lists_oldest_first
+
+
+# ---- the whole pipeline ---------------------------------------------------------------------
+
+
+def test_pipeline_syncs_every_kind_then_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # AxisCare's own ~5 requests/s limit is on: the connector's 4/s governor must stay under it.
+    # 680 people: every kind, applicants too (fixed pages of 100), spans 2-3 pages of 100 and
+    # each Process is one ranged run, because a one-page range fails in the framework's
+    # PageFramesIOManager (Dagster hands a lone partition over as a bare DataFrame).
+    with (
+        AxisCareSandbox(tmp_path / "axiscare", token=TOKEN, records=680) as axis,
+        pipeline(tmp_path, monkeypatch) as p,
+    ):
+        monkeypatch.setenv("AXISCARE_TEST_TOKEN", TOKEN)
+        add_integration(
+            p, "axiscare", {"base_url": axis.url}, crm_credential_ref="env:AXISCARE_TEST_TOKEN"
+        )
+        config = {"integration_id": "it-1", "page_size": 100, "pages_per_run": 3}
+        processes = sync_everything(p, "axiscare", config)
+        assert sorted(q.context["personObjectType"] for q in processes) == sorted(KINDS)
+        assert all(q.state == ProcessState.COMPLETED for q in processes)
+        synced = sum(q.counters["synced"] for q in processes)
+        failed = sum(q.counters["failed"] for q in processes)
+        assert synced + failed == sum(axis.stats()["people"].values()) == 680
+        assert 0 < failed < synced  # the simulator's blank and unusable phones
+        quo = p.quo.stats()
+        assert quo["contactsBySource"]["axiscare"] == synced
+        assert quo["duplicateExternalIds"] == 0
+        assert axis.stats()["rateLimited"] == 0
+
+        before = quo["byKind"]
+        again = sync_everything(p, "axiscare", config)
+        assert all(q.state == ProcessState.COMPLETED for q in again)
+        after = p.quo.stats()["byKind"]
+        assert (after["create"], after["patch"]) == (before["create"], before["patch"])

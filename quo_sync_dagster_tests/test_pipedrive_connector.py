@@ -1,0 +1,307 @@
+"""The Pipedrive connector against the Pipedrive simulator over real HTTP, and the whole Dagster
+pipeline from the simulator into the Quo sandbox."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quo_sync_dagster.core.models import (
+    CallActivity,
+    CustomFieldValue,
+    Integration,
+    InvalidRecord,
+    LabeledValue,
+    PersonPage,
+    QuoContact,
+    SmsActivity,
+)
+from quo_sync_dagster.core.process import ProcessState
+from quo_sync_dagster.crms.pipedrive import PipedriveConnector
+from quo_sync_dagster.crms.pipedrive_api import PipedriveApi, PipedriveApiError
+from quo_sync_dagster.quo.client import QuoClient
+from quo_sync_dagster.sandbox.pipedrive_server import (
+    CUSTOM_FIELD_KEYS,
+    DEFAULT_TOKEN,
+    FIRST_PERSON_ID,
+    PipedriveSandbox,
+    seed_person,
+)
+from quo_sync_dagster_tests.pipeline import add_integration, pipeline, sync_everything
+
+RECORDS = 60
+BAD = {FIRST_PERSON_ID + i for i in (7, 57)} | {FIRST_PERSON_ID + 13}  # no phone; no name
+LEAD_SOURCE, TIER = CUSTOM_FIELD_KEYS["lead_source"], CUSTOM_FIELD_KEYS["customer_tier"]
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipedriveSandbox]:
+    with PipedriveSandbox(
+        tmp_path_factory.mktemp("pipedrive"), records=RECORDS, rate_limit=None
+    ) as sb:
+        yield sb
+
+
+def connector(url: str = "http://unused", **settings: Any) -> PipedriveConnector:
+    integration = Integration(
+        "it-pd", "pipedrive", "env:QUO", settings={"base_url": url, **settings}
+    )
+    return PipedriveConnector(integration, DEFAULT_TOKEN)
+
+
+@pytest.fixture
+def crm(sim: PipedriveSandbox) -> Iterator[PipedriveConnector]:
+    c = connector(sim.url)
+    yield c
+    c.close()
+
+
+def person(**fields: Any) -> dict[str, Any]:
+    """A person in the v2 shape, as GET /api/v2/persons returns it."""
+    return {
+        "id": 1234,
+        "name": "Zoë Łukasiewicz-Ørsted",
+        "first_name": "Zoë",
+        "last_name": "Łukasiewicz-Ørsted",
+        "owner_id": 111,
+        "org_id": 55,
+        "add_time": "2025-05-01T08:00:00Z",
+        "update_time": "2026-03-01T10:00:00Z",
+        "emails": [
+            {"value": "zoe@acme.example", "primary": False, "label": "work"},
+            {"value": " zoe@home.example ", "primary": True, "label": "home"},
+            {"value": "ZOE@acme.example", "primary": False, "label": "other"},  # a duplicate
+        ],
+        "phones": [
+            {"value": "(415) 555-0132", "primary": False, "label": "work"},
+            {"value": "+49 30 90181234", "primary": True, "label": "mobile"},
+            {"value": "415.555.0132", "primary": False, "label": "home"},  # the work number again
+            {"value": "12", "primary": False, "label": "other"},  # not a number: dropped
+            {"value": "", "primary": False, "label": ""},
+        ],
+        "is_deleted": False,
+        "visible_to": 3,
+        "label_ids": [5],
+        "picture_id": None,
+        "custom_fields": {LEAD_SOURCE: "Referral", TIER: 2, "blank": None, "unmapped": "x"},
+        **fields,
+    }
+
+
+# ---- transform ----------------------------------------------------------------------------------
+def test_transform_maps_every_field() -> None:
+    mapping = {LEAD_SOURCE: "inbound-lead", TIER: "lifetime-value", "blank": "vip"}
+    crm = connector(custom_fields=mapping)
+    contact = crm.transform_person_to_quo(person(org_name="Acme GmbH", job_title="Buyer"), "Person")
+    assert contact == QuoContact(
+        external_id="1234",
+        source="pipedrive",
+        first_name="Zoë",
+        last_name="Łukasiewicz-Ørsted",
+        company="Acme GmbH",
+        role="Buyer",
+        emails=(
+            LabeledValue("home", "zoe@home.example"),
+            LabeledValue("work", "zoe@acme.example"),
+        ),
+        phone_numbers=(
+            LabeledValue("mobile", "+493090181234"),
+            LabeledValue("work", "+14155550132"),
+        ),
+        custom_fields=(
+            CustomFieldValue("inbound-lead", "Referral"),
+            CustomFieldValue("lifetime-value", 2),
+        ),
+        source_url="https://app.pipedrive.com/person/1234",
+    )
+
+
+def test_transform_of_a_simulator_record_and_the_v1_org_object() -> None:
+    raw = seed_person(3)  # three phones in three formats, custom fields, no org name
+    contact = connector().transform_person_to_quo(raw, "Person")
+    assert (contact.first_name, contact.last_name) == (raw["first_name"], raw["last_name"])
+    assert [p.value for p in contact.phone_numbers] == [
+        "+13122000009",
+        "+12062000010",
+        "+13032000011",
+    ]
+    assert [p.name for p in contact.phone_numbers] == ["other", "mobile", "work"]
+    assert contact.company is None and contact.role is None
+    assert contact.custom_fields == ()  # no Quo keys configured: left out
+    v1 = connector().transform_person_to_quo(person(org_id={"value": 55, "name": "Acme"}), "Person")
+    assert v1.company == "Acme"
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        ({"first_name": "Mei", "last_name": None}, ("Mei", None)),
+        ({"first_name": "", "last_name": "Tanaka"}, (None, "Tanaka")),
+        ({"first_name": None, "last_name": None, "name": "李 王"}, ("李 王", None)),
+    ],
+)
+def test_missing_name_parts(names: dict[str, Any], expected: tuple[str | None, str | None]) -> None:
+    contact = connector().transform_person_to_quo(person(**names), "Person")
+    assert (contact.first_name, contact.last_name) == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"phones": []}, "no phone number"),
+        ({"phones": [{"value": " ", "primary": True, "label": "work"}]}, "no phone number"),
+        (
+            {"phones": [{"value": "555-01", "primary": True, "label": "work"}]},
+            "invalid phone number '555-01'",
+        ),
+        ({"first_name": None, "last_name": " ", "name": ""}, "no name"),
+    ],
+)
+def test_invalid_records(fields: dict[str, Any], problem: str) -> None:
+    with pytest.raises(InvalidRecord, match=problem):
+        connector().transform_person_to_quo(person(**fields), "Person")
+
+
+# ---- paging -------------------------------------------------------------------------------------
+def walk(crm: PipedriveConnector, limit: int, since: datetime | None = None) -> list[PersonPage]:
+    """As the planner does: page 0 without a cursor, then each page's next_cursor."""
+    pages = [crm.fetch_person_page("Person", 0, limit, since)]
+    while pages[-1].has_more:
+        assert len(pages) < 50, "paging never ends"
+        cursor = pages[-1].next_cursor
+        pages.append(crm.fetch_person_page("Person", len(pages), limit, since, cursor=cursor))
+    return pages
+
+
+def newest_first(people: list[dict[str, Any]]) -> list[int]:
+    return [
+        p["id"] for p in sorted(people, key=lambda p: (p["update_time"], p["id"]), reverse=True)
+    ]
+
+
+def test_paging_returns_every_person_once_newest_first(crm: PipedriveConnector) -> None:
+    pages = walk(crm, 7)
+    ids = [r["id"] for p in pages for r in p.records]
+    assert ids == newest_first([seed_person(i) for i in range(RECORDS)])
+    assert len(pages) == 9 and all(p.total is None for p in pages)
+    assert [p.has_more for p in pages] == [True] * 8 + [False]
+    assert pages[-1].next_cursor is None
+    # Later runs fetch page k with the cursor the planner noted for it.
+    cursor = pages[3].next_cursor
+    assert crm.fetch_person_page("Person", 4, 7, cursor=cursor).records == pages[4].records
+
+
+def test_paging_honours_modified_since(crm: PipedriveConnector) -> None:
+    people = [seed_person(i) for i in range(RECORDS)]
+    since = datetime(2024, 6, 1, tzinfo=UTC)
+    expected = [p for p in people if datetime.fromisoformat(p["update_time"]) >= since]
+    assert 0 < len(expected) < RECORDS
+    ids = [r["id"] for p in walk(crm, 10, since) for r in p.records]
+    assert ids == newest_first(expected)
+
+
+def test_fetch_persons_by_ids(crm: PipedriveConnector) -> None:
+    found = crm.fetch_persons_by_ids("Person", ["1005", "1001", "99999"])
+    assert sorted(p["id"] for p in found) == [1001, 1005]
+
+
+# ---- activities and webhooks ---------------------------------------------------------------------
+def test_sms_becomes_a_note_on_the_person(sim: PipedriveSandbox, crm: PipedriveConnector) -> None:
+    sms = SmsActivity("MSG1", "incoming", "Can we <reschedule>?", "1005", "2026-03-01T10:00:00Z")
+    note_id = crm.log_sms_to_activity(sms)
+    (note,) = [n for n in sim.stats()["created"]["notes"] if str(n["id"]) == note_id]
+    assert note["person_id"] == 1005
+    assert (
+        note["content"] == "<p><strong>Incoming SMS</strong></p><p>Can we &lt;reschedule&gt;?</p>"
+    )
+    assert note["add_time"] == "2026-03-01 10:00:00"
+
+
+def test_calls_become_call_logs(sim: PipedriveSandbox, crm: PipedriveConnector) -> None:
+    answered = CallActivity("CALL1", "outgoing", 95, "1004", "2026-03-01T10:00:00+00:00", "Quote")
+    missed = CallActivity("CALL2", "incoming", 0, "1004", "2026-03-01T11:00:00Z")
+    ids = [crm.log_call_to_activity(answered), crm.log_call_to_activity(missed)]
+    logs = {c["id"]: c for c in sim.stats()["created"]["callLogs"]}
+    first, second = logs[ids[0]], logs[ids[1]]
+    assert first["person_id"] == 1004 and first["outcome"] == "connected"
+    assert first["to_phone_number"] == "3122000009"  # the person's primary phone
+    assert first["from_phone_number"] is None
+    assert (first["start_time"], first["end_time"]) == (
+        "2026-03-01 10:00:00",
+        "2026-03-01 10:01:35",
+    )
+    assert first["duration"] == "95" and first["note"] == "<p>Quote</p>"
+    assert first["subject"] == "Outgoing call (Quo)"
+    assert second["outcome"] == "no_answer" and second["duration"] == "0"
+    assert second["from_phone_number"] == "3122000009" and second["note"] is None
+    with pytest.raises(ValueError, match="99999"):
+        crm.log_call_to_activity(CallActivity("CALL3", "outgoing", 5, "99999", "2026-03-01T12:00Z"))
+
+
+def test_webhooks_round_trip(sim: PipedriveSandbox, crm: PipedriveConnector) -> None:
+    subscription = crm.setup_webhooks("https://hooks.example/pipedrive")
+    user, password = crm.webhook_basic_auth()
+    assert password not in json.dumps(subscription) and DEFAULT_TOKEN not in password
+    hooks = {h["id"]: h for h in sim.stats()["created"]["webhooks"]}
+    mine = [hooks[i] for i in subscription["webhookIds"]]
+    assert [h["event_action"] for h in mine] == ["create", "change", "delete"]
+    assert {(h["event_object"], h["version"], h["subscription_url"]) for h in mine} == {
+        ("person", "2.0", "https://hooks.example/pipedrive")
+    }
+    assert {(h["http_auth_user"], h["http_auth_password"]) for h in mine} == {(user, password)}
+    crm.teardown_webhooks(subscription)
+    assert not set(subscription["webhookIds"]) & {
+        h["id"] for h in sim.stats()["created"]["webhooks"]
+    }
+    crm.teardown_webhooks(subscription)  # already gone: nothing to do
+
+
+def test_failed_webhook_setup_removes_what_it_created(
+    sim: PipedriveSandbox, crm: PipedriveConnector
+) -> None:
+    with PipedriveApi(sim.url, DEFAULT_TOKEN) as api:
+        fillers = [api.create_webhook("https://x.example/h")["id"] for _ in range(38)]
+        with pytest.raises(PipedriveApiError, match="at most 40"):  # the third one fails
+            crm.setup_webhooks("https://hooks.example/pipedrive")
+        assert {h["id"] for h in api.list_webhooks()} == set(fillers)
+        for hook_id in fillers:
+            api.delete_webhook(hook_id)
+
+
+# ---- the whole pipeline --------------------------------------------------------------------------
+def test_pipeline_syncs_every_person_once(
+    sim: PipedriveSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIPEDRIVE_TEST_TOKEN", DEFAULT_TOKEN)
+    config = {"integration_id": "it-1", "page_size": 7, "pages_per_run": 3}
+    with pipeline(tmp_path, monkeypatch) as p:
+        settings = {"base_url": sim.url, "custom_fields": {LEAD_SOURCE: "inbound-lead"}}
+        add_integration(p, "pipedrive", settings, crm_credential_ref="env:PIPEDRIVE_TEST_TOKEN")
+        processes = sync_everything(p, "pipedrive", config)
+        assert [q.state for q in processes] == [ProcessState.COMPLETED]
+        synced = sum(q.counters["synced"] for q in processes)
+        assert synced + sum(q.counters["failed"] for q in processes) == sim.stats()["persons"]
+        assert synced == RECORDS - len(BAD)
+        stats = p.quo.stats()
+        assert stats["contactsBySource"]["pipedrive"] == synced
+        assert stats["duplicateExternalIds"] == 0
+
+        before = p.quo.stats()["byKind"]
+        sync_everything(p, "pipedrive", config)
+        after = p.quo.stats()["byKind"]
+        assert (after["create"], after["patch"]) == (before["create"], before["patch"])
+
+        with QuoClient(p.quo.url, "test-key") as quo:
+            found = quo.find_by_external_ids(["1002", *map(str, BAD)], "pipedrive")
+        assert set(found) == {"1002"}
+        fields = found["1002"]["defaultFields"]
+        assert fields["firstName"] == seed_person(1)["first_name"]
+        assert fields["phoneNumbers"][0]["value"].startswith("+")
+        assert [(c["key"], c["value"]) for c in found["1002"]["customFields"]] == [
+            ("inbound-lead", "Website")
+        ]
