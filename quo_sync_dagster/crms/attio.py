@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from functools import cached_property
 from typing import Any
 
 from quo_sync_dagster.core.models import (
@@ -21,7 +20,6 @@ from quo_sync_dagster.core.models import (
     QuoContact,
     SmsActivity,
 )
-from quo_sync_dagster.core.phones import to_e164
 from quo_sync_dagster.crms.attio_api import PEOPLE, AttioApi, AttioApiError
 from quo_sync_dagster.crms.base import (
     CRMConfig,
@@ -30,6 +28,7 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
+from quo_sync_dagster.crms.fields import emails, phones
 
 DEFAULT_BASE_URL = "https://api.attio.com"
 
@@ -70,16 +69,11 @@ class AttioConnector(CRMConnector):
         requests_per_second=20.0,
     )
 
-    @cached_property
-    def _api(self) -> AttioApi:
+    def make_api(self) -> AttioApi:
         if not self.credential:
             raise ValueError(f"integration {self.integration.id!r} has no Attio credential")
         base_url = self.integration.settings.get("base_url", DEFAULT_BASE_URL)
         return AttioApi(base_url, self.credential, throttle=self.throttle)
-
-    def close(self) -> None:
-        if "_api" in self.__dict__:
-            self.__dict__.pop("_api").close()
 
     def fetch_person_page(
         self,
@@ -93,11 +87,11 @@ class AttioConnector(CRMConnector):
         """Offset paging by index (`cursor` unused), newest-created first: Attio has no
         updated_at, so `modified_since` cannot be honoured and every sync is a full scan.
         One extra row tells whether another page exists, so no empty trailing page is made."""
-        rows = self._api.query_people(limit + 1, page * limit, sort_desc)
+        rows = self.api.query_people(limit + 1, page * limit, sort_desc)
         return PersonPage(rows[:limit], total=None, has_more=len(rows) > limit)
 
     def fetch_persons_by_ids(self, object_type: str, ids: Sequence[str]) -> list[dict[str, Any]]:
-        return self._api.get_people(ids)  # no batch GET: a `record_id $in` query
+        return self.api.get_people(ids)  # no batch GET: a `record_id $in` query
 
     def person_id(self, person: dict[str, Any]) -> str:
         return str(person.get("id", {}).get("record_id"))
@@ -114,7 +108,6 @@ class AttioConnector(CRMConnector):
         if first is None and last is None:
             raise InvalidRecord("no name: name has no first, last or full name")
         title = next(iter(_active(person, "job_title")), {}).get("value") or None
-        emails = dict.fromkeys(v["email_address"] for v in _active(person, "email_addresses"))
         # No company: it is a reference to a companies record, which the client cannot read yet.
         return QuoContact(
             external_id=record_id,
@@ -122,25 +115,28 @@ class AttioConnector(CRMConnector):
             first_name=first,
             last_name=last,
             role=title,
-            emails=tuple(LabeledValue("email", e) for e in emails),
+            emails=emails(
+                ("email", v["email_address"]) for v in _active(person, "email_addresses")
+            ),
             phone_numbers=self._phones(person),
             custom_fields=self._custom_fields(person),
             source_url=person.get("web_url") or None,
         )
 
     def _phones(self, person: dict[str, Any]) -> tuple[LabeledValue, ...]:
-        """E.164 numbers; invalid ones are dropped while one valid number remains."""
-        numbers, errors = [], []
-        for value in _active(person, "phone_numbers"):
-            raw = value.get("phone_number") or value.get("original_phone_number") or ""
-            try:
-                region = value.get("country_code") or self.integration.default_region
-                numbers.append(to_e164(raw, region))
-            except InvalidRecord as exc:
-                errors.append(str(exc))
-        if not numbers:
-            raise InvalidRecord("; ".join(errors) or "no phone number")
-        return tuple(LabeledValue("phone", n) for n in dict.fromkeys(numbers))
+        """E.164 numbers; invalid ones are dropped while one valid number remains. Attio's
+        stored phone_number is E.164 already; a number is read in its own country_code."""
+        return phones(
+            (
+                (
+                    "phone",
+                    value.get("phone_number") or value.get("original_phone_number"),
+                    value.get("country_code"),
+                )
+                for value in _active(person, "phone_numbers")
+            ),
+            self.integration.default_region,
+        )
 
     def _custom_fields(self, person: dict[str, Any]) -> tuple[CustomFieldValue, ...]:
         mapping: dict[str, str] = self.integration.settings.get("custom_fields", {})
@@ -168,14 +164,14 @@ class AttioConnector(CRMConnector):
         )
 
     def _note(self, record_id: str, title: str, content: str, at: str) -> str:
-        note = self._api.create_note(record_id, title, content, "plaintext", created_at=at)
+        note = self.api.create_note(record_id, title, content, "plaintext", created_at=at)
         return note["id"]["note_id"]
 
     def setup_webhooks(self, receiver_url: str) -> dict[str, Any]:
         """record.created/updated/deleted/merged. The client subscribes without a filter, so the
         receiver must skip events whose id.object_id is not people. Attio shows the signing
         secret only once: it is returned (to verify Attio-Signature) but never shown."""
-        webhook = self._api.create_webhook(receiver_url)
+        webhook = self.api.create_webhook(receiver_url)
         return _Subscription(
             webhook_id=webhook["id"]["webhook_id"],
             target_url=webhook["target_url"],
@@ -185,7 +181,7 @@ class AttioConnector(CRMConnector):
 
     def teardown_webhooks(self, subscription: dict[str, Any]) -> None:
         try:
-            self._api.delete_webhook(subscription["webhook_id"])
+            self.api.delete_webhook(subscription["webhook_id"])
         except AttioApiError as exc:
             if exc.status != 404:  # already gone is what teardown wants
                 raise

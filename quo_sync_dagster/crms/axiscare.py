@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from functools import cached_property
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,7 +34,6 @@ from quo_sync_dagster.core.models import (
     QuoContact,
     SmsActivity,
 )
-from quo_sync_dagster.core.phones import to_e164
 from quo_sync_dagster.crms.axiscare_api import KINDS, AxisCareApi
 from quo_sync_dagster.crms.base import (
     CRMConfig,
@@ -44,6 +42,7 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
+from quo_sync_dagster.crms.fields import aware, e164, emails, text
 
 MAX_PAGE = 500  # the spec's `limit` maximum (clients, leads); applicants use the server's size
 _SINGULAR = {kind: kind.removesuffix("s") for kind in KINDS}  # "clients" -> "client"
@@ -52,12 +51,8 @@ _EXTERNAL_ID = re.compile(r"(client|lead|caregiver|applicant)-([1-9][0-9]*)")
 # Profile pages as the spec's call-log tag URLs show them; leads/applicants have none documented.
 _PROFILE_PAGE = {"clients": "customers", "caregivers": "caregivers"}
 _PHONES = (("homePhone", "home"), ("mobilePhone", "mobile"), ("otherPhone", "other"))
+_PHONE_FIELD = {label: field for field, label in _PHONES}
 _EMAILS = (("personalEmail", "personal"), ("billingEmail", "billing"))
-
-
-def _text(value: Any) -> str | None:
-    """Stripped text, or None for blanks and non-strings (page frames turn gaps into NaN)."""
-    return (value.strip() or None) if isinstance(value, str) else None
 
 
 def parse_external_id(external_id: str) -> tuple[str, int]:
@@ -88,8 +83,7 @@ class AxisCareConnector(CRMConnector):
         requests_per_second=4.0,
     )
 
-    @cached_property
-    def _api(self) -> AxisCareApi:
+    def make_api(self) -> AxisCareApi:
         if not self.credential:
             raise ValueError(f"integration {self.integration.id} has no AxisCare API token")
         return AxisCareApi(self._base_url, self.credential, throttle=self.throttle)
@@ -97,10 +91,6 @@ class AxisCareConnector(CRMConnector):
     @property
     def _base_url(self) -> str:
         return str(self.integration.settings["base_url"]).rstrip("/")
-
-    def close(self) -> None:
-        if "_api" in self.__dict__:
-            self.__dict__.pop("_api").close()
 
     def fetch_person_page(
         self,
@@ -112,7 +102,7 @@ class AxisCareConnector(CRMConnector):
         cursor: str | None = None,
     ) -> PersonPage:
         # Ascending ids whatever sort_desc says, and no modified filter: see the module docstring.
-        people, next_page = self._api.list_people(
+        people, next_page = self.api.list_people(
             object_type, min(limit, MAX_PAGE), next_page_url=cursor
         )
         return PersonPage(people, None, has_more=next_page is not None, next_cursor=next_page)
@@ -128,30 +118,22 @@ class AxisCareConnector(CRMConnector):
             if _KIND_OF[kind] != object_type:
                 raise ValueError(f"{raw!r} is not one of the {object_type}")
             numbers.append(number)
-        return self._api.get_people(object_type, numbers)
+        return self.api.get_people(object_type, numbers)
 
-    def _phones(self, person: dict[str, Any]) -> tuple[list[LabeledValue], list[str]]:
+    def _phones(self, person: dict[str, Any]) -> tuple[tuple[LabeledValue, ...], list[str]]:
         """The person's valid phones in E.164 (first label wins for a repeated number) and
         the problems with the others."""
-        phones: dict[str, LabeledValue] = {}
-        problems = []
-        for field, label in _PHONES:
-            raw = _text(person.get(field))
-            if raw is None:
-                continue
-            try:
-                number = to_e164(raw, self.integration.default_region)
-            except InvalidRecord as exc:
-                problems.append(f"{field}: {exc}")
-                continue
-            phones.setdefault(number, LabeledValue(label, number))
-        return list(phones.values()), problems
+        found, problems = e164(
+            ((label, person.get(field)) for field, label in _PHONES),
+            self.integration.default_region,
+        )
+        return found, [f"{_PHONE_FIELD[p.label]}: {p}" for p in problems]
 
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
         external_id = f"{_SINGULAR[object_type]}-{person['id']}"
         # The name people use on the phone; AxisCare keeps it in goesBy (clients, caregivers).
-        first = _text(person.get("goesBy")) or _text(person.get("firstName"))
-        last = _text(person.get("lastName"))
+        first = text(person.get("goesBy")) or text(person.get("firstName"))
+        last = text(person.get("lastName"))
         if first is None and last is None:
             raise InvalidRecord(f"{external_id}: no name (firstName, goesBy, lastName are empty)")
         if first is None:  # Quo shows contacts by first name: a lone last name goes there
@@ -160,10 +142,6 @@ class AxisCareConnector(CRMConnector):
         if not phones:  # invalid phones are dropped only while a valid one remains
             why = "; ".join(problems) or "homePhone, mobilePhone, otherPhone are empty"
             raise InvalidRecord(f"{external_id}: no valid phone number ({why})")
-        emails: dict[str, LabeledValue] = {}
-        for field, label in _EMAILS:
-            if email := _text(person.get(field)):
-                emails.setdefault(email.lower(), LabeledValue(label, email))
         # Profile pages exist only on a real AxisCare site (a simulator has none, and a new port
         # per start would change every link, so every contact, on each restart).
         site = urlsplit(self._base_url).hostname or ""
@@ -175,8 +153,8 @@ class AxisCareConnector(CRMConnector):
             last_name=last,
             company=None,  # people of a care agency have no employer field
             role=_SINGULAR[object_type].capitalize(),  # their role towards the agency
-            emails=tuple(emails.values()),
-            phone_numbers=tuple(phones),
+            emails=emails((label, person.get(field)) for field, label in _EMAILS),
+            phone_numbers=phones,
             source_url=f"{self._base_url}?{profile}-profile.php&id={person['id']}"
             if profile
             else None,
@@ -186,19 +164,18 @@ class AxisCareConnector(CRMConnector):
         """A call log tagged with the person. The caller fields name the person: the activity
         does not say which Quo line or user was on the other end."""
         tag_type, entity_id = parse_external_id(external_id)
-        found = self._api.get_people(_KIND_OF[tag_type], [entity_id])
+        found = self.api.get_people(_KIND_OF[tag_type], [entity_id])
         if not found:
             raise LookupError(f"AxisCare has no {tag_type} {entity_id}")
         person = found[0]
         name = " ".join(
-            n for n in (_text(person.get("firstName")), _text(person.get("lastName"))) if n
+            n for n in (text(person.get("firstName")), text(person.get("lastName"))) if n
         )
         phones, _ = self._phones(person)
-        when = datetime.fromisoformat(timestamp)
-        created = self._api.create_call_log(
+        created = self.api.create_call_log(
             caller_name=name or external_id,
             caller_phone=phones[0].value if phones else "",
-            date_time=when if when.tzinfo else when.replace(tzinfo=UTC),
+            date_time=aware(timestamp),
             subject=subject,
             notes=notes,
             tags=[(tag_type, entity_id)],

@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import datetime
+from functools import cached_property
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
@@ -133,8 +134,21 @@ class CRMConnector(ABC):
     def teardown_webhooks(self, subscription: dict[str, Any]) -> None:
         """Remove what setup_webhooks created; CRMs without webhooks have nothing to remove."""
 
+    # ---- the CRM's API client, built on first use ------------------------------------------
+    def make_api(self) -> Any:
+        """Build the CRM's API client (typically from `self.integration.settings["base_url"]`,
+        `self.credential` and `throttle=self.throttle`); `api` calls it once, when first used.
+        Connectors without a client (ScalingTest) leave it alone."""
+        raise NotImplementedError(f"{self.name} has no API client")
+
+    @cached_property
+    def api(self) -> Any:
+        return self.make_api()
+
     def close(self) -> None:
-        """Release HTTP clients."""
+        """Release HTTP clients: the API client, if it was built."""
+        if "api" in self.__dict__:
+            self.__dict__.pop("api").close()
 
 
 def connector_class(name: str) -> type[CRMConnector]:

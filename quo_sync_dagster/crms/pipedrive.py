@@ -12,20 +12,17 @@ from __future__ import annotations
 import hmac
 import html
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
-from functools import cached_property
+from datetime import datetime, timedelta
 from typing import Any
 
 from quo_sync_dagster.core.models import (
     CallActivity,
     CustomFieldValue,
     InvalidRecord,
-    LabeledValue,
     PersonPage,
     QuoContact,
     SmsActivity,
 )
-from quo_sync_dagster.core.phones import to_e164
 from quo_sync_dagster.crms.base import (
     CRMConfig,
     CRMConnector,
@@ -33,6 +30,7 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
+from quo_sync_dagster.crms.fields import aware, emails, phones, text
 from quo_sync_dagster.crms.pipedrive_api import PipedriveApi, PipedriveApiError
 
 LIST_LIMIT_MAX = 500  # GET /api/v2/persons
@@ -41,14 +39,10 @@ WEBHOOK_ACTIONS = ("create", "change", "delete")
 WEBHOOK_USER = "quo-sync"
 
 
-def _text(value: Any) -> str | None:
-    return value.strip() or None if isinstance(value, str) else None
-
-
 def _labeled(items: Any) -> list[tuple[str, str]]:
     """(label, value) of the non-blank items, primary first: Pipedrive's is not always first."""
     ordered = sorted(items or [], key=lambda item: not item.get("primary"))
-    return [(i.get("label") or "work", v) for i in ordered if (v := _text(i.get("value")))]
+    return [(i.get("label") or "work", v) for i in ordered if (v := text(i.get("value")))]
 
 
 class PipedriveConnector(CRMConnector):
@@ -67,17 +61,12 @@ class PipedriveConnector(CRMConnector):
         requests_per_second=5.0,
     )
 
-    @cached_property
-    def api(self) -> PipedriveApi:
+    def make_api(self) -> PipedriveApi:
         if not self.credential:
             raise ValueError(f"integration {self.integration.id!r} has no Pipedrive API token")
         return PipedriveApi(
             self.integration.settings["base_url"], self.credential, throttle=self.throttle
         )
-
-    def close(self) -> None:
-        if "api" in self.__dict__:
-            self.__dict__.pop("api").close()
 
     def fetch_person_page(
         self,
@@ -102,18 +91,15 @@ class PipedriveConnector(CRMConnector):
         return self.api.get_persons(int(i) for i in ids)
 
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
-        first, last = _text(person.get("first_name")), _text(person.get("last_name"))
+        first, last = text(person.get("first_name")), text(person.get("last_name"))
         if first is None and last is None:
-            first = _text(person.get("name"))  # a person created with a name only
+            first = text(person.get("name"))  # a person created with a name only
         if first is None and last is None:
             raise InvalidRecord("no name: first_name, last_name and name are empty")
         org = person.get("org_id")  # an object, with the name, in v1-shaped payloads only
-        company = _text(person.get("org_name")) or (
-            _text(org.get("name")) if isinstance(org, dict) else None
+        company = text(person.get("org_name")) or (
+            text(org.get("name")) if isinstance(org, dict) else None
         )
-        emails: dict[str, LabeledValue] = {}
-        for label, value in _labeled(person.get("emails")):
-            emails.setdefault(value.lower(), LabeledValue(label, value))
         mapping = self.integration.settings.get("custom_fields") or {}
         values = person.get("custom_fields") or {}
         return QuoContact(
@@ -122,9 +108,10 @@ class PipedriveConnector(CRMConnector):
             first_name=first,
             last_name=last,
             company=company,
-            role=_text(person.get("job_title")),  # present with Contact Sync only
-            emails=tuple(emails.values()),
-            phone_numbers=self._phones(person.get("phones")),
+            role=text(person.get("job_title")),  # present with Contact Sync only
+            emails=emails(_labeled(person.get("emails"))),
+            # Valid numbers in E.164, once each; invalid ones are dropped while a valid one is left.
+            phone_numbers=phones(_labeled(person.get("phones")), self.integration.default_region),
             custom_fields=tuple(
                 CustomFieldValue(quo_key, values[key])
                 for key, quo_key in mapping.items()
@@ -133,21 +120,6 @@ class PipedriveConnector(CRMConnector):
             source_url=f"https://app.pipedrive.com/person/{person['id']}",
         )
 
-    def _phones(self, items: Any) -> tuple[LabeledValue, ...]:
-        """Valid numbers in E.164, once each; invalid ones are dropped while a valid one is left."""
-        phones: dict[str, LabeledValue] = {}
-        problems: list[str] = []
-        for label, raw in _labeled(items):
-            try:
-                number = to_e164(raw, self.integration.default_region)
-            except InvalidRecord as exc:
-                problems.append(str(exc))
-                continue
-            phones.setdefault(number, LabeledValue(label, number))
-        if not phones:
-            raise InvalidRecord("; ".join(problems) or "no phone number")
-        return tuple(phones.values())
-
     # ---- activity write-back -----------------------------------------------------------------
     def log_sms_to_activity(self, activity: SmsActivity) -> str:
         title = "Incoming SMS" if activity.direction == "incoming" else "Outgoing SMS"
@@ -155,7 +127,7 @@ class PipedriveConnector(CRMConnector):
         note = self.api.create_note(
             int(activity.contact_external_id),
             f"<p><strong>{title}</strong></p><p>{text}</p>",
-            add_time=_when(activity.timestamp),
+            add_time=aware(activity.timestamp),
         )
         return str(note["id"])
 
@@ -167,7 +139,7 @@ class PipedriveConnector(CRMConnector):
         if person is None or not (phones := _labeled(person.get("phones"))):
             raise ValueError(f"Pipedrive person {person_id} is gone or has no phone to log on")
         number, incoming = phones[0][1], activity.direction == "incoming"
-        start = _when(activity.timestamp)
+        start = aware(activity.timestamp)
         call = self.api.create_call_log(
             person_id,
             # Quo reports no outcome; a call that lasted was answered.
@@ -213,8 +185,3 @@ class PipedriveConnector(CRMConnector):
                 # Pipedrive itself deletes a webhook after 3 days of failed deliveries.
                 if exc.status != 404:
                     raise
-
-
-def _when(timestamp: str) -> datetime:
-    when = datetime.fromisoformat(timestamp)
-    return when if when.tzinfo else when.replace(tzinfo=UTC)  # Quo times are UTC

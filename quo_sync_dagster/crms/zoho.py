@@ -10,19 +10,16 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
 from quo_sync_dagster.core.models import (
     CallActivity,
     InvalidRecord,
-    LabeledValue,
     PersonPage,
     QuoContact,
     SmsActivity,
 )
-from quo_sync_dagster.core.phones import to_e164
 from quo_sync_dagster.crms.base import (
     CRMConfig,
     CRMConnector,
@@ -30,6 +27,7 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
+from quo_sync_dagster.crms.fields import PhoneProblem, aware, emails, phones, text
 from quo_sync_dagster.crms.zoho_api import (
     DEFAULT_FIELDS,
     MAX_PER_PAGE,
@@ -46,19 +44,17 @@ FIELDS = {
 }
 EVENTS = [f"{m}.all" for m in MODULES]
 PHONES = (("Phone", "work"), ("Mobile", "mobile"), ("Home_Phone", "home"), ("Other_Phone", "other"))
+_PHONE_FIELD = {label: field for field, label in PHONES}
 EMAILS = (("Email", "primary"), ("Secondary_Email", "secondary"))
 # Zoho allows a week and silently turns anything longer into one hour: stay well inside it.
 CHANNEL_TTL = timedelta(days=6)
 
 
-def _text(value: Any) -> str | None:
-    """A non-blank string, else None (page frames may turn a missing value into NaN)."""
-    return (value.strip() or None) if isinstance(value, str) else None
-
-
-def _moment(timestamp: str) -> datetime:
-    moment = datetime.fromisoformat(timestamp)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+def _no_valid_phone(problems: Sequence[PhoneProblem]) -> str:
+    """Zoho's message names the fields of the invalid numbers."""
+    invalid = ", ".join(f"{_PHONE_FIELD[p.label]} {p.raw!r}" for p in problems)
+    found = f"only invalid numbers: {invalid}" if invalid else "none given"
+    return f"no valid phone number ({found})"
 
 
 class ZohoConnector(CRMConnector):
@@ -80,16 +76,11 @@ class ZohoConnector(CRMConnector):
         requests_per_second=4.0,
     )
 
-    @cached_property
-    def _api(self) -> ZohoApi:
+    def make_api(self) -> ZohoApi:
         base_url = self.integration.settings.get("base_url")
         if not base_url or not self.credential:
             raise ValueError("zoho needs settings.base_url (the api_domain) and an access token")
         return ZohoApi(base_url, self.credential, throttle=self.throttle)
-
-    def close(self) -> None:
-        if "_api" in self.__dict__:
-            self.__dict__.pop("_api").close()
 
     @staticmethod
     def _module(object_type: str) -> str:
@@ -114,7 +105,7 @@ class ZohoConnector(CRMConnector):
         if kind not in ("page", "token"):
             raise ValueError(f"not a zoho page cursor: {cursor!r}")
         number = int(value) if kind == "page" else None
-        records, info = self._api.list_records(
+        records, info = self.api.list_records(
             module,
             per_page,
             page=number,
@@ -135,33 +126,15 @@ class ZohoConnector(CRMConnector):
         """Zoho ids or this connector's external ids ("Contacts-<id>")."""
         module = self._module(object_type)
         raw = [i.removeprefix(f"{module}-") for i in ids]
-        return self._api.get_records(module, raw, fields=FIELDS[module])
+        return self.api.get_records(module, raw, fields=FIELDS[module])
 
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
         module = self._module(object_type)
-        first, last = _text(person.get("First_Name")), _text(person.get("Last_Name"))
+        first, last = text(person.get("First_Name")), text(person.get("Last_Name"))
         if first is None and last is None:
             raise InvalidRecord("no name: First_Name and Last_Name are empty")
         if first is None:  # Last_Name is Zoho's mandatory field; a lone one is the name shown
             first, last = last, None
-        phones: dict[str, LabeledValue] = {}
-        invalid = []
-        for field, label in PHONES:
-            if (raw := _text(person.get(field))) is None:
-                continue
-            try:
-                number = to_e164(raw, self.integration.default_region)
-            except InvalidRecord:
-                invalid.append(f"{field} {raw!r}")
-                continue
-            phones.setdefault(number, LabeledValue(label, number))  # Phone == Mobile: keep one
-        if not phones:
-            found = f"only invalid numbers: {', '.join(invalid)}" if invalid else "none given"
-            raise InvalidRecord(f"no valid phone number ({found})")
-        emails: dict[str, LabeledValue] = {}
-        for field, label in EMAILS:
-            if (email := _text(person.get(field))) is not None:
-                emails.setdefault(email.lower(), LabeledValue(label, email))
         account = person.get("Account_Name")
         company = account.get("name") if isinstance(account, dict) else person.get("Company")
         return QuoContact(
@@ -169,10 +142,15 @@ class ZohoConnector(CRMConnector):
             source=self.quo_source,
             first_name=first,
             last_name=last,
-            company=_text(company),
-            role=_text(person.get("Title")),
-            emails=tuple(emails.values()),
-            phone_numbers=tuple(phones.values()),
+            company=text(company),
+            role=text(person.get("Title")),
+            emails=emails((label, person.get(field)) for field, label in EMAILS),
+            # Phone == Mobile: the number once, as work.
+            phone_numbers=phones(
+                ((label, person.get(field)) for field, label in PHONES),
+                self.integration.default_region,
+                _no_valid_phone,
+            ),
             source_url=self._record_url(module, str(person["id"])),
         )
 
@@ -199,7 +177,7 @@ class ZohoConnector(CRMConnector):
         # Zoho has no SMS module; a Note on the person is what its timeline shows.
         module, record_id = self._person_ref(activity.contact_external_id)
         verb = "received" if activity.direction == "incoming" else "sent"
-        return self._api.create_note(
+        return self.api.create_note(
             module,
             record_id,
             f"{activity.content}\n\n({activity.timestamp}, Quo message {activity.quo_message_id})",
@@ -213,12 +191,12 @@ class ZohoConnector(CRMConnector):
             call_type = "Missed"
         else:
             call_type = "Inbound" if activity.direction == "incoming" else "Outbound"
-        return self._api.create_call(
+        return self.api.create_call(
             module,
             record_id,
             subject=f"{call_type} call via Quo",
             call_type=call_type,
-            start_time=_moment(activity.timestamp),
+            start_time=aware(activity.timestamp),
             duration_seconds=max(activity.duration_seconds, 0),
             description=activity.summary,
         )
@@ -228,7 +206,7 @@ class ZohoConnector(CRMConnector):
         """A watch channel; Zoho echoes `token` in every notification (it signs nothing)."""
         # A random channel id per integration: a shared constant lets installs replace each other.
         channel_id, token = str(10**12 + secrets.randbelow(9 * 10**12)), secrets.token_hex(20)
-        granted = self._api.watch(
+        granted = self.api.watch(
             channel_id, EVENTS, receiver_url, token, datetime.now(UTC) + CHANNEL_TTL
         )
         return {
@@ -245,12 +223,12 @@ class ZohoConnector(CRMConnector):
         channel_id, token = subscription["channel_id"], subscription["token"]
         url, events = subscription["notify_url"], subscription["events"]
         try:
-            granted = self._api.renew_watch(channel_id, events, expires, token, url)
+            granted = self.api.renew_watch(channel_id, events, expires, token, url)
         except ZohoApiError as exc:
             if exc.code != "NOT_SUBSCRIBED":
                 raise
-            granted = self._api.watch(channel_id, events, url, token, expires)
+            granted = self.api.watch(channel_id, events, url, token, expires)
         return {**subscription, "expires_at": granted[0]["channel_expiry"]}
 
     def teardown_webhooks(self, subscription: dict[str, Any]) -> None:
-        self._api.unwatch([subscription["channel_id"]])
+        self.api.unwatch([subscription["channel_id"]])

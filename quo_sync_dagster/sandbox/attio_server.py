@@ -20,9 +20,6 @@ import math
 import random
 import re
 import secrets
-import signal
-import socket
-import threading
 import time
 import uuid
 from collections import Counter, deque
@@ -34,7 +31,6 @@ from typing import Any
 
 import httpx
 import phonenumbers
-import uvicorn
 from jsonschema import Draft202012Validator, FormatChecker
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -42,6 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from quo_sync_dagster.sandbox.quo_state import Fault, TokenBuckets
+from quo_sync_dagster.sandbox.serving import SandboxServer, serve_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -656,8 +653,10 @@ def build_app(state: AttioState) -> Starlette:
     return app
 
 
-class AttioSandbox:
+class AttioSandbox(SandboxServer):
     """Runs the sandbox in-process on 127.0.0.1 (uvicorn in a background thread)."""
+
+    name = "Attio"
 
     def __init__(
         self,
@@ -668,89 +667,34 @@ class AttioSandbox:
         webhook_secret: str | None = None,
         port: int = 0,
     ) -> None:
-        self.data_dir, self.api_key, self.port = Path(data_dir), api_key, port
+        super().__init__(port)
+        self.data_dir, self.api_key = Path(data_dir), api_key
         self._options = {
             "records": records,
             "rate_limit": rate_limit,
             "webhook_secret": webhook_secret,
         }
-        self.url = ""
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
 
-    def start(self, timeout: float = 10.0) -> AttioSandbox:
-        # Bind ourselves so port=0 yields a known port before uvicorn starts serving.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        state = AttioState(self.data_dir, self.api_key, **self._options)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            build_app(state), log_level="warning", access_log=False, lifespan="off"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="attio-sandbox", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{self.url}/_sandbox/stats", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"Attio sandbox did not start on {self.url}")
-            time.sleep(0.02)
+    def _create_state(self) -> AttioState:
+        return AttioState(self.data_dir, self.api_key, **self._options)
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
-
-    def __enter__(self) -> AttioSandbox:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _admin(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = httpx.request(method, f"{self.url}/_sandbox/{path}", **kwargs)
-        response.raise_for_status()
-        return response.json() if response.content else None
-
-    def stats(self) -> dict[str, Any]:
-        return self._admin("GET", "stats")
+    def _create_app(self, state: AttioState) -> Starlette:
+        return build_app(state)
 
     def notes(self) -> list[dict[str, Any]]:
-        return self._admin("GET", "notes")
+        return self._admin_request("GET", "notes").json()
 
     def webhooks(self) -> list[dict[str, Any]]:
-        return self._admin("GET", "webhooks")
-
-    def inject_fault(
-        self,
-        status: int | None = None,
-        count: int = 1,
-        retry_after: str | None = None,
-        delay_seconds: float = 0.0,
-    ) -> None:
-        fault = {"status": status, "count": count, "retryAfter": retry_after}
-        self._admin("POST", "faults", json={**fault, "delaySeconds": delay_seconds})
-
-    def clear_faults(self) -> None:
-        self._admin("DELETE", "faults")
+        return self._admin_request("GET", "webhooks").json()
 
     def emit_webhook(
         self, webhook_id: str, events: list[dict[str, Any]], target_url: str | None = None
     ) -> int:
         """Have the sandbox deliver a signed event; returns the receiver's HTTP status."""
         body = {"events": events, "target_url": target_url}
-        return self._admin("POST", f"webhooks/{webhook_id}/emit", json=body)["status"]
+        return self._admin_request("POST", f"webhooks/{webhook_id}/emit", json=body).json()[
+            "status"
+        ]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -771,13 +715,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         webhook_secret=args.webhook_secret,
         port=args.port,
     )
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    with sandbox:
-        print(f"SANDBOX_READY {sandbox.url}", flush=True)
-        while not stop.wait(0.5):
-            pass
+    serve_until_signalled(sandbox, "SANDBOX_READY")
 
 
 if __name__ == "__main__":

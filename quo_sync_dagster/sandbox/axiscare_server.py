@@ -18,10 +18,6 @@ import logging
 import math
 import random
 import re
-import signal
-import socket
-import threading
-import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -30,8 +26,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import httpx
-import uvicorn
 import yaml
 from jsonschema import Draft202012Validator
 from starlette.applications import Starlette
@@ -40,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from quo_sync_dagster.sandbox.quo_state import TokenBuckets
+from quo_sync_dagster.sandbox.serving import SandboxServer, serve_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -516,8 +511,10 @@ def build_app(state: SandboxState) -> Starlette:
     return app
 
 
-class AxisCareSandbox:
+class AxisCareSandbox(SandboxServer):
     """Runs the sandbox in-process on 127.0.0.1 (uvicorn in a background thread)."""
+
+    name = "AxisCare"
 
     def __init__(
         self,
@@ -528,81 +525,21 @@ class AxisCareSandbox:
         port: int = 0,
         live_envelope: bool = False,
     ) -> None:
-        self.data_dir, self.token, self.port = Path(data_dir), token, port
+        super().__init__(port)
+        self.data_dir, self.token = Path(data_dir), token
         self._options = {"records": records, "rate_limit": rate_limit}
         self._live_envelope = live_envelope
-        self.url = ""
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
 
-    def start(self, timeout: float = 10.0) -> AxisCareSandbox:
-        # Bind ourselves so port=0 yields a known port before uvicorn starts serving.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        state = SandboxState(
+    def _create_state(self) -> SandboxState:
+        return SandboxState(
             self.data_dir, self.token, live_envelope=self._live_envelope, **self._options
         )
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            build_app(state), log_level="warning", access_log=False, lifespan="off"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run,
-            kwargs={"sockets": [sock]},
-            name="axiscare-sandbox",
-            daemon=True,
-        )
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{self.url}/_sandbox/stats", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"AxisCare sandbox did not start on {self.url}")
-            time.sleep(0.02)
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
-
-    def __enter__(self) -> AxisCareSandbox:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def stats(self) -> dict[str, Any]:
-        response = httpx.get(f"{self.url}/_sandbox/stats")
-        response.raise_for_status()
-        return response.json()
-
-    def inject_fault(
-        self,
-        status: int | None = None,
-        count: int = 1,
-        retry_after: str | None = None,
-        delay_seconds: float = 0.0,
-    ) -> None:
-        fault = {"status": status, "count": count, "retryAfter": retry_after}
-        response = httpx.post(
-            f"{self.url}/_sandbox/faults", json={**fault, "delaySeconds": delay_seconds}
-        )
-        response.raise_for_status()
-
-    def clear_faults(self) -> None:
-        httpx.delete(f"{self.url}/_sandbox/faults").raise_for_status()
+    def _create_app(self, state: SandboxState) -> Starlette:
+        return build_app(state)
 
     def reset_stats(self) -> None:
-        httpx.post(f"{self.url}/_sandbox/reset-stats").raise_for_status()
+        self._admin_request("POST", "reset-stats")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -627,13 +564,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=args.port,
         live_envelope=args.live_envelope,
     )
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    with sandbox:
-        print(f"SANDBOX_READY {sandbox.url}", flush=True)
-        while not stop.wait(0.5):
-            pass
+    serve_until_signalled(sandbox, "SANDBOX_READY")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,7 @@ import json
 import logging
 import math
 import re
-import signal
-import socket
 import sqlite3
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,12 +32,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+
+from quo_sync_dagster.sandbox.serving import SandboxServer, serve_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -819,12 +816,15 @@ def build_app(state: PipedriveState) -> Starlette:
     return app
 
 
-class PipedriveSandbox:
+class PipedriveSandbox(SandboxServer):
     """Runs the sandbox in-process on 127.0.0.1 (uvicorn in a background thread).
 
     `rate_limit` is the burst allowance per token per 2 s (None: off); `daily_budget` is the
     day's token allowance (None: unlimited), after which every request gets the 403 HTML page.
+    `inject_fault(403)` answers with the Cloudflare HTML page too.
     """
+
+    name = "Pipedrive"
 
     def __init__(
         self,
@@ -835,92 +835,21 @@ class PipedriveSandbox:
         daily_budget: int | None = None,
         port: int = 0,
     ) -> None:
-        self.data_dir, self.api_token, self.port = Path(data_dir), api_token, port
+        super().__init__(port)
+        self.data_dir, self.api_token = Path(data_dir), api_token
         self._options = {"records": records, "rate_limit": rate_limit, "daily_budget": daily_budget}
-        self.url = ""
-        self._state: PipedriveState | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._admin: httpx.Client | None = None  # one client: tests call the admin API a lot
 
-    def start(self, timeout: float = 10.0) -> PipedriveSandbox:
-        # Bind ourselves so port=0 yields a known port before uvicorn starts serving.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        self._state = PipedriveState(self.data_dir, self.api_token, **self._options)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            build_app(self._state), log_level="warning", access_log=False, lifespan="off"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run,
-            kwargs={"sockets": [sock]},
-            name="pipedrive-sandbox",
-            daemon=True,
-        )
-        self._thread.start()
-        self._admin = httpx.Client(base_url=self.url, timeout=10.0)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self._admin.get("/_sandbox/stats", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"Pipedrive sandbox did not start on {self.url}")
-            time.sleep(0.02)
+    def _create_state(self) -> PipedriveState:
+        return PipedriveState(self.data_dir, self.api_token, **self._options)
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self._state is not None:
-            self._state.close()
-        if self._admin is not None:
-            self._admin.close()
-        self._server = self._thread = self._state = self._admin = None
+    def _create_app(self, state: PipedriveState) -> Starlette:
+        return build_app(state)
 
-    @property
-    def _admin_client(self) -> httpx.Client:
-        if self._admin is None:
-            raise RuntimeError("the Pipedrive sandbox is not running")
-        return self._admin
-
-    def __enter__(self) -> PipedriveSandbox:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def stats(self) -> dict[str, Any]:
-        response = self._admin_client.get("/_sandbox/stats")
-        response.raise_for_status()
-        return response.json()
-
-    def inject_fault(
-        self,
-        status: int | None = None,
-        count: int = 1,
-        retry_after: str | None = None,
-        delay_seconds: float = 0.0,
-    ) -> None:
-        """Answer the next `count` requests with `status` (403: the Cloudflare HTML page)."""
-        fault = {"status": status, "count": count, "retryAfter": retry_after}
-        response = self._admin_client.post(
-            "/_sandbox/faults", json={**fault, "delaySeconds": delay_seconds}
-        )
-        response.raise_for_status()
-
-    def clear_faults(self) -> None:
-        self._admin_client.delete("/_sandbox/faults").raise_for_status()
+    def _close_state(self, state: PipedriveState) -> None:
+        state.close()
 
     def reset_stats(self) -> None:
-        self._admin_client.post("/_sandbox/reset-stats").raise_for_status()
+        self._admin_request("POST", "reset-stats")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -942,13 +871,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         daily_budget=args.daily_budget,
         port=args.port,
     )
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    with sandbox:
-        print(f"SANDBOX_READY {sandbox.url}", flush=True)
-        while not stop.wait(0.5):
-            pass
+    serve_until_signalled(sandbox, "SANDBOX_READY")
 
 
 if __name__ == "__main__":

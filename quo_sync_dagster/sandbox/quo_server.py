@@ -16,9 +16,6 @@ import json
 import logging
 import math
 import secrets
-import signal
-import socket
-import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -29,8 +26,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-import uvicorn
 from jsonschema import Draft202012Validator, FormatChecker
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -44,6 +39,7 @@ from quo_sync_dagster.sandbox.quo_state import (
     RequestCounters,
     TokenBuckets,
 )
+from quo_sync_dagster.sandbox.serving import SandboxServer, serve_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -542,8 +538,10 @@ def build_app(state: SandboxState) -> Starlette:
     return app
 
 
-class QuoSandbox:
+class QuoSandbox(SandboxServer):
     """Runs the sandbox in-process on 127.0.0.1 (uvicorn in a background thread)."""
+
+    name = "Quo"
 
     def __init__(
         self,
@@ -554,86 +552,29 @@ class QuoSandbox:
         custom_fields: Iterable[dict[str, str]] = DEFAULT_CUSTOM_FIELDS,
         port: int = 0,
     ) -> None:
-        self.data_dir, self.api_keys, self.port = Path(data_dir), tuple(api_keys), port
+        super().__init__(port)
+        self.data_dir, self.api_keys = Path(data_dir), tuple(api_keys)
         self._options = {
             "rate_limit": rate_limit,
             "retry_after_format": retry_after_format,
             "custom_fields": tuple(custom_fields),
         }
-        self.url = ""
-        self._state: SandboxState | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def api_key(self) -> str:
         return self.api_keys[0]
 
-    def start(self, timeout: float = 10.0) -> QuoSandbox:
-        # Bind ourselves so port=0 yields a known port before uvicorn starts serving.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        self._state = SandboxState(self.data_dir, self.api_keys, **self._options)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            build_app(self._state), log_level="warning", access_log=False, lifespan="off"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="quo-sandbox", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{self.url}/_sandbox/stats", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"Quo sandbox did not start on {self.url}")
-            time.sleep(0.02)
+    def _create_state(self) -> SandboxState:
+        return SandboxState(self.data_dir, self.api_keys, **self._options)
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self._state is not None:
-            self._state.store.close()
-        self._server = self._thread = self._state = None
+    def _create_app(self, state: SandboxState) -> Starlette:
+        return build_app(state)
 
-    def __enter__(self) -> QuoSandbox:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def stats(self) -> dict[str, Any]:
-        response = httpx.get(f"{self.url}/_sandbox/stats")
-        response.raise_for_status()
-        return response.json()
-
-    def inject_fault(
-        self,
-        status: int | None = None,
-        count: int = 1,
-        retry_after: str | None = None,
-        delay_seconds: float = 0.0,
-    ) -> None:
-        fault = {"status": status, "count": count, "retryAfter": retry_after}
-        response = httpx.post(
-            f"{self.url}/_sandbox/faults", json={**fault, "delaySeconds": delay_seconds}
-        )
-        response.raise_for_status()
-
-    def clear_faults(self) -> None:
-        httpx.delete(f"{self.url}/_sandbox/faults").raise_for_status()
+    def _close_state(self, state: SandboxState) -> None:
+        state.store.close()
 
     def reset_stats(self) -> None:
-        httpx.post(f"{self.url}/_sandbox/reset-stats").raise_for_status()
+        self._admin_request("POST", "reset-stats")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -658,13 +599,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ),
         port=args.port,
     )
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    with sandbox:
-        print(f"QUO_SANDBOX_READY {sandbox.url}", flush=True)
-        while not stop.wait(0.5):
-            pass
+    serve_until_signalled(sandbox, "QUO_SANDBOX_READY")
 
 
 if __name__ == "__main__":

@@ -16,24 +16,19 @@ import json
 import logging
 import re
 import secrets
-import signal
-import socket
-import threading
-import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from quo_sync_dagster.sandbox.quo_state import Fault, TokenBuckets
+from quo_sync_dagster.sandbox.serving import SandboxServer, serve_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -868,8 +863,10 @@ def build_app(state: ZohoState) -> Starlette:
     return app
 
 
-class ZohoSandbox:
+class ZohoSandbox(SandboxServer):
     """Runs the sandbox in-process on 127.0.0.1 (uvicorn in a background thread)."""
+
+    name = "Zoho"
 
     def __init__(
         self,
@@ -879,82 +876,33 @@ class ZohoSandbox:
         rate_limit: float | None = 10.0,
         port: int = 0,
     ) -> None:
-        self.data_dir, self.access_token, self.port = Path(data_dir), access_token, port
+        super().__init__(port)
+        self.data_dir, self.access_token = Path(data_dir), access_token
         self._records, self._rate_limit = records, rate_limit
-        self.url = ""
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
 
-    def start(self, timeout: float = 10.0) -> ZohoSandbox:
-        # Bind ourselves so port=0 yields a known port before uvicorn starts serving.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        state = ZohoState(self.data_dir, self.access_token, self._records, self._rate_limit)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            build_app(state), log_level="warning", access_log=False, lifespan="off"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="zoho-sandbox", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{self.url}/_sandbox/stats", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"Zoho sandbox did not start on {self.url}")
-            time.sleep(0.02)
+    def _create_state(self) -> ZohoState:
+        return ZohoState(self.data_dir, self.access_token, self._records, self._rate_limit)
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
-
-    def __enter__(self) -> ZohoSandbox:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = httpx.request(method, f"{self.url}/_sandbox/{path}", **kwargs)
-        response.raise_for_status()
-        return response
-
-    def stats(self) -> dict[str, Any]:
-        return self._admin("GET", "stats").json()
+    def _create_app(self, state: ZohoState) -> Starlette:
+        return build_app(state)
 
     def reset_stats(self) -> None:
-        self._admin("POST", "reset-stats")
+        self._admin_request("POST", "reset-stats")
 
     def created(self) -> dict[str, list[dict[str, Any]]]:
         """What was written through the API: {"calls": [...], "notes": [...], "channels": [...]}"""
-        return self._admin("GET", "created").json()
+        return self._admin_request("GET", "created").json()
 
     def touch(self, module: str, ids: Sequence[str]) -> int:
         """Set Modified_Time of these records to now; returns how many were found."""
-        return self._admin("POST", "touch", json={"module": module, "ids": list(ids)}).json()[
-            "touched"
-        ]
+        body = {"module": module, "ids": list(ids)}
+        return self._admin_request("POST", "touch", json=body).json()["touched"]
 
-    def inject_fault(
+    def inject_fault(  # type: ignore[override]  # Zoho sends no Retry-After
         self, status: int | None = None, count: int = 1, delay_seconds: float = 0.0
     ) -> None:
-        self._admin(
-            "POST", "faults", json={"status": status, "count": count, "delaySeconds": delay_seconds}
-        )
-
-    def clear_faults(self) -> None:
-        self._admin("DELETE", "faults")
+        fault = {"status": status, "count": count, "delaySeconds": delay_seconds}
+        self._admin_request("POST", "faults", json=fault)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -973,13 +921,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rate_limit=None if args.no_rate_limit else args.rate_limit,
         port=args.port,
     )
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    with sandbox:
-        print(f"SANDBOX_READY {sandbox.url}", flush=True)
-        while not stop.wait(0.5):
-            pass
+    serve_until_signalled(sandbox, "SANDBOX_READY")
 
 
 if __name__ == "__main__":
