@@ -22,7 +22,7 @@ import re
 import secrets
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
@@ -37,8 +37,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from quo_sync_dagster.sandbox.quo_state import Fault, TokenBuckets
-from quo_sync_dagster.sandbox.serving import SandboxServer, serve_until_signalled
+from quo_sync_dagster.sandbox.quo_state import TokenBuckets
+from quo_sync_dagster.sandbox.serving import (
+    FaultQueue,
+    SandboxServer,
+    admin_routes,
+    serve_until_signalled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +380,7 @@ class AttioState:
         if self._log_path.exists():
             for line in self._log_path.read_text().splitlines():
                 self._apply(json.loads(line))
-        self.faults: deque[Fault] = deque()
+        self.faults = FaultQueue()
         self.by_kind: Counter[str] = Counter()
         self.by_status: Counter[int] = Counter()
 
@@ -393,15 +398,6 @@ class AttioState:
         with self._log_path.open("a") as log_file:
             log_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
-    def take_fault(self) -> Fault | None:
-        if not self.faults:
-            return None
-        fault = self.faults[0]
-        fault.remaining -= 1
-        if fault.remaining <= 0:
-            self.faults.popleft()
-        return fault
-
     def stats(self) -> dict[str, Any]:
         return {
             "requests": sum(self.by_kind.values()),
@@ -411,7 +407,7 @@ class AttioState:
             "people": len(self.people),
             "notes": len(self.notes),
             "webhooks": len(self.webhooks),
-            "pendingFaults": sum(f.remaining for f in self.faults),
+            "pendingFaults": self.faults.pending,
         }
 
 
@@ -446,7 +442,7 @@ class _Api:
     async def _guarded(
         self, request: Request, kind: str, handler: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        fault = self.state.take_fault()
+        fault = self.state.faults.take()
         if fault is not None:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
@@ -579,35 +575,12 @@ class _Api:
         return JSONResponse({})
 
 
-async def _admin_stats(request: Request) -> Response:
-    return JSONResponse(request.app.state.sandbox.stats())
-
-
 async def _admin_notes(request: Request) -> Response:
     return JSONResponse(request.app.state.sandbox.notes)
 
 
 async def _admin_webhooks(request: Request) -> Response:
     return JSONResponse(list(request.app.state.sandbox.webhooks.values()))
-
-
-async def _admin_faults(request: Request) -> Response:
-    state: AttioState = request.app.state.sandbox
-    if request.method == "DELETE":
-        state.faults.clear()
-        return Response(status_code=204)
-    try:
-        spec = json.loads(await request.body())
-        status, delay = spec.get("status"), float(spec.get("delaySeconds") or 0)
-        count, retry_after = int(spec.get("count", 1)), spec.get("retryAfter")
-        if (status is None and not delay) or (status is not None and status not in FAULT_STATUSES):
-            raise ValueError(f"status must be one of {sorted(FAULT_STATUSES)} or delaySeconds > 0")
-        if count < 1 or delay < 0 or not isinstance(retry_after, str | None):
-            raise ValueError("count >= 1, delaySeconds >= 0, retryAfter string or null")
-    except (ValueError, TypeError, AttributeError) as exc:
-        return JSONResponse({"message": str(exc)}, status_code=400)
-    state.faults.append(Fault(status, count, retry_after, delay))
-    return JSONResponse({"pendingFaults": sum(f.remaining for f in state.faults)})
 
 
 async def _admin_emit(request: Request) -> Response:
@@ -642,11 +615,10 @@ def build_app(state: AttioState) -> Starlette:
             Route(NOTES, api.notes, methods=["POST"]),
             Route(WEBHOOKS, api.webhooks, methods=["POST"]),
             Route(WEBHOOK, api.webhook, methods=["DELETE"]),
-            Route("/_sandbox/stats", _admin_stats, methods=["GET"]),
             Route("/_sandbox/notes", _admin_notes, methods=["GET"]),
             Route("/_sandbox/webhooks", _admin_webhooks, methods=["GET"]),
             Route("/_sandbox/webhooks/{webhook_id}/emit", _admin_emit, methods=["POST"]),
-            Route("/_sandbox/faults", _admin_faults, methods=["POST", "DELETE"]),
+            *admin_routes(FAULT_STATUSES, reset_stats=False),
         ]
     )
     app.state.sandbox = state

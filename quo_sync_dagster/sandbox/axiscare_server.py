@@ -18,9 +18,8 @@ import logging
 import math
 import random
 import re
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from quo_sync_dagster.sandbox.quo_state import TokenBuckets
-from quo_sync_dagster.sandbox.serving import SandboxServer, serve_until_signalled
+from quo_sync_dagster.sandbox.serving import (
+    FaultQueue,
+    SandboxServer,
+    admin_routes,
+    serve_until_signalled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -236,14 +240,6 @@ def generate_people(records: int, seed: int = 7) -> dict[str, list[dict[str, Any
 # ---- state ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class Fault:
-    status: int | None
-    remaining: int
-    retry_after: str | None
-    delay: float
-
-
 class SandboxState:
     """People (generated once, persisted), call logs (persisted), counters, limiter, faults."""
 
@@ -270,7 +266,7 @@ class SandboxState:
             json.loads(logs_file.read_text()) if logs_file.exists() else []
         )
         self.limiter = TokenBuckets(rate_limit) if rate_limit else None
-        self.faults: deque[Fault] = deque()
+        self.faults = FaultQueue()
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -281,15 +277,6 @@ class SandboxState:
         self.call_logs.append(log_entry)
         (self.data_dir / CALL_LOGS_FILE).write_text(json.dumps(self.call_logs, ensure_ascii=False))
 
-    def take_fault(self) -> Fault | None:
-        if not self.faults:
-            return None
-        fault = self.faults[0]
-        fault.remaining -= 1
-        if fault.remaining <= 0:
-            self.faults.popleft()
-        return fault
-
     def stats(self) -> dict[str, Any]:
         return {
             "requests": sum(self.by_kind.values()),
@@ -298,7 +285,7 @@ class SandboxState:
             "rateLimited": self.by_status[429],
             "people": {kind: len(rows) for kind, rows in self.people.items()},
             "callLogs": self.call_logs,
-            "pendingFaults": sum(f.remaining for f in self.faults),
+            "pendingFaults": self.faults.pending,
         }
 
 
@@ -338,7 +325,7 @@ class _Api:
     async def _guarded(self, request: Request, handler: Handler) -> Response:
         """Faults, then the version header (checked before auth, as AxisCare does), then the
         token, then the per-token rate limit, then the handler."""
-        fault = self.state.take_fault()
+        fault = self.state.faults.take()
         if fault is not None:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
@@ -467,34 +454,6 @@ class _Api:
         return JSONResponse({"results": {"data": entry}, "success": True, "errors": []})
 
 
-async def _admin_stats(request: Request) -> Response:
-    return JSONResponse(request.app.state.sandbox.stats())
-
-
-async def _admin_reset_stats(request: Request) -> Response:
-    request.app.state.sandbox.reset_stats()
-    return Response(status_code=204)
-
-
-async def _admin_faults(request: Request) -> Response:
-    state: SandboxState = request.app.state.sandbox
-    if request.method == "DELETE":
-        state.faults.clear()
-        return Response(status_code=204)
-    try:
-        spec = json.loads(await request.body())
-        status, delay = spec.get("status"), float(spec.get("delaySeconds") or 0)
-        count, retry_after = int(spec.get("count", 1)), spec.get("retryAfter")
-        if (status is None and not delay) or (status is not None and status not in FAULT_STATUSES):
-            raise ValueError(f"status must be one of {sorted(FAULT_STATUSES)} or delaySeconds > 0")
-        if count < 1 or delay < 0 or not isinstance(retry_after, str | None):
-            raise ValueError("count >= 1, delaySeconds >= 0, retryAfter string or null")
-    except (ValueError, TypeError, AttributeError) as exc:
-        return JSONResponse({"message": str(exc)}, status_code=400)
-    state.faults.append(Fault(status, count, retry_after, delay))
-    return JSONResponse({"pendingFaults": sum(f.remaining for f in state.faults)})
-
-
 def build_app(state: SandboxState) -> Starlette:
     api = _Api(state)
     routes = [Route(f"/api/{kind}", api.people_route(kind), methods=["GET"]) for kind in KINDS]
@@ -502,9 +461,7 @@ def build_app(state: SandboxState) -> Starlette:
         routes=[
             *routes,
             Route(CALL_LOGS, api.call_logs, methods=["POST"]),
-            Route("/_sandbox/stats", _admin_stats, methods=["GET"]),
-            Route("/_sandbox/faults", _admin_faults, methods=["POST", "DELETE"]),
-            Route("/_sandbox/reset-stats", _admin_reset_stats, methods=["POST"]),
+            *admin_routes(FAULT_STATUSES),
         ]
     )
     app.state.sandbox = state

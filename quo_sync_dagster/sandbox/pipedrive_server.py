@@ -26,7 +26,6 @@ import sqlite3
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from quo_sync_dagster.sandbox.serving import SandboxServer, serve_until_signalled
+from quo_sync_dagster.sandbox.serving import (
+    FaultQueue,
+    SandboxServer,
+    admin_routes,
+    serve_until_signalled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,14 +205,6 @@ def _bad(message: str) -> ApiError:
     return ApiError(400, message)
 
 
-@dataclass
-class Fault:
-    status: int | None
-    remaining: int
-    retry_after: str | None
-    delay: float
-
-
 class BurstWindow:
     """Pipedrive's burst limit: at most `limit` requests per token in any rolling 2 s."""
 
@@ -245,7 +241,7 @@ class PipedriveState:
         self.api_token = api_token
         self.burst = BurstWindow(rate_limit) if rate_limit else None
         self.daily_budget = daily_budget
-        self.faults: deque[Fault] = deque()
+        self.faults = FaultQueue()
         self._db = sqlite3.connect(
             data_dir / DB_FILENAME, check_same_thread=False, isolation_level=None
         )
@@ -308,15 +304,6 @@ class PipedriveState:
     def next_id(self) -> int:
         return self._next_seq
 
-    def take_fault(self) -> Fault | None:
-        if not self.faults:
-            return None
-        fault = self.faults[0]
-        fault.remaining -= 1
-        if fault.remaining <= 0:
-            self.faults.popleft()
-        return fault
-
     def stats(self) -> dict[str, Any]:
         return {
             "requests": sum(self.by_kind.values()),
@@ -328,7 +315,7 @@ class PipedriveState:
             "dailyBudget": self.daily_budget,
             "persons": len(self.persons),
             "created": {name: list(self.objects[k].values()) for k, name in CREATED.items()},
-            "pendingFaults": sum(f.remaining for f in self.faults),
+            "pendingFaults": self.faults.pending,
         }
 
     def close(self) -> None:
@@ -446,7 +433,7 @@ class _Api:
 
     async def _guarded(self, request: Request, kind: str, handler: Handler) -> Response:
         state = self.state
-        fault = state.take_fault()
+        fault = state.faults.take()
         if fault is not None:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
@@ -768,34 +755,6 @@ def _parse(rfc3339: str) -> datetime:
     return datetime.fromisoformat(rfc3339)
 
 
-async def _admin_stats(request: Request) -> Response:
-    return JSONResponse(request.app.state.sandbox.stats())
-
-
-async def _admin_reset_stats(request: Request) -> Response:
-    request.app.state.sandbox.reset_stats()
-    return Response(status_code=204)
-
-
-async def _admin_faults(request: Request) -> Response:
-    state: PipedriveState = request.app.state.sandbox
-    if request.method == "DELETE":
-        state.faults.clear()
-        return Response(status_code=204)
-    try:
-        spec = json.loads(await request.body())
-        status, delay = spec.get("status"), float(spec.get("delaySeconds") or 0)
-        count, retry_after = int(spec.get("count", 1)), spec.get("retryAfter")
-        if (status is None and not delay) or (status is not None and status not in FAULT_STATUSES):
-            raise ValueError(f"status must be one of {sorted(FAULT_STATUSES)} or delaySeconds > 0")
-        if count < 1 or delay < 0 or not isinstance(retry_after, str | None):
-            raise ValueError("count >= 1, delaySeconds >= 0, retryAfter string or null")
-    except (ValueError, TypeError, AttributeError) as exc:
-        return JSONResponse({"message": str(exc)}, status_code=400)
-    state.faults.append(Fault(status, count, retry_after, delay))
-    return JSONResponse({"pendingFaults": sum(f.remaining for f in state.faults)})
-
-
 def build_app(state: PipedriveState) -> Starlette:
     api = _Api(state)
     app = Starlette(
@@ -807,9 +766,7 @@ def build_app(state: PipedriveState) -> Starlette:
             Route("/v1/notes", api.notes, methods=["POST"]),
             Route("/v1/webhooks", api.webhooks, methods=["GET", "POST"]),
             Route("/v1/webhooks/{id}", api.webhook, methods=["DELETE"]),
-            Route("/_sandbox/stats", _admin_stats, methods=["GET"]),
-            Route("/_sandbox/faults", _admin_faults, methods=["POST", "DELETE"]),
-            Route("/_sandbox/reset-stats", _admin_reset_stats, methods=["POST"]),
+            *admin_routes(FAULT_STATUSES),
         ]
     )
     app.state.sandbox = state

@@ -17,7 +17,6 @@ import logging
 import math
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from email.utils import formatdate
@@ -35,11 +34,15 @@ from starlette.routing import Route
 from quo_sync_dagster.sandbox.quo_state import (
     Contact,
     ContactStore,
-    Fault,
     RequestCounters,
     TokenBuckets,
 )
-from quo_sync_dagster.sandbox.serving import SandboxServer, serve_until_signalled
+from quo_sync_dagster.sandbox.serving import (
+    FaultQueue,
+    SandboxServer,
+    admin_routes,
+    serve_until_signalled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +258,7 @@ class SandboxState:
         self.limiter = TokenBuckets(rate_limit) if rate_limit else None
         self.retry_after_format = retry_after_format
         self.store = ContactStore(Path(data_dir))
-        self.faults: deque[Fault] = deque()
+        self.faults = FaultQueue()
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -265,15 +268,6 @@ class SandboxState:
     def count(self, key: str, kind: str, status: int, at: float) -> None:
         self.overall.add(kind, status, at)
         self.by_key.setdefault(key, RequestCounters()).add(kind, status, at)
-
-    def take_fault(self) -> Fault | None:
-        if not self.faults:
-            return None
-        fault = self.faults[0]
-        fault.remaining -= 1
-        if fault.remaining <= 0:
-            self.faults.popleft()
-        return fault
 
     def retry_after(self, wait: float) -> str:
         seconds = max(1, math.ceil(wait))
@@ -286,7 +280,7 @@ class SandboxState:
             **self.overall.as_json(),
             "byApiKey": {k: c.as_json() for k, c in self.by_key.items()},
             **self.store.summary(),
-            "pendingFaults": sum(f.remaining for f in self.faults),
+            "pendingFaults": self.faults.pending,
         }
 
 
@@ -330,7 +324,7 @@ class _Api:
     async def _guarded(
         self, request: Request, op: Op, api_key: str | None, handler: Handler
     ) -> Response:
-        fault = self.state.take_fault()
+        fault = self.state.faults.take()
         if fault is not None:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
@@ -494,34 +488,6 @@ class _Api:
         return JSONResponse({"data": list(self.state.custom_fields.values())})
 
 
-async def _admin_stats(request: Request) -> Response:
-    return JSONResponse(request.app.state.sandbox.stats())
-
-
-async def _admin_reset_stats(request: Request) -> Response:
-    request.app.state.sandbox.reset_stats()
-    return Response(status_code=204)
-
-
-async def _admin_faults(request: Request) -> Response:
-    state: SandboxState = request.app.state.sandbox
-    if request.method == "DELETE":
-        state.faults.clear()
-        return Response(status_code=204)
-    try:
-        spec = json.loads(await request.body())
-        status, delay = spec.get("status"), float(spec.get("delaySeconds") or 0)
-        count, retry_after = int(spec.get("count", 1)), spec.get("retryAfter")
-        if (status is None and not delay) or (status is not None and status not in FAULT_STATUSES):
-            raise ValueError(f"status must be one of {sorted(FAULT_STATUSES)} or delaySeconds > 0")
-        if count < 1 or delay < 0 or not isinstance(retry_after, str | None):
-            raise ValueError("count >= 1, delaySeconds >= 0, retryAfter string or null")
-    except (ValueError, TypeError, AttributeError) as exc:
-        return JSONResponse({"message": str(exc)}, status_code=400)
-    state.faults.append(Fault(status, count, retry_after, delay))
-    return JSONResponse({"pendingFaults": sum(f.remaining for f in state.faults)})
-
-
 def build_app(state: SandboxState) -> Starlette:
     api = _Api(state)
     app = Starlette(
@@ -529,9 +495,7 @@ def build_app(state: SandboxState) -> Starlette:
             Route(CONTACTS, api.contacts, methods=["GET", "POST"]),
             Route(CONTACT, api.contact, methods=["GET", "PATCH", "DELETE"]),
             Route(CUSTOM_FIELDS, api.custom_field_definitions, methods=["GET"]),
-            Route("/_sandbox/stats", _admin_stats, methods=["GET"]),
-            Route("/_sandbox/faults", _admin_faults, methods=["POST", "DELETE"]),
-            Route("/_sandbox/reset-stats", _admin_reset_stats, methods=["POST"]),
+            *admin_routes(FAULT_STATUSES),
         ]
     )
     app.state.sandbox = state

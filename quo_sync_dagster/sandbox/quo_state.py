@@ -187,14 +187,6 @@ class RequestCounters:
         }
 
 
-@dataclass
-class Fault:
-    status: int | None
-    remaining: int
-    retry_after: str | None
-    delay: float
-
-
 class TokenBuckets:
     """Per-key token bucket: capacity = rate, refilled continuously (Kong's per-second limit)."""
 

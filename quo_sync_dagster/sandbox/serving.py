@@ -7,15 +7,110 @@ A simulator subclasses `SandboxServer`, saying how to create its state and its S
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
 import time
+from collections import deque
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import httpx
 import uvicorn
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+
+@dataclass
+class Fault:
+    status: int | None
+    remaining: int
+    retry_after: str | None
+    delay: float
+
+
+class FaultQueue:
+    """Injected faults, served in order; a fault with `count` n answers the next n requests."""
+
+    def __init__(self) -> None:
+        self._faults: deque[Fault] = deque()
+
+    def add(self, fault: Fault) -> None:
+        self._faults.append(fault)
+
+    def clear(self) -> None:
+        self._faults.clear()
+
+    def take(self) -> Fault | None:
+        """The fault for the next request (None: serve it normally)."""
+        if not self._faults:
+            return None
+        fault = self._faults[0]
+        fault.remaining -= 1
+        if fault.remaining <= 0:
+            self._faults.popleft()
+        return fault
+
+    @property
+    def pending(self) -> int:
+        return sum(f.remaining for f in self._faults)
+
+
+def admin_routes(
+    fault_statuses: Collection[int],
+    *,
+    state_attr: str = "sandbox",
+    reset_stats: bool = True,
+    retry_after: bool = True,
+) -> list[Route]:
+    """`GET /_sandbox/stats`, `POST /_sandbox/reset-stats` (if `reset_stats`) and
+    `POST|DELETE /_sandbox/faults`, on the state at `request.app.state.<state_attr>`.
+
+    The state has `stats()`, `faults: FaultQueue` and, with `reset_stats`, `reset_stats()`.
+    Without `retry_after` a fault's `retryAfter` is ignored (the API sends no Retry-After).
+    """
+    statuses = sorted(fault_statuses)
+
+    def state_of(request: Request) -> Any:
+        return getattr(request.app.state, state_attr)
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(state_of(request).stats())
+
+    async def reset(request: Request) -> Response:
+        state_of(request).reset_stats()
+        return Response(status_code=204)
+
+    async def faults(request: Request) -> Response:
+        queue: FaultQueue = state_of(request).faults
+        if request.method == "DELETE":
+            queue.clear()
+            return Response(status_code=204)
+        try:
+            spec = json.loads(await request.body())
+            status, delay = spec.get("status"), float(spec.get("delaySeconds") or 0)
+            count = int(spec.get("count", 1))
+            after = spec.get("retryAfter") if retry_after else None
+            if (status is None and not delay) or (status is not None and status not in statuses):
+                raise ValueError(f"status must be one of {statuses} or delaySeconds > 0")
+            if not retry_after and (count < 1 or delay < 0):
+                raise ValueError("count >= 1, delaySeconds >= 0")
+            if count < 1 or delay < 0 or not isinstance(after, str | None):
+                raise ValueError("count >= 1, delaySeconds >= 0, retryAfter string or null")
+        except (ValueError, TypeError, AttributeError) as exc:
+            return JSONResponse({"message": str(exc)}, status_code=400)
+        queue.add(Fault(status, count, after, delay))
+        return JSONResponse({"pendingFaults": queue.pending})
+
+    routes = [Route("/_sandbox/stats", stats, methods=["GET"])]
+    if reset_stats:
+        routes.append(Route("/_sandbox/reset-stats", reset, methods=["POST"]))
+    routes.append(Route("/_sandbox/faults", faults, methods=["POST", "DELETE"]))
+    return routes
 
 
 class SandboxServer:

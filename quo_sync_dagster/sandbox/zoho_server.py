@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import secrets
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -27,8 +27,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from quo_sync_dagster.sandbox.quo_state import Fault, TokenBuckets
-from quo_sync_dagster.sandbox.serving import SandboxServer, serve_until_signalled
+from quo_sync_dagster.sandbox.quo_state import TokenBuckets
+from quo_sync_dagster.sandbox.serving import (
+    FaultQueue,
+    SandboxServer,
+    admin_routes,
+    serve_until_signalled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +218,7 @@ class ZohoState:
             else {"calls": [], "notes": [], "channels": {}}
         )
         self.page_tokens: dict[str, tuple[tuple, int, datetime]] = {}
-        self.faults: deque[Fault] = deque()
+        self.faults = FaultQueue()
         self.reset_stats()
 
     def _save_people(self) -> None:
@@ -243,15 +248,6 @@ class ZohoState:
         self._save_people()
         return touched
 
-    def take_fault(self) -> Fault | None:
-        if not self.faults:
-            return None
-        fault = self.faults[0]
-        fault.remaining -= 1
-        if fault.remaining <= 0:
-            self.faults.popleft()
-        return fault
-
     def stats(self) -> dict[str, Any]:
         return {
             "requests": sum(self.by_kind.values()),
@@ -262,7 +258,7 @@ class ZohoState:
             "calls": len(self.activity["calls"]),
             "notes": len(self.activity["notes"]),
             "channels": len(self.activity["channels"]),
-            "pendingFaults": sum(f.remaining for f in self.faults),
+            "pendingFaults": self.faults.pending,
         }
 
 
@@ -331,7 +327,7 @@ class _Api:
 
     async def _guarded(self, request: Request, handler: Handler) -> Response:
         try:
-            fault = self.state.take_fault()
+            fault = self.state.faults.take()
             if fault is not None:
                 if fault.delay:
                     await asyncio.sleep(fault.delay)
@@ -798,15 +794,6 @@ def _expiry(channel: dict[str, Any]) -> datetime:
 
 
 # ---- admin --------------------------------------------------------------------------------
-async def _admin_stats(request: Request) -> Response:
-    return JSONResponse(request.app.state.zoho.stats())
-
-
-async def _admin_reset_stats(request: Request) -> Response:
-    request.app.state.zoho.reset_stats()
-    return Response(status_code=204)
-
-
 async def _admin_created(request: Request) -> Response:
     activity = request.app.state.zoho.activity
     return JSONResponse({**activity, "channels": list(activity["channels"].values())})
@@ -824,25 +811,6 @@ async def _admin_touch(request: Request) -> Response:
     return JSONResponse({"touched": state.touch(module, [str(i) for i in ids])})
 
 
-async def _admin_faults(request: Request) -> Response:
-    state: ZohoState = request.app.state.zoho
-    if request.method == "DELETE":
-        state.faults.clear()
-        return Response(status_code=204)
-    try:
-        spec = json.loads(await request.body())
-        status, delay = spec.get("status"), float(spec.get("delaySeconds") or 0)
-        count = int(spec.get("count", 1))
-        if (status is None and not delay) or (status is not None and status not in FAULT_STATUSES):
-            raise ValueError(f"status must be one of {sorted(FAULT_STATUSES)} or delaySeconds > 0")
-        if count < 1 or delay < 0:
-            raise ValueError("count >= 1, delaySeconds >= 0")
-    except (ValueError, TypeError, AttributeError) as exc:
-        return JSONResponse({"message": str(exc)}, status_code=400)
-    state.faults.append(Fault(status, count, None, delay))
-    return JSONResponse({"pendingFaults": sum(f.remaining for f in state.faults)})
-
-
 def build_app(state: ZohoState) -> Starlette:
     api = _Api(state)
     app = Starlette(
@@ -852,11 +820,9 @@ def build_app(state: ZohoState) -> Starlette:
             Route(f"{API}/actions/watch", api.watch, methods=["GET", "POST", "PATCH", "DELETE"]),
             Route(f"{API}/{{module}}/actions/count", api.count, methods=["GET"]),
             Route(f"{API}/{{module}}", api.records, methods=["GET"]),
-            Route("/_sandbox/stats", _admin_stats, methods=["GET"]),
-            Route("/_sandbox/reset-stats", _admin_reset_stats, methods=["POST"]),
             Route("/_sandbox/created", _admin_created, methods=["GET"]),
             Route("/_sandbox/touch", _admin_touch, methods=["POST"]),
-            Route("/_sandbox/faults", _admin_faults, methods=["POST", "DELETE"]),
+            *admin_routes(FAULT_STATUSES, state_attr="zoho", retry_after=False),
         ]
     )
     app.state.zoho = state
