@@ -10,7 +10,7 @@ from __future__ import annotations
 import email.utils
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import tenacity
@@ -105,3 +105,19 @@ class GovernedHttp:
         if response.status_code >= 500:
             raise _Transient(self._describe(response))
         return response
+
+
+class ApiClient:
+    """Base of every API client here: it owns one GovernedHttp and closes it, also as a
+    context manager."""
+
+    _http: GovernedHttp
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from quo_sync_dagster.core.ratelimit import Throttle
-from quo_sync_dagster.governed_http import ApiUnavailable, GovernedHttp
+from quo_sync_dagster.governed_http import ApiClient, ApiUnavailable, GovernedHttp
 
 __all__ = ["AttioApi", "AttioApiError", "AttioUnavailable", "parse_error", "verify_signature"]
 
@@ -59,7 +59,7 @@ def _timestamp(at: datetime | str) -> str:
     return at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-class AttioApi:
+class AttioApi(ApiClient):
     def __init__(
         self,
         base_url: str,
@@ -81,15 +81,6 @@ class AttioApi:
             unavailable=AttioUnavailable,
             describe=lambda r: str(parse_error(r)),
         )
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> AttioApi:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---- people ----------------------------------------------------------------------------
     def query_people(

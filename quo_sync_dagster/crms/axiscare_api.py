@@ -12,7 +12,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from quo_sync_dagster.core.ratelimit import Throttle
-from quo_sync_dagster.governed_http import ApiUnavailable, GovernedHttp
+from quo_sync_dagster.governed_http import ApiClient, ApiUnavailable, GovernedHttp
 
 __all__ = ["KINDS", "AxisCareApi", "AxisCareApiError", "AxisCareUnavailable"]
 
@@ -60,7 +60,7 @@ def _people(body: dict[str, Any], kind: str) -> tuple[list[dict[str, Any]], str 
     return people, container.get("nextPage") or None
 
 
-class AxisCareApi:
+class AxisCareApi(ApiClient):
     def __init__(
         self,
         base_url: str,
@@ -86,15 +86,6 @@ class AxisCareApi:
             unavailable=AxisCareUnavailable,
             describe=_describe,
         )
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> AxisCareApi:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _get(self, url: str, params: dict[str, Any] | None = None) -> httpx.Response:
         response = self._http.request("GET", url, params=params)

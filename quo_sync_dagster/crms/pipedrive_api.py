@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from quo_sync_dagster.core.ratelimit import Throttle
-from quo_sync_dagster.governed_http import ApiUnavailable, GovernedHttp
+from quo_sync_dagster.governed_http import ApiClient, ApiUnavailable, GovernedHttp
 
 __all__ = ["BATCH_READ_MAX", "PipedriveApi", "PipedriveApiError", "PipedriveUnavailable"]
 
@@ -55,7 +55,7 @@ def _without_none(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
 
 
-class PipedriveApi:
+class PipedriveApi(ApiClient):
     def __init__(
         self,
         base_url: str,
@@ -78,15 +78,6 @@ class PipedriveApi:
             unavailable=PipedriveUnavailable,
             describe=lambda r: str(self._error(r)),
         )
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> PipedriveApi:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---- persons ---------------------------------------------------------------------------
     def list_persons(

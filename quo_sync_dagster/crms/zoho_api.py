@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from quo_sync_dagster.core.ratelimit import Throttle
-from quo_sync_dagster.governed_http import ApiUnavailable, GovernedHttp
+from quo_sync_dagster.governed_http import ApiClient, ApiUnavailable, GovernedHttp
 
 __all__ = ["DEFAULT_FIELDS", "ZohoApi", "ZohoApiError", "ZohoUnavailable"]
 
@@ -89,7 +89,7 @@ def _zoho_time(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds")
 
 
-class ZohoApi:
+class ZohoApi(ApiClient):
     def __init__(
         self,
         api_domain: str,
@@ -112,15 +112,6 @@ class ZohoApi:
             unavailable=ZohoUnavailable,
             describe=lambda r: str(parse_error(r)),
         )
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> ZohoApi:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---- people ---------------------------------------------------------------------------
     def list_records(

@@ -7,7 +7,12 @@ from typing import Any
 
 import httpx
 
-from quo_sync_dagster.governed_http import ApiUnavailable, GovernedHttp, parse_retry_after
+from quo_sync_dagster.governed_http import (
+    ApiClient,
+    ApiUnavailable,
+    GovernedHttp,
+    parse_retry_after,
+)
 from quo_sync_dagster.quo.governor import RateGovernor
 
 __all__ = ["QuoApiError", "QuoClient", "QuoUnavailable", "parse_error", "parse_retry_after"]
@@ -57,7 +62,7 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[i : i + size]
 
 
-class QuoClient:
+class QuoClient(ApiClient):
     def __init__(
         self,
         base_url: str,
@@ -79,15 +84,6 @@ class QuoClient:
             unavailable=QuoUnavailable,
             describe=lambda r: str(parse_error(r)),
         )
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> QuoClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---- contacts ------------------------------------------------------------------------
     def create_contact(self, body: dict[str, Any]) -> dict[str, Any]:
