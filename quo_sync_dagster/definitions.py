@@ -15,6 +15,7 @@ defs = dg.Definitions.merge(
             "store": StoreResource(uri=os.environ.get("QUO_SYNC_STORE_URI")),
             "quo": QuoResource(
                 requests_per_second=float(os.environ.get("QUO_SYNC_QUO_RATE", "10")),
+                timeout_seconds=float(os.environ.get("QUO_SYNC_QUO_TIMEOUT", "30")),
             ),
             "page_frames": PageFramesIOManager(s3_bucket=os.environ.get("QUO_SYNC_S3_BUCKET")),
         }

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from quo_sync_dagster.core.ratelimit import retry_at
 from quo_sync_dagster.crms.axiscare_api import (
     KINDS,
     AxisCareApi,
@@ -142,32 +143,68 @@ def test_errors_carry_status_and_never_the_token(sandbox: AxisCareSandbox) -> No
     assert info.value.status == 400 and "limit" in info.value.message
 
 
+class RecordingGovernor(RateGovernor):
+    """A RateGovernor noting when it let each request go and when each 429 was reported."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[tuple[str, float, float | None]] = []  # (send|429, at, retry_after)
+
+    def acquire(self, not_before: float | None = None) -> None:
+        super().acquire(not_before)
+        self.events.append(("send", time.time(), None))
+
+    def on_rate_limited(self, retry_after: float | None) -> float:
+        self.events.append(("429", time.time(), retry_after))
+        return super().on_rate_limited(retry_after)
+
+
+def assert_every_429_was_waited_out(events: list[tuple[str, float, float | None]]) -> None:
+    """In one thread, no request (the refused one's retry first) went out before the
+    Retry-After of a 429 before it (lower bounds only: a loaded machine makes waits longer,
+    never shorter). The slack covers time.sleep counting on the monotonic clock while the
+    governor schedules on the wall clock."""
+    for i, (kind, at, retry_after) in enumerate(events):
+        if kind == "429":
+            asked = retry_at(at, retry_after)
+            sends = [t for k, t, _ in events[i + 1 :] if k == "send"]
+            assert all(t >= asked - 0.005 for t in sends), (asked, sends)
+
+
 def test_429_is_retried_through_the_throttle(sandbox: AxisCareSandbox, store: Store) -> None:
-    governor = RateGovernor(store, TOKEN, 50, api="axiscare")
+    governor = RecordingGovernor(store, TOKEN, 50, api="axiscare")
     sandbox.reset_stats()
     sandbox.inject_fault(429, count=2, retry_after="1")
     with AxisCareApi(sandbox.url, TOKEN, throttle=governor) as api:
-        start = time.time()
         people, _ = api.list_people("clients", 5)
-        elapsed = time.time() - start
     stats = sandbox.stats()
     assert len(people) == 5
     assert stats["byStatus"] == {"200": 1, "429": 2}
-    assert elapsed >= 1.9  # the governor held every attempt back until Retry-After
+    kinds = [kind for kind, _, _ in governor.events]
+    assert kinds == ["send", "429", "send", "429", "send"]
+    assert [retry_after for kind, _, retry_after in governor.events if kind == "429"] == [1, 1]
+    assert_every_429_was_waited_out(governor.events)
+    # The 429s did not push the key's schedule: its next slot is one interval after the last
+    # request's, which only waited for its own Retry-After.
     next_at, slowdown = store.update_governor(
         governor_key(TOKEN, "axiscare"), lambda s: (s, (s.next_at, s.slowdown))
     )
-    assert slowdown > 1.0 and next_at >= start + 1.9
+    last_send = governor.events[-1][1]
+    assert slowdown == 1.0 and next_at <= last_send + 1 / 50 + 0.005
 
 
 def test_real_rate_limit_is_survived(tmp_path: Path, store: Store) -> None:
-    with AxisCareSandbox(tmp_path, records=200, rate_limit=4) as sb:
-        governor = RateGovernor(store, TOKEN, 40, api="axiscare")
+    # 2 tokens refilled at 2/s: the 8 requests of the walk, let go at up to 40/s, cannot all
+    # pass unless the machine takes 3 s to send them.
+    with AxisCareSandbox(tmp_path, records=200, rate_limit=2) as sb:
+        governor = RecordingGovernor(store, TOKEN, 40, api="axiscare")
         with AxisCareApi(sb.url, TOKEN, throttle=governor) as api:
             people = walk(api, "clients", 10)
         stats = sb.stats()
     assert len(people) == stats["people"]["clients"] == 80
     assert stats["rateLimited"] >= 1 and stats["byStatus"]["200"] == 8
+    assert stats["rateLimited"] == sum(1 for kind, _, _ in governor.events if kind == "429")
+    assert_every_429_was_waited_out(governor.events)
 
 
 def test_persistent_5xx_is_unavailable(api: AxisCareApi, sandbox: AxisCareSandbox) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -26,7 +28,7 @@ from quo_sync_dagster.core.process import (
     ProcessState,
     check_transition,
 )
-from quo_sync_dagster.core.ratelimit import GovernorState, after_429, reserve
+from quo_sync_dagster.core.ratelimit import GovernorState, reserve, retry_at
 
 S = ProcessState
 CHAIN = [
@@ -244,10 +246,11 @@ def test_allowed_sources_pass() -> None:
         assert _contact(source=source).source == source
 
 
-@pytest.mark.parametrize("url", ["", "https://e.com/" + "a" * 187])
-def test_source_url_length_is_checked(url: str) -> None:
-    with pytest.raises(InvalidRecord, match="sourceUrl"):
-        _contact(source_url=url)
+@pytest.mark.parametrize(
+    "url", ["", "https://e.com/" + "a" * 187, "e.com/x", "ftp://e.com/x", "https://e.com/a b"]
+)
+def test_a_source_url_quo_cannot_take_is_dropped_not_the_contact(url: str) -> None:
+    assert _contact(source_url=url).source_url is None
     assert _contact(source_url="https://e.com/" + "a" * 186).source_url is not None
 
 
@@ -328,43 +331,129 @@ def test_reserve_after_idle_sends_now() -> None:
     assert send_at == later
 
 
-def test_slowdown_after_429_increases_and_is_capped() -> None:
-    state = GovernorState()
-    previous = state.slowdown
-    for _ in range(10):
-        state = after_429(state, 1000.0, None, 0.1)
-        assert state.slowdown > previous or state.slowdown == ratelimit.MAX_SLOWDOWN
-        assert state.slowdown <= ratelimit.MAX_SLOWDOWN
-        previous = state.slowdown
-    assert state.slowdown == ratelimit.MAX_SLOWDOWN
+@dataclass(frozen=True)
+class _Send:
+    at: float  # when the attempt was sent (its slot)
+    request: int
+    rejected: bool  # answered 429
+    seen_at: float  # when its answer came back
 
 
-def test_slowdown_widens_the_spacing() -> None:
-    slowed = after_429(GovernorState(), 1000.0, None, 0.1)
-    state, first = reserve(slowed, 2000.0, 0.1)
-    _, second = reserve(state, 2000.0, 0.1)
-    assert second - first > 0.1 * 1.2
+def _simulate(
+    requests: int,
+    workers: int,
+    interval: float,
+    rejected: Callable[[int, int, int], bool],
+    retry_after: float | None = 1.0,
+    latency: float = 0.01,
+) -> list[_Send]:
+    """`workers` callers sharing one schedule, as GovernedHttp and RateGovernor use it: each
+    takes a slot (reserve), sends, and `latency` later has its answer. `rejected(k, request,
+    attempt)` says whether the k-th attempt sent (the request's attempt-th) is answered 429.
+    A 429'd request takes a new slot once retry_at has passed; a caller whose request
+    succeeded takes the next request at once. Attempts are handled in the order their
+    callers ask for a slot, as the store would."""
+    queue = iter(range(requests))
+    ready = dict.fromkeys(range(workers), 0.0)  # worker -> when it next asks for a slot
+    current: dict[int, int] = {}  # worker -> the request it is sending
+    attempts: dict[int, int] = {}  # request -> attempts sent
+    state, sends = GovernorState(), []
+    while ready:
+        worker = min(ready, key=lambda w: (ready[w], w))
+        if worker not in current:
+            request = next(queue, None)
+            if request is None:
+                del ready[worker]
+                continue
+            current[worker] = request
+        state, send_at = reserve(state, ready[worker], interval)
+        request = current[worker]
+        attempt = attempts[request] = attempts.get(request, 0) + 1
+        send = _Send(send_at, request, rejected(len(sends), request, attempt), send_at + latency)
+        sends.append(send)
+        if send.rejected:
+            ready[worker] = retry_at(send.seen_at, retry_after)
+        else:
+            ready[worker] = send.seen_at
+            del current[worker]
+    return sends
 
 
-def test_slowdown_recovers_over_clean_reservations() -> None:
-    state = after_429(GovernorState(), 0.0, None, 0.1)
-    history = [state.slowdown]
-    now = 10.0
-    for _ in range(60):
-        state, _ = reserve(state, now, 0.1)
-        history.append(state.slowdown)
-    assert all(b <= a for a, b in itertools.pairwise(history))
-    assert history[10] < history[0]
-    assert state.slowdown == 1.0  # back to normal, never below
+def _gaps(sends: list[_Send]) -> list[float]:
+    return [b.at - a.at for a, b in itertools.pairwise(sends)]
 
 
-def test_retry_after_pushes_next_at() -> None:
-    state = after_429(GovernorState(next_at=1000.1), 1000.0, 5.0, 0.1)
-    assert state.next_at == 1005.0
-    _, send_at = reserve(state, 1000.2, 0.1)
-    assert send_at == 1005.0
-    # Without Retry-After: one slowed interval.
-    plain = after_429(GovernorState(), 1000.0, None, 0.1)
-    assert plain.next_at == pytest.approx(1000.0 + 0.1 * plain.slowdown)
-    # A Retry-After never pulls an already later schedule earlier.
-    assert after_429(GovernorState(next_at=2000.0), 1000.0, 5.0, 0.1).next_at == 2000.0
+def test_retry_at_is_the_requests_own_retry_after() -> None:
+    assert retry_at(1000.0, 5.0) == 1005.0
+    assert retry_at(1000.0, 0.0) == 1000.0
+    assert retry_at(1000.0, -3.0) == 1000.0  # a date in the past: at once
+    assert retry_at(1000.0, None) == 1000.0 + ratelimit.DEFAULT_RETRY_AFTER == 1001.0
+
+
+@pytest.mark.parametrize("retry_after", [None, 0.0, 1.0, 2.5])
+@pytest.mark.parametrize("n_429s", [1, 3])
+def test_a_429_costs_the_key_only_the_slot_it_used(n_429s: int, retry_after: float | None) -> None:
+    """Request 0's first n attempts are refused: each retry waits its own Retry-After, while
+    the other callers keep every slot of the schedule, 1/rate apart."""
+    interval = 0.1
+    sends = _simulate(200, 3, interval, lambda _, r, a: r == 0 and a <= n_429s, retry_after)
+    request_0 = [s for s in sends if s.request == 0]
+    assert [s.rejected for s in request_0] == [True] * n_429s + [False]
+    for refused, retry in itertools.pairwise(request_0):
+        assert retry.at >= retry_at(refused.seen_at, retry_after)
+    # No slot was lost or paused: the sends, 429s included, are exactly 1/rate apart...
+    assert _gaps(sends) == pytest.approx([interval] * (len(sends) - 1))
+    # ...so while request 0 waited, the others had every slot but those of its retries.
+    waited = request_0[-1].at - request_0[0].at
+    others = [s for s in sends if request_0[0].at < s.at < request_0[-1].at and s.request != 0]
+    assert len(others) == round(waited / interval) - 1 - (n_429s - 1)
+
+
+def test_random_429s_keep_the_schedule_at_the_limit_and_never_above() -> None:
+    """1 attempt in 5 refused at random with Retry-After 1 s, 8 callers at 20 req/s."""
+    rng = random.Random(429)
+    refused = {k for k in range(5000) if rng.random() < 0.2}
+    interval, retry_after = 0.05, 1.0
+    sends = _simulate(800, 8, interval, lambda k, _, __: k in refused, retry_after, latency=0.02)
+    assert 0.15 < sum(s.rejected for s in sends) / len(sends) < 0.25
+    assert min(_gaps(sends)) >= interval - 1e-9  # never faster than the limit
+    by_request: dict[int, list[_Send]] = {}
+    for send in sends:
+        by_request.setdefault(send.request, []).append(send)
+    for attempts in by_request.values():
+        assert [s.rejected for s in attempts] == [True] * (len(attempts) - 1) + [False]
+        for refused_attempt, retry in itertools.pairwise(attempts):
+            assert retry.at >= refused_attempt.seen_at + retry_after
+    # A key-wide pause per 429 would take ~(0.8 * interval + 0.2 * retry_after) per attempt,
+    # ~0.16 of the limit; per request, the schedule stays (nearly) full.
+    rate = (len(sends) - 1) / (sends[-1].at - sends[0].at)
+    assert rate >= 0.9 / interval
+
+
+def test_once_the_429s_stop_the_rate_is_the_configured_one() -> None:
+    interval = 0.05
+    rng = random.Random(7)
+    refused = {k for k in range(100) if rng.random() < 0.5}  # a burst, then no more 429s
+    sends = _simulate(400, 8, interval, lambda k, _, __: k in refused, 1.0, latency=0.02)
+    last_429 = max(s.seen_at for s in sends if s.rejected)
+    after = [s for s in sends if s.at > last_429 + 1.0]  # every retry of the burst is due
+    assert len(after) > 100
+    assert _gaps(after) == pytest.approx([interval] * (len(after) - 1))
+
+
+def test_reserve_keeps_spacing_slots_from_a_busy_schedule() -> None:
+    """A retry asks for a slot when its Retry-After has passed and queues behind the slots
+    already granted: it is never sent before them, nor are they pushed back for it."""
+    state = GovernorState(next_at=1001.3)
+    state, send_at = reserve(state, 1001.0, 0.1)
+    assert send_at == 1001.3 and state.next_at == pytest.approx(1001.4)
+
+
+def test_a_slowdown_stored_by_an_older_version_is_ignored_and_reset() -> None:
+    state = GovernorState(next_at=1000.0, slowdown=4.0)
+    slots = []
+    for _ in range(5):
+        state, send_at = reserve(state, 1000.0, 0.1)
+        slots.append(send_at)
+        assert state.slowdown == 1.0
+    assert [b - a for a, b in itertools.pairwise(slots)] == pytest.approx([0.1] * 4)

@@ -14,10 +14,10 @@ from quo_sync_dagster.crms.scalingtest import ScalingTestConnector
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(" Zoë ", "Zoë"), ("  ", None), ("", None), (None, None), (math.nan, None), (7, None)],
+    [(" Zoë ", "Zoë"), ("  ", None), ("", None), (None, None), (math.nan, None)],
 )
 def test_text(value: object, expected: str | None) -> None:
-    assert fields.text(value) == expected
+    assert fields.text(value, "title") == expected
 
 
 def test_aware_makes_naive_times_utc_and_keeps_offsets() -> None:

@@ -3,7 +3,6 @@ store and the Quo sandbox over HTTP. The daemon-driven path is in test_e2e.py.""
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -20,9 +19,9 @@ from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.core.process import ProcessState
 from quo_sync_dagster.crms.scalingtest import ScalingTestConnector, bad_record_count
 from quo_sync_dagster.definitions import defs
-from quo_sync_dagster.orchestration.factory import RANGE_END, RANGE_START, TAG_PROCESS
 from quo_sync_dagster.orchestration.instance import render_instance_yaml
 from quo_sync_dagster.orchestration.sync import frame_records, page_key, sync_records
+from quo_sync_dagster.orchestration.tags import RANGE_END, RANGE_START, TAG_PROCESS, TAG_RETRY
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.quo.upsert import ContactUpserter
 from quo_sync_dagster_tests.pipeline import (
@@ -125,13 +124,37 @@ def test_ranged_runs_sync_everything_and_the_completion_sensor_closes_the_proces
     assert meta["synced"].value + meta["failed"].value == page_size
 
 
-def test_a_failed_page_shows_failed_and_its_rerun_duplicates_nothing(env: Pipeline) -> None:
+def _fail_pages_3_to_5(p: Pipeline, records: int, **settings: Any) -> str:
+    """Six pages in runs of three; the second run meets a Quo outage; both runs are over."""
+    _integration(p, records, **settings)
+    config = {"integration_id": "it-1", "page_size": 100, "pages_per_run": 3}
+    launch_initial_sync(p, "scalingtest", config)
+    (process,) = p.store.list_processes(integration_id="it-1")
+    assert _sync_range(p, process.id, 0, 2).success
+    p.quo.inject_fault(status=503, count=10_000)
+    assert not _sync_range(p, process.id, 3, 5).success
+    _register_finished_page_runs(p.instance, process.id, 2)
+    return process.id
+
+
+def _assert_exactly_once(p: Pipeline, process_id: str, records: int) -> None:
+    process = p.store.get_process(process_id)
+    bad = bad_record_count(records)
+    assert process.state is ProcessState.COMPLETED
+    assert process.counters["processed"] == records
+    assert process.counters["synced"] + process.counters["failed"] == records
+    assert process.counters["failed"] == bad
+    assert process.counters["pages_failed"] == 0 and process.counters["pages_processed"] == 6
+    stats = p.quo.stats()
+    assert stats["duplicateExternalIds"] == 0
+    assert stats["contactsBySource"]["scalingtest"] == records - bad
+
+
+def test_failed_pages_are_retried_by_the_completion_sensor_after_a_backoff(
+    env: Pipeline,
+) -> None:
     records = 600
-    process_id = _plan(env, records=records, page_size=100, pages_per_run=3)
-    assert _sync_range(env, process_id, 0, 2).success
-    env.quo.inject_fault(status=503, count=10_000)
-    failed = _sync_range(env, process_id, 3, 5)
-    assert not failed.success
+    process_id = _fail_pages_3_to_5(env, records, retry_backoff_seconds=0)
     assets_def = defs.get_assets_def("scalingtest_quo_contacts")
     keys = [page_key(process_id, i) for i in range(6)]
     status = env.instance.get_status_by_partition(
@@ -140,34 +163,45 @@ def test_a_failed_page_shows_failed_and_its_rerun_duplicates_nothing(env: Pipeli
     assert [status[k].value for k in keys[3:]] == ["FAILED"] * 3
     assert [status[k].value for k in keys[:3]] == ["MATERIALIZED"] * 3
 
-    # No run of this process is live any more: the sensor closes it as ERROR with the reason.
-    _register_finished_page_runs(env.instance, process_id, math.ceil(6 / 3))
+    # First tick: the stall is noted and the backoff starts; the Process stays open.
+    assert isinstance(_evaluate(env, "scalingtest_completion_sensor"), dg.SkipReason)
+    process = env.store.get_process(process_id)
+    assert process.state is ProcessState.PROCESSING_BATCHES
+    assert process.context["recovery"]["attempt"] == 0
+    # Next tick, the backoff (0 s here) over: one retry run of exactly the failed pages.
+    (retry,) = _evaluate(env, "scalingtest_completion_sensor").run_requests
+    assert retry.job_name == "scalingtest_page_sync"
+    assert (retry.tags[RANGE_START], retry.tags[RANGE_END]) == (keys[3], keys[5])
+    assert retry.tags[TAG_RETRY] == "1"
+
+    env.quo.clear_faults()  # the outage ends; the retry run does what the daemon would launch
+    before = env.quo.stats()["byKind"]
+    assert _sync_range(env, process_id, 3, 5).success
+    after = env.quo.stats()["byKind"]
+    # Only the failed pages' contacts were written; the good pages cost nothing again.
+    assert after["create"] - before["create"] == 300 - bad_record_count(300)
+    closed = _evaluate(env, "scalingtest_completion_sensor")
+    assert closed.asset_events[0].metadata["process_state"].value == "COMPLETED"
+    _assert_exactly_once(env, process_id, records)
+
+
+def test_pages_still_failing_after_the_last_retry_close_the_process_as_error(
+    env: Pipeline,
+) -> None:
+    records = 600
+    process_id = _fail_pages_3_to_5(env, records, retry_attempts=0)
     closed = _evaluate(env, "scalingtest_completion_sensor")
     assert closed.asset_events[0].metadata["process_state"].value == "ERROR"
     process = env.store.get_process(process_id)
-    assert (
-        process.state is ProcessState.ERROR
-        and "3 of 6 pages not synced" in process.context["error"]
-    )
+    assert process.state is ProcessState.ERROR
+    assert "3 of 6 pages not synced after 0 automatic retries" in process.context["error"]
     assert process.counters["pages_failed"] == 3
 
-    env.quo.clear_faults()  # the outage ends
-    before = env.quo.stats()["byKind"]
-    assert _sync_range(env, process_id, 3, 5).success  # the backfill of the failed partitions
-    after = env.quo.stats()["byKind"]
-    bad = bad_record_count(records)
-    # Only the failed pages' contacts were written; the good pages cost nothing again.
-    assert after["create"] - before["create"] == 300 - bad_record_count(300)
+    # A later run of those pages (a backfill from the UI) reopens and completes it.
+    env.quo.clear_faults()
+    assert _sync_range(env, process_id, 3, 5).success
     _evaluate(env, "scalingtest_completion_sensor")
-    process = env.store.get_process(process_id)
-    assert process.state is ProcessState.COMPLETED
-    assert process.counters["processed"] == records
-    assert process.counters["synced"] + process.counters["failed"] == records
-    assert process.counters["failed"] == bad
-    assert process.counters["pages_failed"] == 0 and process.counters["pages_processed"] == 6
-    stats = env.quo.stats()
-    assert stats["duplicateExternalIds"] == 0
-    assert stats["contactsBySource"]["scalingtest"] == records - bad
+    _assert_exactly_once(env, process_id, records)
 
 
 def _register_finished_page_runs(instance: dg.DagsterInstance, process_id: str, n: int) -> None:
@@ -278,11 +312,20 @@ def test_runs_of_a_single_page_sync_it(env: Pipeline) -> None:
     assert process.counters["synced"] + process.counters["failed"] == records
 
 
-def test_a_record_that_breaks_the_transform_fails_alone(env: Pipeline) -> None:
+def test_a_record_that_breaks_the_transform_fails_alone(
+    env: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
     integration = add_integration(env, "scalingtest", {"records": 3})
     connector = ScalingTestConnector(integration)
     records = [connector.person(i) for i in range(3)]
-    del records[1]["phones"]  # a shape the transform does not expect: KeyError
+    transform = connector.transform_person_to_quo
+
+    def breaks_on_the_second(record: dict[str, Any], object_type: str) -> Any:
+        if record["id"] == "st-0000001":  # a bug in the transform, not a bad value
+            raise RuntimeError("transform bug")
+        return transform(record, object_type)
+
+    monkeypatch.setattr(connector, "transform_person_to_quo", breaks_on_the_second)
     with QuoClient(env.quo.url, "test-key") as client:
         result = sync_records(
             connector,
@@ -294,7 +337,8 @@ def test_a_record_that_breaks_the_transform_fails_alone(env: Pipeline) -> None:
         )
     assert (result.records, result.synced, result.failed) == (3, 2, 1)
     (error,) = result.errors
-    assert error.external_id == "st-0000001" and error.error.startswith("KeyError")
+    assert error.external_id == "st-0000001"
+    assert error.error == "RuntimeError: transform bug"
 
 
 def test_page_frames_give_back_records_as_the_crm_sent_them() -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from quo_sync_dagster.core.ratelimit import GovernorState
+from quo_sync_dagster.core.ratelimit import GovernorState, retry_at
 from quo_sync_dagster.crms.pipedrive_api import (
     PipedriveApi,
     PipedriveApiError,
@@ -49,11 +52,26 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
-def slowdown(store: Store) -> float:
+def governor_state(store: Store) -> GovernorState:
     key = governor_key(DEFAULT_TOKEN, "pipedrive")
-    return GovernorState(
-        *store.update_governor(key, lambda s: (s, (s.next_at, s.slowdown)))
-    ).slowdown
+    return GovernorState(*store.update_governor(key, lambda s: (s, (s.next_at, s.slowdown))))
+
+
+class RecordingGovernor(RateGovernor):
+    """A RateGovernor noting (wall-clock) when it let each request go and each rate limit came,
+    with the Retry-After it carried."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[tuple[str, float, float | None]] = []
+
+    def acquire(self, not_before: float | None = None) -> None:
+        super().acquire(not_before)
+        self.events.append(("send", time.time(), None))
+
+    def on_rate_limited(self, retry_after: float | None) -> float:
+        self.events.append(("limited", time.time(), retry_after))
+        return super().on_rate_limited(retry_after)
 
 
 def count(sandbox: PipedriveSandbox, kind: str) -> int:
@@ -157,14 +175,22 @@ def test_webhook_create_list_delete(api: PipedriveApi) -> None:
 def test_rate_limits_are_retried_through_the_throttle(
     sandbox: PipedriveSandbox, store: Store, status: int, faults: int, retry_after: str | None
 ) -> None:
-    """Both rate-limit answers (429 JSON, 403 Cloudflare HTML) slow the shared governor."""
+    """Both rate-limit answers (429 JSON, 403 Cloudflare HTML) hold the refused request back
+    for its Retry-After (1 s without one), and only it: the shared schedule is not pushed."""
     sandbox.inject_fault(status, count=faults, retry_after=retry_after)
     before = sandbox.stats()["byStatus"].get(str(status), 0)
-    governor = RateGovernor(store, DEFAULT_TOKEN, 50, api="pipedrive")
+    governor = RecordingGovernor(store, DEFAULT_TOKEN, 50, api="pipedrive")
     with PipedriveApi(sandbox.url, DEFAULT_TOKEN, throttle=governor) as api:
         assert [p["id"] for p in api.get_persons([1010])] == [1010]
     assert sandbox.stats()["byStatus"][str(status)] == before + faults
-    assert slowdown(store) > 1.0
+    assert [kind for kind, _, _ in governor.events] == ["send", "limited"] * faults + ["send"]
+    # Lower bounds only; 5 ms for time.sleep on the monotonic clock vs the wall clock.
+    for (kind, seen, asked), (_, resent, _) in itertools.pairwise(governor.events):
+        if kind == "limited":
+            assert asked == (None if retry_after is None else float(retry_after))
+            assert resent >= retry_at(seen, asked) - 0.005
+    state = governor_state(store)
+    assert state.slowdown == 1.0 and state.next_at <= governor.events[-1][1] + 1 / 50 + 0.005
 
 
 def test_a_spent_budget_ends_in_unavailable(tmp_path: Path, store: Store) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from quo_sync_dagster.core.external_ids import quo_external_id
 from quo_sync_dagster.core.models import (
     CallActivity,
     CustomFieldValue,
@@ -281,7 +282,9 @@ def test_pipeline_syncs_every_person_once(
     config = {"integration_id": "it-1", "page_size": 7, "pages_per_run": 3}
     with pipeline(tmp_path, monkeypatch) as p:
         settings = {"base_url": sim.url, "custom_fields": {LEAD_SOURCE: "inbound-lead"}}
-        add_integration(p, "pipedrive", settings, crm_credential_ref="env:PIPEDRIVE_TEST_TOKEN")
+        integration = add_integration(
+            p, "pipedrive", settings, crm_credential_ref="env:PIPEDRIVE_TEST_TOKEN"
+        )
         processes = sync_everything(p, "pipedrive", config)
         assert [q.state for q in processes] == [ProcessState.COMPLETED]
         synced = sum(q.counters["synced"] for q in processes)
@@ -296,12 +299,14 @@ def test_pipeline_syncs_every_person_once(
         after = p.quo.stats()["byKind"]
         assert (after["create"], after["patch"]) == (before["create"], before["patch"])
 
+        ext = quo_external_id(integration, "1002")
         with QuoClient(p.quo.url, "test-key") as quo:
-            found = quo.find_by_external_ids(["1002", *map(str, BAD)], "pipedrive")
-        assert set(found) == {"1002"}
-        fields = found["1002"]["defaultFields"]
+            wanted = [quo_external_id(integration, str(i)) for i in (1002, *BAD)]
+            found = quo.find_by_external_ids(wanted, "pipedrive")
+        assert set(found) == {ext}
+        fields = found[ext]["defaultFields"]
         assert fields["firstName"] == seed_person(1)["first_name"]
         assert fields["phoneNumbers"][0]["value"].startswith("+")
-        assert [(c["key"], c["value"]) for c in found["1002"]["customFields"]] == [
+        assert [(c["key"], c["value"]) for c in found[ext]["customFields"]] == [
             ("inbound-lead", "Website")
         ]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -14,11 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from quo_sync_dagster.core.ratelimit import GovernorState
+from quo_sync_dagster.core.ratelimit import GovernorState, retry_at
 from quo_sync_dagster.quo.client import (
     LOOKUP_CHUNK,
     QuoApiError,
     QuoClient,
+    QuoOutcomeUnknown,
     QuoUnavailable,
     parse_error,
     parse_retry_after,
@@ -187,15 +190,39 @@ def test_parse_retry_after_formats() -> None:
 
 
 # ---- retries -------------------------------------------------------------------------------
-def test_transient_500s_are_retried(sandbox: QuoSandbox, client: QuoClient) -> None:
+def test_transient_500s_are_retried_on_idempotent_calls(
+    sandbox: QuoSandbox, client: QuoClient
+) -> None:
+    ext = uid()
+    created = client.create_contact(body(ext))
+    for call in (
+        lambda: client.get_contact(created["id"]),
+        lambda: client.find_by_external_ids([ext], SOURCE)[ext],
+    ):
+        sandbox.inject_fault(500, count=2)
+        before = sandbox.stats()
+        assert call()["id"] == created["id"]
+        after = sandbox.stats()
+        assert after["requests"] - before["requests"] == 3
+        assert after["byStatus"].get("500", 0) - before["byStatus"].get("500", 0) == 2
+        assert after["pendingFaults"] == 0
+
+
+def test_a_create_answered_500_is_not_retried(sandbox: QuoSandbox, client: QuoClient) -> None:
+    """A create is not idempotent: after a 5xx Quo may or may not have made the contact, so it
+    is not sent again; QuoOutcomeUnknown leaves the look-up to the caller."""
     ext = uid()
     sandbox.inject_fault(500, count=2)
     before = sandbox.stats()
-    created = client.create_contact(body(ext))
+    with pytest.raises(QuoOutcomeUnknown) as info:
+        client.create_contact(body(ext))
     after = sandbox.stats()
-    assert after["byKind"]["create"] - before["byKind"]["create"] == 3
-    assert after["byStatus"].get("500", 0) - before["byStatus"].get("500", 0) == 2
-    assert client.find_by_external_ids([ext], SOURCE)[ext]["id"] == created["id"]
+    assert info.value.status == 500 and isinstance(info.value, QuoUnavailable)
+    assert after["requests"] - before["requests"] == 1
+    assert after["byKind"]["create"] - before["byKind"]["create"] == 1
+    assert after["pendingFaults"] == 1
+    sandbox.clear_faults()
+    assert client.find_by_external_ids([ext], SOURCE) == {}  # this fault answered before writing
 
 
 def test_persistent_500s_become_quo_unavailable(sandbox: QuoSandbox) -> None:
@@ -235,46 +262,288 @@ def test_wrong_key_exception_chain_never_leaks(sandbox: QuoSandbox) -> None:
 
 
 # ---- 429 and the governor ------------------------------------------------------------------
+# Lower bounds only (a loaded machine makes every wait longer, never shorter); CLOCK_SLACK covers
+# time.sleep counting on the monotonic clock while the governor schedules on the wall clock.
+CLOCK_SLACK = 0.005
+
+
+class RecordingGovernor(RateGovernor):
+    """A RateGovernor noting when it let each request go and when each 429 was reported."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[tuple[str, float, float | None]] = []  # (send|429, at, retry_after)
+
+    def acquire(self, not_before: float | None = None) -> None:
+        super().acquire(not_before)
+        self.events.append(("send", time.time(), None))
+
+    def on_rate_limited(self, retry_after: float | None) -> float:
+        self.events.append(("429", time.time(), retry_after))
+        return super().on_rate_limited(retry_after)
+
+
+def assert_every_429_was_waited_out(events: list[tuple[str, float, float | None]]) -> None:
+    """No request (of one thread) went out before the Retry-After of a 429 before it."""
+    for i, (kind, at, retry_after) in enumerate(events):
+        if kind == "429":
+            asked = retry_at(at, retry_after)
+            sends = [t for k, t, _ in events[i + 1 :] if k == "send"]
+            assert all(t >= asked - CLOCK_SLACK for t in sends), (asked, sends)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def send_times(governor: RateGovernor, clock: FakeClock, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        governor.acquire()
+        times.append(clock.now)
+    return times
+
+
+def test_a_429_holds_back_only_the_request_it_answered(store: Store) -> None:
+    clock = FakeClock()
+    governor = RateGovernor(store, "fake-clock-key", 10, clock=clock, sleep=clock.sleep)
+    assert send_times(governor, clock, 3) == pytest.approx([1000.0, 1000.1, 1000.2])
+    before = governor_state(store, "fake-clock-key")
+    retry = governor.on_rate_limited(2.0)  # the request sent at 1000.2, answered at once
+    assert retry == pytest.approx(1002.2)
+    assert governor_state(store, "fake-clock-key") == before  # the schedule is not paused
+    # Other requests keep the configured rate...
+    assert send_times(governor, clock, 5) == pytest.approx([1000.3, 1000.4, 1000.5, 1000.6, 1000.7])
+    # ...and the refused one is re-sent once its Retry-After has passed, in the next free slot.
+    governor.acquire(not_before=retry)
+    assert clock.now == pytest.approx(1002.2)
+    assert send_times(governor, clock, 3) == pytest.approx([1002.3, 1002.4, 1002.5])
+    assert governor_state(store, "fake-clock-key").slowdown == 1.0
+
+
+def test_a_retry_queues_behind_slots_already_granted(store: Store) -> None:
+    clock = FakeClock()
+    governor = RateGovernor(store, "fake-clock-key", 10, clock=clock, sleep=clock.sleep)
+    # Slots up to 1000.4 are granted (to other callers) when the retry's Retry-After is over.
+    store.update_governor(governor_key("fake-clock-key"), lambda s: (GovernorState(1000.5), 0))
+    governor.acquire(not_before=1000.05)
+    assert clock.now == pytest.approx(1000.5)
+    assert governor_state(store, "fake-clock-key").next_at == pytest.approx(1000.6)
+
+
+class VirtualTime:
+    """A fake clock for threads: time stands still while any of them runs and jumps to the
+    earliest wake-up once all of them sleep. Nothing really sleeps, and the times seen are
+    exact, however loaded the machine."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+        self._cond = threading.Condition()
+        self._running = 0
+        self._sleeping: dict[object, float] = {}  # sleeper -> when it wakes
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        sleeper = object()
+        with self._cond:
+            self._sleeping[sleeper] = self.now + max(0.0, seconds)
+            self._running -= 1
+            self._advance()
+            while sleeper in self._sleeping:
+                self._cond.wait()
+
+    def run(self, targets: list[Callable[[], None]]) -> None:
+        """Each target in its own thread on this clock; the first error is raised."""
+        errors: list[BaseException] = []
+
+        def body(target: Callable[[], None]) -> None:
+            try:
+                target()
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._advance()
+
+        with self._cond:
+            self._running += len(targets)
+        threads = [threading.Thread(target=body, args=(t,)) for t in targets]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def _advance(self) -> None:
+        if self._running == 0 and self._sleeping:
+            self.now = max(self.now, min(self._sleeping.values()))
+            for sleeper, wake in list(self._sleeping.items()):
+                if wake <= self.now:
+                    del self._sleeping[sleeper]
+                    self._running += 1
+            self._cond.notify_all()
+
+
+class FakeQuo:
+    """An httpx transport answering like Quo, at VirtualTime: it notes every attempt (time,
+    name) and refuses with 429 the attempts `refuse(name, attempt)` picks."""
+
+    def __init__(
+        self,
+        clock: VirtualTime,
+        refuse: Callable[[str, int], bool],
+        retry_after: str | None,
+    ) -> None:
+        self.clock = clock
+        self.refuse = refuse
+        self.retry_after = retry_after
+        self.log: list[tuple[float, str, int]] = []  # (at, name, status)
+        self._attempts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            name = json.loads(request.content)["externalId"]
+        else:
+            name = request.url.path.rsplit("/", 1)[-1]
+        with self._lock:
+            attempt = self._attempts[name] = self._attempts.get(name, 0) + 1
+            status = 429 if self.refuse(name, attempt) else 201 if request.method == "POST" else 200
+            self.log.append((self.clock.now, name, status))
+        if status == 429:
+            headers = {} if self.retry_after is None else {"Retry-After": self.retry_after}
+            return httpx.Response(429, headers=headers, json={"message": "Too many requests"})
+        return httpx.Response(status, json={"data": {"id": name}})
+
+    def sends_of(self, name: str) -> list[tuple[float, str, int]]:
+        return [entry for entry in self.log if entry[1] == name]
+
+
+def run_workers(
+    store: Store, clock: VirtualTime, quo: FakeQuo, rps: float, work: list[list[str]]
+) -> None:
+    """One thread per list of names, sharing one QuoClient and governor: a name starting with
+    "new" is created, any other one read (get_contact)."""
+    governor = RateGovernor(store, "virtual-key", rps, clock=clock, sleep=clock.sleep)
+    with QuoClient(
+        "http://quo.test", "virtual-key", governor, transport=httpx.MockTransport(quo)
+    ) as c:
+
+        def worker(names: list[str]) -> Callable[[], None]:
+            def run() -> None:
+                for name in names:
+                    if name.startswith("new"):
+                        assert c.create_contact(body(name))["id"] == name
+                    else:
+                        assert c.get_contact(name)["id"] == name
+
+            return run
+
+        clock.run([worker(names) for names in work])
+
+
+@pytest.mark.parametrize(("header", "wait"), [("1", 1.0), ("3", 3.0), ("0", 0.0), (None, 1.0)])
+def test_a_refused_request_waits_its_retry_after_while_the_others_keep_the_rate(
+    store: Store, header: str | None, wait: float
+) -> None:
+    clock, rps = VirtualTime(), 10.0
+    # The create "new-1" is refused twice; two other callers read meanwhile.
+    quo = FakeQuo(clock, lambda name, attempt: name == "new-1" and attempt <= 2, header)
+    work = [["new-0", "new-1", "new-2"], [f"a{i}" for i in range(60)], [f"b{i}" for i in range(60)]]
+    run_workers(store, clock, quo, rps, work)
+    refused = quo.sends_of("new-1")
+    assert [status for _, _, status in refused] == [429, 429, 201]
+    # Each retry goes no earlier than the Retry-After of the 429 before it (answered at once).
+    for (first, _, _), (retry, _, _) in itertools.pairwise(refused):
+        assert retry >= first + wait - 1e-9
+    # Not one slot was lost or paused: every attempt, 429s included, is exactly 1/rate apart...
+    times = [at for at, _, _ in quo.log]
+    assert len(times) == 3 + 2 + 120
+    assert [b - a for a, b in itertools.pairwise(times)] == pytest.approx([0.1] * (len(times) - 1))
+    # ...so while "new-1" waited, the readers had every slot but its own retry's.
+    during = [name for at, name, _ in quo.log if refused[0][0] < at < refused[-1][0]]
+    assert len(during) == round((refused[-1][0] - refused[0][0]) * rps) - 1
+    assert during.count("new-1") == 1 and "new-2" not in during
+    assert governor_state(store, "virtual-key").slowdown == 1.0
+
+
+def test_once_the_429s_stop_the_governor_sends_at_the_configured_rate(store: Store) -> None:
+    clock, rps = VirtualTime(), 20.0
+    # A burst: the first attempt of every request of the first 3 s is refused, none after.
+    burst_end = clock.now + 3.0
+    quo = FakeQuo(clock, lambda _, attempt: attempt == 1 and clock.now < burst_end, "1")
+    run_workers(store, clock, quo, rps, [[f"w{w}-{i}" for i in range(60)] for w in range(8)])
+    assert all(len(quo.sends_of(f"w{w}-{i}")) <= 2 for w in range(8) for i in range(60))
+    assert sum(status == 429 for _, _, status in quo.log) >= 8
+    last_429 = max(at for at, _, status in quo.log if status == 429)
+    after = [at for at, _, _ in quo.log if at > last_429 + 1.0]  # every retry is due by then
+    assert len(after) > 200
+    assert [b - a for a, b in itertools.pairwise(after)] == pytest.approx(
+        [1 / rps] * (len(after) - 1)
+    )
+
+
 @pytest.mark.parametrize("fmt", ["seconds", "http-date"])
 def test_429_fault_waits_for_retry_after(
     sandbox: QuoSandbox, store: Store, fmt: str, client: QuoClient
 ) -> None:
-    sent = time.time()
-    header = "1" if fmt == "seconds" else formatdate(math.ceil(sent) + 1, usegmt=True)
-    wait = parse_retry_after(header)
-    assert wait is not None and wait > 0.5
-    governor = RateGovernor(store, sandbox.api_key, requests_per_second=50)
+    # An HTTP date has whole seconds: 2 s ahead, it is still ahead when the 429 is read.
+    asked_at = math.ceil(time.time()) + 2.0
+    header = "1" if fmt == "seconds" else formatdate(asked_at, usegmt=True)
+    rps = 50
+    governor = RecordingGovernor(store, sandbox.api_key, requests_per_second=rps)
     sandbox.inject_fault(429, count=1, retry_after=header)
     before = sandbox.stats()
     with QuoClient(sandbox.url, sandbox.api_key, governor=governor) as c:
-        start = time.time()
-        assert c.has_contacts_from(SOURCE) in (True, False)
-        elapsed = time.time() - start
+        assert c.has_contacts_from(SOURCE) in (True, False)  # answered in the end
     after = sandbox.stats()
     assert after["rateLimited"] - before["rateLimited"] == 1
     assert after["requests"] - before["requests"] == 2
-    assert elapsed >= wait - 0.15
+    assert [kind for kind, _, _ in governor.events] == ["send", "429", "send"]
+    (_, seen_at, retry_after), (_, retried_at, _) = governor.events[1:]
+    assert retry_after is not None
+    if fmt == "seconds":
+        assert retry_after == 1.0
+    else:
+        assert retried_at >= asked_at - CLOCK_SLACK
+    assert retried_at >= seen_at + retry_after - CLOCK_SLACK
+    # The pause is all it cost: the next slot is one interval after the retry's.
     state = governor_state(store, sandbox.api_key)
-    assert state.next_at >= start + wait - 0.15 and state.slowdown > 1.0
+    assert state.slowdown == 1.0
+    assert seen_at + retry_after + 1 / rps - CLOCK_SLACK <= state.next_at
+    assert state.next_at <= retried_at + 1 / rps + CLOCK_SLACK
 
 
 @pytest.mark.parametrize("fmt", ["seconds", "http-date"])
 def test_real_limiter_429_is_retried_after_governor_wait(tmp_path: Path, fmt: str) -> None:
     store = open_store(f"sqlite:///{tmp_path}/s.sqlite")
     with QuoSandbox(tmp_path / "quo", rate_limit=1, retry_after_format=fmt) as sb:
-        governor = RateGovernor(store, sb.api_key, requests_per_second=100)
+        governor = RecordingGovernor(store, sb.api_key, requests_per_second=100)
+        created: list[str] = []
         with QuoClient(sb.url, sb.api_key, governor=governor) as c:
-            start = time.time()
-            first = c.create_contact(body(uid()))
-            second = c.create_contact(body(uid()))  # the bucket is empty: 429, then retried
-            elapsed = time.time() - start
+            # One token, refilled at 1/s: creating again at once is refused. Creating until
+            # that happened keeps the test true however slowly the machine runs.
+            while not any(kind == "429" for kind, _, _ in governor.events):
+                assert len(created) < 10, "the 1 req/s limiter never answered 429"
+                created.append(c.create_contact(body(uid()))["id"])
         stats = sb.stats()
-    state = governor_state(store, sb.api_key)
     store.close()
-    assert first["id"] != second["id"] and stats["contacts"] == 2
-    assert stats["rateLimited"] >= 1 and stats["byStatus"]["201"] == 2
-    assert elapsed >= 0.9  # Retry-After is at least one second
-    assert state.next_at >= start + 0.9 and state.slowdown > 1.0
+    rejected = [e for e in governor.events if e[0] == "429"]
+    assert len(set(created)) == len(created) == stats["contacts"] >= 2
+    assert stats["byStatus"]["201"] == len(created) and stats["rateLimited"] == len(rejected)
+    assert all(retry_after is not None and retry_after > 0 for _, _, retry_after in rejected)
+    assert_every_429_was_waited_out(governor.events)
 
 
 def test_shared_governor_keeps_two_clients_under_the_limit(tmp_path: Path) -> None:
@@ -308,8 +577,11 @@ def test_shared_governor_keeps_two_clients_under_the_limit(tmp_path: Path) -> No
 def test_without_governor_the_same_burst_is_limited(tmp_path: Path) -> None:
     """The counterpart of the test above: the sandbox's limiter does bite an ungoverned burst."""
     with QuoSandbox(tmp_path / "quo", rate_limit=20) as sb:
+        statuses: list[int] = []
         with httpx.Client(base_url=sb.url, headers={"Authorization": sb.api_key}) as raw:
-            statuses = [
-                raw.get("/v1/contacts", params={"maxResults": 1}).status_code for _ in range(40)
-            ]
-        assert 429 in statuses and sb.stats()["rateLimited"] > 0
+            # 20 tokens refilled at 20/s: requests sent back to back outrun that sooner or
+            # later, whatever the machine's speed; send until they did.
+            while 429 not in statuses:
+                assert len(statuses) < 2000, "an ungoverned burst was never limited"
+                statuses.append(raw.get("/v1/contacts", params={"maxResults": 1}).status_code)
+        assert len(statuses) > 20 and sb.stats()["rateLimited"] == 1

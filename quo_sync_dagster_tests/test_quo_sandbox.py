@@ -448,3 +448,149 @@ def test_runs_as_a_process(tmp_path: Path) -> None:
     finally:
         process.terminate()
         assert process.wait(timeout=10) == 0
+
+
+def test_uniqueness_switch_accepts_duplicate_source_and_external_id(tmp_path: Path) -> None:
+    external_id = uid()
+    key = {"externalId": external_id, "source": "crm-a"}
+    with (
+        QuoSandbox(tmp_path, rate_limit=None) as sandbox,
+        httpx.Client(base_url=sandbox.url, headers={"Authorization": sandbox.api_key}) as client,
+    ):
+        assert sandbox.settings() == {"uniqueExternalIds": True}
+        first = create(client, **key)["data"]
+        create(client, 409, **key)
+        sandbox.accept_duplicates()
+        assert sandbox.settings() == {"uniqueExternalIds": False}
+        second = create(client, **key)["data"]
+        third = create(client, **key)["data"]
+        other = create(client, externalId=uid(), source="crm-a")["data"]
+        check(client.patch(f"{CONTACTS}/{other['id']}", json=key), CONTACT, "patch", 200)
+        found = lookup(client, maxResults=50, externalIds=[external_id], sources=["crm-a"])
+        assert [c["id"] for c in found["data"]] == [
+            first["id"],
+            second["id"],
+            third["id"],
+            other["id"],
+        ]
+        stats = sandbox.stats()
+        assert (stats["contacts"], stats["duplicateExternalIds"]) == (4, 1)
+        # Deleting one of the twins keeps the others findable.
+        check(client.delete(f"{CONTACTS}/{second['id']}"), CONTACT, "delete", 204)
+        found = lookup(client, maxResults=50, externalIds=[external_id])
+        assert [c["id"] for c in found["data"]] == [first["id"], third["id"], other["id"]]
+        # Enforced again: the key is taken (by three contacts), so a fourth is a 409.
+        assert sandbox.settings(unique_external_ids=True) == {"uniqueExternalIds": True}
+        assert create(client, 409, **key)["code"] == "0800409"
+        for bad in ({"uniqueExternalIds": "no"}, {"noSuchSetting": True}, {}, [True]):
+            response = httpx.post(f"{sandbox.url}/_sandbox/settings", json=bad)
+            assert response.status_code == 400, bad
+        assert sandbox.settings() == {"uniqueExternalIds": True}
+    # The duplicates persist; the switch is the constructor's again after a restart.
+    with (
+        QuoSandbox(tmp_path, rate_limit=None, unique_external_ids=False) as sandbox,
+        httpx.Client(base_url=sandbox.url, headers={"Authorization": sandbox.api_key}) as client,
+    ):
+        assert sandbox.settings() == {"uniqueExternalIds": False}
+        assert sandbox.stats()["duplicateExternalIds"] == 1
+        create(client, **key)
+        assert len(lookup(client, maxResults=50, externalIds=[external_id])["data"]) == 4
+
+
+def test_accept_duplicates_flag_of_the_process(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "quo_sync_dagster.sandbox.quo_server"]
+    args = ["--data-dir", str(tmp_path), "--no-rate-limit", "--accept-duplicates"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        _, url = process.stdout.readline().split()
+        with httpx.Client(base_url=url, headers={"Authorization": "sandbox-key"}) as client:
+            for _ in range(2):
+                create(client, externalId="twin", source="crm")
+        assert httpx.get(f"{url}/_sandbox/stats").json()["duplicateExternalIds"] == 1
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+
+
+def _count(client: httpx.Client, external_id: str) -> int:
+    return len(lookup(client, maxResults=50, externalIds=[external_id])["data"])
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_write_then_fail_fault_writes_then_answers_5xx(
+    sandbox: QuoSandbox, client: httpx.Client, status: int
+) -> None:
+    external_id = uid()
+    sandbox.inject_fault(status, kinds=["create"], after_write=True)
+    error = create(client, status, externalId=external_id, source="crm")
+    assert error["message"] == "Injected sandbox fault after the request was served"
+    assert _count(client, external_id) == 1  # written, though the answer said otherwise
+    create(client, 409, externalId=external_id, source="crm")
+    assert sandbox.stats()["pendingFaults"] == 0
+
+
+def test_write_then_fail_fault_drops_the_connection(
+    sandbox: QuoSandbox, client: httpx.Client
+) -> None:
+    external_id = uid()
+    sandbox.reset_stats()
+    sandbox.inject_fault(kinds=["create"], after_write=True, drop=True)
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.post(CONTACTS, json={**VALID, "externalId": external_id, "source": "crm"})
+    assert _count(client, external_id) == 1
+    # Dropped before the request is served: nothing written, and still no answer.
+    unwritten = uid()
+    sandbox.inject_fault(kinds=["create"], drop=True)
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.post(CONTACTS, json={**VALID, "externalId": unwritten, "source": "crm"})
+    assert _count(client, unwritten) == 0
+    stats = sandbox.stats()
+    assert stats["byKind"]["create"] == 2 and stats["byStatus"]["0"] == 2  # 0: no answer
+
+
+def test_write_then_fail_fault_answers_after_the_client_gave_up(
+    sandbox: QuoSandbox, client: httpx.Client
+) -> None:
+    external_id = uid()
+    sandbox.inject_fault(kinds=["create"], after_write=True, delay_seconds=1.0)
+    body = {**VALID, "externalId": external_id, "source": "crm"}
+    with pytest.raises(httpx.ReadTimeout):
+        client.post(CONTACTS, json=body, timeout=0.2)
+    assert _count(client, external_id) == 1  # written before the answer was held back
+
+
+def test_fault_for_one_kind_leaves_other_requests_alone(
+    sandbox: QuoSandbox, client: httpx.Client
+) -> None:
+    url = f"{CONTACTS}/{create(client)['data']['id']}"
+    sandbox.inject_fault(503, count=2, kinds=["create", "patch"])
+    sandbox.inject_fault(500)  # any kind: served to the first request, not held back
+    lookup(client, 500, maxResults=1)
+    check(client.get(FIELDS), FIELDS, "get", 200)
+    lookup(client, maxResults=1, externalIds=[uid()])
+    assert sandbox.stats()["pendingFaults"] == 2
+    external_id = uid()
+    create(client, 503, externalId=external_id)  # not written: the fault came first
+    assert _count(client, external_id) == 0
+    check(client.patch(url, json={"defaultFields": {"role": "x"}}), CONTACT, "patch", 503)
+    check(client.patch(url, json={"defaultFields": {"role": "x"}}), CONTACT, "patch", 200)
+    assert sandbox.stats()["pendingFaults"] == 0
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"status": 500, "kinds": ["nope"]},
+        {"status": 500, "kinds": []},
+        {"status": 500, "kinds": "create"},
+        {"status": 500, "drop": True},
+        {"afterWrite": True},
+        {"status": 500, "afterWrite": "yes"},
+    ],
+)
+def test_bad_write_faults_are_400(sandbox: QuoSandbox, fault: dict[str, Any]) -> None:
+    response = httpx.post(f"{sandbox.url}/_sandbox/faults", json=fault)
+    assert response.status_code == 400, response.text
+    assert sandbox.stats()["pendingFaults"] == 0

@@ -7,9 +7,11 @@ interpreter, so there the same jobs run on threads.
 from __future__ import annotations
 
 import itertools
+import json
 import multiprocessing
 import os
 import queue
+import sqlite3
 import sys
 import threading
 import time
@@ -30,6 +32,7 @@ from mongomock.collection import Cursor
 from quo_sync_dagster.core.models import ContactLink, Integration
 from quo_sync_dagster.core.process import (
     COUNTER_NAMES,
+    MAX_ERROR_CHARS,
     ErrorDetail,
     IllegalTransition,
     PageResult,
@@ -41,6 +44,7 @@ from quo_sync_dagster.store import NotFound, Store, open_store
 from quo_sync_dagster.store import mongo as mongo_store
 from quo_sync_dagster.store import sqlite as sqlite_store
 from quo_sync_dagster.store.mongo import MongoStore
+from quo_sync_dagster.store.port import AlreadyRunning
 from quo_sync_dagster.store.sqlite import SqliteStore
 
 MONGO_URI = os.environ.get("QUO_SYNC_MONGO_URI")
@@ -128,9 +132,11 @@ def integration(integration_id: str = "int-1", crm: str = "hubspot") -> Integrat
     )
 
 
-def new_process(store: Store, process_id: str, **kwargs: Any) -> Process:
+def new_process(
+    store: Store, process_id: str, exclusive_key: str | None = None, **kwargs: Any
+) -> Process:
     fields = {"integration_id": "int-1", "name": "sync", "type": "SYNC", "state": S.INITIALIZING}
-    return store.create_process(Process(id=process_id, **(fields | kwargs)))
+    return store.create_process(Process(id=process_id, **(fields | kwargs)), exclusive_key)
 
 
 def error(n: int, page: str = "p1") -> ErrorDetail:
@@ -232,6 +238,42 @@ def test_update_context_merges_top_level(store: Store) -> None:
         store.update_context("p-missing", {"x": 1})
 
 
+def test_exclusive_key_allows_one_live_process(store: Store) -> None:
+    new_process(store, "first", exclusive_key="initial:int-1:Person")
+    with pytest.raises(AlreadyRunning, match=r"'first' .* 'initial:int-1:Person'") as raised:
+        new_process(store, "second", exclusive_key="initial:int-1:Person")
+    assert raised.value.process_id == "first"
+    with pytest.raises(NotFound):
+        store.get_process("second")  # a refused Process is not stored
+    new_process(store, "other-key", exclusive_key="initial:int-1:Lead")
+    new_process(store, "no-key")
+
+    # Refused for other reasons, a creation does not take the key either.
+    store.transition("first", S.ERROR)
+    with pytest.raises(ValueError, match="other-key"):
+        new_process(store, "other-key", exclusive_key="initial:int-1:Person")
+    with pytest.raises(NotFound, match="no-parent"):
+        new_process(store, "orphan", parent_id="no-parent", exclusive_key="initial:int-1:Person")
+
+    # The holder ended (ERROR, then COMPLETED): the key is free again.
+    new_process(store, "third", exclusive_key="initial:int-1:Person")
+    with pytest.raises(AlreadyRunning, match="'third'"):
+        new_process(store, "fourth", exclusive_key="initial:int-1:Person")
+    for state in (S.FETCHING_TOTAL, S.QUEUING_PAGES, S.PROCESSING_BATCHES, S.COMPLETING):
+        store.transition("third", state)
+        with pytest.raises(AlreadyRunning, match="'third'"):
+            new_process(store, "fourth", exclusive_key="initial:int-1:Person")
+    store.transition("third", S.COMPLETED)
+    assert new_process(store, "fourth", exclusive_key="initial:int-1:Person").id == "fourth"
+    assert [p.id for p in store.list_processes()] == [
+        "first",
+        "other-key",
+        "no-key",
+        "third",
+        "fourth",
+    ]
+
+
 def test_increment_counters(store: Store) -> None:
     new_process(store, "p")
     store.increment_counters("p", {"synced": 3, "failed": 1})
@@ -278,6 +320,39 @@ def test_record_page_is_idempotent_per_page(store: Store) -> None:
     with pytest.raises(NotFound, match="p-missing"):
         store.record_page("p-missing", "p1", first)
     assert store.page_results("p-missing") == {}
+
+
+def test_skipped_counter_is_replaced_on_rerun(store: Store) -> None:
+    new_process(store, "p")
+    first = PageResult(records=10, synced=6, failed=1, created=6, skipped=3)
+    store.record_page("p", "p1", first)
+    store.record_page("p", "p2", PageResult(records=5, synced=5, failed=0, unchanged=3, skipped=2))
+    assert store.get_process("p").counters["skipped"] == 5
+    rerun = PageResult(records=10, synced=8, failed=1, unchanged=6, updated=2, skipped=1)
+    store.record_page("p", "p1", rerun)
+    store.record_page("p", "p1", rerun)
+    counters = store.get_process("p").counters
+    assert counters == dict.fromkeys(COUNTER_NAMES, 0) | {
+        "processed": 15,
+        "synced": 13,
+        "failed": 1,
+        "updated": 2,
+        "unchanged": 9,
+        "skipped": 3,
+        "pages_processed": 2,
+    }
+    assert store.page_results("p")["p1"] == rerun
+    assert store.page_results("p")["p2"].skipped == 2
+
+
+def test_long_error_texts_are_stored_capped(store: Store) -> None:
+    new_process(store, "p")
+    huge = ErrorDetail(external_id="e" * 5000, error="x" * 75_000, timestamp="t", page="p1")
+    store.record_page("p", "p1", PageResult(records=1, synced=0, failed=1, errors=(huge,)))
+    [stored] = store.recent_errors("p")
+    assert len(stored.error) == MAX_ERROR_CHARS
+    assert stored.error.startswith("xxx") and stored.error.endswith("more characters]")
+    assert stored.external_id is not None and len(stored.external_id) == 100
 
 
 def test_recent_errors_keeps_last_100_in_order(store: Store) -> None:
@@ -341,6 +416,46 @@ def test_contact_links_span_query_chunks(store: Store, monkeypatch: pytest.Monke
     assert store.get_contact_links("int-1", links) == dict(list(links.items())[18:])
 
 
+def test_iter_contact_links_pages_through_all(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "_LINKS_PER_READ", 4)
+    monkeypatch.setattr(mongo_store, "_LINKS_PER_READ", 4)
+    assert list(store.iter_contact_links("int-1")) == []
+    links = {f"e{i:02d}": ContactLink(f"q{i}", f"h{i}") for i in range(12)}  # 3 full pages
+    store.put_contact_links("int-1", links)
+    store.put_contact_links(
+        "int-2", {"e05": ContactLink("other", "hx"), "zz": ContactLink("o", "")}
+    )
+    assert list(store.iter_contact_links("int-1")) == sorted(links.items())
+    store.put_contact_links("int-1", {"e12": ContactLink("q12", "h12")})  # one past a full page
+    assert [e for e, _ in store.iter_contact_links("int-1")] == [f"e{i:02d}" for i in range(13)]
+    assert dict(store.iter_contact_links("int-2")) == {
+        "e05": ContactLink("other", "hx"),
+        "zz": ContactLink("o", ""),
+    }
+
+
+def test_rename_contact_links(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_store, "_MAX_SQL_VARIABLES", 3)
+    monkeypatch.setattr(mongo_store, "_MAX_IDS_PER_QUERY", 3)
+    store.put_contact_links("int-1", {f"{i}": ContactLink(f"q{i}", f"h{i}") for i in range(8)})
+    store.put_contact_links("int-1", {"ns:5": ContactLink("stale", "old")})
+    store.put_contact_links("int-2", {"1": ContactLink("other", "hx")})
+    renames = {f"{i}": f"ns:{i}" for i in range(7)} | {"missing": "ns:missing", "7": "7"}
+    assert store.rename_contact_links("int-1", renames) == 7
+    assert dict(store.iter_contact_links("int-1")) == {
+        "7": ContactLink("q7", "h7"),  # renamed to itself: untouched
+        **{f"ns:{i}": ContactLink(f"q{i}", f"h{i}") for i in range(7)},  # ns:5 overwritten
+    }
+    assert dict(store.iter_contact_links("int-2")) == {"1": ContactLink("other", "hx")}
+    assert store.rename_contact_links("int-1", renames) == 0  # nothing left at the old ids
+    assert store.rename_contact_links("int-1", {}) == 0
+    with pytest.raises(ValueError, match="ns:0"):
+        store.rename_contact_links("int-1", {"7": "ns:0", "ns:0": "ns:00"})
+    assert store.count_contact_links("int-1") == 8
+
+
 # ---- governor --------------------------------------------------------------------------------
 def test_update_governor_defaults_and_returns_value(store: Store) -> None:
     seen: list[GovernorState] = []
@@ -396,6 +511,68 @@ def test_activity_map_keeps_first_id(store: Store) -> None:
     assert store.get_activity("int-1", "msg-1") == "crm-a"
     assert store.put_activity("int-2", "msg-1", "crm-c")
     assert store.get_activity("int-2", "msg-1") == "crm-c"
+
+
+# ---- migrations ------------------------------------------------------------------------------
+def test_sqlite_file_from_before_skipped_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    old_counters = [n for n in COUNTER_NAMES if n != "skipped"]
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE processes (id TEXT PRIMARY KEY, integration_id TEXT NOT NULL, "
+            "name TEXT NOT NULL, type TEXT NOT NULL, state TEXT NOT NULL, context TEXT NOT NULL, "
+            "parent_id TEXT, children TEXT NOT NULL, created_at TEXT NOT NULL, "
+            "updated_at TEXT NOT NULL, "
+            + ", ".join(f"{n} INTEGER NOT NULL DEFAULT 0" for n in old_counters)
+            + ")"
+        )
+        conn.execute(
+            "CREATE TABLE pages (process_id TEXT NOT NULL, page_key TEXT NOT NULL, "
+            "records INTEGER NOT NULL, synced INTEGER NOT NULL, failed INTEGER NOT NULL, "
+            "created INTEGER NOT NULL, updated INTEGER NOT NULL, unchanged INTEGER NOT NULL, "
+            "ok INTEGER NOT NULL, PRIMARY KEY (process_id, page_key)) WITHOUT ROWID"
+        )
+        now = "2026-01-01T00:00:00.000000+00:00"
+        conn.execute(
+            "INSERT INTO processes (id, integration_id, name, type, state, context, children, "
+            "created_at, updated_at, processed, synced, created, pages_processed) "
+            "VALUES ('p', 'int-1', 'sync', 'SYNC', 'PROCESSING_BATCHES', ?, '[]', ?, ?, "
+            "4, 4, 4, 1)",
+            (json.dumps({"crm": "hubspot"}), now, now),
+        )
+        conn.execute("INSERT INTO pages VALUES ('p', 'p1', 4, 4, 0, 4, 0, 0, 1)")
+    conn.close()
+
+    store = SqliteStore(path)
+    try:
+        assert store.page_results("p") == {
+            "p1": PageResult(records=4, synced=4, failed=0, created=4)
+        }
+        assert store.get_process("p").counters["skipped"] == 0
+        store.record_page(
+            "p", "p1", PageResult(records=4, synced=3, failed=0, created=3, skipped=1)
+        )
+        store.record_page("p", "p2", PageResult(records=2, synced=2, failed=0, created=2))
+        assert store.page_results("p")["p1"].skipped == 1
+        counters = store.get_process("p").counters
+        assert (counters["processed"], counters["created"], counters["skipped"]) == (6, 5, 1)
+    finally:
+        store.close()
+
+
+def test_mongo_page_from_before_skipped_reads_as_zero() -> None:
+    client = mongomock.MongoClient()
+    store = MongoStore(client)
+    new_process(store, "p")
+    store.record_page("p", "p1", PageResult(records=4, synced=4, failed=0, created=4))
+    # What an older adapter stored: no `skipped` field on the page nor among the counters.
+    client["quo_sync"]["pages"].update_many({}, {"$unset": {"skipped": ""}})
+    client["quo_sync"]["processes"].update_many({}, {"$unset": {"counters.skipped": ""}})
+    assert store.page_results("p")["p1"].skipped == 0
+    assert store.get_process("p").counters["skipped"] == 0
+    store.record_page("p", "p1", PageResult(records=4, synced=3, failed=0, created=3, skipped=1))
+    assert store.page_results("p")["p1"].skipped == 1
+    assert store.get_process("p").counters["skipped"] == 1
 
 
 # ---- open_store ------------------------------------------------------------------------------
@@ -487,6 +664,25 @@ def _reserve_job(store: Store, index: int, key: str, t0: float) -> list[float]:
         store.update_governor(key, partial(reserve, now=time.time() - t0, interval=0.01))
         for _ in range(25)
     ]
+
+
+def _create_exclusive_job(store: Store, index: int, key: str, prefix: str) -> str:
+    try:
+        return new_process(store, f"{prefix}{index}", exclusive_key=key).id
+    except AlreadyRunning as exc:
+        return f"refused, held by {exc.process_id}"
+
+
+def test_concurrent_exclusive_creates_admit_exactly_one(backend: Backend) -> None:
+    store = backend.store
+    for prefix in ("first-", "second-"):
+        outcomes = run_concurrently(
+            backend, partial(_create_exclusive_job, key="initial:int-1:Person", prefix=prefix)
+        )
+        [winner] = [o for o in outcomes if not o.startswith("refused")]
+        assert outcomes.count(f"refused, held by {winner}") == WORKERS - 1
+        assert [p.id for p in store.list_processes() if p.id.startswith(prefix)] == [winner]
+        store.transition(winner, S.ERROR)  # ended: the next round may take the key
 
 
 def test_concurrent_increments_are_exact(backend: Backend) -> None:

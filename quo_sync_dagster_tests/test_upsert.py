@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import socket
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from quo_sync_dagster.core.models import (
@@ -16,8 +19,8 @@ from quo_sync_dagster.core.models import (
     QuoContact,
     UpsertAction,
 )
-from quo_sync_dagster.quo.client import LOOKUP_CHUNK, QuoClient, QuoUnavailable
-from quo_sync_dagster.quo.upsert import ContactUpserter
+from quo_sync_dagster.quo.client import LOOKUP_CHUNK, QuoClient, QuoOutcomeUnknown, QuoUnavailable
+from quo_sync_dagster.quo.upsert import MAX_CREATE_ATTEMPTS, ContactUpserter, _holds
 from quo_sync_dagster.sandbox.quo_server import QuoSandbox
 from quo_sync_dagster.store import Store, open_store
 
@@ -258,3 +261,300 @@ def test_requests_per_new_contact(
         assert per_contact <= limit
         assert delta(before, after)["lookup"] == math.ceil(n / LOOKUP_CHUNK)
     assert after["contactsBySource"][source] == n
+
+
+# ---- exactly once without Quo's 409: creates whose outcome is unknown ------------------------
+def rich(source: str, n: int) -> list[QuoContact]:
+    """make()'s contacts with custom fields and a link, so a found contact is compared on all."""
+    return [
+        QuoContact(
+            **{
+                **c.__dict__,
+                "custom_fields": (
+                    CustomFieldValue("vip", i % 2 == 0),
+                    CustomFieldValue("interests", ["sms", "calls"]),
+                    CustomFieldValue("lifetime-value", i * 1.5),
+                    CustomFieldValue("inbound-lead", None),
+                ),
+                "source_url": f"https://crm.example.com/people/{i}",
+            }
+        )
+        for i, c in enumerate(make(source, n))
+    ]
+
+
+@pytest.fixture
+def no_uniqueness(sandbox: QuoSandbox) -> Iterator[None]:
+    """The sandbox takes a second contact with the same source and externalId (no 409)."""
+    sandbox.accept_duplicates()
+    yield
+    sandbox.accept_duplicates(False)
+
+
+def patient_client(sandbox: QuoSandbox, timeout: float = 30.0) -> QuoClient:
+    return QuoClient(sandbox.url, sandbox.api_key, max_attempts=2, timeout_seconds=timeout)
+
+
+def assert_each_once(
+    sandbox: QuoSandbox, store: Store, source: str, contacts: list[QuoContact]
+) -> None:
+    """Every contact is in Quo exactly once, linked to that one, holding what was sent."""
+    stats = sandbox.stats()
+    assert stats["duplicateExternalIds"] == 0
+    assert stats["contactsBySource"][source] == len(contacts)
+    ext_ids = [c.external_id for c in contacts]
+    with QuoClient(sandbox.url, sandbox.api_key) as client:
+        remote = client.find_by_external_ids(ext_ids, source)
+    links = store.get_contact_links(INTEGRATION, ext_ids)
+    assert {e: link.quo_id for e, link in links.items()} == {e: c["id"] for e, c in remote.items()}
+    for contact in contacts:
+        assert links[contact.external_id].content_hash == contact.content_hash()
+        body = contact.to_api_body()
+        fields = remote[contact.external_id]["defaultFields"]
+        assert fields["lastName"] == body["defaultFields"]["lastName"]
+        assert remote[contact.external_id]["sourceUrl"] == body.get("sourceUrl")
+
+
+@pytest.mark.parametrize(
+    "lost",
+    [
+        pytest.param({"status": 500}, id="500-after-write"),
+        pytest.param({"status": 503}, id="503-after-write"),
+        pytest.param({"drop": True}, id="connection-dropped-after-write"),
+        pytest.param({"delay_seconds": 1.5}, id="answer-after-client-timeout"),
+    ],
+)
+def test_lost_creates_make_each_contact_once_without_409(
+    sandbox: QuoSandbox, store: Store, source: str, no_uniqueness: None, lost: dict[str, Any]
+) -> None:
+    n, written_lost, unwritten_lost = 12, 4, 2
+    contacts = rich(source, n)
+    bad = QuoContact(
+        **{**contacts[5].__dict__, "custom_fields": (CustomFieldValue("no-such-field", "x"),)}
+    )
+    contacts[5] = bad
+    # Creates whose answer is lost after Quo wrote them, then creates that failed before.
+    sandbox.inject_fault(count=written_lost, kinds=["create"], after_write=True, **lost)
+    sandbox.inject_fault(500, count=unwritten_lost, kinds=["create"])
+    timeout = 0.5 if "delay_seconds" in lost else 30.0
+    with patient_client(sandbox, timeout) as client:
+        # One worker: contacts are written in order, so which one meets which fault is known
+        # (0-3 the lost answers, 4 both failed creates, 5 Quo's 400 alone).
+        upserter = ContactUpserter(client, store, INTEGRATION, concurrency=1, settle_seconds=0.01)
+        before = sandbox.stats()
+        outcomes = upserter.upsert(contacts, assume_absent=True)
+        assert sandbox.stats()["pendingFaults"] == 0
+        expected = {"lookup": written_lost + unwritten_lost, "create": n + unwritten_lost}
+        for _ in range(100):  # a late answer is counted once it went out, after the client left
+            d = delta(before, sandbox.stats())
+            if {k: d[k] for k in expected} == expected:
+                break
+            time.sleep(0.05)
+        assert (
+            actions(outcomes)
+            == [UpsertAction.CREATED] * 5 + [UpsertAction.FAILED] + [UpsertAction.CREATED] * 6
+        )
+        error = outcomes[5].error or ""
+        assert "400" in error and "Unknown custom field 'no-such-field'" in error
+        assert all(o.error is None for o in outcomes if o is not outcomes[5])
+        # Each lost create was looked up once; only those Quo never wrote were sent again.
+        assert {k: d[k] for k in expected} == expected
+        assert d["patch"] == 0  # a found contact held what was sent: nothing to PATCH
+        assert d["400"] == 1 and d.get("409", 0) == 0
+        assert_each_once(sandbox, store, source, contacts[:5] + contacts[6:])
+        assert bad.external_id not in store.get_contact_links(INTEGRATION, [bad.external_id])
+        # The links are exact: a second run has nothing to do but try the rejected one again.
+        before = sandbox.stats()
+        again = upserter.upsert(contacts, assume_absent=True)
+        assert (
+            actions(again)
+            == [UpsertAction.UNCHANGED] * 5 + [UpsertAction.FAILED] + [UpsertAction.UNCHANGED] * 6
+        )
+        assert delta(before, sandbox.stats())["requests"] == 1
+
+
+def test_lost_create_on_a_quo_that_enforces_uniqueness_is_found_not_409(
+    sandbox: QuoSandbox, store: Store, source: str
+) -> None:
+    contacts = make(source, 6)
+    sandbox.inject_fault(500, count=3, kinds=["create"], after_write=True)
+    with patient_client(sandbox) as client:
+        before = sandbox.stats()
+        outcomes = ContactUpserter(client, store, INTEGRATION, settle_seconds=0.01).upsert(
+            contacts, assume_absent=True
+        )
+        d = delta(before, sandbox.stats())
+        assert actions(outcomes) == [UpsertAction.CREATED] * 6
+        assert (d["create"], d["lookup"], d.get("409", 0), d["patch"]) == (6, 3, 0, 0)
+        assert_each_once(sandbox, store, source, contacts)
+
+
+class LaggingLookups(QuoClient):
+    """Its first lookup of each externalId misses, like a list index lagging behind writes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.looked_up: set[str] = set()
+
+    def find_by_external_ids(
+        self, external_ids: Iterable[str], source: str | None = None
+    ) -> dict[str, dict[str, Any]]:
+        ids = set(external_ids)
+        found = super().find_by_external_ids(ids, source)
+        first_time, self.looked_up = ids - self.looked_up, self.looked_up | ids
+        return {e: c for e, c in found.items() if e not in first_time}
+
+
+def test_409_after_our_own_lost_create_counts_created(
+    sandbox: QuoSandbox, store: Store, source: str
+) -> None:
+    contacts = make(source, 5)
+    sandbox.inject_fault(502, count=2, kinds=["create"], after_write=True)
+    with LaggingLookups(sandbox.url, sandbox.api_key, max_attempts=2) as client:
+        before = sandbox.stats()
+        outcomes = ContactUpserter(client, store, INTEGRATION, settle_seconds=0.01).upsert(
+            contacts, assume_absent=True
+        )
+        d = delta(before, sandbox.stats())
+        # create (written, answer lost) -> lookup misses -> create -> 409 -> lookup -> linked
+        assert actions(outcomes) == [UpsertAction.CREATED] * 5
+        assert (d["create"], d["409"], d["lookup"], d["patch"]) == (7, 2, 4, 0)
+        assert_each_once(sandbox, store, source, contacts)
+
+
+def test_create_never_confirmed_fails_that_record_only(
+    sandbox: QuoSandbox, store: Store, source: str, no_uniqueness: None
+) -> None:
+    contacts = make(source, 4)
+    sandbox.inject_fault(503, count=MAX_CREATE_ATTEMPTS, kinds=["create"])
+    with patient_client(sandbox) as client:
+        slept: list[float] = []
+        upserter = ContactUpserter(
+            client, store, INTEGRATION, concurrency=1, settle_seconds=0.5, sleep=slept.append
+        )
+        before = sandbox.stats()
+        outcomes = upserter.upsert(contacts, assume_absent=True)  # in order: one worker
+        d = delta(before, sandbox.stats())
+        assert actions(outcomes) == [UpsertAction.FAILED] + [UpsertAction.CREATED] * 3
+        error = outcomes[0].error or ""
+        assert f"did not confirm the create of {contacts[0].external_id!r}" in error
+        assert f"in {MAX_CREATE_ATTEMPTS} attempts" in error and "503" in error
+        assert slept == [0.5 * k for k in range(1, MAX_CREATE_ATTEMPTS + 1)]
+        assert (d["create"], d["lookup"]) == (MAX_CREATE_ATTEMPTS + 3, MAX_CREATE_ATTEMPTS)
+        assert_each_once(sandbox, store, source, contacts[1:])
+        assert store.count_contact_links(INTEGRATION) == 3
+        # Not written, so the next run creates it, once.
+        again = upserter.upsert(contacts, assume_absent=True)
+        assert actions(again) == [UpsertAction.CREATED] + [UpsertAction.UNCHANGED] * 3
+        assert_each_once(sandbox, store, source, contacts)
+
+
+def test_unexpected_exception_in_one_write_fails_only_that_record(
+    sandbox: QuoSandbox, store: Store, source: str
+) -> None:
+    contacts = make(source, 5)
+    target = contacts[3].external_id
+
+    class Flaky(QuoClient):
+        def create_contact(self, body: dict[str, Any]) -> dict[str, Any]:
+            if body["externalId"] == target:
+                raise RuntimeError("disk on fire")
+            return super().create_contact(body)
+
+    with Flaky(sandbox.url, sandbox.api_key, max_attempts=2) as client:
+        outcomes = ContactUpserter(client, store, INTEGRATION).upsert(contacts)
+        assert actions(outcomes) == [UpsertAction.CREATED] * 3 + [UpsertAction.FAILED] + [
+            UpsertAction.CREATED
+        ]
+        assert outcomes[3].error == "RuntimeError: disk on fire"
+        assert_each_once(sandbox, store, source, contacts[:3] + contacts[4:])
+        assert target not in store.get_contact_links(INTEGRATION, [target])
+
+
+def test_create_answered_without_a_contact_is_looked_up(
+    sandbox: QuoSandbox, store: Store, source: str, no_uniqueness: None
+) -> None:
+    contacts = make(source, 3)
+    target = contacts[1].external_id
+
+    class Garbled(QuoClient):
+        """A 201 whose body is lost on the way: Quo made the contact, its id is unknown."""
+
+        def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+            response = super()._request(method, path, **kwargs)
+            if method == "POST" and kwargs["json"]["externalId"] == target:
+                return httpx.Response(201, content=b"<html>", request=response.request)
+            return response
+
+    with Garbled(sandbox.url, sandbox.api_key, max_attempts=2) as client:
+        before = sandbox.stats()
+        outcomes = ContactUpserter(client, store, INTEGRATION, settle_seconds=0.01).upsert(
+            contacts, assume_absent=True
+        )
+        d = delta(before, sandbox.stats())
+        assert actions(outcomes) == [UpsertAction.CREATED] * 3
+        assert (d["create"], d["lookup"], d["patch"]) == (3, 1, 0)
+        assert_each_once(sandbox, store, source, contacts)
+
+
+def test_found_contact_is_patched_only_if_it_differs(
+    sandbox: QuoSandbox, client: QuoClient, source: str
+) -> None:
+    [contact] = rich(source, 1)
+    body = contact.to_api_body()
+    remote = client.create_contact(body)
+    assert _holds(remote, body)
+    assert _holds(client.get_contact(remote["id"]), body)
+    changed = [
+        {**body, "sourceUrl": "https://crm.example.com/other"},
+        {**body, "defaultFields": {**body["defaultFields"], "role": "CTO"}},
+        {**body, "defaultFields": {**body["defaultFields"], "phoneNumbers": []}},
+        {**body, "customFields": [{"key": "vip", "value": False}]},
+    ]
+    assert not any(_holds(remote, other) for other in changed)
+
+
+# ---- what the client retries ---------------------------------------------------------------
+def test_create_with_unknown_outcome_is_not_retried_but_429_is(
+    sandbox: QuoSandbox, client: QuoClient, source: str
+) -> None:
+    [first, second] = [c.to_api_body() for c in make(source, 2)]
+    sandbox.inject_fault(500, kinds=["create"])
+    before = sandbox.stats()
+    with pytest.raises(QuoOutcomeUnknown) as info:
+        client.create_contact(first)
+    assert info.value.status == 500 and "outcome unknown, not retried" in str(info.value)
+    assert isinstance(info.value, QuoUnavailable)  # unhandled, it fails like Quo being down
+    assert delta(before, sandbox.stats())["create"] == 1
+    sandbox.inject_fault(429, kinds=["create"], retry_after="0")  # Quo did not process it
+    before = sandbox.stats()
+    client.create_contact(second)
+    assert delta(before, sandbox.stats())["create"] == 2
+    # Idempotent requests are still retried on a 5xx.
+    sandbox.inject_fault(503, kinds=["lookup"])
+    sandbox.inject_fault(502, kinds=["patch"])
+    before = sandbox.stats()
+    [found] = client.find_by_external_ids([second["externalId"]], source).values()
+    client.patch_contact(found["id"], second)
+    d = delta(before, sandbox.stats())
+    assert (d["lookup"], d["patch"], d["503"], d["502"]) == (2, 2, 1, 1)
+    assert sandbox.stats()["contactsBySource"][source] == 1
+
+
+def test_quo_refusing_connections_is_unavailable_and_fails_the_page(
+    store: Store, source: str
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with QuoClient(url, "sandbox-key", max_attempts=2) as client:
+        with pytest.raises(QuoUnavailable) as info:
+            client.create_contact(make(source, 1)[0].to_api_body())
+        assert not isinstance(info.value, QuoOutcomeUnknown)  # never sent: retried, then down
+        assert "2 attempts" in str(info.value) and "ConnectError" in str(info.value)
+        for assume_absent in (True, False):
+            with pytest.raises(QuoUnavailable):
+                ContactUpserter(client, store, INTEGRATION).upsert(
+                    make(source, 3), assume_absent=assume_absent
+                )
+    assert store.count_contact_links(INTEGRATION) == 0

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from quo_sync_dagster.core.ratelimit import DEFAULT_RETRY_AFTER
 from quo_sync_dagster.crms.zoho_api import ZohoApi, ZohoApiError, ZohoUnavailable
 from quo_sync_dagster.quo.governor import RateGovernor, governor_key
 from quo_sync_dagster.sandbox.zoho_server import ZohoSandbox
@@ -145,18 +149,45 @@ def test_expiry_beyond_a_week_silently_becomes_one_hour(api: ZohoApi) -> None:
     api.unwatch(["1000000068002"])
 
 
+class RecordingGovernor(RateGovernor):
+    """A RateGovernor noting (wall-clock) when it let each request go and each 429 came."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[tuple[str, float]] = []
+
+    def acquire(self, not_before: float | None = None) -> None:
+        super().acquire(not_before)
+        self.events.append(("send", time.time()))
+
+    def on_rate_limited(self, retry_after: float | None) -> float:
+        self.events.append(("429", time.time()))
+        assert retry_after is None  # Zoho sends no Retry-After
+        return super().on_rate_limited(retry_after)
+
+
 def test_429_without_retry_after_is_retried_through_the_throttle(
     sandbox: ZohoSandbox, tmp_path: Path
 ) -> None:
     store = open_store(f"sqlite:///{tmp_path}/s.sqlite")
-    governor = RateGovernor(store, TOKEN, 50, api="zoho")
+    governor = RecordingGovernor(store, TOKEN, 50, api="zoho")
     before = sandbox.stats()["rateLimited"]
     sandbox.inject_fault(429, count=2)
     with ZohoApi(sandbox.url, TOKEN, throttle=governor, max_attempts=3) as api:
         assert api.count("Leads") == LEADS
     assert sandbox.stats()["rateLimited"] == before + 2
-    slowdown = store.update_governor(governor_key(TOKEN, "zoho"), lambda s: (s, s.slowdown))
-    assert slowdown > 1.0  # each 429 slowed the shared schedule
+    assert [kind for kind, _ in governor.events] == ["send", "429", "send", "429", "send"]
+    # Without Retry-After, the refused request waits the default before it is sent again
+    # (lower bounds only; 5 ms for time.sleep on the monotonic clock vs the wall clock)...
+    for (kind, seen), (_, resent) in itertools.pairwise(governor.events):
+        if kind == "429":
+            assert resent >= seen + DEFAULT_RETRY_AFTER - 0.005
+    # ...and the 429s neither paused nor slowed the shared schedule: the next slot is one
+    # interval after the last request's.
+    next_at, slowdown = store.update_governor(
+        governor_key(TOKEN, "zoho"), lambda s: (s, (s.next_at, s.slowdown))
+    )
+    assert slowdown == 1.0 and next_at <= governor.events[-1][1] + 1 / 50 + 0.005
 
     sandbox.inject_fault(429, count=3)
     api = ZohoApi(sandbox.url, TOKEN, throttle=governor, max_attempts=3)

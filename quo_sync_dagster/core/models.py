@@ -4,13 +4,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
+
+from quo_sync_dagster.core.sanitize import MAX_TEXT, clean, clean_or_none, finite, has_unsafe
 
 # Quo rejects these sources on create (quo-openapi-v1.json, createContact_v1).
 _RESERVED_SOURCES = {"openphone", "device", "csv", "zapier", "google-people", "other"}
 _RESERVED_SOURCE_PREFIXES = ("openphone", "csv")
+MAX_EXTERNAL_ID = 75
+MAX_SOURCE_URL = 200
+# Quo documents no maximum for names, company and role. 255 is far beyond any real name or job
+# title and keeps a 100 KB value out of every create and PATCH; longer text is cut, not refused,
+# so the person still syncs.
+MAX_NAME = MAX_TEXT
+# Nor a maximum number of e-mails or phone numbers. People have a few; dozens mean broken data
+# (a string iterated as a list once made 100,920 one-letter "e-mails"), and every PATCH resends
+# the full lists, so the first 20 of each are kept.
+MAX_ITEMS = 20
+MAX_EMAIL = 254  # the longest address SMTP carries (RFC 5321)
+MAX_CUSTOM_TEXT = 1000  # custom fields hold notes and addresses, longer than a name
+MAX_SAFE_INTEGER = 2**53  # larger integers lose precision in JSON clients (and may not print)
+_EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(?:\.[^@\s.]+)+")  # local@domain.tld
+_E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 
 
 class InvalidRecord(ValueError):
@@ -55,14 +75,36 @@ class QuoContact:
     source_url: str | None = None
 
     def __post_init__(self) -> None:
-        if not 1 <= len(self.external_id) <= 75:
-            raise InvalidRecord(f"externalId {self.external_id!r} must be 1-75 characters")
-        if not 1 <= len(self.source) <= 72:
-            raise InvalidRecord(f"source {self.source!r} must be 1-72 characters")
-        if self.source in _RESERVED_SOURCES or self.source.startswith(_RESERVED_SOURCE_PREFIXES):
-            raise InvalidRecord(f"source {self.source!r} is reserved by Quo")
-        if self.source_url is not None and not 1 <= len(self.source_url) <= 200:
-            raise InvalidRecord(f"sourceUrl of {self.external_id!r} must be 1-200 characters")
+        # The last check before Quo for every connector: types and Quo's limits are enforced,
+        # text is cleaned, and what cannot be sent is dropped, so that to_api_body and
+        # content_hash never fail. Only an unusable externalId or source refuses the contact.
+        ext = self.external_id
+        if not isinstance(ext, str):
+            raise InvalidRecord(f"externalId must be a string, not {type(ext).__name__}")
+        if not 1 <= len(ext) <= MAX_EXTERNAL_ID:
+            raise InvalidRecord(f"externalId {ext[:80]!r} must be 1-75 characters")
+        if has_unsafe(ext):
+            raise InvalidRecord(f"externalId {ext!r} holds control, bidi or surrogate characters")
+        source = self.source
+        if not isinstance(source, str) or not 1 <= len(source) <= 72 or has_unsafe(source):
+            raise InvalidRecord(f"source {source!r} must be 1-72 printable characters")
+        if source in _RESERVED_SOURCES or source.startswith(_RESERVED_SOURCE_PREFIXES):
+            raise InvalidRecord(f"source {source!r} is reserved by Quo")
+        for name, api_name in _TEXT_FIELDS.items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidRecord(
+                    f"{api_name} of {ext!r} must be text, not {type(value).__name__}"
+                )
+            object.__setattr__(self, name, clean_or_none(value, MAX_NAME))
+        object.__setattr__(self, "emails", _items(self.emails, "email", _is_email))
+        object.__setattr__(
+            self, "phone_numbers", _items(self.phone_numbers, "phone", _E164.fullmatch)
+        )
+        object.__setattr__(
+            self, "custom_fields", tuple(_custom(ext, c) for c in self.custom_fields)
+        )
+        object.__setattr__(self, "source_url", _url(self.source_url))
 
     def to_api_body(self) -> dict[str, Any]:
         # PATCH replaces list fields, so the body always carries the complete lists.
@@ -84,8 +126,68 @@ class QuoContact:
         return body
 
     def content_hash(self) -> str:
-        canonical = json.dumps(self.to_api_body(), sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(
+            self.to_api_body(), sort_keys=True, separators=(",", ":"), allow_nan=False
+        )
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_TEXT_FIELDS = {
+    "first_name": "firstName",
+    "last_name": "lastName",
+    "company": "company",
+    "role": "role",
+}
+
+
+def _is_email(value: str) -> bool:
+    return len(value) <= MAX_EMAIL and _EMAIL.fullmatch(value) is not None
+
+
+def _items(
+    items: Any, default_label: str, valid: Callable[[str], object]
+) -> tuple[LabeledValue, ...]:
+    """The items with a string value that is still `valid` once cleaned, labels cleaned (the
+    default for a blank one), at most MAX_ITEMS; the rest is dropped, not the person."""
+    kept: list[LabeledValue] = []
+    for item in items or ():
+        if len(kept) == MAX_ITEMS:
+            break
+        if not isinstance(item, LabeledValue) or not isinstance(item.value, str):
+            continue
+        value = clean(item.value, None)
+        if valid(value):
+            kept.append(LabeledValue(clean_or_none(item.name) or default_label, value))
+    return tuple(kept)
+
+
+def _custom(external_id: str, field: Any) -> CustomFieldValue:
+    """A custom field whose value JSON and Quo can take; any other value is absent (None)."""
+    if not isinstance(field, CustomFieldValue) or not isinstance(field.key, str) or not field.key:
+        raise InvalidRecord(f"customFields of {external_id!r}: every item needs a string key")
+    value = finite(field.value)
+    if isinstance(value, str):
+        value = clean_or_none(value, MAX_CUSTOM_TEXT)
+    elif isinstance(value, list | tuple):
+        value = [text for v in value[:MAX_ITEMS] if (text := clean_or_none(v, MAX_CUSTOM_TEXT))]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = value if abs(value) <= MAX_SAFE_INTEGER else None
+    elif not isinstance(value, bool | float):
+        value = None
+    return CustomFieldValue(field.key, value)
+
+
+def _url(value: Any) -> str | None:
+    """An absolute http(s) URL of at most 200 characters; anything else is no link (a link
+    is a convenience: losing it must not lose the person)."""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_SOURCE_URL or has_unsafe(value):
+        return None
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return None
+    ok = parts.scheme in ("http", "https") and parts.netloc and not any(c.isspace() for c in value)
+    return value if ok else None
 
 
 @dataclass(frozen=True)

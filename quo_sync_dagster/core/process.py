@@ -45,15 +45,27 @@ def check_transition(current: ProcessState, new: ProcessState) -> None:
 
 
 COUNTER_NAMES = (
-    "processed",  # CRM records handled (synced + failed)
+    "processed",  # CRM records handled (synced + failed + skipped)
     "synced",  # records now current in Quo (created + updated + unchanged)
     "failed",
     "created",
     "updated",
-    "unchanged",  # skipped: same content hash as last sync, zero requests
+    "unchanged",  # same content hash as last sync, zero requests
+    "skipped",  # not sent on purpose, with a reason (a repeated id in the same page)
     "pages_processed",
     "pages_failed",
 )
+
+
+MAX_ERROR_CHARS = 500  # one error text, stored and shown; a CRM can echo megabytes back
+
+
+def cap_text(value: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`value` cut to `limit` characters, saying how much was cut."""
+    if len(value) <= limit:
+        return value
+    note = f"... [{len(value) - limit} more characters]"
+    return value[: max(limit - len(note), 0)] + note
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,13 @@ class ErrorDetail:
     error: str
     timestamp: str
     page: str | None = None
+
+    def __post_init__(self) -> None:
+        # Errors quote CRM data and API answers: capped here, so no store or metadata grows
+        # with them.
+        object.__setattr__(self, "error", cap_text(self.error))
+        if self.external_id is not None:
+            object.__setattr__(self, "external_id", cap_text(self.external_id, 100))
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,7 @@ class PageResult:
     created: int = 0
     updated: int = 0
     unchanged: int = 0
+    skipped: int = 0
     ok: bool = True  # False: the page as a whole failed (fetch error, Quo unreachable)
     errors: tuple[ErrorDetail, ...] = ()
 
@@ -85,6 +105,7 @@ class PageResult:
             "created": self.created,
             "updated": self.updated,
             "unchanged": self.unchanged,
+            "skipped": self.skipped,
             "pages_processed": int(self.ok),
             "pages_failed": int(not self.ok),
         }

@@ -28,7 +28,7 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
-from quo_sync_dagster.crms.fields import emails, phones
+from quo_sync_dagster.crms.fields import crm_id, emails, items, phones, shown_id, text
 
 DEFAULT_BASE_URL = "https://api.attio.com"
 
@@ -44,8 +44,23 @@ class _Subscription(dict[str, Any]):
 
 def _active(person: dict[str, Any], attribute: str) -> list[dict[str, Any]]:
     """Current values only: Attio keeps superseded ones with an `active_until`."""
-    values = person["values"].get(attribute) or []
-    return [v for v in values if v.get("active_until") is None]
+    values = person.get("values")
+    if not isinstance(values, dict):
+        if values is None:
+            return []
+        raise InvalidRecord(f"values must be an object, not {type(values).__name__}")
+    found = items(values.get(attribute), attribute, dict)
+    return [v for v in found if v.get("active_until") is None]
+
+
+def _text(value: dict[str, Any], attribute: str, key: str) -> str | None:
+    """The text of `key` in a value of `attribute`; errors name it attribute.key."""
+    return text(value.get(key), f"{attribute}.{key}")
+
+
+def _record_id(person: dict[str, Any]) -> Any:
+    ids = person.get("id")
+    return ids.get("record_id") if isinstance(ids, dict) else None
 
 
 class AttioConnector(CRMConnector):
@@ -94,20 +109,20 @@ class AttioConnector(CRMConnector):
         return self.api.get_people(ids)  # no batch GET: a `record_id $in` query
 
     def person_id(self, person: dict[str, Any]) -> str:
-        return str(person.get("id", {}).get("record_id"))
+        return shown_id(_record_id(person))
 
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
         # A merge gives the surviving record a new record_id, so it arrives here as a new
         # contact; the webhook pipeline will delete the originals' contacts on record.merged.
-        record_id = person["id"]["record_id"]
+        record_id = crm_id(_record_id(person), "id.record_id")
         name = next(iter(_active(person, "name")), {})
-        first, last = name.get("first_name") or None, name.get("last_name") or None
-        if first is None and last is None and (full := (name.get("full_name") or "").strip()):
-            first, _, rest = full.partition(" ")
-            last = rest.strip() or None
+        first, last = _text(name, "name", "first_name"), _text(name, "name", "last_name")
+        if first is None and last is None:
+            first, _, rest = (_text(name, "name", "full_name") or "").partition(" ")
+            first, last = first or None, rest or None
         if first is None and last is None:
             raise InvalidRecord("no name: name has no first, last or full name")
-        title = next(iter(_active(person, "job_title")), {}).get("value") or None
+        title = _text(next(iter(_active(person, "job_title")), {}), "job_title", "value")
         # No company: it is a reference to a companies record, which the client cannot read yet.
         return QuoContact(
             external_id=record_id,
@@ -116,11 +131,12 @@ class AttioConnector(CRMConnector):
             last_name=last,
             role=title,
             emails=emails(
-                ("email", v["email_address"]) for v in _active(person, "email_addresses")
+                ("email", _text(v, "email_addresses", "email_address"))
+                for v in _active(person, "email_addresses")
             ),
             phone_numbers=self._phones(person),
             custom_fields=self._custom_fields(person),
-            source_url=person.get("web_url") or None,
+            source_url=text(person.get("web_url"), "web_url", None),
         )
 
     def _phones(self, person: dict[str, Any]) -> tuple[LabeledValue, ...]:
@@ -130,8 +146,9 @@ class AttioConnector(CRMConnector):
             (
                 (
                     "phone",
-                    value.get("phone_number") or value.get("original_phone_number"),
-                    value.get("country_code"),
+                    _text(value, "phone_numbers", "phone_number")
+                    or _text(value, "phone_numbers", "original_phone_number"),
+                    _text(value, "phone_numbers", "country_code"),
                 )
                 for value in _active(person, "phone_numbers")
             ),

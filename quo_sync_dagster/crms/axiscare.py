@@ -34,6 +34,7 @@ from quo_sync_dagster.core.models import (
     QuoContact,
     SmsActivity,
 )
+from quo_sync_dagster.core.sanitize import clean_or_none
 from quo_sync_dagster.crms.axiscare_api import KINDS, AxisCareApi
 from quo_sync_dagster.crms.base import (
     CRMConfig,
@@ -42,7 +43,7 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
-from quo_sync_dagster.crms.fields import aware, e164, emails, text
+from quo_sync_dagster.crms.fields import aware, crm_id, e164, emails, shown_id, text
 
 MAX_PAGE = 500  # the spec's `limit` maximum (clients, leads); applicants use the server's size
 _SINGULAR = {kind: kind.removesuffix("s") for kind in KINDS}  # "clients" -> "client"
@@ -124,16 +125,20 @@ class AxisCareConnector(CRMConnector):
         """The person's valid phones in E.164 (first label wins for a repeated number) and
         the problems with the others."""
         found, problems = e164(
-            ((label, person.get(field)) for field, label in _PHONES),
+            ((label, text(person.get(field), field)) for field, label in _PHONES),
             self.integration.default_region,
         )
         return found, [f"{_PHONE_FIELD[p.label]}: {p}" for p in problems]
 
+    def person_id(self, person: dict[str, Any]) -> str:
+        return shown_id(person.get("id"))
+
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
-        external_id = f"{_SINGULAR[object_type]}-{person['id']}"
+        pid = crm_id(person.get("id"), "id")
+        external_id = f"{_SINGULAR[object_type]}-{pid}"
         # The name people use on the phone; AxisCare keeps it in goesBy (clients, caregivers).
-        first = text(person.get("goesBy")) or text(person.get("firstName"))
-        last = text(person.get("lastName"))
+        first = text(person.get("goesBy"), "goesBy") or text(person.get("firstName"), "firstName")
+        last = text(person.get("lastName"), "lastName")
         if first is None and last is None:
             raise InvalidRecord(f"{external_id}: no name (firstName, goesBy, lastName are empty)")
         if first is None:  # Quo shows contacts by first name: a lone last name goes there
@@ -153,11 +158,9 @@ class AxisCareConnector(CRMConnector):
             last_name=last,
             company=None,  # people of a care agency have no employer field
             role=_SINGULAR[object_type].capitalize(),  # their role towards the agency
-            emails=emails((label, person.get(field)) for field, label in _EMAILS),
+            emails=emails((label, text(person.get(field), field)) for field, label in _EMAILS),
             phone_numbers=phones,
-            source_url=f"{self._base_url}?{profile}-profile.php&id={person['id']}"
-            if profile
-            else None,
+            source_url=f"{self._base_url}?{profile}-profile.php&id={pid}" if profile else None,
         )
 
     def _log(self, external_id: str, timestamp: str, subject: str, notes: str) -> str:
@@ -168,9 +171,7 @@ class AxisCareConnector(CRMConnector):
         if not found:
             raise LookupError(f"AxisCare has no {tag_type} {entity_id}")
         person = found[0]
-        name = " ".join(
-            n for n in (text(person.get("firstName")), text(person.get("lastName"))) if n
-        )
+        name = " ".join(n for f in ("firstName", "lastName") if (n := clean_or_none(person.get(f))))
         phones, _ = self._phones(person)
         created = self.api.create_call_log(
             caller_name=name or external_id,

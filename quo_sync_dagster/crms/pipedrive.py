@@ -30,7 +30,7 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
-from quo_sync_dagster.crms.fields import aware, emails, phones, text
+from quo_sync_dagster.crms.fields import aware, crm_id, emails, items, phones, shown_id, text
 from quo_sync_dagster.crms.pipedrive_api import PipedriveApi, PipedriveApiError
 
 LIST_LIMIT_MAX = 500  # GET /api/v2/persons
@@ -39,10 +39,18 @@ WEBHOOK_ACTIONS = ("create", "change", "delete")
 WEBHOOK_USER = "quo-sync"
 
 
-def _labeled(items: Any) -> list[tuple[str, str]]:
-    """(label, value) of the non-blank items, primary first: Pipedrive's is not always first."""
-    ordered = sorted(items or [], key=lambda item: not item.get("primary"))
-    return [(i.get("label") or "work", v) for i in ordered if (v := text(i.get("value")))]
+def _labeled(person: dict[str, Any], field: str) -> list[tuple[str, str]]:
+    """(label, value) of the non-blank items of `field` (emails, phones), primary first:
+    Pipedrive's is not always first. A bare string is an item without a label."""
+    found = [
+        {"value": i} if isinstance(i, str) else i
+        for i in items(person.get(field), field, (dict, str))
+    ]
+    labeled = []
+    for item in sorted(found, key=lambda item: not item.get("primary")):
+        if value := text(item.get("value"), f"{field}.value"):
+            labeled.append((text(item.get("label"), f"{field}.label") or "work", value))
+    return labeled
 
 
 class PipedriveConnector(CRMConnector):
@@ -90,34 +98,40 @@ class PipedriveConnector(CRMConnector):
     def fetch_persons_by_ids(self, object_type: str, ids: Sequence[str]) -> list[dict[str, Any]]:
         return self.api.get_persons(int(i) for i in ids)
 
+    def person_id(self, person: dict[str, Any]) -> str:
+        return shown_id(person.get("id"))
+
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
-        first, last = text(person.get("first_name")), text(person.get("last_name"))
+        pid = crm_id(person.get("id"), "id")
+        first = text(person.get("first_name"), "first_name")
+        last = text(person.get("last_name"), "last_name")
         if first is None and last is None:
-            first = text(person.get("name"))  # a person created with a name only
+            first = text(person.get("name"), "name")  # a person created with a name only
         if first is None and last is None:
             raise InvalidRecord("no name: first_name, last_name and name are empty")
         org = person.get("org_id")  # an object, with the name, in v1-shaped payloads only
-        company = text(person.get("org_name")) or (
-            text(org.get("name")) if isinstance(org, dict) else None
+        company = text(person.get("org_name"), "org_name") or (
+            text(org.get("name"), "org_id.name") if isinstance(org, dict) else None
         )
         mapping = self.integration.settings.get("custom_fields") or {}
-        values = person.get("custom_fields") or {}
+        values = person.get("custom_fields")
+        values = values if isinstance(values, dict) else {}
         return QuoContact(
-            external_id=str(person["id"]),
+            external_id=pid,
             source=self.quo_source,
             first_name=first,
             last_name=last,
             company=company,
-            role=text(person.get("job_title")),  # present with Contact Sync only
-            emails=emails(_labeled(person.get("emails"))),
+            role=text(person.get("job_title"), "job_title"),  # present with Contact Sync only
+            emails=emails(_labeled(person, "emails")),
             # Valid numbers in E.164, once each; invalid ones are dropped while a valid one is left.
-            phone_numbers=phones(_labeled(person.get("phones")), self.integration.default_region),
+            phone_numbers=phones(_labeled(person, "phones"), self.integration.default_region),
             custom_fields=tuple(
                 CustomFieldValue(quo_key, values[key])
                 for key, quo_key in mapping.items()
                 if isinstance(values.get(key), str | int | float)
             ),
-            source_url=f"https://app.pipedrive.com/person/{person['id']}",
+            source_url=f"https://app.pipedrive.com/person/{pid}",
         )
 
     # ---- activity write-back -----------------------------------------------------------------
@@ -136,7 +150,7 @@ class PipedriveConnector(CRMConnector):
         # Call logs require the number called, and CallActivity carries no number at all: the
         # person's primary phone is the contact's side of the call.
         (person,) = self.api.get_persons([person_id]) or [None]
-        if person is None or not (phones := _labeled(person.get("phones"))):
+        if person is None or not (phones := _labeled(person, "phones")):
             raise ValueError(f"Pipedrive person {person_id} is gone or has no phone to log on")
         number, incoming = phones[0][1], activity.direction == "incoming"
         start = aware(activity.timestamp)

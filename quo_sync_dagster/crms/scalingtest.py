@@ -6,10 +6,15 @@ default, with a total; or "cursor": no total, each page reached through the prev
 cursor, as most real CRMs page). The same settings always give
 the same people, so a second sync of an unchanged CRM writes nothing. Three records in every
 hundred are bad on purpose (no phone, an invalid phone, no name): `bad_record_count` says how many.
+`hostile_share` (default 0) makes that share of the other records hostile in one of the ways of
+HOSTILE, as real CRMs send them: `hostile_kind(i)` says which.
 """
 
 from __future__ import annotations
 
+import math
+import random
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
@@ -17,12 +22,10 @@ from typing import Any
 from quo_sync_dagster.core.models import (
     CallActivity,
     InvalidRecord,
-    LabeledValue,
     PersonPage,
     QuoContact,
     SmsActivity,
 )
-from quo_sync_dagster.core.phones import to_e164
 from quo_sync_dagster.crms.base import (
     CRMConfig,
     CRMConnector,
@@ -30,12 +33,36 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
+from quo_sync_dagster.crms.fields import crm_id, emails, items, phones, shown_id, text
 
 _BASE_TIME = datetime(2026, 1, 1, tzinfo=UTC)
 _FIRST = ["Ana", "José", "Zoë", "Łukasz", "Mei", "Oluwaseun", "Siobhán", "Kenji", "Amara", "Björn"]
 _LAST = ["García", "Nguyen", "O'Brien", "Müller", "Okafor", "Tanaka", "Silva", "Kowalski", "Ng"]
 _AREA = ["212", "415", "617", "312", "206", "303", "512", "646"]
 _NO_PHONE, _BAD_PHONE, _NO_NAME = 13, 47, 81  # index % 100 of the bad records
+
+
+Person = dict[str, Any]
+# Each kind breaks one thing of a good record; the person must sync cleaned, or fail alone
+# naming the field (a wrong type, no valid phone).
+HOSTILE: dict[str, Callable[[Person], Person]] = {
+    "control_chars": lambda p: {
+        **p,
+        "first_name": f"\x00Bad\ud800{p['first_name']}\x07",
+        "last_name": f"\u202e{p['last_name']}\u2066\n",
+    },
+    "huge_company": lambda p: {**p, "company": "Acme " * 20_000},  # 100 KB
+    "email_as_string": lambda p: {**p, "emails": p["emails"][0]},
+    "bad_emails": lambda p: {**p, "emails": ["no-at-sign", "", None, "a@b", *p["emails"]]},
+    "email_as_list": lambda p: {**p, "emails": [*p["emails"], ["x@y.example"]]},
+    "phone_as_object": lambda p: {**p, "phones": p["phones"][0]},
+    "absurd_phone": lambda p: {**p, "phones": [{"type": "mobile", "number": "+1" + "9" * 100_000}]},
+    "non_finite": lambda p: {**p, "title": math.nan, "company": math.inf},
+    "int_id": lambda p: {**p, "id": 10**9 + int(p["id"].removeprefix("st-"))},
+    "list_id": lambda p: {**p, "id": [p["id"]]},
+    "bool_id": lambda p: {**p, "id": True},
+    "name_as_object": lambda p: {**p, "first_name": None, "last_name": {"name": "x"}},
+}
 
 
 def bad_record_count(records: int) -> int:
@@ -74,6 +101,17 @@ class ScalingTestConnector(CRMConnector):
     def _revision(self) -> int:
         return int(self.integration.settings.get("revision", 0))
 
+    @property
+    def _hostile_share(self) -> float:
+        return float(self.integration.settings.get("hostile_share", 0))
+
+    def hostile_kind(self, i: int) -> str | None:
+        """The HOSTILE kind of record i, if hostile: the same for the same settings."""
+        if not self._hostile_share or i % 100 in (_NO_PHONE, _BAD_PHONE, _NO_NAME):
+            return None
+        rng = random.Random(i)
+        return rng.choice(list(HOSTILE)) if rng.random() < self._hostile_share else None
+
     def _edited(self, i: int) -> bool:
         return self._revision > 0 and i % 10 == self._revision % 10
 
@@ -101,7 +139,7 @@ class ScalingTestConnector(CRMConnector):
             phones.append(
                 {"type": "work", "number": f"+1 {_AREA[(i + 3) % len(_AREA)]} 555 {i % 10000:04d}"}
             )
-        return {
+        person = {
             "id": f"st-{i:07d}",
             "first_name": first,
             "last_name": last,
@@ -112,6 +150,8 @@ class ScalingTestConnector(CRMConnector):
             "created_at": (_BASE_TIME - timedelta(minutes=i, days=30)).isoformat(),
             "updated_at": self._updated_at(i).isoformat(),
         }
+        kind = self.hostile_kind(i)
+        return HOSTILE[kind](person) if kind else person
 
     def fetch_person_page(
         self,
@@ -142,25 +182,36 @@ class ScalingTestConnector(CRMConnector):
     def fetch_persons_by_ids(self, object_type: str, ids: list[str]) -> list[dict[str, Any]]:
         return [self.person(int(pid.removeprefix("st-"))) for pid in ids]
 
+    def person_id(self, person: dict[str, Any]) -> str:
+        return shown_id(person.get("id"))
+
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
-        first, last = person["first_name"] or None, person["last_name"] or None
+        # Every field read with .get: a page frame leaves out a field that held NaN.
+        external_id = crm_id(person.get("id"), "id")
+        first = text(person.get("first_name"), "first_name")
+        last = text(person.get("last_name"), "last_name")
         if first is None and last is None:
             raise InvalidRecord("no name: first_name and last_name are empty")
-        if not person["phones"]:
-            raise InvalidRecord("no phone number")
-        region = self.integration.default_region
-        phones = tuple(
-            LabeledValue(p["type"], to_e164(p["number"], region)) for p in person["phones"]
-        )
         return QuoContact(
-            external_id=person["id"],
+            external_id=external_id,
             source=self.quo_source,
             first_name=first,
             last_name=last,
-            company=person["company"],
-            role=person["title"],
-            emails=tuple(LabeledValue("email", e) for e in person["emails"]),
-            phone_numbers=phones,
+            company=text(person.get("company"), "company"),
+            role=text(person.get("title"), "title"),
+            emails=emails(
+                ("email", text(e, "emails")) for e in items(person.get("emails"), "emails")
+            ),
+            phone_numbers=phones(
+                (
+                    (
+                        text(p.get("type"), "phones.type") or "phone",
+                        text(p.get("number"), "phones.number"),
+                    )
+                    for p in items(person.get("phones"), "phones", dict)
+                ),
+                self.integration.default_region,
+            ),
         )
 
     # The synthetic CRM keeps no activity timeline: it accepts an activity and names it after the

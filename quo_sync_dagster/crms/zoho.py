@@ -27,7 +27,16 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
-from quo_sync_dagster.crms.fields import PhoneProblem, aware, emails, phones, text
+from quo_sync_dagster.crms.fields import (
+    PhoneProblem,
+    aware,
+    crm_id,
+    emails,
+    items,
+    phones,
+    shown_id,
+    text,
+)
 from quo_sync_dagster.crms.zoho_api import (
     DEFAULT_FIELDS,
     MAX_PER_PAGE,
@@ -128,30 +137,40 @@ class ZohoConnector(CRMConnector):
         raw = [i.removeprefix(f"{module}-") for i in ids]
         return self.api.get_records(module, raw, fields=FIELDS[module])
 
+    def person_id(self, person: dict[str, Any]) -> str:
+        return shown_id(person.get("id"))
+
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
         module = self._module(object_type)
-        first, last = text(person.get("First_Name")), text(person.get("Last_Name"))
+        record_id = crm_id(person.get("id"), "id")
+        first = text(person.get("First_Name"), "First_Name")
+        last = text(person.get("Last_Name"), "Last_Name")
         if first is None and last is None:
             raise InvalidRecord("no name: First_Name and Last_Name are empty")
         if first is None:  # Last_Name is Zoho's mandatory field; a lone one is the name shown
             first, last = last, None
-        account = person.get("Account_Name")
-        company = account.get("name") if isinstance(account, dict) else person.get("Company")
+        # Contacts name their company in a lookup (an object); Leads in the text field Company.
+        account = items(person.get("Account_Name"), "Account_Name", dict)
+        company = (
+            text(account[0].get("name"), "Account_Name.name")
+            if account
+            else text(person.get("Company"), "Company")
+        )
         return QuoContact(
-            external_id=f"{module}-{person['id']}",
+            external_id=f"{module}-{record_id}",
             source=self.quo_source,
             first_name=first,
             last_name=last,
-            company=text(company),
-            role=text(person.get("Title")),
-            emails=emails((label, person.get(field)) for field, label in EMAILS),
+            company=company,
+            role=text(person.get("Title"), "Title"),
+            emails=emails((label, text(person.get(field), field)) for field, label in EMAILS),
             # Phone == Mobile: the number once, as work.
             phone_numbers=phones(
-                ((label, person.get(field)) for field, label in PHONES),
+                ((label, text(person.get(field), field)) for field, label in PHONES),
                 self.integration.default_region,
                 _no_valid_phone,
             ),
-            source_url=self._record_url(module, str(person["id"])),
+            source_url=self._record_url(module, record_id),
         )
 
     def _record_url(self, module: str, record_id: str) -> str | None:

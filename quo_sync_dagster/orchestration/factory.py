@@ -4,15 +4,16 @@ Per CRM `x`: the job `x_initial_sync` (its config is the launchpad form) plans a
 object type and adds one dynamic partition per page; `x_page_sensor` launches ranged runs of
 `x_page_sync` over those pages; the assets `x_crm_pages` (fetch -> DataFrame, IO-managed) and
 `x_quo_contacts` (transform -> upsert, in the `quo_api` pool) do the work; `x_completion_sensor`
-closes each Process and records it on the `x_sync_processes` asset.
+re-runs failed pages after a backoff, closes each Process and records it on the
+`x_sync_processes` asset; `x_reconcile` (reconcile.py) restores contacts deleted in Quo.
 """
 
 # No `from __future__ import annotations`: Dagster reads the config class from the annotation.
 
 import json
-import math
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,42 +23,55 @@ from pydantic import Field, create_model
 
 from quo_sync_dagster.core.process import IllegalTransition, Process, ProcessState
 from quo_sync_dagster.crms.base import CRMConnector
+from quo_sync_dagster.orchestration.completion import (
+    SENSOR_INTERVAL_SECONDS,
+    build_completion_sensor,
+)
 from quo_sync_dagster.orchestration.metadata import (
     page_metadata,
     peak_rss_mb,
     process_metadata,
     process_summary,
 )
+from quo_sync_dagster.orchestration.namespacing import namespace_links
+from quo_sync_dagster.orchestration.reconcile import build_reconcile_definitions
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
 from quo_sync_dagster.orchestration.sync import (
     failed_page,
     fetch_page_frame,
     frame_records,
-    now_iso,
     open_connector,
     page_key,
     parse_page_key,
     plan_initial_sync,
     sync_records,
 )
+from quo_sync_dagster.orchestration.tags import (
+    RANGE_END,
+    RANGE_START,
+    TAG_CRM,
+    TAG_INTEGRATION,
+    TAG_PLANNED,
+    TAG_PROCESS,
+    TAG_RETRY,
+)
 from quo_sync_dagster.quo.client import QuoUnavailable
 from quo_sync_dagster.secrets import MissingSecret
-from quo_sync_dagster.store.port import NotFound, Store
+from quo_sync_dagster.store.port import AlreadyRunning, NotFound, Store
 
-TAG_CRM = "quo_sync/crm"
-TAG_INTEGRATION = "quo_sync/integration"
-TAG_PROCESS = "quo_sync/process"  # on page runs: the Process whose pages they sync
-TAG_PLANNED = "quo_sync/planned_processes"  # on initial-sync runs: the Processes they planned
-RANGE_START = "dagster/asset_partition_range_start"
-RANGE_END = "dagster/asset_partition_range_end"
-SENSOR_INTERVAL_SECONDS = 1  # the daemon still evaluates sensors at most every 5 s
-_LIVE = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
+__all__ = [
+    "RANGE_END",
+    "RANGE_START",
+    "TAG_CRM",
+    "TAG_INTEGRATION",
+    "TAG_PLANNED",
+    "TAG_PROCESS",
+    "build_crm_definitions",
 ]
+
+# A CRM or Quo fault during planning (the walk of a CRM without a total) is retried by Dagster
+# in the same run; the walk resumes from its last checkpointed cursor.
+PLAN_RETRY = dg.RetryPolicy(max_retries=4, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 
 
 def _initial_sync_config(connector_cls: type[CRMConnector]) -> type[dg.Config]:
@@ -97,13 +111,10 @@ def _parse_since(value: str | None) -> datetime | None:
     try:
         since = datetime.fromisoformat(value)
     except ValueError:
-        raise dg.Failure(f"modified_since {value!r} is not an ISO 8601 date-time") from None
+        raise dg.Failure(
+            f"modified_since {value!r} is not an ISO 8601 date-time", allow_retries=False
+        ) from None
     return since if since.tzinfo else since.replace(tzinfo=UTC)  # naive means UTC
-
-
-def _process_of(tags: dict[str, str]) -> str | None:
-    key = tags.get(RANGE_START) or tags.get("dagster/partition")
-    return parse_page_key(key)[0] if key else None
 
 
 def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
@@ -115,7 +126,11 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
     InitialSyncConfig = _initial_sync_config(connector_cls)
     known_types = [o.crm_object_name for o in cfg.person_object_types]
 
-    @dg.op(name=f"{crm}_plan_initial_sync", description=f"Plan an initial {crm} -> Quo sync")
+    @dg.op(
+        name=f"{crm}_plan_initial_sync",
+        description=f"Plan an initial {crm} -> Quo sync",
+        retry_policy=PLAN_RETRY,
+    )
     def plan(
         context: dg.OpExecutionContext,
         config: InitialSyncConfig,  # type: ignore[valid-type]
@@ -124,23 +139,40 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
     ) -> None:
         unknown = set(config.object_types) - set(known_types)
         if unknown:
-            raise dg.Failure(f"unknown object types {sorted(unknown)}; {crm} has {known_types}")
+            raise dg.Failure(
+                f"unknown object types {sorted(unknown)}; {crm} has {known_types}",
+                allow_retries=False,
+            )
         since = _parse_since(config.modified_since)
         s = store.get()
         try:
             connector = open_connector(s, crm, config.integration_id)
             client = quo.client(connector.integration, s)
         except (NotFound, ValueError, MissingSecret) as exc:  # shown as is in the run's page
-            raise dg.Failure(str(exc)) from None
+            raise dg.Failure(str(exc), allow_retries=False) from None
         planned = []
         try:
+            if renamed := namespace_links(s, connector.integration):
+                context.log.info(f"{renamed} contact links moved to namespaced externalIds")
             for object_type in config.object_types:
                 process = plan_initial_sync(
-                    s, connector, client, object_type, config.page_size, config.pages_per_run, since
+                    s,
+                    connector,
+                    client,
+                    object_type,
+                    config.page_size,
+                    config.pages_per_run,
+                    since,
+                    plan_run_id=context.run_id,
+                    last_attempt=context.retry_number >= PLAN_RETRY.max_retries,
                 )
                 keys = [page_key(process.id, p) for p in range(process.context["totalPages"])]
                 context.instance.add_dynamic_partitions(pages.name, keys)
-                planned.append(s.transition(process.id, ProcessState.PROCESSING_BATCHES))
+                if process.state is ProcessState.QUEUING_PAGES:
+                    process = s.transition(process.id, ProcessState.PROCESSING_BATCHES)
+                planned.append(process)
+        except AlreadyRunning as exc:
+            raise dg.Failure(str(exc), allow_retries=False) from None
         finally:
             client.close()
             connector.close()
@@ -184,25 +216,35 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
     )
     def crm_pages(
         context: dg.AssetExecutionContext, store: StoreResource
-    ) -> dict[str, pd.DataFrame]:
+    ) -> dict[str, pd.DataFrame | None]:
+        """A page whose fetch fails is recorded as failed and gets no frame (None); the other
+        pages of the range go on. After two failures in a row the rest of the range is not
+        fetched: the fault has been tried again once, and recovery re-runs those pages later."""
         s = store.get()
         connectors: dict[str, CRMConnector] = {}
-        frames = {}
+        frames: dict[str, pd.DataFrame | None] = {}
+        fault, in_a_row = "", 0
         try:
             for key in context.partition_keys:
                 process_id, page = parse_page_key(key)
-                process = s.get_process(process_id)
-                if process.integration_id not in connectors:
-                    connectors[process.integration_id] = open_connector(
-                        s, crm, process.integration_id
-                    )
+                frames[key] = None
+                if in_a_row >= 2:
+                    s.record_page(process_id, key, failed_page(0, key, f"not tried: {fault}"))
+                    continue
                 try:
+                    process = s.get_process(process_id)
+                    if process.integration_id not in connectors:
+                        connectors[process.integration_id] = open_connector(
+                            s, crm, process.integration_id
+                        )
                     frames[key] = fetch_page_frame(
                         connectors[process.integration_id], process, page
                     )
-                except Exception as exc:  # shown as this page's error; the range fails
+                    in_a_row = 0
+                except Exception as exc:  # this page's failure, shown with its reason
+                    fault, in_a_row = f"{crm} still failing ({type(exc).__name__})", in_a_row + 1
+                    context.log.warning(f"page {key}: fetch failed: {exc}")
                     s.record_page(process_id, key, failed_page(0, key, f"fetch failed: {exc}"))
-                    raise
         finally:
             for connector in connectors.values():
                 connector.close()
@@ -219,47 +261,55 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
     )
     def quo_contacts(
         context: dg.AssetExecutionContext,
-        frames: dict[str, pd.DataFrame],
+        frames: dict[str, pd.DataFrame | None],
         store: StoreResource,
         quo: QuoResource,
     ) -> dg.MaterializeResult:
+        """Pages without a frame were recorded as failed by the fetch. Only what makes a whole
+        page impossible (Quo unreachable, credentials refused) fails a page; any record fails
+        only itself (sync_records). After two Quo outages in a row the rest of the range is not
+        tried: recovery re-runs those pages after a backoff."""
         s = store.get()
         workers: dict[str, Any] = {}
         failures: dict[str, str] = {}
         totals: Counter[str] = Counter()
         touched: dict[str, None] = {}
+        unavailable_in_a_row = 0
+        first_try = _first_try(context.run.tags)
+        tried: dict[str, set[str]] = {}  # per Process: pages with a result before this run
         try:
             for key in context.partition_keys:
                 process_id, _ = parse_page_key(key)
-                process = _resume(s, process_id)
-                touched[process_id] = None
-                if process.integration_id not in workers:
-                    connector = open_connector(s, crm, process.integration_id)
-                    client = quo.client(connector.integration, s)
-                    workers[process.integration_id] = (
-                        connector,
-                        client,
-                        quo.upserter(client, connector.integration, s),
-                    )
-                connector, _, upserter = workers[process.integration_id]
+                if frames.get(key) is None:
+                    failures[key] = "fetch failed"
+                    continue
                 records = frame_records(frames[key])
                 started = time.perf_counter()
-                if failures:  # Quo is unreachable: the rest of the range would only wait
-                    result = failed_page(len(records), key, "not tried: Quo unavailable")
-                    failures[key] = "not tried: Quo unavailable"
-                else:
-                    try:
-                        result = sync_records(
-                            connector,
-                            upserter,
-                            records,
-                            process.context["personObjectType"],
-                            key,
-                            assume_absent=process.context.get("quoSourceEmptyAtStart", False),
-                        )
-                    except QuoUnavailable as exc:
-                        result = failed_page(len(records), key, str(exc))
-                        failures[key] = str(exc)
+                try:
+                    process = _resume(s, process_id)
+                    if process_id not in tried:
+                        tried[process_id] = set(s.page_results(process_id))
+                    touched[process_id] = None
+                    if unavailable_in_a_row >= 2:
+                        raise QuoUnavailable("not tried: Quo still unavailable")
+                    upserter = _worker(workers, s, quo, crm, process.integration_id)
+                    result = sync_records(
+                        workers[process.integration_id][0],
+                        upserter,
+                        records,
+                        process.context["personObjectType"],
+                        key,
+                        assume_absent=first_try(process) and key not in tried[process_id],
+                    )
+                    unavailable_in_a_row = 0
+                except QuoUnavailable as exc:
+                    unavailable_in_a_row += 1
+                    result = failed_page(len(records), key, str(exc))
+                except Exception as exc:  # e.g. a refused credential: this page's failure
+                    result = failed_page(len(records), key, f"{type(exc).__name__}: {exc}")
+                if not result.ok:
+                    failures[key] = result.errors[0].error
+                    context.log.warning(f"page {key}: {failures[key]}")
                 s.record_page(process_id, key, result)
                 _resume(s, process_id)  # the completion sensor may have closed it meanwhile
                 totals.update(result.counter_values())
@@ -273,7 +323,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         if failures:
             raise dg.Failure(
                 description=f"{len(failures)} of {len(context.partition_keys)} pages failed; "
-                "re-run them (backfill the failed partitions): nothing is written twice",
+                "they are re-run automatically after a backoff (nothing is written twice)",
                 metadata={"failed_pages": dg.MetadataValue.json(failures)},
             )
         summaries = [process_summary(s, s.get_process(pid)) for pid in touched]
@@ -338,29 +388,19 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         description=f"One materialization per closed {crm} sync Process, with its final metrics",
     )
 
-    @dg.sensor(
-        name=f"{crm}_completion_sensor",
-        minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
-        default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Closes a Process when all its pages are done (COMPLETED) or failed (ERROR)",
+    reconciling = build_reconcile_definitions(connector_cls)
+    (reconcile_job,) = reconciling.jobs
+    completion_sensor = build_completion_sensor(
+        crm, page_sync, quo_contacts, processes_asset.key, run_tags, reconcile_job
     )
-    def completion_sensor(context: dg.SensorEvaluationContext, store: StoreResource):
-        s = store.get()
-        events = [
-            dg.AssetMaterialization(
-                asset_key=processes_asset.key, metadata=process_metadata(summary)
-            )
-            for process in s.list_processes(states=[ProcessState.PROCESSING_BATCHES], crm=crm)
-            if (summary := _close_if_finished(context.instance, s, process.id, page_sync.name))
-        ]
-        if not events:
-            return dg.SkipReason("no process finished")
-        return dg.SensorResult(asset_events=events)
 
-    return dg.Definitions(
-        assets=[crm_pages, quo_contacts, processes_asset],
-        jobs=[initial_sync, page_sync],
-        sensors=[page_sensor, completion_sensor],
+    return dg.Definitions.merge(
+        dg.Definitions(
+            assets=[crm_pages, quo_contacts, processes_asset],
+            jobs=[initial_sync, page_sync],
+            sensors=[page_sensor, completion_sensor],
+        ),
+        reconciling,
     )
 
 
@@ -376,45 +416,33 @@ def _resume(store: Store, process_id: str) -> Process:
     return process
 
 
-def _unsynced_pages(store: Store, process: Process) -> tuple[list[str], list[str]]:
-    """(failed, never ran) page keys of the Process."""
-    results = store.page_results(process.id)
-    keys = [page_key(process.id, i) for i in range(process.context["totalPages"])]
-    failed = [k for k in keys if k in results and not results[k].ok]
-    return failed, [k for k in keys if k not in results]
+def _first_try(tags: Mapping[str, str]) -> Callable[[Process], bool]:
+    """Whether unmapped contacts may skip the lookup: only in the page sensor's own run of a
+    page never tried before, while Quo had no contact of the source at planning. Any other try
+    may follow a create whose outcome was lost (a killed run, an outage): that contact must be
+    looked up, not sent again."""
+    sensor_run = (
+        TAG_PROCESS in tags
+        and TAG_RETRY not in tags
+        and "dagster/parent_run_id" not in tags  # a re-execution from the UI
+    )
+    return lambda process: sensor_run and process.context.get("quoSourceEmptyAtStart", False)
 
 
-def _close_if_finished(
-    instance: dg.DagsterInstance, store: Store, process_id: str, page_job: str
-) -> dict[str, Any] | None:
-    """COMPLETED when every page succeeded; ERROR (with the reason) when some did not and no run
-    that could still sync them is queued or running. None while work is outstanding."""
-    process = store.get_process(process_id)
-    failed, missing = _unsynced_pages(store, process)
-    if failed or missing:
-        launched = instance.get_run_records(
-            dg.RunsFilter(job_name=page_job, tags={TAG_PROCESS: process_id})
+def _worker(
+    workers: dict[str, Any], store: Store, quo: QuoResource, crm: str, integration_id: str
+) -> Any:
+    """The integration's (connector, Quo client, upserter), opened once per run."""
+    if integration_id not in workers:
+        connector = open_connector(store, crm, integration_id)
+        try:
+            client = quo.client(connector.integration, store)
+        except Exception:
+            connector.close()
+            raise
+        workers[integration_id] = (
+            connector,
+            client,
+            quo.upserter(client, connector.integration, store),
         )
-        if len(launched) < math.ceil(
-            process.context["totalPages"] / process.context["pagesPerRun"]
-        ):
-            return None  # the page sensor has not launched every range yet
-        # Any live run over this Process's pages (sensor-launched or a UI backfill) may still
-        # sync them. Runs are checked before the pages are read again, so a page recorded by a
-        # run that has just finished is seen.
-        live = instance.get_run_records(dg.RunsFilter(statuses=_LIVE))
-        if any(_process_of(r.dagster_run.tags) == process_id for r in live):
-            return None
-        failed, missing = _unsynced_pages(store, process)
-    if not failed and not missing:
-        store.transition(process_id, ProcessState.COMPLETING)
-        process = store.transition(process_id, ProcessState.COMPLETED, {"endTime": now_iso()})
-        return process_summary(store, process)
-    reason = (
-        f"{len(failed) + len(missing)} of {process.context['totalPages']} pages not synced "
-        f"(failed: {failed[:20]}, never ran: {missing[:20]})"
-    )
-    process = store.transition(
-        process_id, ProcessState.ERROR, {"error": reason, "errorTimestamp": now_iso()}
-    )
-    return process_summary(store, process)
+    return workers[integration_id][2]

@@ -13,7 +13,11 @@ from quo_sync_dagster.core.process import PageResult, Process
 from quo_sync_dagster.store.port import Store
 
 
-def page_metadata(result: PageResult, duration_s: float) -> dict[str, Any]:
+def page_metadata(result: PageResult, duration_s: float | None) -> dict[str, Any]:
+    """A page partition's metadata; `duration_s` None: not measured (reported afterwards)."""
+    timing = (
+        {} if duration_s is None else {"duration_s": dg.MetadataValue.float(round(duration_s, 3))}
+    )
     return {
         "records": result.records,
         "synced": result.synced,
@@ -21,8 +25,9 @@ def page_metadata(result: PageResult, duration_s: float) -> dict[str, Any]:
         "created": result.created,
         "updated": result.updated,
         "skipped_unchanged": result.unchanged,
+        "skipped": result.skipped,
         "page_ok": result.ok,
-        "duration_s": dg.MetadataValue.float(round(duration_s, 3)),
+        **timing,
     }
 
 

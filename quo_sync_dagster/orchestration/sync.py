@@ -5,16 +5,20 @@ The Dagster assets call these, and so does the benchmark's bare loop, so both do
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
 
-from quo_sync_dagster.core.models import InvalidRecord, PersonPage, UpsertAction
-from quo_sync_dagster.core.process import ErrorDetail, PageResult, Process, ProcessState
+from quo_sync_dagster.core.external_ids import namespaced
+from quo_sync_dagster.core.models import InvalidRecord, PersonPage, QuoContact, UpsertAction
+from quo_sync_dagster.core.process import ErrorDetail, PageResult, Process, ProcessState, cap_text
+from quo_sync_dagster.core.sanitize import clean
 from quo_sync_dagster.crms import connector_class
 from quo_sync_dagster.crms.base import CRMConnector
 from quo_sync_dagster.quo.client import QuoClient
@@ -25,6 +29,8 @@ from quo_sync_dagster.store.port import Store
 
 _PAGE_MARK = "-p"
 MAX_PAGES = 99_999  # page keys have five digits; Dagster advises < 100k partitions per asset
+WALK_KEY = "walk"  # the checkpoint of a walk in progress, in the Process context
+WALK_CHECKPOINT_PAGES = 5
 
 
 def page_key(process_id: str, page: int) -> str:
@@ -51,86 +57,144 @@ def plan_initial_sync(
     page_size: int,
     pages_per_run: int,
     modified_since: datetime | None = None,
+    plan_run_id: str | None = None,
+    last_attempt: bool = True,
 ) -> Process:
     """INITIALIZING -> FETCHING_TOTAL (page 0 gives the total) -> QUEUING_PAGES. The caller adds
-    the partitions and then moves the process to PROCESSING_BATCHES."""
+    the partitions and then moves the process to PROCESSING_BATCHES.
+
+    One live initial sync per integration and object type: a second one raises AlreadyRunning
+    naming the live one. A failed attempt of run `plan_run_id` leaves its Process in
+    FETCHING_TOTAL with the walk's last checkpoint, and the next attempt of the same run resumes
+    it; the last attempt's failure closes the Process as ERROR."""
     integration = connector.integration
-    sync_config = connector.crm_config.sync_config
-    process_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
-    process = store.create_process(
-        Process(
-            id=process_id,
-            integration_id=integration.id,
-            name=f"{integration.id}-{object_type}-sync",
-            type="CRM_SYNC",
-            state=ProcessState.INITIALIZING,
-            context={
-                "crm": connector.name,
-                "syncType": "INITIAL",
-                "personObjectType": object_type,
-                "pageSize": page_size,
-                "pagesPerRun": pages_per_run,
-                "sortDesc": sync_config.reverse_chronological,
-                "launchLastPageFirst": (
-                    sync_config.reverse_chronological and sync_config.lists_oldest_first
-                ),
-                "modifiedSince": modified_since.isoformat() if modified_since else None,
-                "startTime": now_iso(),
-            },
+    process = _planned_by(store, integration.id, object_type, plan_run_id)
+    if process is not None and process.state is not ProcessState.FETCHING_TOTAL:
+        return process  # an earlier attempt of this run planned it
+    if process is None:
+        process = _new_process(store, connector, object_type, page_size, pages_per_run)
+        process.context.update(
+            modifiedSince=modified_since.isoformat() if modified_since else None,
+            planRunId=plan_run_id,
         )
-    )
+        process = store.create_process(
+            process, exclusive_key=f"initial:{integration.id}:{object_type}"
+        )
+        process = store.transition(process.id, ProcessState.FETCHING_TOTAL)
     try:
-        store.transition(process_id, ProcessState.FETCHING_TOTAL)
-        first = connector.fetch_person_page(
-            object_type, 0, page_size, modified_since, process.context["sortDesc"]
-        )
-        if first.total is not None:  # pages can be fetched by index: fan out in parallel
-            total, total_pages, cursors = first.total, math.ceil(first.total / page_size), None
-        else:  # no total (and maybe cursor paging): walk the pages once, noting each cursor
-            total, cursors = _walk_pages(connector, process.context, first, modified_since)
-            total_pages = len(cursors) if total else 0
         return store.transition(
-            process_id,
+            process.id,
             ProcessState.QUEUING_PAGES,
             {
-                "totalRecords": total,
-                "totalPages": total_pages,
-                "pageCursors": cursors,
+                **_count_pages(store, connector, process, modified_since),
                 # Nobody else writes this source, so unmapped contacts can skip the lookup.
                 "quoSourceEmptyAtStart": not quo.has_contacts_from(connector.quo_source),
             },
         )
     except Exception as exc:
-        store.transition(
-            process_id, ProcessState.ERROR, {"error": str(exc), "errorTimestamp": now_iso()}
-        )
+        if last_attempt:
+            store.transition(
+                process.id,
+                ProcessState.ERROR,
+                {"error": cap_text(str(exc)), "errorTimestamp": now_iso()},
+            )
         raise
 
 
+def _new_process(
+    store: Store, connector: CRMConnector, object_type: str, page_size: int, pages_per_run: int
+) -> Process:
+    sync_config = connector.crm_config.sync_config
+    return Process(
+        id=f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
+        integration_id=connector.integration.id,
+        name=f"{connector.integration.id}-{object_type}-sync",
+        type="CRM_SYNC",
+        state=ProcessState.INITIALIZING,
+        context={
+            "crm": connector.name,
+            "syncType": "INITIAL",
+            "personObjectType": object_type,
+            "pageSize": page_size,
+            "pagesPerRun": pages_per_run,
+            "sortDesc": sync_config.reverse_chronological,
+            "launchLastPageFirst": (
+                sync_config.reverse_chronological and sync_config.lists_oldest_first
+            ),
+            "startTime": now_iso(),
+        },
+    )
+
+
+def _planned_by(
+    store: Store, integration_id: str, object_type: str, plan_run_id: str | None
+) -> Process | None:
+    if plan_run_id is None:
+        return None
+    for process in store.list_processes(integration_id=integration_id):
+        ctx = process.context
+        if ctx.get("planRunId") == plan_run_id and ctx.get("personObjectType") == object_type:
+            return process
+    return None
+
+
+def _count_pages(
+    store: Store, connector: CRMConnector, process: Process, modified_since: datetime | None
+) -> dict[str, Any]:
+    ctx = process.context
+    first = None
+    if WALK_KEY not in ctx:
+        first = connector.fetch_person_page(
+            ctx["personObjectType"], 0, ctx["pageSize"], modified_since, ctx["sortDesc"]
+        )
+        if first.total is not None:  # pages can be fetched by index: fan out in parallel
+            pages = math.ceil(first.total / ctx["pageSize"])
+            return {"totalRecords": first.total, "totalPages": pages, "pageCursors": None}
+    # No total (and maybe cursor paging): walk the pages once, noting each cursor.
+    total, cursors = _walk_pages(store, connector, process, first, modified_since)
+    return {
+        "totalRecords": total,
+        "totalPages": len(cursors) if total else 0,
+        "pageCursors": cursors,
+    }
+
+
 def _walk_pages(
+    store: Store,
     connector: CRMConnector,
-    ctx: dict[str, Any],
-    first: PersonPage,
+    process: Process,
+    first: PersonPage | None,
     modified_since: datetime | None,
 ) -> tuple[int, list[str | None]]:
     """(records, the cursor that fetches each page). Costs one extra read of every page, cheap
-    next to the Quo writes, so that the pages can then be synced by parallel runs."""
-    cursors: list[str | None] = [None]
-    total, page = len(first.records), first
-    while page.has_more:
+    next to the Quo writes, so that the pages can then be synced by parallel runs. Every
+    WALK_CHECKPOINT_PAGES pages the walk is checkpointed in the Process context, so a walk
+    that fails resumes from its last good cursor instead of page 0."""
+    ctx = process.context
+    walk = ctx.get(WALK_KEY) or {"cursors": [None], "records": 0}
+    # cursors[-1] fetches the next page; records counts the pages before it.
+    cursors: list[str | None] = list(walk["cursors"])
+    records: int = walk["records"]
+    page = first
+    while True:
+        if page is None:
+            page = connector.fetch_person_page(
+                ctx["personObjectType"],
+                len(cursors) - 1,
+                ctx["pageSize"],
+                modified_since,
+                ctx["sortDesc"],
+                cursor=cursors[-1],
+            )
+        records += len(page.records)
+        if not page.has_more:
+            return records, cursors
         if len(cursors) >= MAX_PAGES:
             raise ValueError(f"{connector.name} still had more pages after {MAX_PAGES}")
         cursors.append(page.next_cursor)
-        page = connector.fetch_person_page(
-            ctx["personObjectType"],
-            len(cursors) - 1,
-            ctx["pageSize"],
-            modified_since,
-            ctx["sortDesc"],
-            cursor=page.next_cursor,
-        )
-        total += len(page.records)
-    return total, cursors
+        page = None
+        if len(cursors) % WALK_CHECKPOINT_PAGES == 0:
+            store.update_context(process.id, {WALK_KEY: {"cursors": cursors, "records": records}})
 
 
 def fetch_page_frame(connector: CRMConnector, process: Process, page: int) -> pd.DataFrame:
@@ -166,28 +230,57 @@ def sync_records(
     page: str,
     assume_absent: bool,
 ) -> PageResult:
-    """Transform and upsert one page. Bad records become per-record errors; QuoUnavailable
-    propagates so the caller can fail the page as a whole."""
-    contacts, errors = [], []
-    for record in records:
+    """Transform and upsert one page, each record on its own: whatever a record holds fails
+    only that record, with an error naming the person (and, from the transform, the field).
+    A person repeated in the page is synced once, as its last occurrence (as the upserter
+    would), and its earlier occurrences are skipped. records == synced + failed + skipped.
+    QuoUnavailable propagates so the caller can fail the page as a whole."""
+    errors: list[ErrorDetail] = []
+
+    def note(person: str, message: str) -> None:
+        # Errors quote CRM data, which may hold lone surrogates that no store can encode.
+        errors.append(ErrorDetail(clean(person, None), clean(message, None), now_iso(), page))
+
+    latest: dict[str, QuoContact] = {}  # Quo externalId -> the contact of its last occurrence
+    names: dict[str, str] = {}  # Quo externalId -> how errors name that occurrence
+    failed = skipped = 0
+    for n, record in enumerate(records):
         try:
-            contacts.append(connector.transform_person_to_quo(record, object_type))
+            person = connector.person_id(record)
+        except Exception:  # a name for errors only: it must not be a failure of its own
+            person = f"record {n} of page {page}"
+        try:
+            contact = namespaced(
+                connector.transform_person_to_quo(record, object_type), connector.integration
+            )
+            # The write's own encoding (httpx: no NaN, UTF-8) and the hash, done now: a contact
+            # either fails here, as this record's failure, or is one Quo can be sent.
+            json.dumps(contact.to_api_body(), ensure_ascii=False, allow_nan=False).encode()
+            contact.content_hash()
         except Exception as exc:  # one odd record must not fail the page of good ones
             message = str(exc) if isinstance(exc, InvalidRecord) else f"{type(exc).__name__}: {exc}"
-            errors.append(ErrorDetail(connector.person_id(record), message, now_iso(), page))
-    outcomes = upserter.upsert(contacts, assume_absent=assume_absent)
-    counts = dict.fromkeys(UpsertAction, 0)
+            note(person, message)
+            failed += 1
+            continue
+        if (ext_id := contact.external_id) in latest:
+            note(names[ext_id], "skipped: duplicate id in the same page; its last one is synced")
+            skipped += 1
+        latest[ext_id], names[ext_id] = contact, person
+    outcomes = upserter.upsert(list(latest.values()), assume_absent=assume_absent)
+    counts = Counter(outcome.action for outcome in outcomes)
     for outcome in outcomes:
-        counts[outcome.action] += 1
-        if outcome.error:
-            errors.append(ErrorDetail(outcome.external_id, outcome.error, now_iso(), page))
+        if outcome.action is UpsertAction.FAILED:
+            note(names.get(outcome.external_id, outcome.external_id), outcome.error or "failed")
     return PageResult(
         records=len(records),
-        synced=len(records) - len(errors),  # an id repeated inside a page counts as synced
-        failed=len(errors),
+        synced=counts[UpsertAction.CREATED]
+        + counts[UpsertAction.UPDATED]
+        + counts[UpsertAction.UNCHANGED],
+        failed=failed + counts[UpsertAction.FAILED],
         created=counts[UpsertAction.CREATED],
         updated=counts[UpsertAction.UPDATED],
         unchanged=counts[UpsertAction.UNCHANGED],
+        skipped=skipped,
         errors=tuple(errors),
     )
 

@@ -1,4 +1,10 @@
-"""httpx client for Quo's v1 contacts API: raw-key auth, governed, retried, errors parsed."""
+"""httpx client for Quo's v1 contacts API: raw-key auth, governed, retried, errors parsed.
+
+Every request but a create is retried on 5xx and transport errors. A create is not idempotent
+(Quo's spec does not promise a 409 for a second contact with the same source and externalId),
+so it is retried only when Quo cannot have processed it (a 429, a connection refused before
+sending); when its outcome is unknown it raises QuoOutcomeUnknown and the caller decides.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,19 @@ from quo_sync_dagster.governed_http import (
     ApiClient,
     ApiUnavailable,
     GovernedHttp,
+    OutcomeUnknown,
     parse_retry_after,
 )
 from quo_sync_dagster.quo.governor import RateGovernor
 
-__all__ = ["QuoApiError", "QuoClient", "QuoUnavailable", "parse_error", "parse_retry_after"]
+__all__ = [
+    "QuoApiError",
+    "QuoClient",
+    "QuoOutcomeUnknown",
+    "QuoUnavailable",
+    "parse_error",
+    "parse_retry_after",
+]
 
 LOOKUP_CHUNK = 20  # Quo's query parser rejects more than 20 repeated externalIds
 LIST_PAGE_MAX = 50
@@ -32,6 +46,13 @@ class QuoApiError(Exception):
 
 class QuoUnavailable(ApiUnavailable):
     """Quo kept failing (5xx, timeouts, 429s) after every retry, or refused our credentials."""
+
+
+class QuoOutcomeUnknown(OutcomeUnknown, QuoUnavailable):
+    """A create was sent and Quo may or may not have made the contact: the answer was lost (a
+    timeout or connection error after sending), was a 5xx, or was a 2xx without a readable
+    contact. Not retried. A caller that does not handle it fails as if Quo were unavailable;
+    the upserter looks the externalId up before creating again."""
 
 
 def parse_error(response: httpx.Response) -> QuoApiError:
@@ -83,11 +104,25 @@ class QuoClient(ApiClient):
             max_attempts,
             unavailable=QuoUnavailable,
             describe=lambda r: str(parse_error(r)),
+            outcome_unknown=QuoOutcomeUnknown,
         )
 
     # ---- contacts ------------------------------------------------------------------------
     def create_contact(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._request("POST", "/v1/contacts", json=body).json()["data"]
+        """The created contact. Raises QuoOutcomeUnknown, without retrying, when Quo may or may
+        not have created it."""
+        response = self._request("POST", "/v1/contacts", json=body, idempotent=False)
+        try:
+            contact = response.json()["data"]
+            if not isinstance(contact, dict) or not isinstance(contact.get("id"), str):
+                raise ValueError("no contact id")
+        except (ValueError, KeyError, TypeError) as exc:  # created, but which contact?
+            raise QuoOutcomeUnknown(
+                f"POST /v1/contacts answered {response.status_code} without a readable "
+                f"contact ({type(exc).__name__}: {exc})",
+                response.status_code,
+            ) from None
+        return contact
 
     def patch_contact(self, contact_id: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._request("PATCH", f"/v1/contacts/{contact_id}", json=body).json()["data"]
@@ -112,6 +147,10 @@ class QuoClient(ApiClient):
                     found[contact["externalId"]] = contact
         return found
 
+    def iter_contacts(self, source: str) -> Iterator[dict[str, Any]]:
+        """Every contact of `source`, paged by nextPageToken (totalItems is unreliable)."""
+        yield from self._list({"sources": [source], "maxResults": LIST_PAGE_MAX})
+
     def has_contacts_from(self, source: str) -> bool:
         body = self._request("GET", "/v1/contacts", params={"sources": [source], "maxResults": 1})
         return bool(body.json()["data"])
@@ -126,8 +165,10 @@ class QuoClient(ApiClient):
             if not token:
                 return
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = self._http.request(method, path, **kwargs)
+    def _request(
+        self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any
+    ) -> httpx.Response:
+        response = self._http.request(method, path, idempotent=idempotent, **kwargs)
         if response.status_code in (401, 403):
             raise QuoUnavailable(str(parse_error(response)))
         if response.status_code >= 400:

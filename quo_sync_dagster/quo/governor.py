@@ -7,7 +7,7 @@ import hashlib
 import time
 from collections.abc import Callable
 
-from quo_sync_dagster.core.ratelimit import after_429, reserve
+from quo_sync_dagster.core.ratelimit import reserve, retry_at
 from quo_sync_dagster.store.port import Store
 
 
@@ -17,6 +17,10 @@ def governor_key(credential: str, api: str = "quo") -> str:
 
 
 class RateGovernor:
+    """Slots 1/rate apart from the shared schedule. A 429 holds back only the request it
+    answered, until its Retry-After; the schedule, and every other request, goes on at the
+    configured rate (core.ratelimit holds the policy and the reasons)."""
+
     def __init__(
         self,
         store: Store,
@@ -34,18 +38,26 @@ class RateGovernor:
         self._clock = clock
         self._sleep = sleep
 
-    def acquire(self) -> None:
-        """Block until this caller's reserved slot comes up."""
+    def acquire(self, not_before: float | None = None) -> None:
+        """Block until this caller may send: first until `not_before` (the retry time of a
+        rate-limited request), then until the slot it reserves from the shared schedule.
+
+        The slot is reserved only once `not_before` has passed: reserving it ahead would push
+        the shared schedule past the Retry-After for every other request of the key.
+        """
+        if not_before is not None:
+            self._wait_until(not_before)
         send_at = self._store.update_governor(
             self._key, lambda s: reserve(s, self._clock(), self._interval)
         )
-        delay = send_at - self._clock()
+        self._wait_until(send_at)
+
+    def on_rate_limited(self, retry_after: float | None) -> float:
+        """A 429 to the caller's request: when that request may be sent again. The slot it used
+        is all it cost the key; the shared schedule is left as it is."""
+        return retry_at(self._clock(), retry_after)
+
+    def _wait_until(self, when: float) -> None:
+        delay = when - self._clock()
         if delay > 0:
             self._sleep(delay)
-
-    def on_rate_limited(self, retry_after: float | None) -> None:
-        """A 429: push everyone's next slot past Retry-After and slow the schedule down."""
-        self._store.update_governor(
-            self._key,
-            lambda s: (after_429(s, self._clock(), retry_after, self._interval), 0.0),
-        )

@@ -1,24 +1,57 @@
-"""Idempotent upsert of contacts into Quo.
+"""Idempotent upsert of contacts into Quo, exactly once even on a Quo that allows duplicates.
 
 Per contact: the same content hash as last time costs nothing; a mapped contact is PATCHed with
 its full list fields (PATCH replaces lists); an unmapped one is looked up by externalId (≤20 per
 request) and PATCHed if found, else created. A 409 on create (someone created it meanwhile) is
 recovered by lookup + PATCH, and a PATCH 404 (deleted in Quo) by a create.
+
+Exactly once without Quo's help. Quo's spec does not promise a 409 for a second contact with the
+same source and externalId, so no create is ever sent twice blindly: the client does not retry
+a create whose outcome is unknown (a timeout or reset after sending, a 5xx) but raises
+QuoOutcomeUnknown, and the contact's externalId is then looked up before any second create. If
+found, it is linked (PATCHed only if it does not hold what was sent); if not, the create is sent
+again, at most MAX_CREATE_ATTEMPTS times in all, after which that record fails with the reason
+(its page does not). The lookup waits a moment first (`settle_seconds`, growing per attempt) so
+that a create Quo is still processing when the client gave up has landed.
+
+Counts are exact: CREATED means this upsert made the contact in Quo.
+- A create answered 201, or a lost create found by the lookup that followed it: CREATED (the
+  contact is this create's; the lookup only learnt its id).
+- A 409 on a contact's first create: the contact was there before (made by someone else, or by
+  an earlier run that stopped before storing its link), so it is PATCHed and counted UPDATED.
+- A 409 after an earlier create of this contact had an unknown outcome: that lost create made
+  it, so CREATED.
+
+Failures: a record fails alone (RecordOutcome FAILED) for a Quo error answer (`Quo 400 ...`),
+for a create still unconfirmed after every attempt, and for any unexpected exception in its
+write (`TypeName: message`). Only QuoUnavailable (Quo down or refusing the key, after the
+client's retries of idempotent requests) propagates, so the caller fails the page as a whole.
+
+A page re-run after such a page failure (or after a killed run) may hold creates whose outcome
+was never learnt and whose links were never stored, so the page asset passes `assume_absent`
+only on a page's first try (orchestration/factory.py `_first_try`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from typing import Any
 
 from quo_sync_dagster.core.models import ContactLink, QuoContact, RecordOutcome, UpsertAction
-from quo_sync_dagster.quo.client import QuoApiError, QuoClient
+from quo_sync_dagster.quo.client import QuoApiError, QuoClient, QuoOutcomeUnknown, QuoUnavailable
 from quo_sync_dagster.store.port import Store
 
 # Links are written in small batches: a run killed between a create and its flush loses at most
 # this many links, and the re-run recovers each one through lookup or the 409 path.
 LINK_FLUSH_EVERY = 25
+# Creates of one contact whose outcome stayed unknown (each followed by a lookup) before that
+# record fails.
+MAX_CREATE_ATTEMPTS = 3
+# Seconds to wait before the lookup that follows the n-th unknown create: n times this.
+SETTLE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -27,14 +60,31 @@ class _Write:
     quo_id: str | None  # None: create
 
 
+class _CreateUnconfirmed(Exception):
+    """Every create of a contact had an unknown outcome and no lookup found it."""
+
+
 class ContactUpserter:
     def __init__(
-        self, client: QuoClient, store: Store, integration_id: str, concurrency: int = 4
+        self,
+        client: QuoClient,
+        store: Store,
+        integration_id: str,
+        concurrency: int = 4,
+        *,
+        max_create_attempts: int = MAX_CREATE_ATTEMPTS,
+        settle_seconds: float = SETTLE_SECONDS,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        if max_create_attempts < 1:
+            raise ValueError(f"max_create_attempts must be >= 1, got {max_create_attempts}")
         self._client = client
         self._store = store
         self._integration_id = integration_id
         self._concurrency = concurrency
+        self._max_create_attempts = max_create_attempts
+        self._settle_seconds = settle_seconds
+        self._sleep = sleep
 
     def upsert(
         self, contacts: Sequence[QuoContact], assume_absent: bool = False
@@ -42,8 +92,10 @@ class ContactUpserter:
         """One outcome per distinct externalId, in input order.
 
         `assume_absent` skips the lookup for unmapped contacts: safe when the workspace had no
-        contact of this source when the sync began, because the 409 recovery still catches any
-        contact created since (e.g. by a run killed before it stored its links).
+        contact of this source when the sync began. A contact created since by a run killed
+        before it stored its links is caught by a 409 where Quo enforces uniqueness; a create
+        of this call whose answer is lost is looked up before it is sent again, so this call
+        never makes a contact twice.
         QuoUnavailable propagates: the caller fails the whole page rather than its records.
         """
         latest = {c.external_id: c for c in contacts}  # a repeated id: its last version wins
@@ -90,33 +142,90 @@ class ContactUpserter:
         return [outcomes[ext_id] for ext_id in latest]
 
     def _write(self, write: _Write) -> tuple[RecordOutcome, ContactLink | None]:
-        contact = write.contact
-        body = contact.to_api_body()
-        ext_id = contact.external_id
+        """One record's write; whatever goes wrong in it but Quo being unavailable is that
+        record's failure."""
+        ext_id = write.contact.external_id
         try:
-            if write.quo_id is not None:
-                try:
-                    quo_id = self._client.patch_contact(write.quo_id, body)["id"]
-                    action = UpsertAction.UPDATED
-                except QuoApiError as exc:
-                    if exc.status != 404:
-                        raise
-                    quo_id, action = self._create(contact)
-            else:
-                quo_id, action = self._create(contact)
+            quo_id, action = self._upsert_one(write)
+            return RecordOutcome(ext_id, action), ContactLink(quo_id, write.contact.content_hash())
         except QuoApiError as exc:
             return RecordOutcome(ext_id, UpsertAction.FAILED, str(exc)), None
-        return RecordOutcome(ext_id, action), ContactLink(quo_id, contact.content_hash())
+        except (_CreateUnconfirmed, QuoOutcomeUnknown) as exc:  # this record's, not Quo down
+            return RecordOutcome(ext_id, UpsertAction.FAILED, str(exc)), None
+        except QuoUnavailable:
+            raise
+        except Exception as exc:
+            return RecordOutcome(ext_id, UpsertAction.FAILED, f"{type(exc).__name__}: {exc}"), None
+
+    def _upsert_one(self, write: _Write) -> tuple[str, UpsertAction]:
+        contact = write.contact
+        if write.quo_id is None:
+            return self._create(contact)
+        try:
+            patched = self._client.patch_contact(write.quo_id, contact.to_api_body())
+        except QuoApiError as exc:
+            if exc.status != 404:
+                raise
+            return self._create(contact)  # deleted in Quo: made again
+        return patched["id"], UpsertAction.UPDATED
 
     def _create(self, contact: QuoContact) -> tuple[str, UpsertAction]:
+        """Create the contact, never twice: after a create whose outcome is unknown the
+        externalId is looked up, and only if Quo has no such contact is it sent again."""
         body = contact.to_api_body()
-        try:
-            return self._client.create_contact(body)["id"], UpsertAction.CREATED
-        except QuoApiError as exc:
-            if exc.status != 409:
-                raise
-        existing = self._client.find_by_external_ids([contact.external_id], contact.source)
-        if contact.external_id not in existing:
+        unknown: QuoOutcomeUnknown | None = None
+        for attempt in range(1, self._max_create_attempts + 1):
+            try:
+                return self._client.create_contact(body)["id"], UpsertAction.CREATED
+            except QuoOutcomeUnknown as exc:
+                unknown = exc
+            except QuoApiError as exc:
+                if exc.status != 409:
+                    raise
+                return self._recover_conflict(contact, body, ours=unknown is not None)
+            self._sleep(self._settle_seconds * attempt)
+            remote = self._lookup(contact)
+            if remote is not None:  # the lost create did happen
+                return self._adopt(remote, body), UpsertAction.CREATED
+        raise _CreateUnconfirmed(
+            f"Quo did not confirm the create of {contact.external_id!r} in "
+            f"{self._max_create_attempts} attempts and no contact with this externalId was "
+            f"found after any of them; not created again (last: {unknown})"
+        )
+
+    def _recover_conflict(
+        self, contact: QuoContact, body: dict[str, Any], ours: bool
+    ) -> tuple[str, UpsertAction]:
+        """A 409: the contact exists. `ours`: an earlier create of this call, whose answer was
+        lost, made it (CREATED); otherwise it was there before (PATCHed, UPDATED)."""
+        remote = self._lookup(contact)
+        if remote is None:
             raise QuoApiError(409, "0800409", "conflict, but no contact has this externalId", "")
-        patched = self._client.patch_contact(existing[contact.external_id]["id"], body)
-        return patched["id"], UpsertAction.UPDATED
+        if ours:
+            return self._adopt(remote, body), UpsertAction.CREATED
+        return self._client.patch_contact(remote["id"], body)["id"], UpsertAction.UPDATED
+
+    def _lookup(self, contact: QuoContact) -> dict[str, Any] | None:
+        found = self._client.find_by_external_ids([contact.external_id], contact.source)
+        return found.get(contact.external_id)
+
+    def _adopt(self, remote: dict[str, Any], body: dict[str, Any]) -> str:
+        """The id of a contact found after a lost create, PATCHed first if it does not hold
+        `body` (a create that did land holds it already)."""
+        if _holds(remote, body):
+            return remote["id"]
+        return self._client.patch_contact(remote["id"], body)["id"]
+
+
+def _holds(remote: dict[str, Any], body: dict[str, Any]) -> bool:
+    """Whether the Quo contact `remote` already holds every field of the create/PATCH `body`."""
+    fields, want = remote.get("defaultFields") or {}, body["defaultFields"]
+    if any(fields.get(k) != want[k] for k in ("firstName", "lastName", "company", "role")):
+        return False
+    for name in ("emails", "phoneNumbers"):
+        have = [(i.get("name"), i.get("value")) for i in fields.get(name) or ()]
+        if have != [(i["name"], i["value"]) for i in want[name]]:
+            return False
+    have_custom = {c.get("key"): c.get("value") for c in remote.get("customFields") or ()}
+    want_custom = {c["key"]: c["value"] for c in body["customFields"] if c["value"] is not None}
+    return have_custom == want_custom and remote.get("sourceUrl") == body.get("sourceUrl")

@@ -3,6 +3,17 @@
 Request bodies and list queries are validated against schemas taken from the official OpenAPI
 spec copy; error bodies use the spec's documented envelope for each operation and status. The
 server only ever binds 127.0.0.1; `/_sandbox/*` admin endpoints are unauthenticated.
+
+Admin switches for exactly-once tests (besides stats and the fault queue of serving.py):
+- `POST /_sandbox/settings {"uniqueExternalIds": false}` (or `--accept-duplicates`): accept a
+  second contact with the same source and externalId instead of answering 409, like a Quo that
+  does not enforce it (its spec does not promise it). `stats()["duplicateExternalIds"]` counts
+  the pairs held more than once.
+- Faults may name request `kinds` (e.g. `["create"]`), and be `afterWrite`: the request is
+  served (a create is written) and then its answer is a 5xx (`status`), comes after
+  `delaySeconds` (past the client's timeout) or is lost with the connection (`drop`), so the
+  client cannot know whether it was written. `drop` without `afterWrite` loses the connection
+  before the request is served.
 """
 
 from __future__ import annotations
@@ -30,14 +41,17 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from quo_sync_dagster.sandbox.quo_state import (
+    KINDS,
     Contact,
     ContactStore,
     RequestCounters,
     TokenBuckets,
 )
 from quo_sync_dagster.sandbox.serving import (
+    Fault,
     FaultQueue,
     SandboxServer,
     admin_routes,
@@ -245,6 +259,7 @@ class SandboxState:
         rate_limit: float | None = 10.0,
         retry_after_format: str = "seconds",
         custom_fields: Iterable[dict[str, str]] = DEFAULT_CUSTOM_FIELDS,
+        unique_external_ids: bool = True,
     ) -> None:
         if retry_after_format not in ("seconds", "http-date"):
             raise ValueError(
@@ -259,6 +274,8 @@ class SandboxState:
         self.retry_after_format = retry_after_format
         self.store = ContactStore(Path(data_dir))
         self.faults = FaultQueue()
+        # False: a second contact with the same source and externalId is accepted, not a 409.
+        self.unique_external_ids = unique_external_ids
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -313,24 +330,41 @@ class _Api:
         return JSONResponse(body, status_code=status, headers=headers)
 
     async def serve(self, request: Request, kind: str, op: Op, handler: Handler) -> Response:
-        """Faults, then auth, then the per-key rate limit, then the handler; count the result."""
+        """Faults, then auth, then the per-key rate limit, then the handler; count the result.
+
+        An `afterWrite` fault comes last instead: the request is served, then its answer fails.
+        """
         at = time.time()
         api_key = request.headers.get("authorization")
         known = api_key in self.state.api_keys
-        response = await self._guarded(request, op, api_key if known else None, handler)
+        fault = self.state.faults.take(kind)
+        response: Response | None = None
+        if fault is not None and not fault.after_write:
+            response = await self._faulty(op, fault)
+        if response is None:
+            response = await self._guarded(request, op, api_key if known else None, handler)
+            if fault is not None and fault.after_write:  # served: a create is written
+                response = await self._faulty(op, fault, after_write=True) or response
         self.state.count(api_key if known else "(unauthenticated)", kind, response.status_code, at)
         return response
+
+    async def _faulty(self, op: Op, fault: Fault, after_write: bool = False) -> Response | None:
+        """The injected fault's answer, after its delay; None: the request's own answer."""
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.drop:
+            return _Dropped()
+        if fault.status is not None:
+            headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
+            message = "Injected sandbox fault" + (
+                " after the request was served" if after_write else ""
+            )
+            return self._error(op, fault.status, message, headers=headers)
+        return None
 
     async def _guarded(
         self, request: Request, op: Op, api_key: str | None, handler: Handler
     ) -> Response:
-        fault = self.state.faults.take()
-        if fault is not None:
-            if fault.delay:
-                await asyncio.sleep(fault.delay)
-            if fault.status is not None:
-                headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
-                return self._error(op, fault.status, "Injected sandbox fault", headers=headers)
         if api_key is None:
             missing = "authorization" not in request.headers
             message = "No API key found in request" if missing else "Invalid API key"
@@ -432,7 +466,7 @@ class _Api:
             "updatedAt": now,
             "createdByUserId": body.get("createdByUserId", SANDBOX_USER_ID),
         }
-        if not self.state.store.insert(contact):
+        if not self.state.store.insert(contact, unique=self.state.unique_external_ids):
             raise ApiError(409, _CONFLICT)
         return JSONResponse({"data": contact}, status_code=201)
 
@@ -453,7 +487,7 @@ class _Api:
             new["customFields"] = self._custom_items(body["customFields"], old["customFields"])
         new["updatedAt"] = _now()
         # No await since _existing(): the read-modify-write cannot interleave with another write.
-        if not self.state.store.replace(new):
+        if not self.state.store.replace(new, unique=self.state.unique_external_ids):
             raise ApiError(409, _CONFLICT)
         return JSONResponse({"data": new})
 
@@ -488,6 +522,19 @@ class _Api:
         return JSONResponse({"data": list(self.state.custom_fields.values())})
 
 
+class _Dropped(Response):
+    """No answer: the status line goes out, then the connection is closed before the body, so
+    the client gets a transport error. Counted as status 0."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=0)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"1024")]
+        await send({"type": "http.response.start", "status": 500, "headers": headers})
+        # Returning with the body unsent makes uvicorn close the connection (it logs that).
+
+
 def build_app(state: SandboxState) -> Starlette:
     api = _Api(state)
     app = Starlette(
@@ -495,7 +542,12 @@ def build_app(state: SandboxState) -> Starlette:
             Route(CONTACTS, api.contacts, methods=["GET", "POST"]),
             Route(CONTACT, api.contact, methods=["GET", "PATCH", "DELETE"]),
             Route(CUSTOM_FIELDS, api.custom_field_definitions, methods=["GET"]),
-            *admin_routes(FAULT_STATUSES),
+            *admin_routes(
+                FAULT_STATUSES,
+                fault_kinds=KINDS,
+                write_faults=True,
+                settings=("unique_external_ids",),
+            ),
         ]
     )
     app.state.sandbox = state
@@ -515,6 +567,7 @@ class QuoSandbox(SandboxServer):
         retry_after_format: str = "seconds",
         custom_fields: Iterable[dict[str, str]] = DEFAULT_CUSTOM_FIELDS,
         port: int = 0,
+        unique_external_ids: bool = True,
     ) -> None:
         super().__init__(port)
         self.data_dir, self.api_keys = Path(data_dir), tuple(api_keys)
@@ -522,6 +575,7 @@ class QuoSandbox(SandboxServer):
             "rate_limit": rate_limit,
             "retry_after_format": retry_after_format,
             "custom_fields": tuple(custom_fields),
+            "unique_external_ids": unique_external_ids,
         }
 
     @property
@@ -540,6 +594,10 @@ class QuoSandbox(SandboxServer):
     def reset_stats(self) -> None:
         self._admin_request("POST", "reset-stats")
 
+    def accept_duplicates(self, accept: bool = True) -> None:
+        """Accept a second contact with the same source and externalId (no 409), or not."""
+        self.settings(unique_external_ids=not accept)
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -550,6 +608,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--api-key", action="append", dest="api_keys")
     parser.add_argument("--retry-after-format", choices=("seconds", "http-date"), default="seconds")
     parser.add_argument("--custom-fields", type=Path, help="JSON list of {name, key, type}")
+    parser.add_argument(
+        "--accept-duplicates",
+        action="store_true",
+        help="no 409 for a second contact with the same source and externalId",
+    )
     args = parser.parse_args(argv)
     sandbox = QuoSandbox(
         args.data_dir,
@@ -562,6 +625,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             else DEFAULT_CUSTOM_FIELDS
         ),
         port=args.port,
+        unique_external_ids=not args.accept_duplicates,
     )
     serve_until_signalled(sandbox, "QUO_SANDBOX_READY")
 

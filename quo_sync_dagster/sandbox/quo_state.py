@@ -23,7 +23,8 @@ Contact = dict[str, Any]
 
 
 def _key(contact: Contact) -> tuple[str | None, str] | None:
-    """Uniqueness key: Quo rejects a second contact with the same source and externalId."""
+    """Uniqueness key: Quo rejects a second contact with the same source and externalId (unless
+    the sandbox is told to accept duplicates, as a Quo that does not enforce it would)."""
     external_id = contact["externalId"]
     return None if external_id is None else (contact["source"], external_id)
 
@@ -51,7 +52,7 @@ class ContactStore:
         self._seq_of: dict[str, int] = {}
         self._id_at: dict[int, str] = {}
         self._order: list[int] = []  # sorted sequence numbers of live contacts
-        self._by_key: dict[tuple[str | None, str], str] = {}
+        self._by_key: dict[tuple[str | None, str], set[str]] = {}  # >1 id: accepted duplicates
         self._by_external_id: dict[str, set[str]] = {}
         for seq, body in self._db.execute("SELECT seq, body FROM contacts ORDER BY seq"):
             self._index(json.loads(body), seq)
@@ -68,13 +69,16 @@ class ContactStore:
     def _index_key(self, contact: Contact) -> None:
         key = _key(contact)
         if key is not None:
-            self._by_key[key] = contact["id"]
+            self._by_key.setdefault(key, set()).add(contact["id"])
             self._by_external_id.setdefault(key[1], set()).add(contact["id"])
 
     def _unindex_key(self, contact: Contact) -> None:
         key = _key(contact)
         if key is not None:
-            del self._by_key[key]
+            owners = self._by_key[key]
+            owners.discard(contact["id"])
+            if not owners:
+                del self._by_key[key]
             ids = self._by_external_id[key[1]]
             ids.discard(contact["id"])
             if not ids:
@@ -83,11 +87,12 @@ class ContactStore:
     def get(self, contact_id: str) -> Contact | None:
         return self._contacts.get(contact_id)
 
-    def insert(self, contact: Contact) -> bool:
-        """Add a new contact; False (nothing written) if its source + externalId is taken."""
+    def insert(self, contact: Contact, unique: bool = True) -> bool:
+        """Add a new contact; False (nothing written) if `unique` and its source + externalId
+        is taken."""
         with self._lock:
             key = _key(contact)
-            if key is not None and key in self._by_key:
+            if unique and key is not None and key in self._by_key:
                 return False
             seq = self._next_seq
             self._next_seq += 1
@@ -98,13 +103,14 @@ class ContactStore:
             self._index(contact, seq)
             return True
 
-    def replace(self, contact: Contact) -> bool:
-        """Overwrite an existing contact; False if its new key belongs to another contact."""
+    def replace(self, contact: Contact, unique: bool = True) -> bool:
+        """Overwrite an existing contact; False if `unique` and its new key belongs to another
+        contact."""
         with self._lock:
             old = self._contacts[contact["id"]]
             key = _key(contact)
-            owner = self._by_key.get(key) if key is not None else None
-            if owner is not None and owner != contact["id"]:
+            owners = self._by_key.get(key, set()) if key is not None else set()
+            if unique and owners - {contact["id"]}:
                 return False
             self._db.execute(
                 "UPDATE contacts SET body = ? WHERE id = ?", (json.dumps(contact), contact["id"])
@@ -163,6 +169,8 @@ class ContactStore:
 
 @dataclass
 class RequestCounters:
+    """Requests by kind and by status answered; status 0 is a connection dropped unanswered."""
+
     requests: int = 0
     by_kind: Counter[str] = field(default_factory=Counter)
     by_status: Counter[int] = field(default_factory=Counter)

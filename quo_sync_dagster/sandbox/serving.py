@@ -31,10 +31,14 @@ class Fault:
     remaining: int
     retry_after: str | None
     delay: float
+    kinds: frozenset[str] | None = None  # only requests of these kinds (None: any request)
+    after_write: bool = False  # serve the request (a create is written), then fail its answer
+    drop: bool = False  # close the connection instead of answering
 
 
 class FaultQueue:
-    """Injected faults, served in order; a fault with `count` n answers the next n requests."""
+    """Injected faults, served in order; a fault with `count` n answers the next n requests
+    (of its kinds, if it names any)."""
 
     def __init__(self) -> None:
         self._faults: deque[Fault] = deque()
@@ -45,15 +49,16 @@ class FaultQueue:
     def clear(self) -> None:
         self._faults.clear()
 
-    def take(self) -> Fault | None:
-        """The fault for the next request (None: serve it normally)."""
-        if not self._faults:
-            return None
-        fault = self._faults[0]
-        fault.remaining -= 1
-        if fault.remaining <= 0:
-            self._faults.popleft()
-        return fault
+    def take(self, kind: str | None = None) -> Fault | None:
+        """The fault for the next request, of `kind` (None: serve it normally). A fault for
+        other kinds neither answers this request nor holds back the faults behind it."""
+        for index, fault in enumerate(self._faults):
+            if fault.kinds is None or kind in fault.kinds:
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    del self._faults[index]
+                return fault
+        return None
 
     @property
     def pending(self) -> int:
@@ -66,14 +71,24 @@ def admin_routes(
     state_attr: str = "sandbox",
     reset_stats: bool = True,
     retry_after: bool = True,
+    fault_kinds: Collection[str] = (),
+    write_faults: bool = False,
+    settings: Collection[str] = (),
 ) -> list[Route]:
-    """`GET /_sandbox/stats`, `POST /_sandbox/reset-stats` (if `reset_stats`) and
-    `POST|DELETE /_sandbox/faults`, on the state at `request.app.state.<state_attr>`.
+    """`GET /_sandbox/stats`, `POST /_sandbox/reset-stats` (if `reset_stats`),
+    `POST|DELETE /_sandbox/faults` and, with `settings`, `GET|POST /_sandbox/settings`, on the
+    state at `request.app.state.<state_attr>`.
 
-    The state has `stats()`, `faults: FaultQueue` and, with `reset_stats`, `reset_stats()`.
+    The state has `stats()`, `faults: FaultQueue`, with `reset_stats` a `reset_stats()`, and with
+    `settings` those boolean attributes (snake_case; camelCase in the JSON).
     Without `retry_after` a fault's `retryAfter` is ignored (the API sends no Retry-After).
+    With `fault_kinds` a fault may name the request kinds it answers (`kinds`); with
+    `write_faults` it may be `afterWrite` (the request is served, then its answer fails: the
+    client cannot know whether it was written) and `drop` the connection instead of answering.
     """
     statuses = sorted(fault_statuses)
+    known_kinds = frozenset(fault_kinds)
+    setting_names = {_camel(name): name for name in settings}
 
     def state_of(request: Request) -> Any:
         return getattr(request.app.state, state_attr)
@@ -95,22 +110,72 @@ def admin_routes(
             status, delay = spec.get("status"), float(spec.get("delaySeconds") or 0)
             count = int(spec.get("count", 1))
             after = spec.get("retryAfter") if retry_after else None
-            if (status is None and not delay) or (status is not None and status not in statuses):
-                raise ValueError(f"status must be one of {statuses} or delaySeconds > 0")
+            kinds, after_write, drop = _write_fault_options(spec, known_kinds, write_faults)
+            if (status is None and not delay and not drop) or (
+                status is not None and status not in statuses
+            ):
+                raise ValueError(
+                    f"status must be one of {statuses} or delaySeconds > 0"
+                    + (" or drop true" if write_faults else "")
+                )
+            if drop and status is not None:
+                raise ValueError("a dropped connection has no status")
             if not retry_after and (count < 1 or delay < 0):
                 raise ValueError("count >= 1, delaySeconds >= 0")
             if count < 1 or delay < 0 or not isinstance(after, str | None):
                 raise ValueError("count >= 1, delaySeconds >= 0, retryAfter string or null")
         except (ValueError, TypeError, AttributeError) as exc:
             return JSONResponse({"message": str(exc)}, status_code=400)
-        queue.add(Fault(status, count, after, delay))
+        queue.add(Fault(status, count, after, delay, kinds, after_write, drop))
         return JSONResponse({"pendingFaults": queue.pending})
+
+    async def settings_handler(request: Request) -> Response:
+        state = state_of(request)
+        if request.method == "POST":
+            try:
+                spec = json.loads(await request.body())
+                if not isinstance(spec, dict) or not spec:
+                    raise ValueError("a JSON object of settings")
+                for key, value in spec.items():
+                    if key not in setting_names or not isinstance(value, bool):
+                        raise ValueError(f"settings are booleans among {sorted(setting_names)}")
+            except ValueError as exc:
+                return JSONResponse({"message": str(exc)}, status_code=400)
+            for key, value in spec.items():
+                setattr(state, setting_names[key], value)
+        return JSONResponse({key: getattr(state, name) for key, name in setting_names.items()})
 
     routes = [Route("/_sandbox/stats", stats, methods=["GET"])]
     if reset_stats:
         routes.append(Route("/_sandbox/reset-stats", reset, methods=["POST"]))
     routes.append(Route("/_sandbox/faults", faults, methods=["POST", "DELETE"]))
+    if setting_names:
+        routes.append(Route("/_sandbox/settings", settings_handler, methods=["GET", "POST"]))
     return routes
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def _write_fault_options(
+    spec: dict[str, Any], known_kinds: frozenset[str], write_faults: bool
+) -> tuple[frozenset[str] | None, bool, bool]:
+    """A fault's `kinds`, `afterWrite` and `drop`, refused where the simulator has none."""
+    kinds = spec.get("kinds")
+    if kinds is not None:
+        if not known_kinds:
+            raise ValueError("this simulator's faults take no kinds")
+        if not isinstance(kinds, list) or not kinds or not set(kinds) <= known_kinds:
+            raise ValueError(f"kinds must be a non-empty list among {sorted(known_kinds)}")
+        kinds = frozenset(kinds)
+    after_write, drop = spec.get("afterWrite", False), spec.get("drop", False)
+    if not isinstance(after_write, bool) or not isinstance(drop, bool):
+        raise ValueError("afterWrite and drop are booleans")
+    if (after_write or drop) and not write_faults:
+        raise ValueError("this simulator's faults take no afterWrite nor drop")
+    return kinds, after_write, drop
 
 
 class SandboxServer:
@@ -207,12 +272,31 @@ class SandboxServer:
         count: int = 1,
         retry_after: str | None = None,
         delay_seconds: float = 0.0,
+        *,
+        kinds: Collection[str] | None = None,
+        after_write: bool = False,
+        drop: bool = False,
     ) -> None:
-        fault = {"status": status, "count": count, "retryAfter": retry_after}
+        """Queue a fault. `kinds`, `after_write` and `drop` only where the simulator has them
+        (see `admin_routes`)."""
+        fault: dict[str, Any] = {"status": status, "count": count, "retryAfter": retry_after}
+        if kinds is not None:
+            fault["kinds"] = sorted(kinds)
+        if after_write:
+            fault["afterWrite"] = True
+        if drop:
+            fault["drop"] = True
         self._admin_request("POST", "faults", json={**fault, "delaySeconds": delay_seconds})
 
     def clear_faults(self) -> None:
         self._admin_request("DELETE", "faults")
+
+    def settings(self, **changes: bool) -> dict[str, bool]:
+        """The simulator's switches (camelCase names), after setting `changes` (snake_case)."""
+        if not changes:
+            return self._admin_request("GET", "settings").json()
+        body = {_camel(name): value for name, value in changes.items()}
+        return self._admin_request("POST", "settings", json=body).json()
 
 
 def serve_until_signalled(sandbox: SandboxServer, ready_line_prefix: str) -> None:

@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-from quo_sync_dagster.store.port import NotFound, Store
+from quo_sync_dagster.store.port import AlreadyRunning, NotFound, Store
 
-__all__ = ["NotFound", "Store", "open_store"]
+__all__ = ["AlreadyRunning", "NotFound", "Store", "open_store"]
 
 
 def open_store(uri: str) -> Store:

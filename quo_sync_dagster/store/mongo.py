@@ -3,7 +3,8 @@
 MongoDB is atomic per document and this adapter uses no multi-document transactions (mongomock
 has none), so every invariant rests on single-document operations: `$inc` for counters,
 compare-and-set on `state` for transitions, a version field for the governor, and
-`find_one_and_update` to swap a page's result while reading the one it replaces.
+`find_one_and_update` to swap a page's result while reading the one it replaces, and a lock
+document per exclusive key whose holder is swapped only once it has ended.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 from quo_sync_dagster.core.models import ContactLink, Integration
 from quo_sync_dagster.core.process import (
     COUNTER_NAMES,
+    TERMINAL_STATES,
     ErrorDetail,
     PageResult,
     Process,
@@ -28,9 +30,17 @@ from quo_sync_dagster.core.process import (
     check_transition,
 )
 from quo_sync_dagster.core.ratelimit import GovernorState
-from quo_sync_dagster.store.port import MAX_STORED_ERRORS, InboxItem, NotFound, Store
+from quo_sync_dagster.store.port import (
+    MAX_STORED_ERRORS,
+    AlreadyRunning,
+    InboxItem,
+    NotFound,
+    Store,
+    check_renames,
+)
 
 _MAX_IDS_PER_QUERY = 1000  # keeps `$in` lists far below the 16 MB command limit
+_LINKS_PER_READ = 1000  # iter_contact_links reads this many links per query
 _DUPLICATE_KEY = 11000
 
 
@@ -75,11 +85,21 @@ def _process(doc: Mapping[str, Any]) -> Process:
     )
 
 
-_PAGE_FIELDS = ("records", "synced", "failed", "created", "updated", "unchanged", "ok")
+_PAGE_FIELDS = (
+    "records",
+    "synced",
+    "failed",
+    "created",
+    "updated",
+    "unchanged",
+    "skipped",
+    "ok",
+)
 
 
 def _page_result(doc: Mapping[str, Any]) -> PageResult:
-    return PageResult(**{name: doc[name] for name in _PAGE_FIELDS})
+    # A page stored before a field existed has the field's default (`skipped` = 0).
+    return PageResult(**{name: doc[name] for name in _PAGE_FIELDS if name in doc})
 
 
 class MongoStore(Store):
@@ -96,6 +116,7 @@ class MongoStore(Store):
         self._governors = db["governors"]
         self._inbox = db["webhook_inbox"]
         self._activities = db["activities"]
+        self._locks = db["locks"]  # _id: exclusive key, process_id: the Process holding it
         self._integrations.create_index("crm")
         self._processes.create_index([("integration_id", ASCENDING), ("created_at", ASCENDING)])
         self._processes.create_index("created_at")
@@ -148,7 +169,7 @@ class MongoStore(Store):
         ]
 
     # ---- processes ------------------------------------------------------------------------------
-    def create_process(self, process: Process) -> Process:
+    def create_process(self, process: Process, exclusive_key: str | None = None) -> Process:
         _check_counters(process.counters)
         now = _now()
         doc = {
@@ -169,6 +190,12 @@ class MongoStore(Store):
             self._processes.insert_one(doc)
         except DuplicateKeyError:
             raise ValueError(f"process {process.id!r} already exists") from None
+        if exclusive_key is not None:
+            try:
+                self._take_lock(exclusive_key, process.id)
+            except AlreadyRunning:
+                self._processes.delete_one({"_id": process.id})
+                raise
         if process.parent_id is not None:
             # Without transactions the child exists first; it is removed if the parent is missing.
             parent = self._processes.update_one(
@@ -178,6 +205,29 @@ class MongoStore(Store):
                 self._processes.delete_one({"_id": process.id})
                 raise NotFound(f"unknown process {process.parent_id!r}")
         return self.get_process(process.id)
+
+    def _take_lock(self, key: str, process_id: str) -> None:
+        """Make `process_id` (already inserted) the holder of `key`, or raise AlreadyRunning.
+
+        The Process exists before it takes the lock, so a holder that cannot be found was
+        removed after a failed creation and holds nothing."""
+        while True:
+            lock = self._locks.find_one({"_id": key})
+            if lock is None:
+                try:
+                    self._locks.insert_one({"_id": key, "process_id": process_id})
+                    return
+                except DuplicateKeyError:
+                    continue  # another creator took it first: look at its holder
+            holder = self._processes.find_one({"_id": lock["process_id"]}, {"state": 1})
+            if holder is not None and ProcessState(holder["state"]) not in TERMINAL_STATES:
+                raise AlreadyRunning(holder["_id"], key)
+            # Compare-and-swap: only one of the creators that saw this ended holder replaces it.
+            if self._locks.find_one_and_update(
+                {"_id": key, "process_id": lock["process_id"]},
+                {"$set": {"process_id": process_id}},
+            ):
+                return
 
     def get_process(self, process_id: str) -> Process:
         doc = self._processes.find_one({"_id": process_id})
@@ -355,6 +405,58 @@ class MongoStore(Store):
 
     def count_contact_links(self, integration_id: str) -> int:
         return self._links.count_documents({"integration_id": integration_id})
+
+    def iter_contact_links(self, integration_id: str) -> Iterator[tuple[str, ContactLink]]:
+        # Keyset paging on the unique (integration_id, external_id) index; no cursor stays open
+        # (and times out on the server) while the caller works between pages.
+        after = ""
+        while True:
+            docs = list(
+                self._links.find(
+                    {"integration_id": integration_id, "external_id": {"$gt": after}},
+                    {"_id": 0, "external_id": 1, "quo_id": 1, "content_hash": 1},
+                    sort=[("external_id", ASCENDING)],
+                    limit=_LINKS_PER_READ,
+                )
+            )
+            for doc in docs:
+                yield doc["external_id"], ContactLink(doc["quo_id"], doc["content_hash"])
+            if len(docs) < _LINKS_PER_READ:
+                return
+            after = docs[-1]["external_id"]
+
+    def rename_contact_links(self, integration_id: str, renames: Mapping[str, str]) -> int:
+        # Each link moves by one update of its own document (no transactions here), so it is
+        # always at its old id or its new one, never lost.
+        moves = check_renames(renames)
+        renamed = 0
+        for olds in _chunks(moves):
+            pending = olds
+            while pending:
+                ops = [
+                    UpdateMany(
+                        {"integration_id": integration_id, "external_id": old},
+                        {"$set": {"external_id": moves[old]}},
+                    )
+                    for old in pending
+                ]
+                try:
+                    renamed += self._links.bulk_write(ops, ordered=False).modified_count
+                    break
+                except BulkWriteError as exc:
+                    errors = exc.details["writeErrors"]
+                    if any(e["code"] != _DUPLICATE_KEY for e in errors):
+                        raise
+                    renamed += exc.details["nModified"]
+                    # The new id already has a link: it is overwritten, so drop it and move again.
+                    pending = [pending[e["index"]] for e in errors]
+                    self._links.delete_many(
+                        {
+                            "integration_id": integration_id,
+                            "external_id": {"$in": [moves[old] for old in pending]},
+                        }
+                    )
+        return renamed
 
     # ---- rate governor --------------------------------------------------------------------------
     def update_governor(

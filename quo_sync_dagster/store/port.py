@@ -4,7 +4,7 @@ shared state, the webhook inbox and the activity map. Adapters: SQLite (embedded
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,24 @@ class NotFound(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class AlreadyRunning(Exception):
+    """Another live Process holds the exclusive key a new Process asked for."""
+
+    def __init__(self, process_id: str, key: str) -> None:
+        super().__init__(f"process {process_id!r} is still running for {key!r}")
+        self.process_id = process_id
+        self.key = key
+
+
+def check_renames(renames: Mapping[str, str]) -> dict[str, str]:
+    """`renames` without no-op pairs; a chain (a new id that is also renamed) has no single
+    meaning when the renames are applied one document at a time, so it is refused."""
+    moves = {old: new for old, new in renames.items() if old != new}
+    if chained := sorted(set(moves.values()) & set(moves)):
+        raise ValueError(f"rename targets are also renamed: {chained[:5]}")
+    return moves
 
 
 @dataclass(frozen=True)
@@ -44,9 +62,11 @@ class Store(ABC):
 
     # ---- processes ------------------------------------------------------------------------
     @abstractmethod
-    def create_process(self, process: Process) -> Process:
+    def create_process(self, process: Process, exclusive_key: str | None = None) -> Process:
         """Insert; sets created_at/updated_at; a parent_id also appends the id to the parent's
-        children."""
+        children. With `exclusive_key`, raise AlreadyRunning (and insert nothing) while another
+        Process created with that key is live (not in TERMINAL_STATES); of concurrent creators
+        with one key exactly one succeeds."""
 
     @abstractmethod
     def get_process(self, process_id: str) -> Process:
@@ -108,6 +128,18 @@ class Store(ABC):
 
     @abstractmethod
     def count_contact_links(self, integration_id: str) -> int: ...
+
+    @abstractmethod
+    def iter_contact_links(self, integration_id: str) -> Iterator[tuple[str, ContactLink]]:
+        """Every link of the integration in external id order, read a page at a time (links
+        written or deleted meanwhile may or may not be seen)."""
+
+    @abstractmethod
+    def rename_contact_links(self, integration_id: str, renames: Mapping[str, str]) -> int:
+        """Move links from old to new external ids, keeping quo_id and content_hash; a link
+        already at a new id is overwritten. Returns how many links moved (old ids without a link
+        are ignored). A link is never lost on the way: it is at its old id or at its new one.
+        Raises ValueError for chained renames (see check_renames)."""
 
     # ---- rate governor ------------------------------------------------------------------------
     @abstractmethod

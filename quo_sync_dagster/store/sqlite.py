@@ -21,6 +21,7 @@ from typing import Any
 from quo_sync_dagster.core.models import ContactLink, Integration
 from quo_sync_dagster.core.process import (
     COUNTER_NAMES,
+    TERMINAL_STATES,
     ErrorDetail,
     PageResult,
     Process,
@@ -28,10 +29,18 @@ from quo_sync_dagster.core.process import (
     check_transition,
 )
 from quo_sync_dagster.core.ratelimit import GovernorState
-from quo_sync_dagster.store.port import MAX_STORED_ERRORS, InboxItem, NotFound, Store
+from quo_sync_dagster.store.port import (
+    MAX_STORED_ERRORS,
+    AlreadyRunning,
+    InboxItem,
+    NotFound,
+    Store,
+    check_renames,
+)
 
 _BUSY_TIMEOUT_SECONDS = 30.0
 _MAX_SQL_VARIABLES = 500  # below SQLite's limit for IN (...) lists, old builds included
+_LINKS_PER_READ = 1000  # iter_contact_links reads this many links per query
 
 _COUNTER_COLUMNS = ",\n".join(f"    {name} INTEGER NOT NULL DEFAULT 0" for name in COUNTER_NAMES)
 _SCHEMA = f"""
@@ -58,6 +67,10 @@ CREATE TABLE IF NOT EXISTS processes (
 {_COUNTER_COLUMNS}
 );
 CREATE INDEX IF NOT EXISTS processes_by_integration ON processes (integration_id);
+CREATE TABLE IF NOT EXISTS process_locks (
+    key TEXT PRIMARY KEY,
+    process_id TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pages (
     process_id TEXT NOT NULL,
     page_key TEXT NOT NULL,
@@ -67,6 +80,7 @@ CREATE TABLE IF NOT EXISTS pages (
     created INTEGER NOT NULL,
     updated INTEGER NOT NULL,
     unchanged INTEGER NOT NULL,
+    skipped INTEGER NOT NULL DEFAULT 0,
     ok INTEGER NOT NULL,
     PRIMARY KEY (process_id, page_key)
 ) WITHOUT ROWID;
@@ -158,6 +172,7 @@ def _page_result(row: sqlite3.Row) -> PageResult:
         created=row["created"],
         updated=row["updated"],
         unchanged=row["unchanged"],
+        skipped=row["skipped"],
         ok=bool(row["ok"]),
     )
 
@@ -173,11 +188,12 @@ class SqliteStore(Store):
             # Not executescript(): it would commit the IMMEDIATE transaction first.
             for statement in _SCHEMA.split(";"):
                 conn.execute(statement)
-            # A file created before COUNTER_NAMES grew gets the new counter columns.
-            present = {row["name"] for row in conn.execute("PRAGMA table_info(processes)")}
-            for name in COUNTER_NAMES:
-                if name not in present:
-                    conn.execute(f"ALTER TABLE processes ADD {name} INTEGER NOT NULL DEFAULT 0")
+            # A file created before a counter existed gets its column (processes and pages).
+            for table, names in (("processes", COUNTER_NAMES), ("pages", ("skipped",))):
+                present = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+                for name in names:
+                    if name not in present:
+                        conn.execute(f"ALTER TABLE {table} ADD {name} INTEGER NOT NULL DEFAULT 0")
 
     # ---- connections and transactions -----------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -265,13 +281,15 @@ class SqliteStore(Store):
             raise NotFound(f"unknown process {process_id!r}")
         return _process(row)
 
-    def create_process(self, process: Process) -> Process:
+    def create_process(self, process: Process, exclusive_key: str | None = None) -> Process:
         _check_counters(process.counters)
         columns = ["id", "integration_id", "name", "type", "state", "context", "parent_id"]
         columns += ["children", "created_at", "updated_at", *process.counters]
         values = [process.id, process.integration_id, process.name, process.type]
         values += [str(process.state), json.dumps(process.context), process.parent_id]
         with self._write() as conn:
+            if exclusive_key is not None:
+                self._take_lock(conn, exclusive_key, process.id)
             # Stamped under the write lock, so creation times follow rowid order.
             now = _now()
             values += [json.dumps(process.children), now, now, *process.counters.values()]
@@ -291,6 +309,19 @@ class SqliteStore(Store):
                 if appended.rowcount == 0:
                     raise NotFound(f"unknown process {process.parent_id!r}")
             return self._fetch_process(conn, process.id)
+
+    @staticmethod
+    def _take_lock(conn: sqlite3.Connection, key: str, process_id: str) -> None:
+        # Inside create_process's write transaction: the check and the take are one atomic step,
+        # and a failed insert of the process rolls the lock back with it.
+        holder = conn.execute(
+            "SELECT p.id, p.state FROM process_locks AS l JOIN processes AS p "
+            "ON p.id = l.process_id WHERE l.key = ?",
+            (key,),
+        ).fetchone()
+        if holder is not None and ProcessState(holder["state"]) not in TERMINAL_STATES:
+            raise AlreadyRunning(holder["id"], key)
+        conn.execute("INSERT OR REPLACE INTO process_locks VALUES (?, ?)", (key, process_id))
 
     def get_process(self, process_id: str) -> Process:
         return self._fetch_process(self._conn(), process_id)
@@ -379,8 +410,10 @@ class SqliteStore(Store):
             self._increment(
                 conn, process_id, {name: after[name] - before.get(name, 0) for name in after}
             )
+            # Columns named: a file migrated by ALTER TABLE has them in another order.
             conn.execute(
-                "INSERT OR REPLACE INTO pages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO pages (process_id, page_key, records, synced, failed, "
+                "created, updated, unchanged, skipped, ok) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     process_id,
                     page_key,
@@ -390,6 +423,7 @@ class SqliteStore(Store):
                     result.created,
                     result.updated,
                     result.unchanged,
+                    result.skipped,
                     int(result.ok),
                 ),
             )
@@ -466,6 +500,48 @@ class SqliteStore(Store):
             )
             .fetchone()[0]
         )
+
+    def iter_contact_links(self, integration_id: str) -> Iterator[tuple[str, ContactLink]]:
+        # Keyset paging on the primary key: each page is one short read, so no read transaction
+        # stays open while the caller works (or writes) between pages.
+        after = ""
+        while True:
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT external_id, quo_id, content_hash FROM contact_links "
+                    "WHERE integration_id = ? AND external_id > ? ORDER BY external_id LIMIT ?",
+                    (integration_id, after, _LINKS_PER_READ),
+                )
+                .fetchall()
+            )
+            for row in rows:
+                yield row[0], ContactLink(row[1], row[2])
+            if len(rows) < _LINKS_PER_READ:
+                return
+            after = rows[-1][0]
+
+    def rename_contact_links(self, integration_id: str, renames: Mapping[str, str]) -> int:
+        moves = check_renames(renames)
+        renamed = 0
+        # One transaction per batch: a batch moves entirely or not at all.
+        for olds in _chunks(moves):
+            with self._write() as conn:
+                rows = conn.execute(
+                    "SELECT external_id, quo_id, content_hash FROM contact_links WHERE "
+                    f"integration_id = ? AND external_id IN ({_placeholders(len(olds))})",
+                    (integration_id, *olds),
+                ).fetchall()
+                conn.executemany(
+                    "DELETE FROM contact_links WHERE integration_id = ? AND external_id = ?",
+                    [(integration_id, row[0]) for row in rows],
+                )
+                conn.executemany(
+                    "INSERT OR REPLACE INTO contact_links VALUES (?, ?, ?, ?)",
+                    [(integration_id, moves[row[0]], row[1], row[2]) for row in rows],
+                )
+            renamed += len(rows)
+        return renamed
 
     # ---- rate governor --------------------------------------------------------------------------
     def update_governor(

@@ -1,0 +1,9 @@
+"""Run tags the product sets and reads: which CRM, integration and Process a run works for."""
+
+TAG_CRM = "quo_sync/crm"
+TAG_INTEGRATION = "quo_sync/integration"
+TAG_PROCESS = "quo_sync/process"  # on page runs: the Process whose pages they sync
+TAG_PLANNED = "quo_sync/planned_processes"  # on initial-sync runs: the Processes they planned
+TAG_RETRY = "quo_sync/retry"  # on page runs launched by automatic recovery: the attempt
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
