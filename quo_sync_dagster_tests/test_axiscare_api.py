@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -10,16 +9,16 @@ from typing import Any
 
 import pytest
 
-from quo_sync_dagster.core.ratelimit import retry_at
 from quo_sync_dagster.crms.axiscare_api import (
     KINDS,
     AxisCareApi,
     AxisCareApiError,
     AxisCareUnavailable,
 )
-from quo_sync_dagster.quo.governor import RateGovernor, governor_key
+from quo_sync_dagster.quo.governor import governor_key
 from quo_sync_dagster.sandbox.axiscare_server import AxisCareSandbox
 from quo_sync_dagster.store import Store, open_store
+from quo_sync_dagster_tests.governing import RecordingGovernor, assert_every_429_was_waited_out
 
 TOKEN = "axiscare-sandbox-token"
 
@@ -141,34 +140,6 @@ def test_errors_carry_status_and_never_the_token(sandbox: AxisCareSandbox) -> No
     with AxisCareApi(sandbox.url, TOKEN) as api, pytest.raises(AxisCareApiError) as info:
         api.list_people("clients", 501)
     assert info.value.status == 400 and "limit" in info.value.message
-
-
-class RecordingGovernor(RateGovernor):
-    """A RateGovernor noting when it let each request go and when each 429 was reported."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.events: list[tuple[str, float, float | None]] = []  # (send|429, at, retry_after)
-
-    def acquire(self, not_before: float | None = None) -> None:
-        super().acquire(not_before)
-        self.events.append(("send", time.time(), None))
-
-    def on_rate_limited(self, retry_after: float | None) -> float:
-        self.events.append(("429", time.time(), retry_after))
-        return super().on_rate_limited(retry_after)
-
-
-def assert_every_429_was_waited_out(events: list[tuple[str, float, float | None]]) -> None:
-    """In one thread, no request (the refused one's retry first) went out before the
-    Retry-After of a 429 before it (lower bounds only: a loaded machine makes waits longer,
-    never shorter). The slack covers time.sleep counting on the monotonic clock while the
-    governor schedules on the wall clock."""
-    for i, (kind, at, retry_after) in enumerate(events):
-        if kind == "429":
-            asked = retry_at(at, retry_after)
-            sends = [t for k, t, _ in events[i + 1 :] if k == "send"]
-            assert all(t >= asked - 0.005 for t in sends), (asked, sends)
 
 
 def test_429_is_retried_through_the_throttle(sandbox: AxisCareSandbox, store: Store) -> None:

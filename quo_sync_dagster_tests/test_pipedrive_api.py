@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import itertools
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,6 +19,7 @@ from quo_sync_dagster.crms.pipedrive_api import (
 from quo_sync_dagster.quo.governor import RateGovernor, governor_key
 from quo_sync_dagster.sandbox.pipedrive_server import DEFAULT_TOKEN, PipedriveSandbox
 from quo_sync_dagster.store import Store, open_store
+from quo_sync_dagster_tests.governing import RecordingGovernor
 
 RECORDS = 500
 START = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
@@ -55,23 +54,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def governor_state(store: Store) -> GovernorState:
     key = governor_key(DEFAULT_TOKEN, "pipedrive")
     return GovernorState(*store.update_governor(key, lambda s: (s, (s.next_at, s.slowdown))))
-
-
-class RecordingGovernor(RateGovernor):
-    """A RateGovernor noting (wall-clock) when it let each request go and each rate limit came,
-    with the Retry-After it carried."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.events: list[tuple[str, float, float | None]] = []
-
-    def acquire(self, not_before: float | None = None) -> None:
-        super().acquire(not_before)
-        self.events.append(("send", time.time(), None))
-
-    def on_rate_limited(self, retry_after: float | None) -> float:
-        self.events.append(("limited", time.time(), retry_after))
-        return super().on_rate_limited(retry_after)
 
 
 def count(sandbox: PipedriveSandbox, kind: str) -> int:
@@ -183,10 +165,10 @@ def test_rate_limits_are_retried_through_the_throttle(
     with PipedriveApi(sandbox.url, DEFAULT_TOKEN, throttle=governor) as api:
         assert [p["id"] for p in api.get_persons([1010])] == [1010]
     assert sandbox.stats()["byStatus"][str(status)] == before + faults
-    assert [kind for kind, _, _ in governor.events] == ["send", "limited"] * faults + ["send"]
+    assert [kind for kind, _, _ in governor.events] == ["send", "429"] * faults + ["send"]
     # Lower bounds only; 5 ms for time.sleep on the monotonic clock vs the wall clock.
     for (kind, seen, asked), (_, resent, _) in itertools.pairwise(governor.events):
-        if kind == "limited":
+        if kind == "429":
             assert asked == (None if retry_after is None else float(retry_after))
             assert resent >= retry_at(seen, asked) - 0.005
     state = governor_state(store)

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from quo_sync_dagster.core.ratelimit import GovernorState, retry_at
+from quo_sync_dagster.core.ratelimit import GovernorState
 from quo_sync_dagster.quo.client import (
     LOOKUP_CHUNK,
     QuoApiError,
@@ -29,6 +29,11 @@ from quo_sync_dagster.quo.client import (
 from quo_sync_dagster.quo.governor import RateGovernor, governor_key
 from quo_sync_dagster.sandbox.quo_server import QuoSandbox
 from quo_sync_dagster.store import Store, open_store
+from quo_sync_dagster_tests.governing import (
+    CLOCK_SLACK,
+    RecordingGovernor,
+    assert_every_429_was_waited_out,
+)
 
 SOURCE = "client-test"
 
@@ -262,34 +267,7 @@ def test_wrong_key_exception_chain_never_leaks(sandbox: QuoSandbox) -> None:
 
 
 # ---- 429 and the governor ------------------------------------------------------------------
-# Lower bounds only (a loaded machine makes every wait longer, never shorter); CLOCK_SLACK covers
-# time.sleep counting on the monotonic clock while the governor schedules on the wall clock.
-CLOCK_SLACK = 0.005
-
-
-class RecordingGovernor(RateGovernor):
-    """A RateGovernor noting when it let each request go and when each 429 was reported."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.events: list[tuple[str, float, float | None]] = []  # (send|429, at, retry_after)
-
-    def acquire(self, not_before: float | None = None) -> None:
-        super().acquire(not_before)
-        self.events.append(("send", time.time(), None))
-
-    def on_rate_limited(self, retry_after: float | None) -> float:
-        self.events.append(("429", time.time(), retry_after))
-        return super().on_rate_limited(retry_after)
-
-
-def assert_every_429_was_waited_out(events: list[tuple[str, float, float | None]]) -> None:
-    """No request (of one thread) went out before the Retry-After of a 429 before it."""
-    for i, (kind, at, retry_after) in enumerate(events):
-        if kind == "429":
-            asked = retry_at(at, retry_after)
-            sends = [t for k, t, _ in events[i + 1 :] if k == "send"]
-            assert all(t >= asked - CLOCK_SLACK for t in sends), (asked, sends)
+# Lower bounds only (a loaded machine makes every wait longer, never shorter).
 
 
 class FakeClock:
