@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.sandbox.quo_server import QuoSandbox
+from quo_sync_dagster_tests.pipeline import Pipeline, pipeline
 
 
 @pytest.fixture(scope="module")
@@ -14,3 +17,17 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuoSandbox]:
     with QuoSandbox(tmp_path_factory.mktemp("quo"), rate_limit=None) as sb:
         yield sb
         assert sb.stats()["duplicateExternalIds"] == 0
+
+
+@pytest.fixture
+def p(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeline]:
+    """The sync pipeline on a temporary Dagster instance, store and Quo sandbox."""
+    with pipeline(tmp_path, monkeypatch) as p:
+        yield p
+
+
+@pytest.fixture
+def quo(p: Pipeline) -> Iterator[QuoClient]:
+    """A Quo client of the pipeline's sandbox, to read and change what the sync wrote."""
+    with QuoClient(p.quo.url, p.quo.api_key, max_attempts=2) as client:
+        yield client

@@ -5,11 +5,6 @@ and object type."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from quo_sync_dagster.core.external_ids import crm_id_of, namespace
 from quo_sync_dagster.core.process import ProcessState
 from quo_sync_dagster.crms.scalingtest import ScalingTestConnector, bad_record_count
@@ -20,25 +15,12 @@ from quo_sync_dagster_tests.pipeline import (
     Pipeline,
     add_integration,
     launch_initial_sync,
-    pipeline,
     sync_everything,
 )
 
 CRM = "scalingtest"
 SOURCE = ScalingTestConnector.quo_source
 RECORDS = 250
-
-
-@pytest.fixture
-def p(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeline]:
-    with pipeline(tmp_path, monkeypatch) as p:
-        yield p
-
-
-@pytest.fixture
-def quo(p: Pipeline) -> Iterator[QuoClient]:
-    with QuoClient(p.quo.url, p.quo.api_key, max_attempts=2) as client:
-        yield client
 
 
 def test_two_integrations_with_overlapping_ids_each_keep_their_own_contacts(

@@ -4,13 +4,10 @@ integration are adopted, and the schedule launches a run only when one is due.""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import pytest
 
 from quo_sync_dagster.core.external_ids import namespace
 from quo_sync_dagster.core.models import ContactLink, Integration
@@ -23,25 +20,13 @@ from quo_sync_dagster.orchestration.reconcile import (
 )
 from quo_sync_dagster.orchestration.tags import TAG_CRM, TAG_INTEGRATION
 from quo_sync_dagster.quo.client import QuoClient
-from quo_sync_dagster_tests.pipeline import Pipeline, add_integration, pipeline, sync_everything
+from quo_sync_dagster_tests.pipeline import Pipeline, add_integration, sync_everything
 
 CRM = "scalingtest"
 SOURCE = ScalingTestConnector.quo_source
 JOB = f"{CRM}_reconcile"
 SCHEDULE = f"{CRM}_reconcile_schedule"
 RECONCILE = build_reconcile_definitions(ScalingTestConnector)
-
-
-@pytest.fixture
-def p(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeline]:
-    with pipeline(tmp_path, monkeypatch) as p:
-        yield p
-
-
-@pytest.fixture
-def quo(p: Pipeline) -> Iterator[QuoClient]:
-    with QuoClient(p.quo.url, p.quo.api_key, max_attempts=2) as client:
-        yield client
 
 
 def reconcile_defs(p: Pipeline) -> dg.Definitions:
