@@ -142,11 +142,13 @@ def _step(
             process.context["totalPages"] / process.context["pagesPerRun"]
         ):
             return None, []  # the page sensor has not launched every range yet
-        # Runs are checked before the pages are read again, so a page recorded by a run that
-        # has just finished is seen.
-        live = instance.get_run_records(dg.RunsFilter(statuses=LIVE_STATUSES))
-        if any(process_of(r.dagster_run.tags) == process.id for r in live):
-            return None, []
+    # No Process closes while a run of it is live, even with every page recorded: a killed
+    # run is marked failed by run monitoring later, and its pages must be reported after
+    # that failure, not before, for the UI to show them materialized. Runs are checked before
+    # the pages are read again, so a page recorded by a run that has just finished is seen.
+    live = instance.get_run_records(dg.RunsFilter(statuses=LIVE_STATUSES))
+    if any(process_of(r.dagster_run.tags) == process.id for r in live):
+        return None, []
     unsynced = unsynced_pages(store, process)
     if not unsynced:
         store.transition(process.id, ProcessState.COMPLETING)

@@ -88,7 +88,7 @@ def admin_routes(
     """
     statuses = sorted(fault_statuses)
     known_kinds = frozenset(fault_kinds)
-    setting_names = {_camel(name): name for name in settings}
+    setting_names = {camel(name): name for name in settings}
 
     def state_of(request: Request) -> Any:
         return getattr(request.app.state, state_attr)
@@ -154,7 +154,8 @@ def admin_routes(
     return routes
 
 
-def _camel(name: str) -> str:
+def camel(name: str) -> str:
+    """snake_case -> camelCase, for admin JSON."""
     head, *rest = name.split("_")
     return head + "".join(part.capitalize() for part in rest)
 
@@ -295,8 +296,49 @@ class SandboxServer:
         """The simulator's switches (camelCase names), after setting `changes` (snake_case)."""
         if not changes:
             return self._admin_request("GET", "settings").json()
-        body = {_camel(name): value for name, value in changes.items()}
+        body = {camel(name): value for name, value in changes.items()}
         return self._admin_request("POST", "settings", json=body).json()
+
+    # ---- people and their webhooks (simulators that hold people) ----------------------------
+    # `kind` names the object where a simulator has several (Zoho "Contacts"/"Leads", AxisCare
+    # "clients"/...); each change emits the CRM's webhook to its subscriptions, if any.
+    def people(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Every current person, in the shape the CRM's API returns it."""
+        return self._admin_request("GET", "people", params=_kind(kind)).json()
+
+    def create_person(
+        self, fields: dict[str, Any] | None = None, kind: str | None = None
+    ) -> dict[str, Any]:
+        body = {"fields": fields or {}}
+        return self._admin_request("POST", "people", params=_kind(kind), json=body).json()
+
+    def update_person(
+        self, person_id: str, fields: dict[str, Any] | None = None, kind: str | None = None
+    ) -> dict[str, Any]:
+        """`fields` replace the person's; none: a generated change of name and phone."""
+        body = {"fields": fields or {}}
+        path = f"people/{person_id}"
+        return self._admin_request("PATCH", path, params=_kind(kind), json=body).json()
+
+    def delete_person(self, person_id: str, kind: str | None = None) -> None:
+        self._admin_request("DELETE", f"people/{person_id}", params=_kind(kind))
+
+    def merge_people(self, person_id: str, into: str, kind: str | None = None) -> dict[str, Any]:
+        """Merge `person_id` into `into` (the survivor, returned), where the CRM has merges."""
+        path = f"people/{person_id}/merge"
+        return self._admin_request("POST", path, params=_kind(kind), json={"into": into}).json()
+
+    def webhook_faults(self, **faults: float) -> dict[str, Any]:
+        """Replace the delivery faults (sandbox.webhook_delivery.DeliveryFaults, snake_case)."""
+        body = {camel(name): value for name, value in faults.items()}
+        return self._admin_request("POST", "webhook-faults", json=body).json()
+
+    def deliveries(self) -> dict[str, Any]:
+        return self._admin_request("GET", "deliveries").json()
+
+
+def _kind(kind: str | None) -> dict[str, str]:
+    return {"kind": kind} if kind else {}
 
 
 def serve_until_signalled(sandbox: SandboxServer, ready_line_prefix: str) -> None:
