@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,6 +160,27 @@ def integrations(args: argparse.Namespace) -> int:
     return 0
 
 
+def receiver(args: argparse.Namespace) -> int:
+    """Serve the CRM webhook receiver until SIGINT/SIGTERM, on the configured store."""
+    from quo_sync_dagster.webhooks.app import ReceiverServer, create_app
+    from quo_sync_dagster.webhooks.inbox import Inbox, StoreInbox
+    from quo_sync_dagster.webhooks.sqs import SqsInbox
+
+    store = open_store(args.store or default_store_uri())
+    inbox: Inbox = SqsInbox(args.sqs_queue_url) if args.sqs_queue_url else StoreInbox(store)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        with ReceiverServer(create_app(store, inbox), args.host, args.port) as server:
+            print(f"RECEIVER_READY {server.url}", flush=True)
+            stop.wait()
+    finally:
+        inbox.close()
+        store.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quo-sync", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--crm-credential-ref", help="env:NAME or aws-sm:SECRET_ID")
     i.add_argument("--setting", action="append", default=[], help="KEY=VALUE (JSON values)")
     i.set_defaults(func=integrations)
+    r = sub.add_parser("receiver", help="serve the CRM webhook receiver")
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=8787, help="0: a free port (default %(default)s)")
+    r.add_argument(
+        "--store", help="store URI (default: QUO_SYNC_STORE_URI or SQLite in DAGSTER_HOME)"
+    )
+    r.add_argument(
+        "--sqs-queue-url",
+        default=os.environ.get("QUO_SYNC_WEBHOOK_QUEUE_URL"),
+        help="write deliveries to this SQS queue, not the store (QUO_SYNC_WEBHOOK_QUEUE_URL)",
+    )
+    r.set_defaults(func=receiver)
     args = parser.parse_args(argv)
     if args.command == "integrations" and args.action == "add":
         missing = [

@@ -115,10 +115,49 @@ def sync_everything(p: Pipeline, crm: str, config: dict[str, Any]) -> list[Proce
     known = {q.id for q in p.store.list_processes()}
     assert launch_initial_sync(p, crm, config).success
     planned = [q for q in p.store.list_processes() if q.id not in known]
+    return sync_planned(p, crm, planned)[0]
+
+
+def poll_everything(p: Pipeline, crm: str, config: dict[str, Any]) -> tuple[list[Process], Any]:
+    """One polling cycle (`<crm>_poll` with `config`), synced and closed like sync_everything;
+    also returns the completion sensor's last result (its asset events: the checks)."""
+    known = {q.id for q in p.store.list_processes()}
+    result = defs.get_job_def(f"{crm}_poll").execute_in_process(
+        run_config={"ops": {f"{crm}_plan_poll": {"config": config}}},
+        instance=p.instance,
+        resources=p.resources,
+    )
+    assert result.success
+    return sync_planned(p, crm, [q for q in p.store.list_processes() if q.id not in known])
+
+
+def sync_planned(p: Pipeline, crm: str, planned: list[Process]) -> tuple[list[Process], Any]:
     for process in planned:
         total, per_run = process.context["totalPages"], process.context["pagesPerRun"]
         for first in range(0, total, per_run):
             result = sync_range(p, crm, process.id, first, min(first + per_run, total) - 1)
             assert result.success, process.id
-    evaluate_sensor(p, f"{crm}_completion_sensor")
-    return [p.store.get_process(q.id) for q in planned]
+    closed = close_processes(p, crm)
+    return [p.store.get_process(q.id) for q in planned], closed
+
+
+def close_processes(p: Pipeline, crm: str) -> Any:
+    """Evaluate the completion sensor; run the closing passes it launches for full scans (in
+    process, as the daemon would run them) and evaluate it again. Returns the last result."""
+    result = evaluate_sensor(p, f"{crm}_completion_sensor")
+    closing = [
+        r
+        for r in getattr(result, "run_requests", None) or []
+        if r.job_name == f"{crm}_closing_pass"
+    ]
+    if not closing:
+        return result
+    for request in closing:
+        defs.get_job_def(request.job_name).execute_in_process(
+            run_config=request.run_config,
+            instance=p.instance,
+            resources=p.resources,
+            tags=request.tags,
+            raise_on_error=False,
+        )
+    return evaluate_sensor(p, f"{crm}_completion_sensor")

@@ -27,6 +27,7 @@ from quo_sync_dagster.quo.upsert import ContactUpserter
 from quo_sync_dagster_tests.pipeline import (
     Pipeline,
     add_integration,
+    close_processes,
     evaluate_sensor,
     launch_initial_sync,
     pipeline,
@@ -100,7 +101,7 @@ def test_ranged_runs_sync_everything_and_the_completion_sensor_closes_the_proces
     assert isinstance(_evaluate(env, "scalingtest_completion_sensor"), dg.SkipReason)
     for first in range(0, 5, 3):
         assert _sync_range(env, process_id, first, min(first + 3, 5) - 1).success
-    closed = _evaluate(env, "scalingtest_completion_sensor")
+    closed = close_processes(env, "scalingtest")
     (event,) = closed.asset_events
     assert event.metadata["process_state"].value == "COMPLETED"
     process = env.store.get_process(process_id)
@@ -180,7 +181,7 @@ def test_failed_pages_are_retried_by_the_completion_sensor_after_a_backoff(
     after = env.quo.stats()["byKind"]
     # Only the failed pages' contacts were written; the good pages cost nothing again.
     assert after["create"] - before["create"] == 300 - bad_record_count(300)
-    closed = _evaluate(env, "scalingtest_completion_sensor")
+    closed = close_processes(env, "scalingtest")
     assert closed.asset_events[0].metadata["process_state"].value == "COMPLETED"
     _assert_exactly_once(env, process_id, records)
 
@@ -190,7 +191,7 @@ def test_pages_still_failing_after_the_last_retry_close_the_process_as_error(
 ) -> None:
     records = 600
     process_id = _fail_pages_3_to_5(env, records, retry_attempts=0)
-    closed = _evaluate(env, "scalingtest_completion_sensor")
+    closed = close_processes(env, "scalingtest")
     assert closed.asset_events[0].metadata["process_state"].value == "ERROR"
     process = env.store.get_process(process_id)
     assert process.state is ProcessState.ERROR
@@ -200,7 +201,7 @@ def test_pages_still_failing_after_the_last_retry_close_the_process_as_error(
     # A later run of those pages (a backfill from the UI) reopens and completes it.
     env.quo.clear_faults()
     assert _sync_range(env, process_id, 3, 5).success
-    _evaluate(env, "scalingtest_completion_sensor")
+    close_processes(env, "scalingtest")
     _assert_exactly_once(env, process_id, records)
 
 
@@ -276,7 +277,7 @@ def test_a_crm_without_a_total_is_walked_once_then_synced_by_cursor(env: Pipelin
     assert process.context["totalRecords"] == records and process.context["totalPages"] == 5
     assert process.context["pageCursors"] == [None, "100", "200", "300", "400"]
     assert _sync_range(env, process.id, 0, 4).success
-    _evaluate(env, "scalingtest_completion_sensor")
+    close_processes(env, "scalingtest")
     process = env.store.get_process(process.id)
     bad = bad_record_count(records)
     assert process.state is ProcessState.COMPLETED
@@ -306,7 +307,7 @@ def test_runs_of_a_single_page_sync_it(env: Pipeline) -> None:
     process_id = _plan(env, records=records, page_size=100, pages_per_run=1)
     assert _sync_range(env, process_id, 0, 0).success
     assert _sync_range(env, process_id, 1, 1).success
-    _evaluate(env, "scalingtest_completion_sensor")
+    close_processes(env, "scalingtest")
     process = env.store.get_process(process_id)
     assert process.state is ProcessState.COMPLETED
     assert process.counters["synced"] + process.counters["failed"] == records

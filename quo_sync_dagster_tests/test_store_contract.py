@@ -19,7 +19,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -503,6 +503,230 @@ def test_webhook_inbox_dedup_claim_lease_ack(store: Store) -> None:
     assert [(i.event_id, i.payload) for i in other] == [("ev-1", {"n": "other tenant"})]
 
 
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_inbox_items_carry_the_enqueue_time(store: Store) -> None:
+    before = datetime.now(UTC)
+    assert store.enqueue_webhook("int-1", "ev-1", {"n": 1})
+    after = datetime.now(UTC)
+    [item] = store.claim_webhooks("int-1", limit=10, lease_seconds=0)
+    received = datetime.fromisoformat(item.received_at)
+    assert received.utcoffset() == timedelta(0)
+    assert before - timedelta(milliseconds=1) <= received <= after + timedelta(milliseconds=1)
+    assert not store.enqueue_webhook("int-1", "ev-1", {"n": "again"})  # keeps the first time
+    assert store.get_webhooks([item.id]) == [item]
+    assert store.claim_webhooks("int-1", limit=10) == [item]
+
+
+def test_get_webhooks_returns_unacked_items_in_inbox_order(store: Store) -> None:
+    for n in range(4):
+        store.enqueue_webhook("int-1", f"ev-{n}", {"n": n})
+    store.enqueue_webhook("int-2", "ev-x", {"n": "x"})
+    items = [*store.claim_webhooks("int-1", limit=10, lease_seconds=0)]
+    items += store.claim_webhooks("int-2", limit=10, lease_seconds=0)
+    leased = store.claim_webhooks("int-1", limit=2, lease_seconds=300)
+    assert leased == items[:2]
+
+    # Leased or not, any integration, in inbox order whatever the order asked.
+    asked = [items[4].id, items[3].id, items[0].id, "nope", "", "999999", items[1].id]
+    assert store.get_webhooks(asked) == [items[0], items[1], items[3], items[4]]
+    assert store.get_webhooks([]) == []
+    # Reading is not claiming: the leased two stay leased, the others stay claimable.
+    assert store.claim_webhooks("int-1", limit=10, lease_seconds=300) == items[2:4]
+
+    store.ack_webhooks([items[0].id, items[3].id])
+    assert store.get_webhooks([i.id for i in items]) == [items[1], items[2], items[4]]
+    store.ack_webhooks([i.id for i in items])
+    assert store.get_webhooks([i.id for i in items]) == []
+
+
+def test_release_makes_unacked_items_claimable_at_once(store: Store) -> None:
+    for n in range(3):
+        store.enqueue_webhook("int-1", f"ev-{n}", {"n": n})
+    first, second, _third = store.claim_webhooks("int-1", limit=10, lease_seconds=300)
+    assert store.claim_webhooks("int-1", limit=10) == []
+    assert store.pending_webhook_integrations() == []
+
+    store.ack_webhooks([second.id])
+    store.release_webhooks([first.id, second.id, "nope", "12345678901234567890123"])
+    assert store.pending_webhook_integrations() == ["int-1"]
+    assert store.claim_webhooks("int-1", limit=10, lease_seconds=300) == [first]  # not acked 2nd
+    assert store.get_webhooks([second.id]) == []
+    store.release_webhooks([])
+    assert store.claim_webhooks("int-1", limit=10) == []  # `_third` is still leased
+
+
+def test_pending_webhook_integrations_follow_leases_and_acks(store: Store) -> None:
+    assert store.pending_webhook_integrations() == []
+    for integration_id in ("int-b", "int-a", "int-c", "int-d"):
+        store.enqueue_webhook(integration_id, "ev-1", {})
+        store.enqueue_webhook(integration_id, "ev-2", {})
+    assert store.pending_webhook_integrations() == ["int-a", "int-b", "int-c", "int-d"]
+
+    store.claim_webhooks("int-a", limit=10, lease_seconds=300)
+    [one_of_b] = store.claim_webhooks("int-b", limit=1, lease_seconds=300)
+    store.ack_webhooks(i.id for i in store.claim_webhooks("int-d", limit=10))
+    # int-a: all leased; int-b: one item still claimable; int-d: all acked.
+    assert store.pending_webhook_integrations() == ["int-b", "int-c"]
+
+    # A lease that runs out makes its items claimable again: redelivery.
+    expiring = store.claim_webhooks("int-c", limit=10, lease_seconds=0.3)
+    store.claim_webhooks("int-b", limit=10, lease_seconds=300)
+    wait_for(lambda: store.pending_webhook_integrations() == ["int-c"])
+    assert store.claim_webhooks("int-c", limit=10, lease_seconds=300) == expiring
+    assert store.pending_webhook_integrations() == []
+    store.release_webhooks([one_of_b.id])
+    assert store.pending_webhook_integrations() == ["int-b"]
+
+
+def _claim_all_job(store: Store, index: int, integration_id: str) -> list[str]:
+    claimed: list[str] = []
+    while batch := store.claim_webhooks(integration_id, limit=3, lease_seconds=600):
+        claimed += [item.event_id for item in batch]
+    return claimed
+
+
+def _assert_each_claimed_once(claims: list[list[str]], events: list[str]) -> None:
+    flat = [event for claimed in claims for event in claimed]
+    assert sorted(flat) == sorted(events)  # none lost, none handed out twice
+    for claimed in claims:
+        assert claimed == sorted(claimed, key=events.index)  # each claimer sees inbox order
+
+
+def test_concurrent_claims_hand_out_each_item_once(backend: Backend) -> None:
+    events = [f"ev-{n:03d}" for n in range(150)]
+    for event in events:
+        backend.store.enqueue_webhook("int-1", event, {"event": event})
+    claims = run_concurrently(backend, partial(_claim_all_job, integration_id="int-1"))
+    _assert_each_claimed_once(claims, events)
+
+
+def test_sqlite_threads_sharing_one_store_claim_each_item_once(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite")
+    events = [f"ev-{n:03d}" for n in range(300)]
+    for event in events:
+        store.enqueue_webhook("int-1", event, {"event": event})
+    # Both threads call claim_webhooks together in every round (SQLite's busy wait would let one
+    # thread take every batch otherwise); a few spare rounds find the inbox empty.
+    rounds = len(events) // (2 * 3) + 3
+    barrier = threading.Barrier(2)
+    claims: list[list[str]] = [[], []]
+
+    def claim(index: int) -> None:
+        for _ in range(rounds):
+            barrier.wait(timeout=30)
+            batch = store.claim_webhooks("int-1", limit=3, lease_seconds=600)
+            claims[index] += [item.event_id for item in batch]
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        store.close()
+    assert all(claims), "both threads claimed"
+    _assert_each_claimed_once(claims, events)
+
+
+# ---- webhook subscriptions -----------------------------------------------------------------------
+def subscription(crm: str, **details: Any) -> dict[str, Any]:
+    return {
+        "crm": crm,
+        "receiverUrl": f"https://hooks.example.com/webhooks/crm/{crm}/int",
+        "createdAt": "2026-03-01T10:00:00+00:00",
+        "expiresAt": None,
+        "secretRef": "file:/secrets/attio%2Fint",
+        "details": details,
+    }
+
+
+def test_webhook_subscriptions_put_replaces_and_delete(store: Store) -> None:
+    assert store.get_webhook_subscription("int-1") is None
+    assert store.list_webhook_subscriptions() == {}
+    attio = subscription("attio", webhookId="wh-1", events=("record.created", "record.deleted"))
+    store.put_webhook_subscription("int-2", subscription("zoho", channelId=7, nested={"a": [1]}))
+    store.put_webhook_subscription("int-1", attio)
+    got = store.get_webhook_subscription("int-1")
+    assert got == subscription(
+        "attio", webhookId="wh-1", events=["record.created", "record.deleted"]
+    )
+    assert list(store.list_webhook_subscriptions()) == ["int-1", "int-2"]
+
+    got["details"]["webhookId"] = "changed by the caller"  # a copy, not the stored value
+    assert store.get_webhook_subscription("int-1")["details"]["webhookId"] == "wh-1"
+
+    renewed = {"crm": "attio", "expiresAt": "2026-04-01T00:00:00+00:00", "details": {"v": 2}}
+    store.put_webhook_subscription("int-1", renewed)
+    assert store.get_webhook_subscription("int-1") == renewed  # replaced, not merged
+    with pytest.raises(TypeError):
+        store.put_webhook_subscription("int-1", {"details": {"when": datetime.now(UTC)}})
+    assert store.get_webhook_subscription("int-1") == renewed
+
+    store.delete_webhook_subscription("int-1")
+    store.delete_webhook_subscription("int-1")  # already gone: fine
+    assert store.get_webhook_subscription("int-1") is None
+    assert store.list_webhook_subscriptions() == {
+        "int-2": subscription("zoho", channelId=7, nested={"a": [1]})
+    }
+
+
+# ---- polling watermarks --------------------------------------------------------------------------
+def test_watermarks_per_integration_and_object_type(store: Store) -> None:
+    assert store.get_watermark("int-1", "person") is None
+    store.set_watermark("int-1", "person", "2026-03-01T10:00:00+00:00")
+    store.set_watermark("int-1", "lead", "2026-02-01T00:00:00+00:00")
+    store.set_watermark("int-2", "person", "2025-12-31T23:59:59+00:00")
+    assert store.get_watermark("int-1", "person") == "2026-03-01T10:00:00+00:00"
+    assert store.get_watermark("int-1", "lead") == "2026-02-01T00:00:00+00:00"
+    assert store.get_watermark("int-2", "person") == "2025-12-31T23:59:59+00:00"
+    assert store.get_watermark("int-2", "lead") is None
+    store.set_watermark("int-1", "person", "2026-03-02T00:00:00+00:00")
+    store.set_watermark("int-1", "person", "2026-03-02T00:00:00+00:00")  # idempotent
+    assert store.get_watermark("int-1", "person") == "2026-03-02T00:00:00+00:00"
+    store.set_watermark("int-1", "person", "2020-01-01T00:00:00+00:00")  # a reset moves back
+    assert store.get_watermark("int-1", "person") == "2020-01-01T00:00:00+00:00"
+    assert store.get_watermark("int-1", "lead") == "2026-02-01T00:00:00+00:00"
+
+
+# ---- tombstones ----------------------------------------------------------------------------------
+def test_tombstones_are_idempotent_and_per_integration(store: Store) -> None:
+    assert store.get_tombstones("int-1", ["pd:1"]) == set()
+    store.put_tombstones("int-1", ["pd:1", "pd:2", "pd:2"])
+    store.put_tombstones("int-1", (e for e in ["pd:1", "pd:3"]))  # again, from a generator
+    store.put_tombstones("int-1", [])
+    store.put_tombstones("int-2", ["pd:9"])
+    assert store.get_tombstones("int-1", ["pd:1", "pd:2", "pd:3", "pd:9", "pd:x"]) == {
+        "pd:1",
+        "pd:2",
+        "pd:3",
+    }
+    assert store.get_tombstones("int-2", ["pd:1", "pd:2", "pd:9"]) == {"pd:9"}
+    assert store.get_tombstones("int-1", []) == set()
+
+    store.delete_tombstones("int-1", ["pd:1", "pd:9", "never"])  # a person came back
+    store.delete_tombstones("int-1", [])
+    assert store.get_tombstones("int-1", ["pd:1", "pd:2", "pd:3"]) == {"pd:2", "pd:3"}
+    assert store.get_tombstones("int-2", ["pd:9"]) == {"pd:9"}
+
+
+def test_tombstones_span_query_chunks(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_store, "_MAX_SQL_VARIABLES", 7)
+    monkeypatch.setattr(mongo_store, "_MAX_IDS_PER_QUERY", 7)
+    ids = [f"e{i}" for i in range(30)]
+    store.put_tombstones("int-1", ids[:20])
+    store.put_tombstones("int-1", ids)  # two-thirds already there, across several chunks
+    assert store.get_tombstones("int-1", [*ids, "nope"]) == set(ids)
+    store.delete_tombstones("int-1", ids[:18])
+    assert store.get_tombstones("int-1", ids) == set(ids[18:])
+
+
 # ---- activity map ----------------------------------------------------------------------------
 def test_activity_map_keeps_first_id(store: Store) -> None:
     assert store.get_activity("int-1", "msg-1") is None
@@ -558,6 +782,40 @@ def test_sqlite_file_from_before_skipped_is_migrated(tmp_path: Path) -> None:
         assert (counters["processed"], counters["created"], counters["skipped"]) == (6, 5, 1)
     finally:
         store.close()
+
+
+def test_sqlite_inbox_from_before_received_at_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE webhook_inbox (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "integration_id TEXT NOT NULL, event_id TEXT NOT NULL, payload TEXT NOT NULL, "
+            "lease_until REAL NOT NULL DEFAULT 0, acked INTEGER NOT NULL DEFAULT 0, "
+            "UNIQUE (integration_id, event_id))"
+        )
+        conn.execute(
+            "INSERT INTO webhook_inbox (integration_id, event_id, payload) "
+            "VALUES ('int-1', 'old', '{\"n\": 0}')"
+        )
+    conn.close()
+
+    before = datetime.now(UTC)
+    store = SqliteStore(path)
+    try:
+        assert store.enqueue_webhook("int-1", "new", {"n": 1})
+        old, new = store.claim_webhooks("int-1", limit=10)
+        assert (old.event_id, old.payload, new.event_id) == ("old", {"n": 0}, "new")
+        # The old item gets the migration time: it was received no later than that.
+        assert before <= datetime.fromisoformat(old.received_at) <= datetime.now(UTC)
+        assert old.received_at <= new.received_at
+        assert not store.enqueue_webhook("int-1", "old", {})
+    finally:
+        store.close()
+    reopened = SqliteStore(path)  # a second open migrates nothing more
+    try:
+        assert reopened.get_webhooks([old.id]) == [old]
+    finally:
+        reopened.close()
 
 
 def test_mongo_page_from_before_skipped_reads_as_zero() -> None:

@@ -67,6 +67,7 @@ class AttioConnector(CRMConnector):
     name = "attio"
     quo_source = "attio"
     simulator = "quo_sync_dagster.sandbox.attio_server"
+    stable_paging = "offset"  # limit/offset, created_at ascending
     crm_config = CRMConfig(
         person_object_types=[PersonObjectType(crm_object_name=PEOPLE)],
         # Attio's query default is 500 (no documented maximum); 200 keeps a page's Quo writes short.
@@ -75,6 +76,7 @@ class AttioConnector(CRMConnector):
             ongoing_batch_size=100,
             supports_webhooks=True,
             # No modified-since filter: a poll is a full scan, only a safety net for webhooks.
+            supports_modified_since=False,
             poll_interval_minutes=720,
         ),
         # Quo's 10 writes/s per key bound throughput, so more concurrent runs would only wait.
@@ -111,10 +113,13 @@ class AttioConnector(CRMConnector):
     def person_id(self, person: dict[str, Any]) -> str:
         return shown_id(_record_id(person))
 
+    def record_key(self, record: dict[str, Any], object_type: str) -> str:
+        return crm_id(_record_id(record), "id.record_id")
+
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
         # A merge gives the surviving record a new record_id, so it arrives here as a new
         # contact; the webhook pipeline will delete the originals' contacts on record.merged.
-        record_id = crm_id(_record_id(person), "id.record_id")
+        record_id = self.record_key(person, object_type)
         name = next(iter(_active(person, "name")), {})
         first, last = _text(name, "name", "first_name"), _text(name, "name", "last_name")
         if first is None and last is None:

@@ -77,6 +77,7 @@ class AxisCareConnector(CRMConnector):
             initial_batch_size=200,
             ongoing_batch_size=200,
             supports_webhooks=False,
+            supports_modified_since=False,
             poll_interval_minutes=60,
         ),
         queue_config=QueueConfig(max_workers=4, batch_size=5, timeout=1800),
@@ -109,16 +110,18 @@ class AxisCareConnector(CRMConnector):
         return PersonPage(people, None, has_more=next_page is not None, next_cursor=next_page)
 
     def fetch_persons_by_ids(self, object_type: str, ids: Sequence[str]) -> list[dict[str, Any]]:
-        """`ids` are AxisCare ids ("625") or this kind's externalIds ("client-625")."""
+        """`ids` are AxisCare ids ("625") or externalIds ("client-625"); those of another kind
+        are not among the `object_type` people, so they are left out."""
         numbers = []
         for raw in ids:
             if raw.isdigit():
                 numbers.append(int(raw))
                 continue
             kind, number = parse_external_id(raw)
-            if _KIND_OF[kind] != object_type:
-                raise ValueError(f"{raw!r} is not one of the {object_type}")
-            numbers.append(number)
+            if _KIND_OF[kind] == object_type:
+                numbers.append(number)
+        if not numbers:
+            return []
         return self.api.get_people(object_type, numbers)
 
     def _phones(self, person: dict[str, Any]) -> tuple[tuple[LabeledValue, ...], list[str]]:
@@ -133,9 +136,15 @@ class AxisCareConnector(CRMConnector):
     def person_id(self, person: dict[str, Any]) -> str:
         return shown_id(person.get("id"))
 
+    def record_key(self, record: dict[str, Any], object_type: str) -> str:
+        return self.change_key(object_type, crm_id(record.get("id"), "id"))
+
+    def change_key(self, object_type: str, person_id: str) -> str:
+        return f"{_SINGULAR[object_type]}-{person_id}"
+
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
         pid = crm_id(person.get("id"), "id")
-        external_id = f"{_SINGULAR[object_type]}-{pid}"
+        external_id = self.change_key(object_type, pid)
         # The name people use on the phone; AxisCare keeps it in goesBy (clients, caregivers).
         first = text(person.get("goesBy"), "goesBy") or text(person.get("firstName"), "firstName")
         last = text(person.get("lastName"), "lastName")

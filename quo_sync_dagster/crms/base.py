@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import datetime
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
@@ -22,6 +22,7 @@ from quo_sync_dagster.core.models import (
     SmsActivity,
 )
 from quo_sync_dagster.core.ratelimit import Throttle
+from quo_sync_dagster.crms.fields import crm_id
 
 
 class PersonObjectType(BaseModel):
@@ -37,6 +38,9 @@ class SyncConfig(BaseModel):
     initial_batch_size: int = Field(100, ge=1)  # records per page in an initial sync
     ongoing_batch_size: int = Field(50, ge=1)
     supports_webhooks: bool = False
+    # The list can be filtered by modification time; without it every poll is a full scan
+    # (whose unchanged people cost no Quo request) and deletions are found by sweeping.
+    supports_modified_since: bool = True
     poll_interval_minutes: int = Field(60, ge=1)
 
 
@@ -70,6 +74,13 @@ class CRMConnector(ABC):
     # `SANDBOX_READY <url>`, which becomes the integration's `base_url` setting. None: the
     # connector needs no server (ScalingTest).
     simulator: ClassVar[str | None] = None
+    # How `fetch_person_page` pages once sorted oldest first (sort_desc=False): "keyset" (a
+    # cursor names the last person seen, so concurrent changes cannot make a walk skip anyone
+    # else) or "offset" (positions: a person deleted before the current page moves everyone
+    # after it one place back). The closing pass of a full scan walks accordingly (closing.py).
+    stable_paging: ClassVar[Literal["keyset", "offset"]] = "keyset"
+    max_ids_per_fetch: ClassVar[int] = 100  # ids per fetch_persons_by_ids call
+    max_offset: ClassVar[int | None] = None  # records an offset can reach (None: no limit)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -128,7 +139,19 @@ class CRMConnector(ABC):
         """How errors name a CRM person: its id as people see it in the CRM."""
         return str(person.get("id"))
 
+    def record_key(self, record: dict[str, Any], object_type: str) -> str:
+        """The CRM id a record's Quo externalId holds (before namespacing); InvalidRecord if
+        the record has no usable id. transform_person_to_quo uses it, so both agree."""
+        return crm_id(record.get("id"), "id")
+
+    def change_key(self, object_type: str, person_id: str) -> str:
+        """The same, for the id of a person a webhook reports."""
+        return person_id
+
     def fetch_persons_by_ids(self, object_type: str, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The people among `ids` (CRM ids, as in their externalIds) that the CRM has now;
+        ids it no longer has (deleted, merged away) are left out, never an error. At most
+        `max_ids_per_fetch` ids per call."""
         raise NotImplementedError(f"{self.name} cannot fetch people by id")
 
     def teardown_webhooks(self, subscription: dict[str, Any]) -> None:

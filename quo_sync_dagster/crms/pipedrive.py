@@ -30,7 +30,7 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
-from quo_sync_dagster.crms.fields import aware, crm_id, emails, items, phones, shown_id, text
+from quo_sync_dagster.crms.fields import aware, emails, items, phones, shown_id, text
 from quo_sync_dagster.crms.pipedrive_api import PipedriveApi, PipedriveApiError
 
 LIST_LIMIT_MAX = 500  # GET /api/v2/persons
@@ -102,7 +102,7 @@ class PipedriveConnector(CRMConnector):
         return shown_id(person.get("id"))
 
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
-        pid = crm_id(person.get("id"), "id")
+        pid = self.record_key(person, object_type)
         first = text(person.get("first_name"), "first_name")
         last = text(person.get("last_name"), "last_name")
         if first is None and last is None:

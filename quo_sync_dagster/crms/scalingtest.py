@@ -8,13 +8,18 @@ the same people, so a second sync of an unchanged CRM writes nothing. Three reco
 hundred are bad on purpose (no phone, an invalid phone, no name): `bad_record_count` says how many.
 `hostile_share` (default 0) makes that share of the other records hostile in one of the ways of
 HOSTILE, as real CRMs send them: `hostile_kind(i)` says which.
+`changes` (default none) is the CRM changing while it is synced: a list of
+`{"op": "create"|"update"|"delete", "i": index, "at": ISO time}` (`change(settings, ...)` adds
+one); a created person has an index >= `records`, an update renames the person and makes it
+modified at `at`, a deleted one is gone from lists and reads by id.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
@@ -33,7 +38,7 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
-from quo_sync_dagster.crms.fields import crm_id, emails, items, phones, shown_id, text
+from quo_sync_dagster.crms.fields import emails, items, phones, shown_id, text
 
 _BASE_TIME = datetime(2026, 1, 1, tzinfo=UTC)
 _FIRST = ["Ana", "José", "Zoë", "Łukasz", "Mei", "Oluwaseun", "Siobhán", "Kenji", "Amara", "Björn"]
@@ -65,6 +70,14 @@ HOSTILE: dict[str, Callable[[Person], Person]] = {
 }
 
 
+def change(settings: dict[str, Any], op: str, i: int) -> dict[str, Any]:
+    """`settings` with one more change of person `i`, made now."""
+    if op not in ("create", "update", "delete"):
+        raise ValueError(f"not a change: {op!r}")
+    entry = {"op": op, "i": i, "at": datetime.now(UTC).isoformat()}
+    return {**settings, "changes": [*(settings.get("changes") or ()), entry]}
+
+
 def bad_record_count(records: int) -> int:
     return sum(records // 100 + (records % 100 > k) for k in (_NO_PHONE, _BAD_PHONE, _NO_NAME))
 
@@ -83,6 +96,7 @@ def _phone(i: int) -> str:
 class ScalingTestConnector(CRMConnector):
     name = "scalingtest"
     quo_source = "scalingtest"
+    stable_paging = "offset"  # an index into the list, like offset-paged CRMs
     crm_config = CRMConfig(
         person_object_types=[PersonObjectType(crm_object_name="MockPerson")],
         sync_config=SyncConfig(initial_batch_size=200, ongoing_batch_size=100),
@@ -115,19 +129,37 @@ class ScalingTestConnector(CRMConnector):
     def _edited(self, i: int) -> bool:
         return self._revision > 0 and i % 10 == self._revision % 10
 
+    @cached_property
+    def _changed(self) -> tuple[set[int], dict[int, datetime], dict[int, int]]:
+        """(people alive, when each changed person last changed, updates per person)."""
+        alive, at, updates = set(range(self._records)), {}, Counter[int]()
+        for change in self.integration.settings.get("changes") or ():
+            i, when = int(change["i"]), datetime.fromisoformat(change["at"])
+            if change["op"] == "delete":
+                alive.discard(i)
+            else:
+                alive.add(i)
+                at[i] = when
+                updates[i] += change["op"] == "update"
+        return alive, at, updates
+
     def _updated_at(self, i: int) -> datetime:
+        if i in self._changed[1]:
+            return self._changed[1][i]
         if self._edited(i):
             return _BASE_TIME + timedelta(hours=self._revision, seconds=-i)
         return _BASE_TIME - timedelta(minutes=i)
 
     @cached_property
     def _newest_first(self) -> list[int]:
-        return sorted(range(self._records), key=lambda i: (self._updated_at(i), -i), reverse=True)
+        return sorted(self._changed[0], key=lambda i: (self._updated_at(i), -i), reverse=True)
 
     def person(self, i: int) -> dict[str, Any]:
         first, last = _FIRST[i % len(_FIRST)], _LAST[(i // len(_FIRST)) % len(_LAST)]
         if self._edited(i):
             last = f"{last}-{self._revision}"
+        if updates := self._changed[2][i]:
+            last = f"{last}-u{updates}"
         phones = [{"type": "mobile", "number": _phone(i)}]
         if i % 100 == _NO_PHONE:
             phones = []
@@ -179,15 +211,17 @@ class ScalingTestConnector(CRMConnector):
             rows, None, has_more=more, next_cursor=str(start + limit) if more else None
         )
 
-    def fetch_persons_by_ids(self, object_type: str, ids: list[str]) -> list[dict[str, Any]]:
-        return [self.person(int(pid.removeprefix("st-"))) for pid in ids]
+    def fetch_persons_by_ids(self, object_type: str, ids: Sequence[str]) -> list[dict[str, Any]]:
+        wanted = (pid.removeprefix("st-") for pid in ids)
+        alive = self._changed[0]
+        return [self.person(int(i)) for i in wanted if i.isdigit() and int(i) in alive]
 
     def person_id(self, person: dict[str, Any]) -> str:
         return shown_id(person.get("id"))
 
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
         # Every field read with .get: a page frame leaves out a field that held NaN.
-        external_id = crm_id(person.get("id"), "id")
+        external_id = self.record_key(person, object_type)
         first = text(person.get("first_name"), "first_name")
         last = text(person.get("last_name"), "last_name")
         if first is None and last is None:

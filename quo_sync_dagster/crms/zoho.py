@@ -70,6 +70,8 @@ class ZohoConnector(CRMConnector):
     name = "zoho"
     quo_source = "zoho"
     simulator = "quo_sync_dagster.sandbox.zoho_server"
+    stable_paging = "offset"  # `page` numbers
+    max_offset = PAGE_LIMIT  # then only page_token, which is forward-only
     crm_config = CRMConfig(
         person_object_types=[PersonObjectType(crm_object_name=m) for m in MODULES],
         # A list call costs one API credit whatever its size, so read Zoho's maximum page.
@@ -140,9 +142,16 @@ class ZohoConnector(CRMConnector):
     def person_id(self, person: dict[str, Any]) -> str:
         return shown_id(person.get("id"))
 
+    def record_key(self, record: dict[str, Any], object_type: str) -> str:
+        return self.change_key(object_type, crm_id(record.get("id"), "id"))
+
+    def change_key(self, object_type: str, person_id: str) -> str:
+        return f"{self._module(object_type)}-{person_id}"
+
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
         module = self._module(object_type)
         record_id = crm_id(person.get("id"), "id")
+        external_id = self.change_key(object_type, record_id)
         first = text(person.get("First_Name"), "First_Name")
         last = text(person.get("Last_Name"), "Last_Name")
         if first is None and last is None:
@@ -157,7 +166,7 @@ class ZohoConnector(CRMConnector):
             else text(person.get("Company"), "Company")
         )
         return QuoContact(
-            external_id=f"{module}-{record_id}",
+            external_id=external_id,
             source=self.quo_source,
             first_name=first,
             last_name=last,

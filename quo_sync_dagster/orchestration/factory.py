@@ -5,7 +5,10 @@ object type and adds one dynamic partition per page; `x_page_sensor` launches ra
 `x_page_sync` over those pages; the assets `x_crm_pages` (fetch -> DataFrame, IO-managed) and
 `x_quo_contacts` (transform -> upsert, in the `quo_api` pool) do the work; `x_completion_sensor`
 re-runs failed pages after a backoff, closes each Process and records it on the
-`x_sync_processes` asset; `x_reconcile` (reconcile.py) restores contacts deleted in Quo.
+`x_sync_processes` asset, after `x_closing_pass` (closing_run.py) for full scans;
+`x_reconcile` (reconcile.py) restores contacts deleted in Quo. Ongoing sync: `x_ongoing_sync`
+schedules `x_poll` cycles (polling.py); for webhook CRMs `x_webhook_sensor` launches
+`x_webhook_sync` runs from the inbox (webhook_sync.py).
 """
 
 # No `from __future__ import annotations`: Dagster reads the config class from the annotation.
@@ -23,6 +26,8 @@ from pydantic import Field, create_model
 
 from quo_sync_dagster.core.process import IllegalTransition, Process, ProcessState
 from quo_sync_dagster.crms.base import CRMConnector
+from quo_sync_dagster.orchestration.checks import build_checks
+from quo_sync_dagster.orchestration.closing_run import build_closing_job
 from quo_sync_dagster.orchestration.completion import (
     SENSOR_INTERVAL_SECONDS,
     build_completion_sensor,
@@ -34,6 +39,13 @@ from quo_sync_dagster.orchestration.metadata import (
     process_summary,
 )
 from quo_sync_dagster.orchestration.namespacing import namespace_links
+from quo_sync_dagster.orchestration.planning import (
+    PLAN_RETRY,
+    open_integration,
+    queue_pages,
+    report_planned,
+)
+from quo_sync_dagster.orchestration.polling import build_polling_definitions
 from quo_sync_dagster.orchestration.reconcile import build_reconcile_definitions
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
 from quo_sync_dagster.orchestration.sync import (
@@ -43,7 +55,7 @@ from quo_sync_dagster.orchestration.sync import (
     open_connector,
     page_key,
     parse_page_key,
-    plan_initial_sync,
+    plan_sync,
     sync_records,
 )
 from quo_sync_dagster.orchestration.tags import (
@@ -55,9 +67,9 @@ from quo_sync_dagster.orchestration.tags import (
     TAG_PROCESS,
     TAG_RETRY,
 )
+from quo_sync_dagster.orchestration.webhook_sync import build_webhook_definitions
 from quo_sync_dagster.quo.client import QuoUnavailable
-from quo_sync_dagster.secrets import MissingSecret
-from quo_sync_dagster.store.port import AlreadyRunning, NotFound, Store
+from quo_sync_dagster.store.port import AlreadyRunning, Store
 
 __all__ = [
     "RANGE_END",
@@ -68,10 +80,6 @@ __all__ = [
     "TAG_PROCESS",
     "build_crm_definitions",
 ]
-
-# A CRM or Quo fault during planning (the walk of a CRM without a total) is retried by Dagster
-# in the same run; the walk resumes from its last checkpointed cursor.
-PLAN_RETRY = dg.RetryPolicy(max_retries=4, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 
 
 def _initial_sync_config(connector_cls: type[CRMConnector]) -> type[dg.Config]:
@@ -145,17 +153,13 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
             )
         since = _parse_since(config.modified_since)
         s = store.get()
-        try:
-            connector = open_connector(s, crm, config.integration_id)
-            client = quo.client(connector.integration, s)
-        except (NotFound, ValueError, MissingSecret) as exc:  # shown as is in the run's page
-            raise dg.Failure(str(exc), allow_retries=False) from None
+        connector, client = open_integration(s, quo, crm, config.integration_id)
         planned = []
         try:
             if renamed := namespace_links(s, connector.integration):
                 context.log.info(f"{renamed} contact links moved to namespaced externalIds")
             for object_type in config.object_types:
-                process = plan_initial_sync(
+                process = plan_sync(
                     s,
                     connector,
                     client,
@@ -166,34 +170,13 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
                     plan_run_id=context.run_id,
                     last_attempt=context.retry_number >= PLAN_RETRY.max_retries,
                 )
-                keys = [page_key(process.id, p) for p in range(process.context["totalPages"])]
-                context.instance.add_dynamic_partitions(pages.name, keys)
-                if process.state is ProcessState.QUEUING_PAGES:
-                    process = s.transition(process.id, ProcessState.PROCESSING_BATCHES)
-                planned.append(process)
+                planned.append(queue_pages(context, s, pages.name, process))
         except AlreadyRunning as exc:
             raise dg.Failure(str(exc), allow_retries=False) from None
         finally:
             client.close()
             connector.close()
-        context.instance.add_run_tags(
-            context.run.run_id, {TAG_PLANNED: ",".join(p.id for p in planned)}
-        )
-        context.add_output_metadata(
-            {
-                "processes": dg.MetadataValue.json(
-                    [
-                        {
-                            "id": p.id,
-                            "objectType": p.context["personObjectType"],
-                            "totalRecords": p.context["totalRecords"],
-                            "totalPages": p.context["totalPages"],
-                        }
-                        for p in planned
-                    ]
-                )
-            }
-        )
+        report_planned(context, planned)
 
     @dg.job(
         name=f"{crm}_initial_sync",
@@ -300,6 +283,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
                         process.context["personObjectType"],
                         key,
                         assume_absent=first_try(process) and key not in tried[process_id],
+                        store=s,
                     )
                     unavailable_in_a_row = 0
                 except QuoUnavailable as exc:
@@ -390,17 +374,23 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
 
     reconciling = build_reconcile_definitions(connector_cls)
     (reconcile_job,) = reconciling.jobs
+    closing_job = build_closing_job(connector_cls)
     completion_sensor = build_completion_sensor(
-        crm, page_sync, quo_contacts, processes_asset.key, run_tags, reconcile_job
+        crm, page_sync, quo_contacts, processes_asset.key, run_tags, reconcile_job, closing_job
     )
+    ongoing = [build_polling_definitions(connector_cls, pages)]
+    if cfg.sync_config.supports_webhooks:
+        ongoing.append(build_webhook_definitions(connector_cls, run_tags))
 
     return dg.Definitions.merge(
         dg.Definitions(
             assets=[crm_pages, quo_contacts, processes_asset],
-            jobs=[initial_sync, page_sync],
+            jobs=[initial_sync, page_sync, closing_job],
             sensors=[page_sensor, completion_sensor],
+            asset_checks=build_checks(crm, processes_asset.key),
         ),
         reconciling,
+        *ongoing,
     )
 
 

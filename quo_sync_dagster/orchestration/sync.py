@@ -49,7 +49,7 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def plan_initial_sync(
+def plan_sync(
     store: Store,
     connector: CRMConnector,
     quo: QuoClient,
@@ -59,12 +59,15 @@ def plan_initial_sync(
     modified_since: datetime | None = None,
     plan_run_id: str | None = None,
     last_attempt: bool = True,
+    sync_type: str = "INITIAL",
+    context: dict[str, Any] | None = None,
 ) -> Process:
     """INITIALIZING -> FETCHING_TOTAL (page 0 gives the total) -> QUEUING_PAGES. The caller adds
-    the partitions and then moves the process to PROCESSING_BATCHES.
+    the partitions and then moves the process to PROCESSING_BATCHES. `sync_type` is INITIAL or
+    ONGOING (a polling cycle); `context` is added to the new Process's context.
 
-    One live initial sync per integration and object type: a second one raises AlreadyRunning
-    naming the live one. A failed attempt of run `plan_run_id` leaves its Process in
+    One live Process per sync type, integration and object type: a second one raises
+    AlreadyRunning naming the live one. A failed attempt of run `plan_run_id` leaves its Process in
     FETCHING_TOTAL with the walk's last checkpoint, and the next attempt of the same run resumes
     it; the last attempt's failure closes the Process as ERROR."""
     integration = connector.integration
@@ -74,11 +77,13 @@ def plan_initial_sync(
     if process is None:
         process = _new_process(store, connector, object_type, page_size, pages_per_run)
         process.context.update(
+            **(context or {}),
+            syncType=sync_type,
             modifiedSince=modified_since.isoformat() if modified_since else None,
             planRunId=plan_run_id,
         )
         process = store.create_process(
-            process, exclusive_key=f"initial:{integration.id}:{object_type}"
+            process, exclusive_key=f"{sync_type.lower()}:{integration.id}:{object_type}"
         )
         process = store.transition(process.id, ProcessState.FETCHING_TOTAL)
     try:
@@ -113,7 +118,6 @@ def _new_process(
         state=ProcessState.INITIALIZING,
         context={
             "crm": connector.name,
-            "syncType": "INITIAL",
             "personObjectType": object_type,
             "pageSize": page_size,
             "pagesPerRun": pages_per_run,
@@ -229,11 +233,14 @@ def sync_records(
     object_type: str,
     page: str,
     assume_absent: bool,
+    store: Store | None = None,
 ) -> PageResult:
     """Transform and upsert one page, each record on its own: whatever a record holds fails
     only that record, with an error naming the person (and, from the transform, the field).
     A person repeated in the page is synced once, as its last occurrence (as the upserter
-    would), and its earlier occurrences are skipped. records == synced + failed + skipped.
+    would), and its earlier occurrences are skipped. With `store`, people with a tombstone
+    (deleted in the CRM after this page was fetched) are skipped too, so a stale page cannot
+    bring a deleted person back. records == synced + failed + skipped.
     QuoUnavailable propagates so the caller can fail the page as a whole."""
     errors: list[ErrorDetail] = []
 
@@ -266,6 +273,11 @@ def sync_records(
             note(names[ext_id], "skipped: duplicate id in the same page; its last one is synced")
             skipped += 1
         latest[ext_id], names[ext_id] = contact, person
+    if store is not None:
+        for ext_id in store.get_tombstones(connector.integration.id, list(latest)):
+            note(names[ext_id], "skipped: deleted in the CRM after this page was read")
+            skipped += 1
+            del latest[ext_id]
     outcomes = upserter.upsert(list(latest.values()), assume_absent=assume_absent)
     counts = Counter(outcome.action for outcome in outcomes)
     for outcome in outcomes:

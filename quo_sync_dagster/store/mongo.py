@@ -9,11 +9,12 @@ document per exclusive key whose holder is swapped only once it has ended.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument, UpdateMany
@@ -39,9 +40,11 @@ from quo_sync_dagster.store.port import (
     check_renames,
 )
 
+_T = TypeVar("_T")
 _MAX_IDS_PER_QUERY = 1000  # keeps `$in` lists far below the 16 MB command limit
 _LINKS_PER_READ = 1000  # iter_contact_links reads this many links per query
 _DUPLICATE_KEY = 11000
+_INBOX_ORDER = [("enqueued_at", ASCENDING), ("_id", ASCENDING)]
 
 
 def _now() -> str:
@@ -63,10 +66,28 @@ def _context_paths(updates: Mapping[str, Any]) -> dict[str, Any]:
     return {f"context.{key}": value for key, value in updates.items()}
 
 
-def _chunks(items: Iterable[str]) -> Iterator[list[str]]:
+def _chunks(items: Iterable[_T]) -> Iterator[list[_T]]:
     unique = list(dict.fromkeys(items))
     for start in range(0, len(unique), _MAX_IDS_PER_QUERY):
         yield unique[start : start + _MAX_IDS_PER_QUERY]
+
+
+def _object_ids(item_ids: Iterable[str]) -> list[ObjectId]:
+    # Inbox item ids are ObjectIds as text; other text names no item.
+    return [ObjectId(item_id) for item_id in item_ids if ObjectId.is_valid(item_id)]
+
+
+def _inbox_item(doc: Mapping[str, Any]) -> InboxItem:
+    return InboxItem(
+        id=str(doc["_id"]),
+        integration_id=doc["integration_id"],
+        event_id=doc["event_id"],
+        payload=doc["payload"],
+        # Derived from the enqueue time every item has had, so older documents need no migration.
+        received_at=datetime.fromtimestamp(doc["enqueued_at"], UTC).isoformat(
+            timespec="microseconds"
+        ),
+    )
 
 
 def _process(doc: Mapping[str, Any]) -> Process:
@@ -117,6 +138,9 @@ class MongoStore(Store):
         self._inbox = db["webhook_inbox"]
         self._activities = db["activities"]
         self._locks = db["locks"]  # _id: exclusive key, process_id: the Process holding it
+        self._subscriptions = db["webhook_subscriptions"]  # _id: integration id
+        self._watermarks = db["watermarks"]
+        self._tombstones = db["tombstones"]
         self._integrations.create_index("crm")
         self._processes.create_index([("integration_id", ASCENDING), ("created_at", ASCENDING)])
         self._processes.create_index("created_at")
@@ -134,6 +158,12 @@ class MongoStore(Store):
         )
         self._activities.create_index(
             [("integration_id", ASCENDING), ("quo_object_id", ASCENDING)], unique=True
+        )
+        self._watermarks.create_index(
+            [("integration_id", ASCENDING), ("object_type", ASCENDING)], unique=True
+        )
+        self._tombstones.create_index(
+            [("integration_id", ASCENDING), ("external_id", ASCENDING)], unique=True
         )
 
     @classmethod
@@ -507,25 +537,116 @@ class MongoStore(Store):
     ) -> list[InboxItem]:
         now = time.time()
         items: list[InboxItem] = []
-        # One item per atomic claim, so concurrent claimers never lease the same item.
+        claimed: list[ObjectId] = []
+        # One item per atomic claim, so concurrent claimers never lease the same item. `$nin`:
+        # with a lease of 0 an item just claimed would still match and be handed out again.
         for _ in range(limit):
             doc = self._inbox.find_one_and_update(
-                {"integration_id": integration_id, "acked": False, "lease_until": {"$lte": now}},
+                {
+                    "integration_id": integration_id,
+                    "acked": False,
+                    "lease_until": {"$lte": now},
+                    "_id": {"$nin": claimed},
+                },
                 {"$set": {"lease_until": now + lease_seconds}},
-                sort=[("enqueued_at", ASCENDING), ("_id", ASCENDING)],
+                sort=_INBOX_ORDER,
             )
             if doc is None:
                 break
-            items.append(
-                InboxItem(str(doc["_id"]), integration_id, doc["event_id"], doc["payload"])
-            )
+            claimed.append(doc["_id"])
+            items.append(_inbox_item(doc))
         return items
 
     def ack_webhooks(self, item_ids: Iterable[str]) -> None:
         # Acknowledged documents stay: they remember the event id for deduplication.
-        ids = [ObjectId(item_id) for item_id in item_ids]
-        if ids:
-            self._inbox.update_many({"_id": {"$in": ids}}, {"$set": {"acked": True}})
+        for chunk in _chunks(_object_ids(item_ids)):
+            self._inbox.update_many({"_id": {"$in": chunk}}, {"$set": {"acked": True}})
+
+    def get_webhooks(self, item_ids: Iterable[str]) -> list[InboxItem]:
+        docs: list[Mapping[str, Any]] = []
+        for chunk in _chunks(_object_ids(item_ids)):
+            docs += self._inbox.find({"_id": {"$in": chunk}, "acked": False})
+        return [
+            _inbox_item(doc) for doc in sorted(docs, key=lambda d: (d["enqueued_at"], d["_id"]))
+        ]
+
+    def release_webhooks(self, item_ids: Iterable[str]) -> None:
+        for chunk in _chunks(_object_ids(item_ids)):
+            self._inbox.update_many(
+                {"_id": {"$in": chunk}, "acked": False}, {"$set": {"lease_until": 0.0}}
+            )
+
+    def pending_webhook_integrations(self) -> list[str]:
+        return sorted(
+            self._inbox.distinct(
+                "integration_id", {"acked": False, "lease_until": {"$lte": time.time()}}
+            )
+        )
+
+    # ---- webhook subscriptions ------------------------------------------------------------------
+    def put_webhook_subscription(self, integration_id: str, subscription: dict[str, Any]) -> None:
+        # The JSON round trip gives the SQLite adapter's contract: refused if not JSON, tuples
+        # read back as lists, non-text keys as text.
+        self._subscriptions.replace_one(
+            {"_id": integration_id},
+            {"subscription": json.loads(json.dumps(subscription))},
+            upsert=True,
+        )
+
+    def get_webhook_subscription(self, integration_id: str) -> dict[str, Any] | None:
+        doc = self._subscriptions.find_one({"_id": integration_id})
+        return doc["subscription"] if doc else None
+
+    def delete_webhook_subscription(self, integration_id: str) -> None:
+        self._subscriptions.delete_one({"_id": integration_id})
+
+    def list_webhook_subscriptions(self) -> dict[str, dict[str, Any]]:
+        docs = self._subscriptions.find({}, sort=[("_id", ASCENDING)])
+        return {doc["_id"]: doc["subscription"] for doc in docs}
+
+    # ---- polling watermarks ---------------------------------------------------------------------
+    def get_watermark(self, integration_id: str, object_type: str) -> str | None:
+        doc = self._watermarks.find_one(
+            {"integration_id": integration_id, "object_type": object_type}
+        )
+        return doc["value"] if doc else None
+
+    def set_watermark(self, integration_id: str, object_type: str, value: str) -> None:
+        # An upsert by equality on the unique index: the server retries a lost insert race.
+        self._watermarks.update_one(
+            {"integration_id": integration_id, "object_type": object_type},
+            {"$set": {"value": value}},
+            upsert=True,
+        )
+
+    # ---- tombstones -----------------------------------------------------------------------------
+    def put_tombstones(self, integration_id: str, external_ids: Iterable[str]) -> None:
+        for chunk in _chunks(external_ids):
+            try:
+                self._tombstones.insert_many(
+                    [{"integration_id": integration_id, "external_id": e} for e in chunk],
+                    ordered=False,
+                )
+            except BulkWriteError as exc:
+                # Already tombstoned ids are the only failures allowed: the put is idempotent.
+                if any(e["code"] != _DUPLICATE_KEY for e in exc.details["writeErrors"]):
+                    raise
+
+    def get_tombstones(self, integration_id: str, external_ids: Iterable[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(external_ids):
+            docs = self._tombstones.find(
+                {"integration_id": integration_id, "external_id": {"$in": chunk}},
+                {"_id": 0, "external_id": 1},
+            )
+            found.update(doc["external_id"] for doc in docs)
+        return found
+
+    def delete_tombstones(self, integration_id: str, external_ids: Iterable[str]) -> None:
+        for chunk in _chunks(external_ids):
+            self._tombstones.delete_many(
+                {"integration_id": integration_id, "external_id": {"$in": chunk}}
+            )
 
     # ---- activity map ---------------------------------------------------------------------------
     def put_activity(self, integration_id: str, quo_object_id: str, crm_activity_id: str) -> bool:

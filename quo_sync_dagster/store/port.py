@@ -1,5 +1,6 @@
 """The store port: integrations, processes, the externalId -> Quo id map, the rate governor's
-shared state, the webhook inbox and the activity map. Adapters: SQLite (embedded) and MongoDB."""
+shared state, the webhook inbox, webhook subscriptions, polling watermarks, tombstones and the
+activity map. Adapters: SQLite (embedded) and MongoDB."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class InboxItem:
     integration_id: str
     event_id: str
     payload: dict[str, Any]
+    received_at: str  # ISO 8601 UTC, stamped by the store when the item was enqueued
 
 
 class Store(ABC):
@@ -163,7 +165,64 @@ class Store(ABC):
         expires (then it is redelivered: at-least-once)."""
 
     @abstractmethod
-    def ack_webhooks(self, item_ids: Iterable[str]) -> None: ...
+    def ack_webhooks(self, item_ids: Iterable[str]) -> None:
+        """Acknowledged items are never returned again; unknown ids are ignored."""
+
+    @abstractmethod
+    def get_webhooks(self, item_ids: Iterable[str]) -> list[InboxItem]:
+        """The unacknowledged items among `item_ids` (leased or not), in inbox order; acked and
+        unknown ids are left out. Reading changes no lease."""
+
+    @abstractmethod
+    def release_webhooks(self, item_ids: Iterable[str]) -> None:
+        """End the lease of the unacknowledged items among `item_ids`: they are claimable at
+        once. Acked and unknown ids are ignored."""
+
+    @abstractmethod
+    def pending_webhook_integrations(self) -> list[str]:
+        """Sorted ids of the integrations that have an item claim_webhooks would return now
+        (unacknowledged, lease expired or never leased)."""
+
+    # ---- webhook subscriptions (one per integration; references to secrets, never secrets) --
+    @abstractmethod
+    def put_webhook_subscription(self, integration_id: str, subscription: dict[str, Any]) -> None:
+        """Replace the integration's subscription by `subscription`, a JSON-serialisable dict
+        (read back as its JSON round trip: tuples become lists)."""
+
+    @abstractmethod
+    def get_webhook_subscription(self, integration_id: str) -> dict[str, Any] | None:
+        """None when the integration has no subscription."""
+
+    @abstractmethod
+    def delete_webhook_subscription(self, integration_id: str) -> None:
+        """No-op when there is none."""
+
+    @abstractmethod
+    def list_webhook_subscriptions(self) -> dict[str, dict[str, Any]]:
+        """Every subscription by integration id, in id order."""
+
+    # ---- polling watermarks (ISO 8601 text), per integration and object type ----------------
+    @abstractmethod
+    def get_watermark(self, integration_id: str, object_type: str) -> str | None:
+        """None until one is set."""
+
+    @abstractmethod
+    def set_watermark(self, integration_id: str, object_type: str, value: str) -> None:
+        """Replace the watermark, also by an earlier one (a reset re-reads): whether it may
+        move back is the caller's decision."""
+
+    # ---- tombstones: CRM people (namespaced external ids) confirmed deleted -------------------
+    @abstractmethod
+    def put_tombstones(self, integration_id: str, external_ids: Iterable[str]) -> None:
+        """Idempotent: an id already tombstoned stays so."""
+
+    @abstractmethod
+    def get_tombstones(self, integration_id: str, external_ids: Iterable[str]) -> set[str]:
+        """The tombstoned ids among `external_ids`."""
+
+    @abstractmethod
+    def delete_tombstones(self, integration_id: str, external_ids: Iterable[str]) -> None:
+        """Ids without a tombstone are ignored."""
 
     # ---- activity map (Quo message/call id -> CRM activity id) ------------------------------
     @abstractmethod

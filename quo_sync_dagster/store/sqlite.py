@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from quo_sync_dagster.core.models import ContactLink, Integration
 from quo_sync_dagster.core.process import (
@@ -114,10 +115,26 @@ CREATE TABLE IF NOT EXISTS webhook_inbox (
     payload TEXT NOT NULL,
     lease_until REAL NOT NULL DEFAULT 0,
     acked INTEGER NOT NULL DEFAULT 0,
+    received_at TEXT NOT NULL,
     UNIQUE (integration_id, event_id)
 );
 CREATE INDEX IF NOT EXISTS webhook_inbox_pending ON webhook_inbox (integration_id, id)
     WHERE acked = 0;
+CREATE TABLE IF NOT EXISTS webhook_subscriptions (
+    integration_id TEXT PRIMARY KEY,
+    subscription TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS watermarks (
+    integration_id TEXT NOT NULL,
+    object_type TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (integration_id, object_type)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tombstones (
+    integration_id TEXT NOT NULL,
+    external_id TEXT NOT NULL,
+    PRIMARY KEY (integration_id, external_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS activities (
     integration_id TEXT NOT NULL,
     quo_object_id TEXT NOT NULL,
@@ -125,11 +142,23 @@ CREATE TABLE IF NOT EXISTS activities (
     PRIMARY KEY (integration_id, quo_object_id)
 ) WITHOUT ROWID;
 """
+_INBOX_COLUMNS = "id, integration_id, event_id, payload, received_at"
+_ROWID = re.compile(r"[1-9][0-9]{0,17}")  # str() of a rowid; 18 digits stay below 2**63
+_T = TypeVar("_T")
 
 
 def _now() -> str:
     # Fixed width (always microseconds) so the text sorts like the time it encodes.
     return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _added_columns() -> Iterator[tuple[str, str, str]]:
+    """Columns added after a table's first release: (table, column, declaration). The constant
+    default fills the rows that predate the column: an inbox item gets the migration time."""
+    for name in COUNTER_NAMES:
+        yield "processes", name, "INTEGER NOT NULL DEFAULT 0"
+    yield "pages", "skipped", "INTEGER NOT NULL DEFAULT 0"
+    yield "webhook_inbox", "received_at", f"TEXT NOT NULL DEFAULT '{_now()}'"
 
 
 def _check_counters(names: Iterable[str]) -> None:
@@ -138,10 +167,15 @@ def _check_counters(names: Iterable[str]) -> None:
         raise ValueError(f"unknown process counters: {unknown}")
 
 
-def _chunks(items: Iterable[str]) -> Iterator[list[str]]:
+def _chunks(items: Iterable[_T]) -> Iterator[list[_T]]:
     unique = list(dict.fromkeys(items))
     for start in range(0, len(unique), _MAX_SQL_VARIABLES):
         yield unique[start : start + _MAX_SQL_VARIABLES]
+
+
+def _row_ids(item_ids: Iterable[str]) -> list[int]:
+    # Inbox item ids are the text of rowids; other text names no item (and never reaches SQL).
+    return [int(item_id) for item_id in item_ids if _ROWID.fullmatch(item_id)]
 
 
 def _placeholders(count: int) -> str:
@@ -188,12 +222,11 @@ class SqliteStore(Store):
             # Not executescript(): it would commit the IMMEDIATE transaction first.
             for statement in _SCHEMA.split(";"):
                 conn.execute(statement)
-            # A file created before a counter existed gets its column (processes and pages).
-            for table, names in (("processes", COUNTER_NAMES), ("pages", ("skipped",))):
+            # A file created before a column existed gets it.
+            for table, name, declaration in _added_columns():
                 present = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
-                for name in names:
-                    if name not in present:
-                        conn.execute(f"ALTER TABLE {table} ADD {name} INTEGER NOT NULL DEFAULT 0")
+                if name not in present:
+                    conn.execute(f"ALTER TABLE {table} ADD {name} {declaration}")
 
     # ---- connections and transactions -----------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -559,12 +592,22 @@ class SqliteStore(Store):
         return value
 
     # ---- webhook inbox --------------------------------------------------------------------------
+    @staticmethod
+    def _inbox_item(row: sqlite3.Row) -> InboxItem:
+        return InboxItem(
+            id=str(row["id"]),
+            integration_id=row["integration_id"],
+            event_id=row["event_id"],
+            payload=json.loads(row["payload"]),
+            received_at=row["received_at"],
+        )
+
     def enqueue_webhook(self, integration_id: str, event_id: str, payload: dict[str, Any]) -> bool:
         with self._write() as conn:
             inserted = conn.execute(
-                "INSERT OR IGNORE INTO webhook_inbox (integration_id, event_id, payload) "
-                "VALUES (?, ?, ?)",
-                (integration_id, event_id, json.dumps(payload)),
+                "INSERT OR IGNORE INTO webhook_inbox (integration_id, event_id, payload, "
+                "received_at) VALUES (?, ?, ?, ?)",
+                (integration_id, event_id, json.dumps(payload), _now()),
             )
         return inserted.rowcount == 1
 
@@ -574,7 +617,7 @@ class SqliteStore(Store):
         now = time.time()
         with self._write() as conn:
             rows = conn.execute(
-                "SELECT id, event_id, payload FROM webhook_inbox "
+                f"SELECT {_INBOX_COLUMNS} FROM webhook_inbox "
                 "WHERE integration_id = ? AND acked = 0 AND lease_until <= ? ORDER BY id LIMIT ?",
                 (integration_id, now, max(limit, 0)),  # a negative LIMIT would mean "all"
             ).fetchall()
@@ -582,17 +625,117 @@ class SqliteStore(Store):
                 "UPDATE webhook_inbox SET lease_until = ? WHERE id = ?",
                 [(now + lease_seconds, row["id"]) for row in rows],
             )
-        return [
-            InboxItem(str(row["id"]), integration_id, row["event_id"], json.loads(row["payload"]))
-            for row in rows
-        ]
+        return [self._inbox_item(row) for row in rows]
 
     def ack_webhooks(self, item_ids: Iterable[str]) -> None:
         # Acknowledged rows stay: they remember the event id for deduplication.
         with self._write() as conn:
             conn.executemany(
                 "UPDATE webhook_inbox SET acked = 1 WHERE id = ?",
-                [(int(item_id),) for item_id in item_ids],
+                [(row_id,) for row_id in _row_ids(item_ids)],
+            )
+
+    def get_webhooks(self, item_ids: Iterable[str]) -> list[InboxItem]:
+        rows: list[sqlite3.Row] = []
+        conn = self._conn()
+        for chunk in _chunks(_row_ids(item_ids)):
+            rows += conn.execute(
+                f"SELECT {_INBOX_COLUMNS} FROM webhook_inbox "
+                f"WHERE acked = 0 AND id IN ({_placeholders(len(chunk))})",
+                chunk,
+            ).fetchall()
+        return [self._inbox_item(row) for row in sorted(rows, key=lambda row: row["id"])]
+
+    def release_webhooks(self, item_ids: Iterable[str]) -> None:
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE webhook_inbox SET lease_until = 0 WHERE id = ? AND acked = 0",
+                [(row_id,) for row_id in _row_ids(item_ids)],
+            )
+
+    def pending_webhook_integrations(self) -> list[str]:
+        rows = self._conn().execute(
+            "SELECT DISTINCT integration_id FROM webhook_inbox "
+            "WHERE acked = 0 AND lease_until <= ? ORDER BY integration_id",
+            (time.time(),),
+        )
+        return [row[0] for row in rows]
+
+    # ---- webhook subscriptions ------------------------------------------------------------------
+    def put_webhook_subscription(self, integration_id: str, subscription: dict[str, Any]) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO webhook_subscriptions VALUES (?, ?)",
+                (integration_id, json.dumps(subscription)),
+            )
+
+    def get_webhook_subscription(self, integration_id: str) -> dict[str, Any] | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT subscription FROM webhook_subscriptions WHERE integration_id = ?",
+                (integration_id,),
+            )
+            .fetchone()
+        )
+        return json.loads(row[0]) if row else None
+
+    def delete_webhook_subscription(self, integration_id: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM webhook_subscriptions WHERE integration_id = ?", (integration_id,)
+            )
+
+    def list_webhook_subscriptions(self) -> dict[str, dict[str, Any]]:
+        rows = self._conn().execute(
+            "SELECT integration_id, subscription FROM webhook_subscriptions ORDER BY integration_id"
+        )
+        return {row[0]: json.loads(row[1]) for row in rows}
+
+    # ---- polling watermarks ---------------------------------------------------------------------
+    def get_watermark(self, integration_id: str, object_type: str) -> str | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT value FROM watermarks WHERE integration_id = ? AND object_type = ?",
+                (integration_id, object_type),
+            )
+            .fetchone()
+        )
+        return row[0] if row else None
+
+    def set_watermark(self, integration_id: str, object_type: str, value: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?)",
+                (integration_id, object_type, value),
+            )
+
+    # ---- tombstones -----------------------------------------------------------------------------
+    def put_tombstones(self, integration_id: str, external_ids: Iterable[str]) -> None:
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO tombstones VALUES (?, ?)",
+                [(integration_id, external_id) for external_id in external_ids],
+            )
+
+    def get_tombstones(self, integration_id: str, external_ids: Iterable[str]) -> set[str]:
+        found: set[str] = set()
+        conn = self._conn()
+        for chunk in _chunks(external_ids):
+            rows = conn.execute(
+                "SELECT external_id FROM tombstones "
+                f"WHERE integration_id = ? AND external_id IN ({_placeholders(len(chunk))})",
+                (integration_id, *chunk),
+            )
+            found.update(row[0] for row in rows)
+        return found
+
+    def delete_tombstones(self, integration_id: str, external_ids: Iterable[str]) -> None:
+        with self._write() as conn:
+            conn.executemany(
+                "DELETE FROM tombstones WHERE integration_id = ? AND external_id = ?",
+                [(integration_id, external_id) for external_id in external_ids],
             )
 
     # ---- activity map ---------------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""`<crm>_webhook_sensor` and `<crm>_webhook_sync`: CRM webhooks from the inbox into Quo.
+
+The receiver (quo_sync_dagster.webhooks) stores each verified delivery in the store's inbox
+before it answers the CRM. Each tick, the sensor claims what arrived per integration (a lease
+as long as the job's maximum runtime, so nothing else takes it meanwhile) and launches one run
+per integration with a run key; an integration whose previous run is still live waits for the
+next tick, so two runs never write one person at once. The run applies the changes
+(change_sync.py) and only then acknowledges the items. Items of a run that failed, was canceled
+or was killed are released by the next tick and delivered again: at-least-once delivery, made
+exactly-once in Quo by re-reading every person by id before writing.
+"""
+
+# No `from __future__ import annotations`: Dagster reads the config class from the annotation.
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from quo_sync_dagster.crms.base import CRMConnector
+from quo_sync_dagster.orchestration.change_sync import apply_changes
+from quo_sync_dagster.orchestration.completion import LIVE_STATUSES, SENSOR_INTERVAL_SECONDS
+from quo_sync_dagster.orchestration.planning import open_integration
+from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
+from quo_sync_dagster.orchestration.tags import TAG_INTEGRATION
+from quo_sync_dagster.store.port import Store
+
+MAX_ITEMS_PER_RUN = 500  # inbox items one run applies; more wait for the next tick
+LEASE_MARGIN_SECONDS = 120  # beyond the job's maximum runtime
+_ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
+
+
+def webhook_job_name(crm: str) -> str:
+    return f"{crm}_webhook_sync"
+
+
+def webhook_changes_key(crm: str) -> dg.AssetKey:
+    return dg.AssetKey(f"{crm}_webhook_changes")
+
+
+def _op_name(crm: str) -> str:
+    return f"{crm}_apply_webhook_changes"
+
+
+class WebhookSyncConfig(dg.Config):
+    integration_id: str = Field(description="The integration whose inbox items to apply")
+    item_ids: list[str] = Field(description="Inbox items claimed for this run by the sensor")
+
+
+def build_webhook_definitions(
+    connector_cls: type[CRMConnector], run_tags: dict[str, str]
+) -> dg.Definitions:
+    crm = connector_cls.name
+    changes_key = webhook_changes_key(crm)
+    lease_seconds = connector_cls.crm_config.queue_config.timeout + LEASE_MARGIN_SECONDS
+
+    @dg.op(
+        name=_op_name(crm),
+        description=f"Re-read the {crm} people the webhooks name and make Quo equal to them",
+    )
+    def apply_webhook_changes(
+        context: dg.OpExecutionContext,
+        config: WebhookSyncConfig,
+        store: StoreResource,
+        quo: QuoResource,
+    ) -> None:
+        s = store.get()
+        items = s.get_webhooks(config.item_ids)  # acknowledged ones are done already
+        if not items:
+            context.log.info("every item of this run was already applied")
+            return
+        connector, client = open_integration(s, quo, crm, config.integration_id)
+        started = time.perf_counter()
+        try:
+            with client:
+                upserter = quo.upserter(client, connector.integration, s)
+                report = apply_changes(s, connector, client, upserter, items, context.run.run_id)
+        finally:
+            connector.close()
+        s.ack_webhooks([item.id for item in items])  # only now: a crash redelivers them
+        seconds = time.perf_counter() - started
+        context.log.info(
+            f"{report.events} events on {report.people} people: {report.created} created, "
+            f"{report.updated} updated, {report.unchanged} unchanged, {report.deleted} deleted, "
+            f"{report.failed} failed in {seconds:.1f} s"
+        )
+        context.log_event(
+            dg.AssetMaterialization(
+                asset_key=changes_key,
+                metadata={
+                    "integration_id": config.integration_id,
+                    **report.metadata(),
+                    "duration_s": dg.MetadataValue.float(round(seconds, 3)),
+                    "errors_first": dg.MetadataValue.json(
+                        [f"{e.external_id}: {e.error}" for e in report.errors[:20]]
+                    ),
+                },
+                tags={TAG_INTEGRATION: config.integration_id},
+            )
+        )
+
+    @dg.job(
+        name=webhook_job_name(crm),
+        description=f"Apply {crm} webhook changes (launched by {crm}_webhook_sensor)",
+        executor_def=dg.in_process_executor,
+        tags=run_tags,
+    )
+    def webhook_sync() -> None:
+        apply_webhook_changes()
+
+    @dg.sensor(
+        name=f"{crm}_webhook_sensor",
+        job=webhook_sync,
+        minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Claims {crm} webhook changes from the inbox and launches "
+        f"{crm}_webhook_sync runs, one per integration at a time",
+    )
+    def webhook_sensor(context: dg.SensorEvaluationContext, store: StoreResource):
+        s = store.get()
+        cursor: dict[str, Any] = json.loads(context.cursor or "{}")
+        tick = datetime.now(UTC).timestamp()
+        _release_items_of_failed_runs(context.instance, s, crm, cursor.get("checkedAt"))
+        mine = {i.id for i in s.list_integrations(crm=crm)}
+        live = context.instance.get_run_records(
+            dg.RunsFilter(job_name=webhook_job_name(crm), statuses=LIVE_STATUSES)
+        )
+        busy = {r.dagster_run.tags.get(TAG_INTEGRATION) for r in live}
+        seq, requests = int(cursor.get("seq", 0)), []
+        for integration_id in s.pending_webhook_integrations():
+            if integration_id not in mine or integration_id in busy:
+                continue
+            items = s.claim_webhooks(integration_id, MAX_ITEMS_PER_RUN, lease_seconds)
+            if not items:
+                continue
+            seq += 1
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{integration_id}:{seq}",
+                    run_config={
+                        "ops": {
+                            _op_name(crm): {
+                                "config": {
+                                    "integration_id": integration_id,
+                                    "item_ids": [item.id for item in items],
+                                }
+                            }
+                        }
+                    },
+                    tags={**run_tags, TAG_INTEGRATION: integration_id},
+                )
+            )
+        # Runs that end while this tick runs are seen by the next one: overlap by a minute.
+        new_cursor = json.dumps({"seq": seq, "checkedAt": tick - 60})
+        return dg.SensorResult(
+            run_requests=requests,
+            cursor=new_cursor,
+            skip_reason=None if requests else "no webhook changes waiting",
+        )
+
+    changes_asset = dg.AssetSpec(
+        key=changes_key,
+        group_name=crm,
+        kinds={crm, "quo"},
+        description=f"One materialization per {crm}_webhook_sync run, per integration: events, "
+        "people upserted and deleted, latency from receipt to Quo",
+    )
+    return dg.Definitions(assets=[changes_asset], jobs=[webhook_sync], sensors=[webhook_sensor])
+
+
+def _release_items_of_failed_runs(
+    instance: dg.DagsterInstance, store: Store, crm: str, checked_at: float | None
+) -> None:
+    """Items of runs that failed or were canceled since `checked_at` become claimable again
+    (acknowledged ones are not affected, so releasing twice is harmless)."""
+    since = datetime.fromtimestamp(checked_at, UTC) if checked_at else None
+    records = instance.get_run_records(
+        dg.RunsFilter(job_name=webhook_job_name(crm), statuses=_ENDED_BADLY, updated_after=since)
+    )
+    for record in records:
+        config = record.dagster_run.run_config.get("ops", {}).get(_op_name(crm), {})
+        if ids := config.get("config", {}).get("item_ids"):
+            store.release_webhooks(ids)
