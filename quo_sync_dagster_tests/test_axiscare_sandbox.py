@@ -387,3 +387,165 @@ def test_cli_prints_ready_line_and_serves(tmp_path: Path) -> None:
         proc.wait(timeout=10)
     assert proc.returncode == 0
     assert (tmp_path / PEOPLE_FILE).exists()
+
+
+# ---- people changed while a sync runs --------------------------------------------------------
+SINGULAR = {
+    "clients": "client",
+    "leads": "lead",
+    "caregivers": "caregiver",
+    "applicants": "applicant",
+}
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[AxisCareSandbox]:
+    with AxisCareSandbox(tmp_path, records=80, rate_limit=None) as sb:
+        yield sb
+
+
+@pytest.fixture
+def fresh_client(fresh: AxisCareSandbox) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=fresh.url, headers=HEADERS) as c:
+        yield c
+
+
+def admin(sandbox: AxisCareSandbox, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.request(method, f"{sandbox.url}/_sandbox/{path}", **kwargs)
+
+
+def looked_up(client: httpx.Client, kind: str, ids: list[int]) -> list[int]:
+    response = client.get(f"/api/{kind}", params={f"{SINGULAR[kind]}Ids": ",".join(map(str, ids))})
+    body = check(response, f"/api/{kind}", "get", response.status_code)
+    return [
+        p["id"] for p in (body if kind in ("caregivers", "applicants") else body["results"])[kind]
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_created_people_are_listed_last_and_looked_up(
+    fresh: AxisCareSandbox, fresh_client: httpx.Client, kind: str
+) -> None:
+    before, _ = walk(fresh_client, kind, 500)
+    generated = fresh.create_person(kind=kind)
+    assert generated["id"] == before[-1]["id"] + 1
+    for name in ("firstName", "lastName", "mobilePhone", "personalEmail"):
+        assert generated[name], name
+    given = fresh.create_person({"firstName": "Ada", "homePhone": None}, kind=kind)
+    assert given["id"] == generated["id"] + 1
+    assert (given["firstName"], given["homePhone"]) == ("Ada", None)
+    after, _ = walk(fresh_client, kind, 500)  # validated against the spec
+    assert after == [*before, generated, given] and fresh.people(kind) == after
+    assert looked_up(fresh_client, kind, [given["id"], generated["id"]]) == [
+        generated["id"],
+        given["id"],
+    ]
+
+
+def test_the_default_kind_is_clients(fresh: AxisCareSandbox, fresh_client: httpx.Client) -> None:
+    created = fresh.create_person()
+    assert looked_up(fresh_client, "clients", [created["id"]]) == [created["id"]]
+    assert fresh.people() == fresh.people("clients")
+
+
+def test_update_sets_fields_or_generates_a_new_name_and_phone(
+    fresh: AxisCareSandbox, fresh_client: httpx.Client
+) -> None:
+    status = {"label": "Discharged", "active": False}
+    updated = fresh.update_person("1", {"mobilePhone": "+1 555 0100", "status": status})
+    assert (updated["mobilePhone"], updated["status"]) == ("+1 555 0100", status)
+    assert walk(fresh_client, "clients", 500)[0][0] == updated
+    generated = ("firstName", "lastName", "mobilePhone")
+    for _ in range(3):
+        before = fresh.people("caregivers")[0]
+        after = fresh.update_person(str(before["id"]), kind="caregivers")
+        assert (after["firstName"], after["lastName"]) != (before["firstName"], before["lastName"])
+        assert after["mobilePhone"] != before["mobilePhone"]
+        assert {k: v for k, v in after.items() if k not in generated} == {
+            k: v for k, v in before.items() if k not in generated
+        }
+
+
+@pytest.mark.parametrize("kind", ["clients", "caregivers"])
+def test_deleted_people_are_gone_from_lists_and_lookups(
+    fresh: AxisCareSandbox, fresh_client: httpx.Client, kind: str
+) -> None:
+    first, second = (p["id"] for p in fresh.people(kind)[:2])
+    fresh.delete_person(str(first), kind=kind)
+    assert first not in [p["id"] for p in walk(fresh_client, kind, 500)[0]]
+    assert looked_up(fresh_client, kind, [first, second]) == [second]
+    if kind == "caregivers":
+        response = fresh_client.get("/api/caregivers", params={"caregiverIds": f"{first},{second}"})
+        assert check(response, "/api/caregivers", "get", 207)["caregiversNotFound"] == [first]
+    again = admin(fresh, "DELETE", f"people/{first}", params={"kind": kind})
+    assert again.status_code == 404 and str(first) in again.json()["message"]
+    assert fresh.stats()["people"][kind] == len(walk(fresh_client, kind, 500)[0])
+
+
+def test_axiscare_has_no_merges(fresh: AxisCareSandbox) -> None:
+    before = fresh.people()
+    response = admin(fresh, "POST", "people/1/merge", json={"into": "2"})
+    assert response.status_code == 404 and "no merges" in response.json()["message"]
+    assert fresh.people() == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "people?kind=contacts", {"fields": {}}, 400),
+        ("POST", "people", {"fields": {"id": 7}}, 400),
+        ("POST", "people", {"fields": {"nickname": "x"}}, 400),
+        ("POST", "people", {"fields": {"mailingAddress": None}}, 400),  # a caregiver field
+        ("POST", "people", {"fields": {"firstName": 5}}, 400),
+        ("POST", "people", {"fields": {"status": "Active"}}, 400),
+        ("POST", "people", {"fields": {"status": {"label": "Active"}}}, 400),
+        ("POST", "people", {"fields": {"status": None}}, 400),
+        ("POST", "people", {"fields": {"classes": "PRV"}}, 400),
+        ("POST", "people", {"fields": {"residentialAddress": "1 Main St"}}, 400),
+        ("POST", "people", {"fields": ["firstName"]}, 400),
+        ("POST", "people", ["fields"], 400),
+        ("PATCH", "people/abc", {"fields": {}}, 400),
+        ("PATCH", "people/99999", {"fields": {}}, 404),
+        ("DELETE", "people/99999?kind=leads", None, 404),
+    ],
+)
+def test_bad_admin_changes_are_refused_and_change_nothing(
+    fresh: AxisCareSandbox, method: str, path: str, body: Any, status: int
+) -> None:
+    before = {kind: fresh.people(kind) for kind in KINDS}
+    response = admin(fresh, method, path, json=body)
+    assert response.status_code == status and response.json()["message"], response.text
+    assert {kind: fresh.people(kind) for kind in KINDS} == before
+
+
+def test_changes_survive_a_restart_and_ids_are_not_reused(tmp_path: Path) -> None:
+    with AxisCareSandbox(tmp_path, records=20, rate_limit=None) as sb:
+        created = sb.create_person(kind="leads")
+        sb.update_person(str(sb.people()[0]["id"]), {"lastName": "Kept"})
+        sb.delete_person(str(created["id"]), kind="leads")  # the highest lead id
+        people = {kind: sb.people(kind) for kind in KINDS}
+    with AxisCareSandbox(tmp_path, records=20, rate_limit=None) as sb:
+        assert {kind: sb.people(kind) for kind in KINDS} == people
+        assert people["clients"][0]["lastName"] == "Kept"
+        assert sb.create_person(kind="leads")["id"] == created["id"] + 1
+
+
+@pytest.mark.parametrize("kind", ["clients", "caregivers"])
+def test_start_after_id_misses_nobody_when_earlier_people_are_deleted_between_pages(
+    fresh: AxisCareSandbox, fresh_client: httpx.Client, kind: str
+) -> None:
+    everyone = [p["id"] for p in walk(fresh_client, kind, 500)[0]]
+    response = fresh_client.get(f"/api/{kind}", params={"limit": 10})
+    body = check(response, f"/api/{kind}", "get", 200)
+    envelope = body if kind == "caregivers" else body["results"]
+    assert [p["id"] for p in envelope[kind]] == everyone[:10]
+    for person in envelope[kind]:  # the whole page, the startAfterId person too
+        fresh.delete_person(str(person["id"]), kind=kind)
+    rest, url = [], envelope["nextPage"]
+    while url is not None:
+        response = fresh_client.get(url)
+        body = check(response, f"/api/{kind}", "get", 200)
+        envelope = body if kind == "caregivers" else body["results"]
+        rest += [p["id"] for p in envelope[kind]]
+        url = envelope.get("nextPage")
+    assert rest == everyone[10:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -9,18 +10,20 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from quo_sync_dagster.sandbox import webhook_delivery
 from quo_sync_dagster.sandbox.pipedrive_server import (
     CUSTOM_FIELD_KEYS,
     DEFAULT_TOKEN,
     PipedriveSandbox,
 )
+from quo_sync_dagster_tests.test_webhook_delivery import Received, Receiver, settled
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECORDS = 500
@@ -404,3 +407,323 @@ def test_runs_as_a_process(tmp_path: Path) -> None:
     finally:
         process.terminate()
         assert process.wait(timeout=10) == 0
+
+
+# ---- people changed while a sync runs, and their webhooks ----------------------------------
+FIRST, CHANGING = 1001, 30  # persons 1001..1030
+# crm-apis.md 1.4: a webhooks v2 person's keys and the meta of every delivery
+WEBHOOK_DATA_KEYS = {"id", "name", "first_name", "last_name", "owner_id", "org_id", "phones"}
+WEBHOOK_DATA_KEYS |= {"emails", "add_time", "update_time", "label_ids", "visible_to"}
+WEBHOOK_DATA_KEYS |= {"custom_fields"}
+META_KEYS = {"action", "entity", "entity_id", "company_id", "correlation_id", "id"}
+META_KEYS |= {"is_bulk_edit", "timestamp", "type", "user_id", "version", "webhook_id"}
+META_KEYS |= {"webhook_owner_id", "change_source", "attempt", "host", "permitted_user_ids"}
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[PipedriveSandbox]:
+    with PipedriveSandbox(tmp_path, records=CHANGING, rate_limit=None) as sb:
+        yield sb
+
+
+@pytest.fixture
+def fresh_client(fresh: PipedriveSandbox) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=fresh.url, headers=AUTH) as c:
+        yield c
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def subscribe(client: httpx.Client, url: str, **change: Any) -> dict[str, Any]:
+    body = {**WEBHOOK, "subscription_url": url, **change}
+    response = client.post("/v1/webhooks", json={k: v for k, v in body.items() if v is not None})
+    assert response.status_code == 201, response.text
+    return response.json()["data"]
+
+
+def admin(sandbox: PipedriveSandbox, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.request(method, f"{sandbox.url}/_sandbox/{path}", **kwargs)
+
+
+def by_event(received: list[Received]) -> dict[tuple[str, str], dict[str, Any]]:
+    payloads = [r.json() for r in received]
+    return {(p["meta"]["action"], p["meta"]["entity_id"]): p for p in payloads}
+
+
+def test_created_person_is_listed_and_read_like_the_others(
+    fresh: PipedriveSandbox, fresh_client: httpx.Client
+) -> None:
+    generated = fresh.create_person()
+    assert generated["id"] == FIRST + CHANGING  # a new, higher id
+    assert generated["name"] and generated["first_name"] and generated["last_name"]
+    assert len(generated["phones"]) == 1 and generated["phones"][0]["primary"] is True
+    assert len(generated["emails"]) == 1 and "@" in generated["emails"][0]["value"]
+    assert generated["add_time"] == generated["update_time"]
+    given = fresh.create_person(
+        {"name": "Ada  Lovelace", "phones": [{"value": "+44 20 7946 0001"}], "org_id": None}
+    )
+    assert given["id"] == generated["id"] + 1
+    assert (given["first_name"], given["last_name"]) == ("Ada", "Lovelace")
+    assert given["phones"] == [{"value": "+44 20 7946 0001", "primary": True, "label": "work"}]
+    listed = all_persons(fresh_client, limit=7)
+    assert listed[-2:] == [generated, given] and fresh.people() == listed
+    assert fresh_client.get(f"{PERSONS}/{given['id']}").json()["data"] == given
+    batch = fresh_client.get(PERSONS, params={"ids": f"{generated['id']},{given['id']}"})
+    assert batch.json()["data"] == [generated, given]
+    assert fresh.stats()["persons"] == CHANGING + 2
+
+
+def test_update_sets_fields_and_moves_update_time(
+    fresh: PipedriveSandbox, fresh_client: httpx.Client
+) -> None:
+    before = fresh_client.get(f"{PERSONS}/1002").json()["data"]
+    emails = [{"value": "new@example.com", "label": "home"}, {"value": "b@example.org"}]
+    after = fresh.update_person("1002", {"emails": emails, "last_name": "Nuñez"})
+    assert after["emails"] == [
+        {"value": "new@example.com", "primary": True, "label": "home"},
+        {"value": "b@example.org", "primary": False, "label": "work"},
+    ]
+    assert after["name"] == f"{before['first_name']} Nuñez"
+    assert after["phones"] == before["phones"] and after["add_time"] == before["add_time"]
+    now = datetime.now(UTC)
+    assert now - timedelta(seconds=5) < datetime.fromisoformat(after["update_time"]) <= now
+    changed = all_persons(fresh_client, updated_since=after["update_time"])
+    assert [p["id"] for p in changed] == [1002]
+    assert fresh_client.get(f"{PERSONS}/1002").json()["data"] == after
+
+
+def test_update_without_fields_changes_name_and_phone(fresh: PipedriveSandbox) -> None:
+    for person_id in ("1008", "1008", "1001"):  # 1008 has no phone at first
+        before = next(p for p in fresh.people() if p["id"] == int(person_id))
+        after = fresh.update_person(person_id)
+        assert after["name"] != before["name"]
+        primary = next(p["value"] for p in after["phones"] if p["primary"])
+        assert primary not in [p["value"] for p in before["phones"]]
+        assert len(after["phones"]) == max(1, len(before["phones"]))
+
+
+def test_deleted_person_is_gone_from_every_read(
+    fresh: PipedriveSandbox, fresh_client: httpx.Client
+) -> None:
+    fresh.delete_person("1005")
+    assert error_of(fresh_client.get(f"{PERSONS}/1005"), 404) == "Person not found"
+    assert 1005 not in [p["id"] for p in all_persons(fresh_client)]
+    batch = fresh_client.get(PERSONS, params={"ids": "1004,1005,1006"}).json()["data"]
+    assert [p["id"] for p in batch] == [1004, 1006]
+    assert 1005 not in [p["id"] for p in fresh.people()]
+    assert fresh.stats()["persons"] == CHANGING - 1
+    again = admin(fresh, "DELETE", "people/1005")
+    assert again.status_code == 404 and "1005" in again.json()["message"]
+    assert admin(fresh, "PATCH", "people/1005", json={"fields": {}}).status_code == 404
+    error_of(fresh_client.post("/v1/notes", json={"content": "x", "person_id": 1005}), 404)
+
+
+def test_merge_keeps_the_survivor_with_the_merged_persons_details(
+    fresh: PipedriveSandbox, fresh_client: httpx.Client
+) -> None:
+    loser = fresh.update_person("1002", {"phones": [{"value": "111"}, {"value": "222"}]})
+    survivor = fresh.update_person("1003", {"phones": [{"value": "222", "label": "home"}]})
+    merged = fresh.merge_people("1002", into="1003")
+    assert merged["id"] == 1003 and merged["name"] == survivor["name"]
+    assert merged["phones"] == [
+        {"value": "222", "primary": True, "label": "home"},
+        {"value": "111", "primary": False, "label": "work"},
+    ]
+    assert merged["update_time"] >= survivor["update_time"]
+    assert fresh_client.get(f"{PERSONS}/1003").json()["data"] == merged
+    error_of(fresh_client.get(f"{PERSONS}/{loser['id']}"), 404)
+    assert admin(fresh, "POST", "people/1003/merge", json={"into": 1003}).status_code == 400
+    assert admin(fresh, "POST", "people/1003/merge", json={"into": "1002"}).status_code == 404
+    assert admin(fresh, "POST", "people/1003/merge", json={}).status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "people", {"fields": {"id": 5}}),
+        ("POST", "people", {"fields": {"update_time": "2026-01-01T00:00:00Z"}}),
+        ("POST", "people", {"fields": {"owner_id": 9}}),
+        ("POST", "people", {"fields": {"name": None}}),
+        ("POST", "people", {"fields": {"visible_to": "3"}}),
+        ("POST", "people", {"fields": {"phones": "+15551230000"}}),
+        ("POST", "people", {"fields": {"phones": [{"value": " "}]}}),
+        ("POST", "people", {"fields": {"phones": [{"value": "1", "label": "cell"}]}}),
+        ("POST", "people", {"fields": {"emails": [{"value": "a", "primary": 1}]}}),
+        ("POST", "people", {"fields": {"custom_fields": {"tier": 1}}}),
+        ("PATCH", "people/1001", {"fields": {"phones": [{"value": "1", "primary": True}] * 2}}),
+        ("PATCH", "people/1001", {"fields": ["name"]}),
+        ("PATCH", "people/1001", []),
+        ("PATCH", "people/abc", {"fields": {}}),
+        ("POST", "people/1001/merge", {"into": None}),
+        ("POST", "people/1001/merge", {"into": "10x"}),
+        ("POST", "people?kind=deal", {"fields": {}}),
+    ],
+)
+def test_bad_admin_changes_are_400_and_change_nothing(
+    fresh: PipedriveSandbox, method: str, path: str, body: Any
+) -> None:
+    before = fresh.people()
+    response = admin(fresh, method, path, json=body)
+    assert response.status_code == 400 and response.json()["message"], response.text
+    assert fresh.people() == before
+    assert admin(fresh, "POST", "people", content=b"{nope").status_code == 400
+
+
+def test_changes_survive_a_restart_and_ids_are_not_reused(tmp_path: Path) -> None:
+    with PipedriveSandbox(tmp_path, records=5, rate_limit=None) as sb:
+        created = sb.create_person()
+        sb.update_person("1002", {"name": "Kept Name"})
+        sb.delete_person(str(created["id"]))  # the highest id
+        sb.merge_people("1003", into="1004")
+        people = sb.people()
+    with PipedriveSandbox(tmp_path, records=5, rate_limit=None) as sb:
+        assert sb.people() == people
+        assert [p["id"] for p in people] == [1001, 1002, 1004, 1005]
+        assert sb.create_person()["id"] == created["id"] + 1
+
+
+@pytest.mark.parametrize("sort_by", ["id", "update_time"])
+def test_cursor_misses_nobody_when_earlier_people_are_deleted_between_pages(
+    fresh: PipedriveSandbox, fresh_client: httpx.Client, sort_by: str
+) -> None:
+    everyone = [p["id"] for p in all_persons(fresh_client, sort_by=sort_by)]
+    first = fresh_client.get(PERSONS, params={"limit": 10, "sort_by": sort_by}).json()
+    assert [p["id"] for p in first["data"]] == everyone[:10]
+    for person in first["data"]:  # the whole page, the cursor's own person too
+        fresh.delete_person(str(person["id"]))
+    rest = all_persons(
+        fresh_client, limit=10, sort_by=sort_by, cursor=first["additional_data"]["next_cursor"]
+    )
+    assert [p["id"] for p in rest] == everyone[10:]
+
+
+def test_every_change_is_delivered_as_a_documented_v2_webhook(
+    fresh: PipedriveSandbox, fresh_client: httpx.Client, receiver: Receiver
+) -> None:
+    hook = subscribe(fresh_client, f"{receiver.url}/hooks/pd")
+    created = fresh.create_person()
+    before = fresh_client.get(f"{PERSONS}/1001").json()["data"]
+    updated = fresh.update_person("1001", {"name": "Zoë Ångström"})
+    gone = fresh_client.get(f"{PERSONS}/1007").json()["data"]
+    fresh.delete_person("1007")
+    loser = fresh_client.get(f"{PERSONS}/1009").json()["data"]
+    survivor = fresh_client.get(f"{PERSONS}/1010").json()["data"]
+    merged = fresh.merge_people("1009", into="1010")
+    received = receiver.wait_for(5)
+    assert fresh.deliveries()["queued"] == 5
+
+    secret = base64.b64encode(b"quo:s3cret").decode()
+    for delivery in received:
+        assert delivery.path == "/hooks/pd"
+        assert delivery.headers["authorization"] == f"Basic {secret}"
+        assert delivery.headers["content-type"] == "application/json"
+    events = by_event(received)
+    assert set(events) == {
+        ("create", str(created["id"])),
+        ("change", "1001"),
+        ("delete", "1007"),
+        ("delete", "1009"),
+        ("change", "1010"),
+    }
+    for (_, entity_id), payload in events.items():
+        meta = payload["meta"]
+        extra = {"merged_to_id"} if entity_id == "1009" else set()
+        extra |= {"merged_from_id"} if entity_id == "1010" else set()
+        assert set(meta) == META_KEYS | extra and set(payload) == {"meta", "data", "previous"}
+        assert (meta["entity"], meta["version"], meta["type"]) == ("person", "2.0", "general")
+        assert meta["webhook_id"] == str(hook["id"]) and meta["company_id"] == "987654"
+        assert meta["is_bulk_edit"] is False and meta["attempt"] == 1
+        assert UUID.fullmatch(meta["id"]) and UUID.fullmatch(meta["correlation_id"])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", meta["timestamp"])
+        assert all(isinstance(u, str) for u in meta["permitted_user_ids"])
+        for part in (payload["data"], payload["previous"]):
+            assert part is None or set(part) <= WEBHOOK_DATA_KEYS
+    assert len({p["meta"]["id"] for p in events.values()}) == 5
+
+    def shown(person: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in person.items() if k in WEBHOOK_DATA_KEYS}
+
+    create = events["create", str(created["id"])]
+    assert create["data"] == shown(created) and create["previous"] is None
+    change = events["change", "1001"]
+    assert change["data"] == shown(updated)
+    old_names = {k: before[k] for k in ("name", "first_name", "last_name")}
+    assert change["previous"] == old_names  # the changed fields only
+    delete = events["delete", "1007"]
+    assert delete["data"] is None and delete["previous"] == shown(gone)
+    merged_away, kept = events["delete", "1009"], events["change", "1010"]
+    assert merged_away["data"] is None and merged_away["previous"] == shown(loser)
+    assert merged_away["meta"]["merged_to_id"] == "1010"
+    assert kept["meta"]["merged_from_id"] == "1009" and kept["data"] == shown(merged)
+    assert kept["previous"] == {k: survivor[k] for k in kept["previous"]}
+    assert "phones" in kept["previous"] or not loser["phones"]
+    assert kept["meta"]["correlation_id"] == merged_away["meta"]["correlation_id"]
+    assert change["meta"]["correlation_id"] != create["meta"]["correlation_id"]
+
+
+def test_only_matching_v2_subscriptions_get_deliveries(
+    fresh: PipedriveSandbox, fresh_client: httpx.Client, receiver: Receiver
+) -> None:
+    subscribe(fresh_client, f"{receiver.url}/deletes", event_action="delete")
+    subscribe(fresh_client, f"{receiver.url}/creates", event_action="create", event_object="*")
+    subscribe(fresh_client, f"{receiver.url}/deals", event_object="deal")
+    subscribe(fresh_client, f"{receiver.url}/v1", event_action="added", version="1.0")
+    no_auth = {"http_auth_user": None, "http_auth_password": None}
+    subscribe(fresh_client, f"{receiver.url}/all", **no_auth)
+    created = fresh.create_person()
+    fresh.delete_person(str(created["id"]))
+    received = receiver.wait_for(4)
+    assert settled(fresh)["sent"] == 4 and len(receiver.received) == 4  # and no more
+    got = sorted((r.path, r.json()["meta"]["action"]) for r in received)
+    assert got == [
+        ("/all", "create"),
+        ("/all", "delete"),
+        ("/creates", "create"),
+        ("/deletes", "delete"),
+    ]
+    assert all("authorization" not in r.headers for r in received if r.path == "/all")
+
+
+def test_the_answer_does_not_wait_for_the_delivery(
+    fresh: PipedriveSandbox, fresh_client: httpx.Client, receiver: Receiver
+) -> None:
+    subscribe(fresh_client, receiver.url)
+    receiver.gate.clear()  # the receiver holds its answers
+    fresh.update_person("1001")
+    fresh.update_person("1002")
+    assert fresh.deliveries()["sent"] == 0
+    receiver.gate.set()
+    assert {r.json()["meta"]["entity_id"] for r in receiver.wait_for(2)} == {"1001", "1002"}
+
+
+def test_delivery_faults_and_retries_through_the_sandbox(
+    fresh: PipedriveSandbox,
+    fresh_client: httpx.Client,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(webhook_delivery, "RETRY_WAIT_SECONDS", 0.01)
+    subscribe(fresh_client, receiver.url)
+    fresh.webhook_faults(drop=1, duplicate=1)
+    fresh.update_person("1001")  # dropped
+    fresh.update_person("1002")  # sent twice
+    receiver.wait_for(2)
+    receiver.statuses.append(500)  # the first try of the next one fails
+    fresh.update_person("1003")
+    received = receiver.wait_for(4)
+    assert [r.json()["meta"]["entity_id"] for r in received] == ["1002", "1002", "1003", "1003"]
+    assert received[0].body == received[1].body and received[2].body == received[3].body
+    stats = settled(fresh)
+    assert {k: stats[k] for k in ("queued", "sent", "dropped", "duplicated", "failed")} == {
+        "queued": 3,
+        "sent": 3,
+        "dropped": 1,
+        "duplicated": 1,
+        "failed": 0,
+    }

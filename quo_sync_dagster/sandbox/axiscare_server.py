@@ -7,6 +7,10 @@ caregivers/applicants answer `{<kind>: [...], nextPage, <kind>NotFound}` with 40
 matches, and applicants take no `limit`. The spec declares no closed parameter set, so unknown
 query parameters are ignored, as the real API does. The server only binds 127.0.0.1;
 `/_sandbox/*` admin endpoints are unauthenticated.
+
+People of every kind can be created, changed and deleted through `/_sandbox/people?kind=...`
+while a sync runs (persisted with the rest). AxisCare records carry no modification time and
+AxisCare has no merges; it has no API to subscribe to webhooks either, so none are sent.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -221,6 +225,37 @@ def _person(kind: str, person_id: int, rng: random.Random) -> dict[str, Any]:
     return person
 
 
+# What an admin change may set, per kind: every field of the kind's records but `id`.
+SETTABLE = {kind: frozenset(_person(kind, 1, random.Random(0))) - {"id"} for kind in KINDS}
+# Objects or null; `status` is always an object, `classes` a list, every other field text or null.
+_OBJECT_FIELDS = frozenset({"region", "residentialAddress", "billingAddress", "mailingAddress"})
+
+
+def _field_ok(name: str, value: object) -> bool:
+    if name == "status":
+        return (
+            isinstance(value, dict)
+            and isinstance(value.get("label"), str)
+            and isinstance(value.get("active"), bool)
+        )
+    if name == "classes":
+        return isinstance(value, list) and all(isinstance(c, dict) for c in value)
+    kind = dict if name in _OBJECT_FIELDS else str
+    return value is None or isinstance(value, kind)
+
+
+def _generated_identity(rng: random.Random, person: dict[str, Any] | None) -> dict[str, Any]:
+    """A name and a mobile phone unlike `person`'s (clean ones: generated people are reachable)."""
+    while True:
+        first, last = rng.choice(_FIRST), rng.choice(_LAST)
+        phone = f"({rng.randint(201, 989)}) {rng.randint(200, 999)}-{rng.randint(0, 9999):04d}"
+        if person is None or (
+            (first, last) != (person["firstName"], person["lastName"])
+            and phone != person["mobilePhone"]
+        ):
+            return {"firstName": first, "lastName": last, "mobilePhone": phone}
+
+
 def generate_people(records: int, seed: int = 7) -> dict[str, list[dict[str, Any]]]:
     """`records` people over the four kinds, ascending ids starting near 1 for every kind, so
     ids of different kinds overlap as in the real API."""
@@ -258,9 +293,15 @@ class SandboxState:
         stored = json.loads(people_file.read_text()) if people_file.exists() else None
         if stored is None or stored["records"] != records:
             stored = {"records": records, "people": generate_people(records)}
-            people_file.write_text(json.dumps(stored, ensure_ascii=False))
-        self.people: dict[str, list[dict[str, Any]]] = stored["people"]
+        self.records = records
+        self.people: dict[str, list[dict[str, Any]]] = stored["people"]  # ascending ids
         self.by_id = {kind: {p["id"]: p for p in rows} for kind, rows in self.people.items()}
+        # Ids are never reused, also after the highest person was deleted.
+        self.next_ids: dict[str, int] = stored.get("nextIds") or {
+            kind: max(self.by_id[kind], default=0) + 1 for kind in KINDS
+        }
+        self._rng = random.Random(records)
+        self._save_people()
         logs_file = self.data_dir / CALL_LOGS_FILE
         self.call_logs: list[dict[str, Any]] = (
             json.loads(logs_file.read_text()) if logs_file.exists() else []
@@ -272,6 +313,43 @@ class SandboxState:
     def reset_stats(self) -> None:
         self.by_kind: Counter[str] = Counter()
         self.by_status: Counter[int] = Counter()
+
+    def _save_people(self) -> None:
+        stored = {"records": self.records, "people": self.people, "nextIds": self.next_ids}
+        (self.data_dir / PEOPLE_FILE).write_text(json.dumps(stored, ensure_ascii=False))
+
+    def person(self, kind: str, person_id: int) -> dict[str, Any]:
+        if person_id not in self.by_id[kind]:
+            raise ApiError(404, f"{_SINGULAR[kind]} {person_id} not found")
+        return self.by_id[kind][person_id]
+
+    def create_person(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """A new person with the kind's next (highest) id; generated name, mobile phone and
+        email where `fields` give none."""
+        person_id = self.next_ids[kind]
+        person = _person(kind, person_id, self._rng) | _generated_identity(self._rng, None)
+        local = re.sub(r"[^a-z]", "", person["firstName"].lower()) or "person"
+        person["personalEmail"] = f"{local}.{person_id}@example.com"
+        person["createdDate"] = datetime.now(UTC).date().isoformat()
+        person = _with_fields(kind, person, fields)
+        self.next_ids[kind] += 1
+        self.people[kind].append(person)
+        self.by_id[kind][person_id] = person
+        self._save_people()
+        return person
+
+    def update_person(self, kind: str, person_id: int, fields: dict[str, Any]) -> dict[str, Any]:
+        """`fields` set; none: a generated new name and mobile phone."""
+        person = self.person(kind, person_id)
+        person.update(_with_fields(kind, person, fields or _generated_identity(self._rng, person)))
+        self._save_people()
+        return person
+
+    def delete_person(self, kind: str, person_id: int) -> None:
+        person = self.person(kind, person_id)
+        self.people[kind].remove(person)
+        del self.by_id[kind][person_id]
+        self._save_people()
 
     def add_call_log(self, log_entry: dict[str, Any]) -> None:
         self.call_logs.append(log_entry)
@@ -287,6 +365,16 @@ class SandboxState:
             "callLogs": self.call_logs,
             "pendingFaults": self.faults.pending,
         }
+
+
+def _with_fields(kind: str, person: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    for name, value in fields.items():
+        if name not in SETTABLE[kind]:
+            settable = ", ".join(sorted(SETTABLE[kind]))
+            raise ApiError(400, f"{kind} have no settable field {name!r}; settable: {settable}")
+        if not _field_ok(name, value):
+            raise ApiError(400, f"{name} has an invalid type")
+    return {**person, **fields}
 
 
 # ---- API -----------------------------------------------------------------------------------------
@@ -454,6 +542,58 @@ class _Api:
         return JSONResponse({"results": {"data": entry}, "success": True, "errors": []})
 
 
+# ---- admin: people changed while a sync runs -----------------------------------------------------
+def _admin(change: Callable[[SandboxState, str, Request], Awaitable[Any]]) -> Handler:
+    """An admin route of `/_sandbox/people[?kind=...]` (see `SandboxServer.people`): `change`
+    answers the JSON to send, or None for 204."""
+
+    async def handler(request: Request) -> Response:
+        kind = request.query_params.get("kind", "clients")
+        try:
+            if kind not in KINDS:
+                raise ApiError(400, f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+            content = await change(request.app.state.sandbox, kind, request)
+        except ApiError as exc:
+            return JSONResponse({"message": exc.message}, exc.status)
+        return Response(status_code=204) if content is None else JSONResponse(content)
+
+    return handler
+
+
+def _person_id(request: Request) -> int:
+    raw = request.path_params["id"]
+    if not raw.isdigit():
+        raise ApiError(400, "a person id is an integer")
+    return int(raw)
+
+
+async def _fields(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        raise ApiError(400, "Request body must be valid JSON") from None
+    fields = body.get("fields", {}) if isinstance(body, dict) else None
+    if not isinstance(fields, dict):
+        raise ApiError(400, 'Request body must be {"fields": {...}}')
+    return fields
+
+
+async def _list_or_create(state: SandboxState, kind: str, request: Request) -> Any:
+    if request.method == "GET":
+        return state.people[kind]
+    return state.create_person(kind, await _fields(request))
+
+
+async def _update_or_delete(state: SandboxState, kind: str, request: Request) -> Any:
+    if request.method == "DELETE":
+        return state.delete_person(kind, _person_id(request))
+    return state.update_person(kind, _person_id(request), await _fields(request))
+
+
+async def _merge(state: SandboxState, kind: str, request: Request) -> Any:
+    raise ApiError(404, "AxisCare has no merges: people cannot be merged")
+
+
 def build_app(state: SandboxState) -> Starlette:
     api = _Api(state)
     routes = [Route(f"/api/{kind}", api.people_route(kind), methods=["GET"]) for kind in KINDS]
@@ -461,6 +601,9 @@ def build_app(state: SandboxState) -> Starlette:
         routes=[
             *routes,
             Route(CALL_LOGS, api.call_logs, methods=["POST"]),
+            Route("/_sandbox/people", _admin(_list_or_create), methods=["GET", "POST"]),
+            Route("/_sandbox/people/{id}", _admin(_update_or_delete), methods=["PATCH", "DELETE"]),
+            Route("/_sandbox/people/{id}/merge", _admin(_merge), methods=["POST"]),
             *admin_routes(FAULT_STATUSES),
         ]
     )

@@ -2,12 +2,17 @@
 
 v2 persons (list with opaque cursors, sorting, `updated_since`, batch read by `ids`, single
 read), v2 activities, v1 call logs, v1 notes and v1 webhooks, per `crm-apis.md` section 1.
+People can be created, changed, merged and deleted through `/_sandbox/people` while a sync runs;
+each change is delivered as the documented webhooks v2 payload to every matching v2 subscription
+(HTTP Basic with the subscription's credentials), after the admin answer, through a
+`WebhookDelivery` that can drop, duplicate, delay or reorder deliveries.
 Auth is the `x-api-token` header (or the legacy `api_token` query); every token gets a rolling
 2-second burst window (429 + `x-ratelimit-*` + Retry-After) and, when configured, a daily token
 budget whose exhaustion yields Pipedrive's Cloudflare 403 HTML page instead of JSON.
 
-Persons are seeded deterministically into SQLite in the data dir and survive restarts; created
-call logs, activities, notes and webhooks are persisted too. The server only binds 127.0.0.1;
+Persons are seeded deterministically into SQLite in the data dir and survive restarts, as do
+their changes (a deleted person is kept soft-deleted, so its id is never reused); created call
+logs, activities, notes and webhooks are persisted too. The server only binds 127.0.0.1;
 `/_sandbox/*` admin endpoints are unauthenticated.
 """
 
@@ -21,17 +26,21 @@ import hashlib
 import json
 import logging
 import math
+import random
 import re
 import sqlite3
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTasks
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -42,6 +51,7 @@ from quo_sync_dagster.sandbox.serving import (
     admin_routes,
     serve_until_signalled,
 )
+from quo_sync_dagster.sandbox.webhook_delivery import WebhookDelivery, delivery_routes
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +91,11 @@ COSTS = {
 }
 KINDS = tuple(COSTS)
 CREATED = {"call_log": "callLogs", "activity": "activities", "note": "notes", "webhook": "webhooks"}
+COMPANY_ID, ADMIN_USER_ID, USER_IDS = 987654, 1111, (1111, 1112, 1113)
+# The person keys of a webhooks v2 `data`/`previous` (crm-apis.md 1.4): fewer than the API's.
+WEBHOOK_PERSON_KEYS = ("id", "name", "first_name", "last_name", "owner_id", "org_id", "phones")
+WEBHOOK_PERSON_KEYS += ("emails", "add_time", "update_time", "label_ids", "visible_to")
+WEBHOOK_PERSON_KEYS += ("custom_fields",)
 
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
 _V1_TIME, _DATE, _HHMM = "%Y-%m-%d %H:%M:%S", "%Y-%m-%d", re.compile(r"([01]\d|2[0-3]):[0-5]\d")
@@ -177,7 +192,7 @@ def seed_person(i: int) -> Person:
         "name": name,
         "first_name": first,
         "last_name": last,
-        "owner_id": (1111, 1112, 1113)[i % 3],
+        "owner_id": USER_IDS[i % 3],
         "org_id": None if i % 4 == 3 else 501 + i % 40,
         "add_time": _rfc3339(add_time),
         "update_time": _rfc3339(update_time),
@@ -203,6 +218,165 @@ class ApiError(Exception):
 
 def _bad(message: str) -> ApiError:
     return ApiError(400, message)
+
+
+def _not_found(person_id: int) -> ApiError:
+    return ApiError(404, f"Person {person_id} not found", "ERR_NOT_FOUND")
+
+
+def _text_or_none(value: object) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _contact_items(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(item, dict)
+        and set(item) <= {"value", "primary", "label"}
+        and isinstance(item.get("value"), str)
+        and item["value"].strip() != ""
+        and isinstance(item.get("primary", False), bool)
+        and item.get("label", "work") in _LABELS
+        for item in value
+    )
+
+
+# What a person change may set: the writable v2 person fields, with their types.
+PERSON_FIELDS: dict[str, Callable[[object], bool]] = {
+    "name": lambda v: isinstance(v, str),
+    "first_name": _text_or_none,
+    "last_name": _text_or_none,
+    "owner_id": lambda v: v in USER_IDS,
+    "org_id": lambda v: v is None or _is_int(v),
+    "visible_to": lambda v: v in (1, 3, 5, 7),
+    "label_ids": lambda v: isinstance(v, list) and all(map(_is_int, v)),
+    "custom_fields": lambda v: isinstance(v, dict) and set(v) <= set(CUSTOM_FIELD_KEYS.values()),
+    "phones": _contact_items,
+    "emails": _contact_items,
+}
+
+
+def _with_fields(person: Person, fields: dict[str, Any]) -> Person:
+    """`person` with `fields` set the way the v2 API sets them: `name` and `first_name` /
+    `last_name` follow each other, one item becomes primary, custom fields merge by key."""
+    for name, value in fields.items():
+        if name not in PERSON_FIELDS:
+            raise _bad(f"Field '{name}' cannot be set; settable: {', '.join(PERSON_FIELDS)}")
+        if not PERSON_FIELDS[name](value):
+            raise _bad(f"Field '{name}' has an invalid type or format")
+    changed = {**person, **fields}
+    if "custom_fields" in fields:
+        changed["custom_fields"] = {**person["custom_fields"], **fields["custom_fields"]}
+    for name in ("phones", "emails"):
+        items = [{"label": "work", "primary": False, **item} for item in changed[name]]
+        if sum(item["primary"] for item in items) > 1:
+            raise _bad(f"Only one item of '{name}' can be primary")
+        if items and not any(item["primary"] for item in items):
+            items[0]["primary"] = True  # documented: the first becomes primary
+        changed[name] = [{k: item[k] for k in ("value", "primary", "label")} for item in items]
+    if "name" in fields and not {"first_name", "last_name"} & set(fields):
+        first, _, last = fields["name"].strip().partition(" ")
+        changed.update(first_name=first or None, last_name=last.strip() or None)
+    elif "name" not in fields and {"first_name", "last_name"} & set(fields):
+        parts = (changed["first_name"], changed["last_name"])
+        changed["name"] = " ".join(p for p in parts if p)
+    return changed
+
+
+def _generated_identity(rng: random.Random, person: Person | None) -> dict[str, Any]:
+    """A new name and primary phone (both unlike `person`'s), for a generated create or edit."""
+    while True:
+        first, last = rng.choice(_FIRST), rng.choice(_LAST)
+        phone = _phone(rng.randrange(10**6), rng.randrange(4))
+        old_phones = [p["value"] for p in person["phones"]] if person else []
+        if person is None or (f"{first} {last}" != person["name"] and phone not in old_phones):
+            break
+    phones = [dict(p) for p in person["phones"]] if person else []
+    primary = next((p for p in phones if p["primary"]), None)
+    if primary is None:
+        phones.insert(0, {"value": phone, "primary": True, "label": "mobile"})
+    else:
+        primary["value"] = phone
+    return {"name": f"{first} {last}", "first_name": first, "last_name": last, "phones": phones}
+
+
+def _webhook_person(person: Person) -> dict[str, Any]:
+    return {key: person[key] for key in WEBHOOK_PERSON_KEYS}
+
+
+def _changed_fields(before: Person, after: Person) -> dict[str, Any]:
+    """A v2 `change` event's `previous`: the old values of the fields that changed."""
+    return {
+        key: before[key]
+        for key in WEBHOOK_PERSON_KEYS
+        if key != "update_time" and before[key] != after[key]
+    }
+
+
+def _merged(survivor: Person, loser: Person) -> Person:
+    """What Pipedrive keeps of a merge: the survivor's values, its empty fields filled from the
+    merged person's, and the merged person's phones and emails it lacked added."""
+    merged = dict(survivor)
+    if not merged["name"]:
+        merged |= {key: loser[key] for key in ("name", "first_name", "last_name")}
+    if merged["org_id"] is None:
+        merged["org_id"] = loser["org_id"]
+    merged["custom_fields"] = {
+        key: value if value is not None else loser["custom_fields"].get(key)
+        for key, value in survivor["custom_fields"].items()
+    }
+    for name in ("phones", "emails"):
+        kept = {item["value"] for item in survivor[name]}
+        added = [{**item, "primary": False} for item in loser[name] if item["value"] not in kept]
+        merged[name] = [*survivor[name], *added]
+        if merged[name] and not survivor[name]:
+            merged[name][0]["primary"] = True
+    return merged
+
+
+@dataclass(frozen=True)
+class PersonEvent:
+    """One webhooks v2 event about a person, before it is addressed to a subscription."""
+
+    action: str  # create | change | delete
+    person_id: int
+    data: dict[str, Any] | None
+    previous: dict[str, Any] | None
+    timestamp: str
+    extra_meta: dict[str, str] = field(default_factory=dict)  # merged_to_id / merged_from_id
+
+    def payload(self, webhook: dict[str, Any], correlation_id: str, host: str) -> dict[str, Any]:
+        meta = {
+            "action": self.action,
+            "entity": "person",
+            "entity_id": str(self.person_id),
+            "company_id": str(COMPANY_ID),
+            "correlation_id": correlation_id,
+            "id": str(uuid.uuid4()),
+            "is_bulk_edit": False,
+            "timestamp": self.timestamp,
+            "type": "general",
+            "user_id": str(ADMIN_USER_ID),
+            "version": "2.0",
+            "webhook_id": str(webhook["id"]),
+            "webhook_owner_id": str(webhook["owner_id"]),
+            "change_source": "app",  # made in the sandbox, as a user in the Pipedrive app would
+            "attempt": 1,
+            "host": host,
+            "permitted_user_ids": [str(u) for u in USER_IDS],
+            **self.extra_meta,
+        }
+        return {"meta": meta, "data": self.data, "previous": self.previous}
+
+    def wanted_by(self, webhook: dict[str, Any]) -> bool:
+        return (
+            webhook["version"] == "2.0"
+            and webhook["event_object"] in ("person", "*")
+            and webhook["event_action"] in (self.action, "*")
+        )
+
+
+def _event_time(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
 class BurstWindow:
@@ -242,6 +416,8 @@ class PipedriveState:
         self.burst = BurstWindow(rate_limit) if rate_limit else None
         self.daily_budget = daily_budget
         self.faults = FaultQueue()
+        self.delivery = WebhookDelivery()
+        self._rng = random.Random(records)
         self._db = sqlite3.connect(
             data_dir / DB_FILENAME, check_same_thread=False, isolation_level=None
         )
@@ -255,9 +431,11 @@ class PipedriveState:
                 "INSERT INTO persons (id, body) VALUES (?, ?)",
                 ((p["id"], json.dumps(p)) for p in map(seed_person, range(records))),
             )
+        stored = {pid: json.loads(b) for pid, b in self._db.execute("SELECT id, body FROM persons")}
         self.persons: dict[int, Person] = {
-            pid: json.loads(body) for pid, body in self._db.execute("SELECT id, body FROM persons")
+            pid: person for pid, person in stored.items() if not person["is_deleted"]
         }
+        self._next_person_id = max(stored, default=FIRST_PERSON_ID - 1) + 1
         self.objects: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in CREATED}
         for kind, oid, body in self._db.execute(
             "SELECT kind, id, body FROM objects WHERE deleted = 0 ORDER BY seq"
@@ -304,6 +482,96 @@ class PipedriveState:
     def next_id(self) -> int:
         return self._next_seq
 
+    # ---- people changes: each returns what it did and the webhook events it causes ----------
+    def _save_person(self, person: Person) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO persons (id, body) VALUES (?, ?)",
+            (person["id"], json.dumps(person)),
+        )
+        if person["is_deleted"]:
+            self.persons.pop(person["id"], None)
+        else:
+            self.persons[person["id"]] = person
+
+    def person(self, person_id: int) -> Person:
+        if person_id not in self.persons:
+            raise _not_found(person_id)
+        return self.persons[person_id]
+
+    def create_person(self, fields: dict[str, Any]) -> tuple[Person, list[PersonEvent]]:
+        """A new person with the next id; a generated name, phone and email where `fields`
+        give none."""
+        now = datetime.now(UTC)
+        person_id = self._next_person_id
+        person = seed_person(person_id - FIRST_PERSON_ID) | _generated_identity(self._rng, None)
+        email = f"{_slug(person['name'])}{person_id}@example.com"
+        person |= {"emails": [{"value": email, "primary": True, "label": "work"}]}
+        person |= {"add_time": _rfc3339(now), "update_time": _rfc3339(now)}
+        person = _with_fields(person, fields)
+        self._next_person_id += 1
+        self._save_person(person)
+        data = _webhook_person(person)
+        return person, [PersonEvent("create", person_id, data, None, _event_time(now))]
+
+    def update_person(
+        self, person_id: int, fields: dict[str, Any]
+    ) -> tuple[Person, list[PersonEvent]]:
+        """`fields` set (none: a generated new name and phone); update_time moves to now."""
+        now = datetime.now(UTC)
+        before = self.person(person_id)
+        after = _with_fields(before, fields or _generated_identity(self._rng, before))
+        after["update_time"] = _rfc3339(now)
+        self._save_person(after)
+        previous = _changed_fields(before, after)
+        event = PersonEvent("change", person_id, _webhook_person(after), previous, _event_time(now))
+        return after, [event]
+
+    def delete_person(self, person_id: int) -> list[PersonEvent]:
+        before = self.person(person_id)
+        self._save_person({**before, "is_deleted": True})
+        last = _webhook_person(before)
+        return [PersonEvent("delete", person_id, None, last, _event_time(datetime.now(UTC)))]
+
+    def merge_persons(self, loser_id: int, survivor_id: int) -> tuple[Person, list[PersonEvent]]:
+        """Merge `loser_id` into `survivor_id`: the loser's delete carries `merged_to_id`, the
+        survivor's change `merged_from_id` (webhooks v2 have no merge action)."""
+        if loser_id == survivor_id:
+            raise _bad("A person cannot be merged with itself")
+        loser, before = self.person(loser_id), self.person(survivor_id)
+        now = datetime.now(UTC)
+        after = _merged(before, loser) | {"update_time": _rfc3339(now)}
+        self._save_person({**loser, "is_deleted": True, "update_time": _rfc3339(now)})
+        self._save_person(after)
+        when = _event_time(now)
+        gone = _webhook_person(loser)
+        return after, [
+            PersonEvent("delete", loser_id, None, gone, when, {"merged_to_id": str(survivor_id)}),
+            PersonEvent(
+                "change",
+                survivor_id,
+                _webhook_person(after),
+                _changed_fields(before, after),
+                when,
+                {"merged_from_id": str(loser_id)},
+            ),
+        ]
+
+    def deliveries_of(self, events: list[PersonEvent], host: str) -> BackgroundTasks:
+        """The sends of `events` to every matching subscription, as tasks to run once the
+        answer that made the change is out. One correlation id per change, as in Pipedrive."""
+        tasks, correlation_id = BackgroundTasks(), str(uuid.uuid4())
+        for webhook in self.objects["webhook"].values():
+            headers = {"Content-Type": "application/json"}
+            if webhook["http_auth_user"] is not None:
+                pair = f"{webhook['http_auth_user']}:{webhook['http_auth_password']}"
+                headers["Authorization"] = f"Basic {base64.b64encode(pair.encode()).decode()}"
+            for event in events:
+                if event.wanted_by(webhook):
+                    payload = event.payload(webhook, correlation_id, host)
+                    body = json.dumps(payload, ensure_ascii=False).encode()
+                    tasks.add_task(self.delivery.send, webhook["subscription_url"], body, headers)
+        return tasks
+
     def stats(self) -> dict[str, Any]:
         return {
             "requests": sum(self.by_kind.values()),
@@ -319,6 +587,7 @@ class PipedriveState:
         }
 
     def close(self) -> None:
+        self.delivery.close()
         self._db.close()
 
 
@@ -702,7 +971,11 @@ class _Api:
                 "http_auth_password": _string,
             },
         )
-        url = urlsplit(str(body["subscription_url"]))
+        try:
+            url = urlsplit(str(body["subscription_url"]))
+            url.port  # noqa: B018 - a bad port raises here, not at delivery
+        except ValueError:
+            raise _bad("Field 'subscription_url' is not a valid URL") from None
         # Pipedrive wants public HTTPS; plain http is let through for loopback receivers only.
         loopback = url.scheme == "http" and url.hostname in ("127.0.0.1", "localhost")
         if not (url.scheme == "https" or loopback) or not url.hostname:
@@ -755,8 +1028,71 @@ def _parse(rfc3339: str) -> datetime:
     return datetime.fromisoformat(rfc3339)
 
 
+# ---- admin: people changed while a sync runs --------------------------------------------------
+Changed = tuple[Any, list[PersonEvent]]  # what an admin call answers, and the events it causes
+
+
+class _PeopleAdmin:
+    """`/_sandbox/people` (see `SandboxServer.people`): changes as a Pipedrive user makes them,
+    each answered first and then delivered to the webhooks. Pipedrive has one kind: person."""
+
+    def __init__(self, state: PipedriveState) -> None:
+        self.state = state
+
+    def route(self, change: Callable[[Request], Awaitable[Changed]]) -> Handler:
+        async def handler(request: Request) -> Response:
+            try:
+                kind = request.query_params.get("kind", "person")
+                if kind.lower() != "person":
+                    raise _bad(f"Pipedrive has persons only, not {kind!r}")
+                content, events = await change(request)
+            except ApiError as exc:
+                return JSONResponse({"message": exc.message}, exc.status)
+            tasks = self.state.deliveries_of(events, request.url.netloc)
+            if content is None:
+                return Response(status_code=204, background=tasks)
+            return JSONResponse(content, background=tasks)
+
+        return handler
+
+    async def list_or_create(self, request: Request) -> Changed:
+        if request.method == "GET":
+            return sorted(self.state.persons.values(), key=lambda p: p["id"]), []
+        return self.state.create_person(await _admin_fields(request))
+
+    async def update_or_delete(self, request: Request) -> Changed:
+        person_id = _int_param(request.path_params["id"], "id")
+        if request.method == "DELETE":
+            return None, self.state.delete_person(person_id)
+        return self.state.update_person(person_id, await _admin_fields(request))
+
+    async def merge(self, request: Request) -> Changed:
+        into = (await _admin_body(request)).get("into")
+        if not (_is_int(into) or isinstance(into, str)):
+            raise _bad('Request body must be {"into": "<surviving person id>"}')
+        loser_id = _int_param(request.path_params["id"], "id")
+        return self.state.merge_persons(loser_id, _int_param(str(into), "into"))
+
+
+async def _admin_body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        raise _bad("Request body must be valid JSON") from None
+    if not isinstance(body, dict):
+        raise _bad("Request body must be a JSON object")
+    return body
+
+
+async def _admin_fields(request: Request) -> dict[str, Any]:
+    fields = (await _admin_body(request)).get("fields", {})
+    if not isinstance(fields, dict):
+        raise _bad('Request body must be {"fields": {...}}')
+    return fields
+
+
 def build_app(state: PipedriveState) -> Starlette:
-    api = _Api(state)
+    api, admin = _Api(state), _PeopleAdmin(state)
     app = Starlette(
         routes=[
             Route("/api/v2/persons", api.persons, methods=["GET"]),
@@ -766,10 +1102,18 @@ def build_app(state: PipedriveState) -> Starlette:
             Route("/v1/notes", api.notes, methods=["POST"]),
             Route("/v1/webhooks", api.webhooks, methods=["GET", "POST"]),
             Route("/v1/webhooks/{id}", api.webhook, methods=["DELETE"]),
+            Route("/_sandbox/people", admin.route(admin.list_or_create), methods=["GET", "POST"]),
+            Route(
+                "/_sandbox/people/{id}",
+                admin.route(admin.update_or_delete),
+                methods=["PATCH", "DELETE"],
+            ),
+            Route("/_sandbox/people/{id}/merge", admin.route(admin.merge), methods=["POST"]),
             *admin_routes(FAULT_STATUSES),
+            *delivery_routes(),
         ]
     )
-    app.state.sandbox = state
+    app.state.sandbox, app.state.delivery = state, state.delivery
     return app
 
 

@@ -10,6 +10,7 @@ and in order. `GET /_sandbox/deliveries` says what happened to each.
 from __future__ import annotations
 
 import json
+import math
 import queue
 import random
 import threading
@@ -52,8 +53,10 @@ class DeliveryFaults:
                 raise ValueError(f"{camel(name)} must be an integer >= 0")
         for name in ("delay_seconds", "drop_rate", "duplicate_rate"):
             value = getattr(faults, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{camel(name)} must be a number >= 0")
+            # JSON parsing lets NaN and Infinity through; an infinite delay would end the sender.
+            bad_type = not isinstance(value, int | float) or isinstance(value, bool)
+            if bad_type or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{camel(name)} must be a finite number >= 0")
         if faults.drop_rate > 1 or faults.duplicate_rate > 1:
             raise ValueError("dropRate and duplicateRate are probabilities (0-1)")
         return faults
@@ -154,11 +157,14 @@ class WebhookDelivery:
                         status = client.post(
                             delivery.url, content=delivery.body, headers=delivery.headers
                         ).status_code
+                    except httpx.InvalidURL:
+                        break  # no try can reach it; the sender must live on for the others
                     except httpx.HTTPError:
                         status = None
                     if status is not None and status < 500:
                         # A 4xx is the receiver refusing this delivery: a CRM does not retry it.
-                        outcome = "sent" if status < 400 else "failed"
+                        # Only a 2xx is delivered: a redirect is not followed (nor is it by CRMs).
+                        outcome = "sent" if 200 <= status < 300 else "failed"
                         break
                     if attempt < RETRIES:
                         time.sleep(RETRY_WAIT_SECONDS * (attempt + 1))
