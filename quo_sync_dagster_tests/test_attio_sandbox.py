@@ -3,12 +3,19 @@ rate limits, with every response checked against the spec subset."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +23,18 @@ import phonenumbers
 import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 
-from quo_sync_dagster.sandbox.attio_server import QUERY, SPEC_PATH, AttioSandbox
+from quo_sync_dagster.sandbox.attio_server import (
+    ATTRIBUTE_IDS,
+    MEMBER_ACTOR,
+    PEOPLE_FILE,
+    PEOPLE_OBJECT_ID,
+    QUERY,
+    SPEC_PATH,
+    WORKSPACE_ID,
+    AttioSandbox,
+    generate_people,
+)
+from quo_sync_dagster.sandbox.serving import SandboxServer
 
 KEY = "attio-test-key"
 RECORDS = 500
@@ -278,3 +296,376 @@ def test_cli_prints_ready_line(tmp_path) -> None:
         finally:
             process.terminate()
             process.wait(10)
+
+
+# ---- people changes while a sync runs, and the webhooks they send --------------------------
+@dataclass(frozen=True)
+class Delivery:
+    path: str
+    headers: dict[str, str]  # lower-case names
+    raw: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.raw)
+
+
+class Receiver:
+    """Captures the POSTs sent to it on 127.0.0.1 (a free port), answering 200."""
+
+    def __init__(self) -> None:
+        self.received: list[Delivery] = []
+        self._arrived = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                with receiver._arrived:
+                    receiver.received.append(Delivery(self.path, headers, raw))
+                    receiver._arrived.notify_all()
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def wait_for(self, count: int, timeout: float = 15.0) -> list[Delivery]:
+        with self._arrived:
+            arrived = self._arrived.wait_for(lambda: len(self.received) >= count, timeout)
+            assert arrived, f"{len(self.received)} of {count} deliveries arrived"
+            return list(self.received)
+
+
+def settled(sb: SandboxServer, queued: int, timeout: float = 15.0) -> dict[str, Any]:
+    """The sandbox's delivery stats once `queued` deliveries were queued and none is pending:
+    after this, nothing more arrives."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = sb.deliveries()
+        if stats["queued"] >= queued and stats["pending"] == 0:
+            return stats
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[AttioSandbox]:
+    """A small sandbox of its own: these tests change its people."""
+    with AttioSandbox(tmp_path, KEY, records=30, rate_limit=None) as sb:
+        yield sb
+
+
+def client(sb: AttioSandbox) -> httpx.Client:
+    return httpx.Client(base_url=sb.url, headers={"Authorization": f"Bearer {KEY}"})
+
+
+def create_webhook(sb: AttioSandbox, target_url: str, subscriptions: list[dict]) -> dict:
+    with client(sb) as http:
+        body = {"data": {"target_url": target_url, "subscriptions": subscriptions}}
+        response = http.post("/v2/webhooks", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+def oldest_first(sb: AttioSandbox, limit: int = 500, offset: int = 0) -> list[str]:
+    sorts = [{"attribute": "created_at", "direction": "asc"}]
+    with client(sb) as http:
+        body = {"sorts": sorts, "limit": limit, "offset": offset}
+        return ids(http.post(QUERY_URL, json=body).json()["data"])
+
+
+def active(person: dict[str, Any], attribute: str) -> list[dict[str, Any]]:
+    return [v for v in person["values"][attribute] if v["active_until"] is None]
+
+
+def test_admin_changes_are_what_the_api_serves(live: AttioSandbox) -> None:
+    before = live.people()
+    assert ids(before) == oldest_first(live)
+    mobile = phonenumbers.example_number_for_type("NZ", phonenumbers.PhoneNumberType.MOBILE)
+    national = phonenumbers.format_number(mobile, phonenumbers.PhoneNumberFormat.NATIONAL)
+    created = live.create_person(
+        {
+            "name": {"first_name": "Aroha", "last_name": "Ngata"},
+            "phone_numbers": [{"original_phone_number": national, "country_code": "NZ"}],
+            "email_addresses": "Aroha@Example.org",
+        }
+    )
+    new_id = created["id"]["record_id"]
+    assert new_id not in ids(before)
+    assert created["created_at"] > max(p["created_at"] for p in before)
+    [phone] = active(created, "phone_numbers")
+    assert (phone["country_code"], phone["phone_number"]) == ("NZ", "+64211234567")
+    assert active(created, "email_addresses")[0]["email_address"] == "aroha@example.org"
+    assert active(created, "name")[0]["full_name"] == "Aroha Ngata"
+    assert oldest_first(live)[-1] == new_id  # a create lands at the end, oldest first
+
+    edited, victim = ids(before)[4], ids(before)[7]
+    old_name = active(before[4], "name")[0]["full_name"]
+    updated = live.update_person(edited)  # a generated new name and phone
+    assert active(updated, "name")[0]["full_name"] != old_name
+    superseded = updated["values"]["name"][0]  # the old value is kept, inactive
+    assert (superseded["full_name"], superseded["active_until"] is None) == (old_name, False)
+    new_phone = active(updated, "phone_numbers")[0]["phone_number"]
+    with client(live) as http:
+        assert http.get(f"/v2/objects/people/records/{edited}").json()["data"] == updated
+        by_phone = http.post(QUERY_URL, json={"filter": {"phone_numbers": new_phone}})
+        assert edited in ids(by_phone.json()["data"])
+
+        live.delete_person(victim)
+        assert http.get(f"/v2/objects/people/records/{victim}").status_code == 404
+        wanted = {"filter": {"record_id": {"$in": [victim, edited, new_id]}}}
+        assert sorted(ids(http.post(QUERY_URL, json=wanted).json()["data"])) == sorted(
+            [edited, new_id]
+        )
+    assert victim not in ids(live.people()) and victim not in oldest_first(live)
+    assert len(live.people()) == len(before)  # one created, one deleted
+    assert oldest_first(live).index(edited) == 4  # an update does not move a person
+    with pytest.raises(httpx.HTTPStatusError) as gone:
+        live.delete_person(victim)
+    assert gone.value.response.status_code == 404
+    assert live.stats()["people"] == len(before)
+
+
+@pytest.mark.parametrize(
+    ("call", "status"),
+    [
+        (lambda sb, pid: sb.create_person({"shoe_size": "42"}), 400),
+        (lambda sb, pid: sb.create_person({"name": {"first_name": ""}}), 400),
+        (lambda sb, pid: sb.create_person({"name": [{"full_name": "A"}, {"full_name": "B"}]}), 400),
+        (lambda sb, pid: sb.create_person({"phone_numbers": ["+1 555 010 0000"]}), 400),
+        (lambda sb, pid: sb.create_person({"phone_numbers": [{"country_code": "US"}]}), 400),
+        (lambda sb, pid: sb.create_person({"email_addresses": ["not-an-address@"]}), 400),
+        (lambda sb, pid: sb.create_person({"job_title": 7}), 400),
+        (lambda sb, pid: sb.create_person(kind="companies"), 400),
+        (lambda sb, pid: sb.update_person("00000000-0000-4000-8000-000000000000"), 404),
+        (lambda sb, pid: sb.merge_people(pid, into=pid), 400),
+        (lambda sb, pid: sb.merge_people(pid, into="00000000-0000-4000-8000-000000000000"), 404),
+    ],
+)
+def test_admin_refuses_bad_changes(live: AttioSandbox, call: Callable, status: int) -> None:
+    before = live.people()
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        call(live, ids(before)[0])
+    assert refused.value.response.status_code == status
+    assert "message" in refused.value.response.json()
+    assert live.people() == before  # nothing half-written
+
+
+def check_delivery(delivery: Delivery, webhook: dict[str, Any]) -> dict[str, Any]:
+    """The one event of a delivery, after checking its signature and headers."""
+    expected = hmac.new(webhook["secret"].encode(), delivery.raw, hashlib.sha256).hexdigest()
+    assert delivery.headers["attio-signature"] == expected
+    assert delivery.headers["x-attio-signature"] == expected
+    assert delivery.headers["content-type"] == "application/json"
+    uuid.UUID(delivery.headers["idempotency-key"])
+    body = delivery.json()
+    assert set(body) == {"webhook_id", "events"}
+    assert body["webhook_id"] == webhook["id"]["webhook_id"]
+    [event] = body["events"]  # Attio sends one event per delivery
+    return event
+
+
+def record_ids(record_id: str, **extra: str) -> dict[str, str]:
+    return {
+        "workspace_id": WORKSPACE_ID,
+        "object_id": PEOPLE_OBJECT_ID,
+        "record_id": record_id,
+        **extra,
+    }
+
+
+def test_changes_are_delivered_signed_to_the_subscriptions_that_take_them(
+    live: AttioSandbox,
+) -> None:
+    people_only = {
+        "$and": [{"field": "id.object_id", "operator": "equals", "value": PEOPLE_OBJECT_ID}]
+    }
+    not_people = {
+        "$and": [{"field": "id.object_id", "operator": "not_equals", "value": PEOPLE_OBJECT_ID}]
+    }
+    by_member = {
+        "$or": [
+            {"field": "id.object_id", "operator": "equals", "value": "companies"},
+            {"field": "actor.type", "operator": "equals", "value": "workspace-member"},
+        ]
+    }
+    with Receiver() as rx:
+        events = ("record.created", "record.updated", "record.deleted", "record.merged")
+        everything = create_webhook(
+            live, f"{rx.url}/all", [{"event_type": e, "filter": people_only} for e in events]
+        )
+        narrow = create_webhook(
+            live,
+            f"{rx.url}/narrow",
+            [
+                {"event_type": "record.updated", "filter": not_people},
+                {"event_type": "record.deleted", "filter": by_member},
+            ],
+        )
+        create_webhook(live, f"{rx.url}/notes", [{"event_type": "note.created", "filter": None}])
+
+        created = live.create_person()
+        record_id = created["id"]["record_id"]
+        live.update_person(record_id, {"job_title": "Harbour master", "name": {"full_name": "Mo"}})
+        live.update_person(record_id, {"job_title": "Harbour master"})  # no change: no event
+        live.delete_person(record_id)
+        rx.wait_for(5)
+        stats = settled(live, queued=5)
+
+    assert (stats["queued"], stats["sent"], stats["failed"]) == (5, 5, 0)
+    assert sorted(d.path for d in rx.received) == ["/all"] * 4 + ["/narrow"]
+    got = {
+        (d.path, json.dumps(check_delivery(d, everything if d.path == "/all" else narrow)))
+        for d in rx.received
+    }
+    member = {"type": "workspace-member", "id": MEMBER_ACTOR["id"]}
+    attribute = {a: ATTRIBUTE_IDS[a] for a in ("job_title", "name")}
+    expected = [
+        ("/all", {"event_type": "record.created", "id": record_ids(record_id)}),
+        *(
+            (
+                "/all",
+                {
+                    "event_type": "record.updated",
+                    "id": record_ids(record_id, attribute_id=attribute[a]),
+                },
+            )
+            for a in ("job_title", "name")
+        ),
+        ("/all", {"event_type": "record.deleted", "id": record_ids(record_id)}),
+        ("/narrow", {"event_type": "record.deleted", "id": record_ids(record_id)}),
+    ]
+    assert got == {(path, json.dumps({**event, "actor": member})) for path, event in expected}
+    keys = [d.headers["idempotency-key"] for d in rx.received]
+    assert len(set(keys)) == len(keys)
+
+
+def test_merge_makes_a_new_record_and_two_merged_events(live: AttioSandbox) -> None:
+    people = live.people()
+    primary = next(p for p in people if active(p, "phone_numbers") and active(p, "job_title"))
+    secondary = next(p for p in people if p != primary and active(p, "email_addresses"))
+    with Receiver() as rx:
+        events = ("record.created", "record.updated", "record.deleted", "record.merged")
+        webhook = create_webhook(
+            live, f"{rx.url}/hook", [{"event_type": e, "filter": None} for e in events]
+        )
+        merged = live.merge_people(secondary["id"]["record_id"], into=primary["id"]["record_id"])
+        rx.wait_for(2)
+        settled(live, queued=2)
+
+    new_id = merged["id"]["record_id"]
+    originals = [secondary["id"]["record_id"], primary["id"]["record_id"]]
+    assert new_id not in originals
+    assert [check_delivery(d, webhook) for d in rx.received] == [
+        {
+            "event_type": "record.merged",
+            "id": record_ids(new_id),
+            "duplicate_object_id": PEOPLE_OBJECT_ID,
+            "duplicate_record_id": original,
+            "actor": {"type": "workspace-member", "id": MEMBER_ACTOR["id"]},
+        }
+        for original in originals
+    ]
+    assert active(merged, "name") == active(primary, "name")  # the primary's value wins
+    assert active(merged, "job_title") == active(primary, "job_title")
+    emails = {v["email_address"] for v in active(merged, "email_addresses")}
+    assert emails == {
+        v["email_address"]
+        for p in (primary, secondary)
+        for v in active(p, "email_addresses")  # both people's, once each
+    }
+    assert merged["created_at"] > max(p["created_at"] for p in people)
+    with client(live) as http:
+        for original in originals:
+            assert http.get(f"/v2/objects/people/records/{original}").status_code == 404
+        assert http.get(f"/v2/objects/people/records/{new_id}").json()["data"] == merged
+    assert oldest_first(live)[-1] == new_id
+    assert len(live.people()) == len(people) - 1
+
+
+def test_lost_and_duplicated_deliveries_are_counted(live: AttioSandbox) -> None:
+    with Receiver() as rx:
+        webhook = create_webhook(
+            live, f"{rx.url}/hook", [{"event_type": "record.created", "filter": None}]
+        )
+        assert live.webhook_faults(drop=1, duplicate=1)["drop"] == 1
+        created = [live.create_person()["id"]["record_id"] for _ in range(2)]
+        rx.wait_for(2)
+        stats = settled(live, queued=2)
+    assert (stats["queued"], stats["dropped"], stats["duplicated"], stats["sent"]) == (2, 1, 1, 2)
+    first, second = rx.received  # both copies of the one kept, with one idempotency key
+    assert first.raw == second.raw
+    assert first.headers["idempotency-key"] == second.headers["idempotency-key"]
+    assert check_delivery(first, webhook)["id"]["record_id"] in created
+
+
+def test_offset_paging_under_concurrent_changes(live: AttioSandbox) -> None:
+    """Oldest first, an offset page shifts back by the people deleted before it; creates
+    append at the end and updates do not move anyone. What the sync's guarantee builds on."""
+    everyone = oldest_first(live)
+    first_page = oldest_first(live, limit=10, offset=0)
+    assert first_page == everyone[:10]
+    for record_id in first_page[:3]:
+        live.delete_person(record_id)
+    live.update_person(everyone[15])
+    created = live.create_person()["id"]["record_id"]
+    # The next page starts three people later than it would have: those three are skipped.
+    assert oldest_first(live, limit=10, offset=10) == everyone[13:23]
+    assert oldest_first(live) == [*everyone[3:], created]
+
+
+def test_http_targets_only_on_loopback(live: AttioSandbox) -> None:
+    subscriptions = [{"event_type": "record.created", "filter": None}]
+    with client(live) as http:
+        for url, status in (
+            ("http://127.0.0.1:9/hook", 200),
+            ("http://localhost/hook", 200),
+            ("http://127.0.0.1.evil.example/hook", 400),
+            ("http://hooks.example/127.0.0.1", 400),
+        ):
+            body = {"data": {"target_url": url, "subscriptions": subscriptions}}
+            assert http.post("/v2/webhooks", json=body).status_code == status, url
+
+
+def test_people_changes_persist_across_restarts(tmp_path: Path) -> None:
+    with AttioSandbox(tmp_path, KEY, records=6, rate_limit=None) as sb:
+        people = ids(sb.people())
+        sb.update_person(people[0], {"job_title": "Skipper"})
+        sb.delete_person(people[-1])  # the newest: a later create still comes after it
+        merged = sb.merge_people(people[1], into=people[2])["id"]["record_id"]
+        newest = max(p["created_at"] for p in sb.people())
+        before = sb.people()
+    with AttioSandbox(tmp_path, KEY, records=99, rate_limit=None) as sb:
+        assert sb.people() == before
+        assert ids(before) == [people[0], *people[3:5], merged]
+        assert active(before[0], "job_title")[0]["value"] == "Skipper"
+        assert sb.create_person()["created_at"] > newest
+
+
+def test_a_new_record_comes_after_one_created_in_the_future(tmp_path: Path) -> None:
+    """Clock skew or an import can leave a created_at ahead of now: new records still sort last."""
+    people = generate_people(5)
+    people[2]["created_at"] = "2099-01-01T00:00:00.000000000Z"
+    (tmp_path / PEOPLE_FILE).write_text(json.dumps(people))
+    with AttioSandbox(tmp_path, KEY, records=5, rate_limit=None) as sb:
+        created = sb.create_person()
+        merged = sb.merge_people(ids(people)[0], into=ids(people)[1])
+        assert "2099-01-01T00:00:00.000000000Z" < created["created_at"] < merged["created_at"]
+        assert oldest_first(sb)[-3:] == [
+            ids(people)[2],
+            created["id"]["record_id"],
+            merged["id"]["record_id"],
+        ]

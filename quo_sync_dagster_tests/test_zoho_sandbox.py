@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import datetime, timedelta
+import json
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from quo_sync_dagster.sandbox.zoho_server import ZohoSandbox
+from quo_sync_dagster.sandbox.zoho_server import SYSTEM_FIELDS, ZohoSandbox
+from quo_sync_dagster_tests.test_attio_sandbox import Receiver, settled
 
 TOKEN = "zoho-sandbox-token"
 CONTACTS, LEADS = 2300, 120
@@ -182,3 +186,293 @@ def test_people_persist_across_restarts(tmp_path: Any) -> None:
         again = get(sb, "Contacts", params={"fields": FIELDS}).json()["data"]
     assert [r["id"] for r in again] == [r["id"] for r in first]
     assert again[-1]["Modified_Time"] != first[-1]["Modified_Time"]
+
+
+# ---- people changes while a sync runs, and the notifications they send ---------------------
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[ZohoSandbox]:
+    """A small sandbox of its own: these tests change its people."""
+    with ZohoSandbox(tmp_path, records={"Contacts": 30, "Leads": 10}, rate_limit=None) as sb:
+        yield sb
+
+
+def watch(sb: ZohoSandbox, channel_id: str, events: list[str], url: str, **extra: Any) -> None:
+    channel = {"channel_id": channel_id, "events": events, "notify_url": url, **extra}
+    response = httpx.post(
+        f"{sb.url}/crm/v8/actions/watch",
+        json={"watch": [channel]},
+        headers={"Authorization": f"Zoho-oauthtoken {TOKEN}"},
+    )
+    assert response.status_code == 200, response.text
+
+
+def ids(records: list[dict[str, Any]]) -> list[str]:
+    return [r["id"] for r in records]
+
+
+def id_order(sb: ZohoSandbox, module: str = "Contacts", **params: Any) -> list[str]:
+    return ids(walk(sb, module, sort_by="id", sort_order="asc", **params))
+
+
+def test_admin_changes_are_what_the_api_serves(live: ZohoSandbox) -> None:
+    before = {r["id"]: r for r in live.people()}
+    assert list(before) == id_order(live)
+    since = max(datetime.fromisoformat(r["Modified_Time"]) for r in before.values())
+    created = live.create_person({"First_Name": "Aroha", "Last_Name": "Ngata", "Phone": "021 555"})
+    assert int(created["id"]) > max(map(int, before))
+    assert (created["Full_Name"], created["Phone"]) == ("Aroha Ngata", "021 555")
+    assert created["Email"] and created["Mailing_City"]  # generated where not given
+    assert id_order(live)[-1] == created["id"]  # a create lands at the end, by id
+
+    edited, victim = list(before)[4], list(before)[7]
+    updated = live.update_person(edited)  # a generated new name and phone
+    for name in ("First_Name", "Last_Name", "Phone"):
+        assert updated[name] != before[edited][name]
+    assert updated["Full_Name"] == " ".join(
+        filter(None, (updated["First_Name"], updated["Last_Name"]))
+    )
+    assert datetime.fromisoformat(updated["Modified_Time"]) > since
+    newer = get(
+        live,
+        "Contacts",
+        params={"fields": FIELDS},
+        headers={"If-Modified-Since": since.isoformat()},
+    )
+    assert sorted(ids(newer.json()["data"])) == sorted([created["id"], edited])
+
+    live.delete_person(victim)
+    assert victim not in id_order(live) and victim not in ids(live.people())
+    assert id_order(live).index(edited) == 4  # an update does not move a person, by id
+    batch = get(live, "Contacts", params={"fields": FIELDS, "ids": f"{victim},{edited}"})
+    assert ids(batch.json()["data"]) == [edited]
+    assert get(live, "Contacts", params={"fields": FIELDS, "ids": victim}).status_code == 204
+    assert get(live, "Contacts/actions/count").json() == {"count": len(before)}
+    [gone] = get(live, "Contacts/deleted").json()["data"]
+    assert (gone["id"], gone["type"]) == (victim, "recycle")
+    assert gone["display_name"] == before[victim]["Full_Name"]
+    for call in (live.delete_person, live.update_person):
+        with pytest.raises(httpx.HTTPStatusError) as unknown:
+            call(victim)
+        assert unknown.value.response.status_code == 404
+
+    lead = live.create_person({"Company": "Initech"}, kind="Leads")
+    assert lead["Company"] == "Initech" and id_order(live, "Leads")[-1] == lead["id"]
+    assert lead["id"] not in ids(live.people())  # the default kind is Contacts
+    assert live.update_person(lead["id"], {"Last_Name": "Bolton"})["Full_Name"].endswith("Bolton")
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [
+        (lambda sb, cid, lid: sb.create_person({"Company": "Initech"}), 400),  # a Leads field
+        (lambda sb, cid, lid: sb.create_person({"Full_Name": "Set By Zoho"}), 400),
+        (lambda sb, cid, lid: sb.create_person({"Last_Name": ""}), 400),
+        (lambda sb, cid, lid: sb.create_person(kind="Deals"), 400),
+        (
+            lambda sb, cid, lid: sb.update_person(cid, {"Modified_Time": "2020-01-01T00:00:00Z"}),
+            400,
+        ),
+        (lambda sb, cid, lid: sb.update_person(lid, kind="Contacts"), 404),
+        (lambda sb, cid, lid: sb.delete_person("3652397000999999999"), 404),
+        (lambda sb, cid, lid: sb.merge_people(cid, into=cid), 400),
+        (lambda sb, cid, lid: sb.merge_people(lid, into=cid), 404),  # across modules
+    ],
+)
+def test_admin_refuses_bad_changes(live: ZohoSandbox, change: Callable, status: int) -> None:
+    before = {m: live.people(m) for m in ("Contacts", "Leads")}
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        change(live, before["Contacts"][0]["id"], before["Leads"][0]["id"])
+    assert refused.value.response.status_code == status
+    assert "message" in refused.value.response.json()
+    assert {m: live.people(m) for m in before} == before  # nothing half-written
+
+
+NOTIFICATION_KEYS = {
+    "server_time",
+    "query_params",
+    "module",
+    "resource_uri",
+    "ids",
+    "affected_fields",
+    "operation",
+    "channel_id",
+    "token",
+}
+
+
+def test_changes_notify_the_live_channels_that_watch_them(live: ZohoSandbox) -> None:
+    with Receiver() as rx:
+        watch(
+            live,
+            "1000000068001",
+            ["Contacts.all"],
+            f"{rx.url}/zoho?tenant=abc&k=1",
+            token="tok-all",
+            return_affected_field_values=True,
+        )
+        watch(live, "1000000068002", ["Leads.create", "Leads.edit"], f"{rx.url}/leads")
+        started = int(time.time() * 1000)
+        contact = live.create_person()
+        live.update_person(contact["id"], {"Phone": "+1 555 0100", "Title": contact["Title"]})
+        live.touch("Contacts", [contact["id"]])
+        lead = live.create_person(kind="Leads")
+        live.update_person(lead["id"], kind="Leads")
+        live.delete_person(lead["id"])  # Leads.delete is not watched
+        live.delete_person(contact["id"])
+        rx.wait_for(6)
+        stats = settled(live, queued=6)
+        ended = int(time.time() * 1000)
+
+    assert (stats["queued"], stats["sent"]) == (6, 6)
+    bodies = [d.json() for d in rx.received]
+    assert all(set(body) == NOTIFICATION_KEYS for body in bodies)
+    assert all(started <= body["server_time"] <= ended for body in bodies)
+    assert all(d.headers["content-type"] == "application/json" for d in rx.received)
+    got = sorted((d.path, untimed(body)) for d, body in zip(rx.received, bodies, strict=True))
+    on_contacts = {
+        "channel_id": "1000000068001",
+        "token": "tok-all",
+        "query_params": {"tenant": "abc", "k": "1"},
+        "module": "Contacts",
+        "resource_uri": "https://www.zohoapis.com/crm/v8/Contacts",
+        "ids": [contact["id"]],
+        "affected_fields": [],
+    }
+    on_leads = {
+        "channel_id": "1000000068002",
+        "token": None,
+        "query_params": {},
+        "module": "Leads",
+        "resource_uri": "https://www.zohoapis.com/crm/v8/Leads",
+        "ids": [lead["id"]],
+        "affected_fields": [],
+    }
+    phone_changed = {"affected_fields": [{contact["id"]: ["Phone"]}]}  # Title did not change
+    contacts_path = "/zoho?tenant=abc&k=1"
+    assert got == sorted(
+        [
+            (contacts_path, untimed({**on_contacts, "operation": "insert"})),
+            (contacts_path, untimed({**on_contacts, "operation": "update", **phone_changed})),
+            (contacts_path, untimed({**on_contacts, "operation": "update"})),  # the touch
+            (contacts_path, untimed({**on_contacts, "operation": "delete"})),
+            ("/leads", untimed({**on_leads, "operation": "insert"})),
+            ("/leads", untimed({**on_leads, "operation": "update"})),  # fields not asked for
+        ]
+    )
+
+
+def untimed(body: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in body.items() if k != "server_time"}, sort_keys=True)
+
+
+def test_merge_is_an_update_of_the_survivor_and_a_delete(live: ZohoSandbox) -> None:
+    people = live.people()
+    loser = next(p for p in people if p["Secondary_Email"] and p["Home_Phone"])
+    survivor = next(p for p in people if p["Secondary_Email"] is None and p["Title"])
+    taken = {
+        name
+        for name, value in loser.items()
+        if name not in SYSTEM_FIELDS and value is not None and survivor[name] is None
+    }
+    assert {"Secondary_Email", "Home_Phone"} <= taken
+    with Receiver() as rx:
+        watch(
+            live,
+            "1",
+            ["Contacts.all"],
+            f"{rx.url}/hook",
+            token="t",
+            return_affected_field_values=True,
+        )
+        merged = live.merge_people(loser["id"], into=survivor["id"])
+        rx.wait_for(2)
+        settled(live, queued=2)
+
+    assert merged["id"] == survivor["id"]
+    assert merged["Last_Name"] == survivor["Last_Name"] and merged["Title"] == survivor["Title"]
+    assert {name: merged[name] for name in taken} == {name: loser[name] for name in taken}
+    update, delete = (d.json() for d in rx.received)  # one request's notifications, in order
+    assert (update["operation"], update["ids"]) == ("update", [survivor["id"]])
+    [affected] = update["affected_fields"]
+    assert set(affected[survivor["id"]]) == taken
+    assert (delete["operation"], delete["ids"], delete["affected_fields"]) == (
+        "delete",
+        [loser["id"]],
+        [],
+    )
+    assert loser["id"] not in id_order(live)
+    assert ids(get(live, "Contacts/deleted").json()["data"]) == [loser["id"]]
+    assert datetime.fromisoformat(merged["Modified_Time"]) > datetime.fromisoformat(
+        survivor["Modified_Time"]
+    )
+
+
+def test_an_expired_channel_is_notified_of_nothing(live: ZohoSandbox) -> None:
+    expiry = (datetime.now(UTC) + timedelta(seconds=2)).isoformat(timespec="seconds")
+    with Receiver() as rx:
+        watch(live, "1", ["Contacts.all"], f"{rx.url}/expired", channel_expiry=expiry)
+        watch(live, "2", ["Contacts.all"], f"{rx.url}/live")
+        deadline = time.monotonic() + 10
+        while channels(live) != ["2"]:  # channel 1 lapses within two seconds
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        live.create_person()
+        rx.wait_for(1)
+        stats = settled(live, queued=1)
+    assert [d.path for d in rx.received] == ["/live"]
+    assert stats["queued"] == 1
+
+
+def channels(sb: ZohoSandbox) -> list[str]:
+    response = get(sb, "actions/watch")
+    return (
+        [] if response.status_code == 204 else [c["channel_id"] for c in response.json()["watch"]]
+    )
+
+
+def test_lost_and_duplicated_deliveries_are_counted(live: ZohoSandbox) -> None:
+    with Receiver() as rx:
+        watch(live, "1", ["Contacts.create"], f"{rx.url}/hook", token="t")
+        assert live.webhook_faults(drop=1, duplicate=1)["duplicate"] == 1
+        created = [live.create_person()["id"] for _ in range(2)]
+        rx.wait_for(2)
+        stats = settled(live, queued=2)
+    assert (stats["queued"], stats["dropped"], stats["duplicated"], stats["sent"]) == (2, 1, 1, 2)
+    first, second = rx.received  # both copies of the one that was kept
+    assert first.raw == second.raw
+    assert first.json()["ids"][0] in created
+
+
+def test_offset_paging_under_concurrent_changes(live: ZohoSandbox) -> None:
+    """By id ascending, a page token's offset shifts back by the people deleted before it;
+    creates append at the end and updates do not move anyone. What the sync builds on."""
+    everyone = id_order(live)
+    params = {"fields": FIELDS, "per_page": 10, "sort_by": "id", "sort_order": "asc"}
+    first = get(live, "Contacts", params=params).json()
+    assert ids(first["data"]) == everyone[:10]
+    for record_id in everyone[:3]:
+        live.delete_person(record_id)
+    live.update_person(everyone[15])
+    created = live.create_person()["id"]
+    token = first["info"]["next_page_token"]
+    second = get(live, "Contacts", params={**params, "page_token": token}).json()
+    # The next page starts three people later than it would have: those three are skipped.
+    assert ids(second["data"]) == everyone[13:23]
+    assert id_order(live) == [*everyone[3:], created]
+
+
+def test_people_changes_persist_across_restarts(tmp_path: Path) -> None:
+    records = {"Contacts": 6, "Leads": 3}
+    with ZohoSandbox(tmp_path, records=records, rate_limit=None) as sb:
+        people = ids(sb.people())
+        sb.update_person(people[0], {"Title": "Skipper"})
+        sb.delete_person(people[-1])  # the largest id: the next create still gets a larger one
+        sb.merge_people(people[1], into=people[2])
+        before = sb.people()
+    with ZohoSandbox(tmp_path, records=records, rate_limit=None) as sb:
+        assert sb.people() == before
+        assert ids(before) == [people[0], *people[2:5]] and before[0]["Title"] == "Skipper"
+        assert sorted(ids(get(sb, "Contacts/deleted").json()["data"])) == sorted(
+            [people[1], people[-1]]
+        )
+        assert int(sb.create_person()["id"]) > int(people[-1])

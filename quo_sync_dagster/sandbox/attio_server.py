@@ -4,6 +4,14 @@ Request bodies are validated against schemas extracted from Attio's OpenAPI spec
 (`specs/attio-subset.json`); every error uses Attio's `{status_code, type, code, message}`
 envelope. People are generated deterministically and persisted in the data dir, as are created
 notes and webhooks. The server only binds 127.0.0.1; `/_sandbox/*` admin endpoints are open.
+
+People can be created, updated, merged and deleted through `/_sandbox/people` while a sync runs.
+Each change is delivered as Attio's `record.*` webhook events (one event per delivery, signed
+with `Attio-Signature`) to every active webhook whose subscriptions and filters take it, after
+the admin answer, through a `WebhookDelivery` that can drop, duplicate, delay or reorder them.
+A merge follows the current docs: a new record replaces both originals (two `record.merged`).
+Attio requires https webhook targets; the sandbox also takes http on loopback, where a local
+receiver has no TLS.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import copy
 import hashlib
 import hmac
 import json
@@ -33,6 +42,7 @@ import httpx
 import phonenumbers
 from jsonschema import Draft202012Validator, FormatChecker
 from starlette.applications import Starlette
+from starlette.background import BackgroundTasks
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -44,6 +54,7 @@ from quo_sync_dagster.sandbox.serving import (
     admin_routes,
     serve_until_signalled,
 )
+from quo_sync_dagster.sandbox.webhook_delivery import WebhookDelivery, delivery_routes
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +71,11 @@ MEMBER_ACTOR = {"type": "workspace-member", "id": "50cf242c-7fa3-4cad-87d0-75b1a
 FAULT_STATUSES = frozenset({429, 500, 502, 503})
 WRITE_SHARE = 0.25  # Attio allows 25 writes/s against 100 reads/s
 KINDS = ("query", "get", "create_note", "create_webhook", "delete_webhook")
+ATTRIBUTES = ("name", "email_addresses", "phone_numbers", "job_title", "lead_source")
+MULTI_VALUED = frozenset({"email_addresses", "phone_numbers"})
+# Stable made-up attribute ids: a record.updated event names the attribute that changed.
+ATTRIBUTE_IDS = {a: str(uuid.uuid5(uuid.UUID(PEOPLE_OBJECT_ID), a)) for a in ATTRIBUTES}
+_LOOPBACK_HTTP = re.compile(r"^http://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?(/|$)")
 
 # Attributes a people query may sort or filter on, and the value field each compares by default.
 # Attio has no updated_at: created_at is the only time a record carries.
@@ -196,43 +212,48 @@ def generate_people(count: int, seed: int = 20240101) -> list[dict[str, Any]]:
     people = []
     for i in range(count):
         at += timedelta(minutes=rng.randint(1, 2880), microseconds=rng.randint(0, 999_999))
-        record_id, actor = _uuid(rng), rng.choice((API_TOKEN_ACTOR, MEMBER_ACTOR))
-        first, last = rng.choice(_FIRST), ("" if i % 23 == 5 else rng.choice(_LAST))
-        full = f"{first} {last}".strip()
-        values: dict[str, list[dict[str, Any]]] = {
-            "name": [
-                _value("personal-name", at, actor, first_name=first, last_name=last, full_name=full)
-            ],
-            "email_addresses": [],
-            "phone_numbers": [],
-            "job_title": [_value("text", at, actor, value=rng.choice(_TITLES))] if i % 3 else [],
-            "lead_source": [_value("text", at, actor, value=rng.choice(_SOURCES))],
-        }
-        slug = re.sub(r"[^a-z]", "", first.lower().encode("ascii", "ignore").decode()) or "person"
-        n_emails = 0 if i % 17 == 3 else rng.choice((1, 1, 1, 2, 3))
-        n_phones = 0 if i % 13 == 7 else rng.choice((1, 1, 1, 2, 3))
-        for n in range(n_emails):
-            address = f"{slug}.{i}{'+work' if n == 2 else ''}{n or ''}@{rng.choice(_DOMAINS)}"
-            values["email_addresses"].append(_value("email-address", at, actor, **_email(address)))
-        for _ in range(n_phones):
-            values["phone_numbers"].append(_value("phone-number", at, actor, **_phone(rng)))
-        if i % 11 == 4 and n_phones:  # a number replaced later: the old one stays, inactive
-            changed = at + timedelta(days=30)
-            values["phone_numbers"][0]["active_until"] = _timestamp(changed)
-            values["phone_numbers"].append(_value("phone-number", changed, actor, **_phone(rng)))
-        people.append(
-            {
-                "id": {
-                    "workspace_id": WORKSPACE_ID,
-                    "object_id": PEOPLE_OBJECT_ID,
-                    "record_id": record_id,
-                },
-                "created_at": _timestamp(at),
-                "web_url": f"https://app.attio.com/{WORKSPACE_SLUG}/person/{record_id}",
-                "values": values,
-            }
-        )
+        people.append(_generated_person(rng, i, at))
     return people
+
+
+def _generated_person(
+    rng: random.Random, i: int, at: datetime, history: bool = True
+) -> dict[str, Any]:
+    """Person `i`, created `at`; with `history` some carry a number replaced 30 days later."""
+    record_id, actor = _uuid(rng), rng.choice((API_TOKEN_ACTOR, MEMBER_ACTOR))
+    first, last = rng.choice(_FIRST), ("" if i % 23 == 5 else rng.choice(_LAST))
+    full = f"{first} {last}".strip()
+    values: dict[str, list[dict[str, Any]]] = {
+        "name": [
+            _value("personal-name", at, actor, first_name=first, last_name=last, full_name=full)
+        ],
+        "email_addresses": [],
+        "phone_numbers": [],
+        "job_title": [_value("text", at, actor, value=rng.choice(_TITLES))] if i % 3 else [],
+        "lead_source": [_value("text", at, actor, value=rng.choice(_SOURCES))],
+    }
+    slug = re.sub(r"[^a-z]", "", first.lower().encode("ascii", "ignore").decode()) or "person"
+    n_emails = 0 if i % 17 == 3 else rng.choice((1, 1, 1, 2, 3))
+    n_phones = 0 if i % 13 == 7 else rng.choice((1, 1, 1, 2, 3))
+    for n in range(n_emails):
+        address = f"{slug}.{i}{'+work' if n == 2 else ''}{n or ''}@{rng.choice(_DOMAINS)}"
+        values["email_addresses"].append(_value("email-address", at, actor, **_email(address)))
+    for _ in range(n_phones):
+        values["phone_numbers"].append(_value("phone-number", at, actor, **_phone(rng)))
+    if history and i % 11 == 4 and n_phones:  # a number replaced later: the old one, inactive
+        changed = at + timedelta(days=30)
+        values["phone_numbers"][0]["active_until"] = _timestamp(changed)
+        values["phone_numbers"].append(_value("phone-number", changed, actor, **_phone(rng)))
+    return _record(record_id, at, values)
+
+
+def _record(record_id: str, at: datetime, values: dict[str, list[dict[str, Any]]]) -> dict:
+    return {
+        "id": {"workspace_id": WORKSPACE_ID, "object_id": PEOPLE_OBJECT_ID, "record_id": record_id},
+        "created_at": _timestamp(at),
+        "web_url": f"https://app.attio.com/{WORKSPACE_SLUG}/person/{record_id}",
+        "values": values,
+    }
 
 
 # ---- queries -------------------------------------------------------------------------------
@@ -343,6 +364,15 @@ def _sorted(people: list[dict[str, Any]], sorts: list[dict[str, Any]]) -> list[d
     return ordered
 
 
+def _loopback_as_https(body: object) -> object:
+    """`body` with an http target on loopback read as https, for the schema's https pattern."""
+    data = body.get("data") if isinstance(body, dict) else None
+    url = data.get("target_url") if isinstance(data, dict) else None
+    if isinstance(url, str) and _LOOPBACK_HTTP.match(url):
+        return {**body, "data": {**data, "target_url": "https" + url.removeprefix("http")}}
+    return body
+
+
 def _markdown_to_plaintext(content: str) -> str:
     text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", content)
     text = re.sub(r"^#{1,3}\s+", "", text, flags=re.MULTILINE)
@@ -352,6 +382,120 @@ def _markdown_to_plaintext(content: str) -> str:
 def sign(secret: str, raw_body: bytes) -> str:
     """Attio-Signature: hex HMAC-SHA256 of the raw body, keyed with the webhook secret."""
     return hmac.new(secret.encode(), raw_body, hashlib.sha256).hexdigest()
+
+
+def _signed(webhook: dict[str, Any], events: list[dict[str, Any]]) -> tuple[bytes, dict[str, str]]:
+    """A delivery's raw body and headers; the Idempotency-Key stays the same on a retry."""
+    raw = json.dumps({"webhook_id": webhook["id"]["webhook_id"], "events": events}).encode()
+    signature = sign(webhook["secret"], raw)
+    headers = {
+        "Content-Type": "application/json",
+        "Attio-Signature": signature,
+        "X-Attio-Signature": signature,
+        "Idempotency-Key": str(uuid.uuid4()),
+    }
+    return raw, headers
+
+
+def _takes(subscription: dict[str, Any], event: dict[str, Any]) -> bool:
+    """The subscription's event type, and its filter: `$and`/`$or` of `equals`/`not_equals`
+    on the event's fields in dot notation (`id.object_id`)."""
+    flt = subscription["filter"]
+    if subscription["event_type"] != event["event_type"]:
+        return False
+    if flt is None:
+        return True
+    results = (_holds(condition, event) for condition in flt.get("$and", flt.get("$or", [])))
+    return all(results) if "$and" in flt else any(results)
+
+
+def _holds(condition: dict[str, str], event: dict[str, Any]) -> bool:
+    value: Any = event
+    for part in condition["field"].split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return (value == condition["value"]) == (condition["operator"] == "equals")
+
+
+def _event(
+    event_type: str, record_id: str, attribute: str | None = None, duplicate: str | None = None
+) -> dict[str, Any]:
+    """A `record.*` event as Attio sends it: ids only, made by a workspace member."""
+    ids = {"workspace_id": WORKSPACE_ID, "object_id": PEOPLE_OBJECT_ID, "record_id": record_id}
+    if attribute is not None:
+        ids["attribute_id"] = ATTRIBUTE_IDS[attribute]
+    event: dict[str, Any] = {"event_type": event_type, "id": ids}
+    if duplicate is not None:
+        event |= {"duplicate_object_id": PEOPLE_OBJECT_ID, "duplicate_record_id": duplicate}
+    return {**event, "actor": dict(MEMBER_ACTOR)}
+
+
+# ---- people changes ------------------------------------------------------------------------
+def _invalid(message: str) -> AttioError:
+    return AttioError(400, "validation_type", message)
+
+
+def _written(fields: object, at: datetime) -> dict[str, list[dict[str, Any]]]:
+    """The active values a change writes, per attribute slug. A field is one value or a list of
+    them: `name` {first_name, last_name, full_name?}, `email_addresses` strings,
+    `phone_numbers` strings or {original_phone_number, country_code}, `job_title` and
+    `lead_source` strings; null or [] clears the attribute."""
+    if not isinstance(fields, dict):
+        raise _invalid("fields must be a JSON object.")
+    written = {}
+    for slug, raw in fields.items():
+        if slug not in ATTRIBUTES:
+            raise _invalid(f'Unknown attribute slug "{slug}"; known: {", ".join(ATTRIBUTES)}.')
+        items = raw if isinstance(raw, list) else [] if raw is None else [raw]
+        if len(items) > 1 and slug not in MULTI_VALUED:
+            raise _invalid(f'"{slug}" takes a single value.')
+        written[slug] = [_written_value(slug, item, at) for item in items]
+    return written
+
+
+def _written_value(slug: str, item: object, at: datetime) -> dict[str, Any]:
+    if slug == "name":
+        parts = item if isinstance(item, dict) else {}
+        first, last = parts.get("first_name", ""), parts.get("last_name", "")
+        full = parts.get("full_name") or f"{first} {last}".strip()
+        if not all(isinstance(p, str) for p in (first, last, full)) or not full:
+            raise _invalid("A name is {first_name, last_name, full_name?} with some text.")
+        return _value(
+            "personal-name", at, MEMBER_ACTOR, first_name=first, last_name=last, full_name=full
+        )
+    if slug == "email_addresses":
+        if not isinstance(item, str) or "@" not in item.strip("@"):
+            raise _invalid(f"{item!r} is not an email address.")
+        return _value("email-address", at, MEMBER_ACTOR, **_email(item))
+    if slug == "phone_numbers":
+        return _value("phone-number", at, MEMBER_ACTOR, **_written_phone(item))
+    if not isinstance(item, str):
+        raise _invalid(f'"{slug}" is text.')
+    return _value("text", at, MEMBER_ACTOR, value=item)
+
+
+def _written_phone(item: object) -> dict[str, str]:
+    original, region = item, None
+    if isinstance(item, dict):
+        original, region = item.get("original_phone_number"), item.get("country_code")
+    try:
+        if not isinstance(original, str) or not isinstance(region, str | None):
+            raise phonenumbers.NumberParseException(0, "not text")
+        number = phonenumbers.parse(original, region)
+    except phonenumbers.NumberParseException:
+        number = None
+    if number is None or not phonenumbers.is_valid_number(number):
+        raise _invalid(f"{item!r} is not a valid phone number.")
+    return {
+        "original_phone_number": original,
+        "country_code": phonenumbers.region_code_for_number(number),
+        "phone_number": phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164),
+    }
+
+
+def _content(value: dict[str, Any]) -> dict[str, Any]:
+    """A value without its bookkeeping: what says whether two values are the same."""
+    bookkeeping = ("active_from", "active_until", "created_by_actor")
+    return {k: v for k, v in value.items() if k not in bookkeeping}
 
 
 class AttioState:
@@ -374,6 +518,11 @@ class AttioState:
         if not people_path.exists():
             people_path.write_text(json.dumps(generate_people(records), ensure_ascii=False))
         self.people = {p["id"]["record_id"]: p for p in json.loads(people_path.read_text())}
+        # Newest created_at ever held: a new record is created after it, even a deleted one.
+        self._newest = max(
+            (_parse_timestamp(p["created_at"]) for p in self.people.values()),
+            default=datetime(1970, 1, 1, tzinfo=UTC),
+        )
         self.notes: list[dict[str, Any]] = []
         self.webhooks: dict[str, dict[str, Any]] = {}
         self._log_path = self.data_dir / LOG_FILE
@@ -381,6 +530,8 @@ class AttioState:
             for line in self._log_path.read_text().splitlines():
                 self._apply(json.loads(line))
         self.faults = FaultQueue()
+        self.delivery = WebhookDelivery()
+        self._rng = random.Random(len(self.people))
         self.by_kind: Counter[str] = Counter()
         self.by_status: Counter[int] = Counter()
 
@@ -389,14 +540,116 @@ class AttioState:
             self.notes.append(entry["note"])
         elif "webhook" in entry:
             self.webhooks[entry["webhook"]["id"]["webhook_id"]] = entry["webhook"]
-        else:
+        elif "webhook_deleted" in entry:
             self.webhooks.pop(entry["webhook_deleted"], None)
+        elif "person" in entry:
+            person = entry["person"]
+            self.people[person["id"]["record_id"]] = person
+            self._newest = max(self._newest, _parse_timestamp(person["created_at"]))
+        else:
+            self.people.pop(entry["person_deleted"], None)
 
     def record(self, entry: dict[str, Any]) -> None:
         """Apply a write and append it to the data dir's log, so a restart keeps it."""
         self._apply(entry)
         with self._log_path.open("a") as log_file:
             log_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def person(self, record_id: str) -> dict[str, Any]:
+        person = self.people.get(record_id)
+        if person is None:
+            raise AttioError(404, "not_found", f'Record with ID "{record_id}" not found.')
+        return person
+
+    # ---- people changes: each returns the person and the events it causes -----------------
+    def _next_created_at(self) -> datetime:
+        return max(datetime.now(UTC), self._newest + timedelta(microseconds=1))
+
+    def create_person(self, fields: object) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """A new record created after every other, generated where `fields` say nothing."""
+        at = self._next_created_at()
+        written = _written(fields, at)
+        person = _generated_person(self._rng, len(self.people), at, history=False)
+        person["values"].update(written)
+        self.record({"person": person})
+        return person, [_event("record.created", person["id"]["record_id"])]
+
+    def update_person(
+        self, record_id: str, fields: object
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """`fields` written (none: a generated new name and phone); the values they replace
+        stay, inactive. One record.updated per attribute that changed."""
+        person, at = copy.deepcopy(self.person(record_id)), datetime.now(UTC)
+        written = _written(fields, at) if fields else self._generated_change(person, at)
+        changed = []
+        for slug, values in written.items():
+            old = _active(person, slug)
+            if [_content(v) for v in old] == [_content(v) for v in values]:
+                continue
+            for value in old:
+                value["active_until"] = _timestamp(at)
+            person["values"][slug] = [*person["values"].get(slug, []), *values]
+            changed.append(slug)
+        if changed:
+            self.record({"person": person})
+        return person, [_event("record.updated", record_id, attribute=a) for a in changed]
+
+    def _generated_change(
+        self, person: dict[str, Any], at: datetime
+    ) -> dict[str, list[dict[str, Any]]]:
+        names = {v["full_name"] for v in _active(person, "name")}
+        phones = {v["phone_number"] for v in _active(person, "phone_numbers")}
+        while True:
+            first, last, phone = (
+                self._rng.choice(_FIRST),
+                self._rng.choice(_LAST),
+                _phone(self._rng),
+            )
+            if f"{first} {last}" not in names and phone["phone_number"] not in phones:
+                break
+        name = {"first_name": first, "last_name": last, "full_name": f"{first} {last}"}
+        return {
+            "name": [_value("personal-name", at, MEMBER_ACTOR, **name)],
+            "phone_numbers": [_value("phone-number", at, MEMBER_ACTOR, **phone)],
+        }
+
+    def delete_person(self, record_id: str) -> list[dict[str, Any]]:
+        self.person(record_id)
+        self.record({"person_deleted": record_id})
+        return [_event("record.deleted", record_id)]
+
+    def merge_people(
+        self, record_id: str, into: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Merge `record_id` into `into` as Attio does now: a new record holds `into`'s values
+        and the other's it lacks; both originals are gone; one record.merged per original."""
+        if record_id == into:
+            raise _invalid("A record cannot be merged with itself.")
+        secondary, primary = self.person(record_id), self.person(into)
+        values = {}
+        for slug in ATTRIBUTES:
+            kept = copy.deepcopy(_active(primary, slug))
+            seen = [_content(v) for v in kept]
+            added = [copy.deepcopy(v) for v in _active(secondary, slug) if _content(v) not in seen]
+            values[slug] = [*kept, *added] if slug in MULTI_VALUED else kept or added[:1]
+        merged = _record(str(uuid.uuid4()), self._next_created_at(), values)
+        for entry in ({"person": merged}, {"person_deleted": record_id}, {"person_deleted": into}):
+            self.record(entry)
+        new_id = merged["id"]["record_id"]
+        return merged, [_event("record.merged", new_id, duplicate=d) for d in (record_id, into)]
+
+    def deliveries_of(self, events: list[dict[str, Any]]) -> BackgroundTasks:
+        """The sends of `events`, one per delivery, to every active webhook that takes them,
+        as tasks to run once the answer that made the change is out."""
+        tasks = BackgroundTasks()
+        for event in events:
+            for webhook in self.webhooks.values():
+                if webhook["status"] == "active" and any(
+                    _takes(s, event) for s in webhook["subscriptions"]
+                ):
+                    raw, headers = _signed(webhook, [event])
+                    tasks.add_task(self.delivery.send, webhook["target_url"], raw, headers)
+        return tasks
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -466,11 +719,14 @@ class _Api:
             return _error(500, "internal_error", "Internal server error.")
 
     @staticmethod
-    async def _body(request: Request, validator: Draft202012Validator) -> dict[str, Any]:
+    async def _json(request: Request) -> Any:
         try:
-            body = json.loads(await request.body())
+            return json.loads(await request.body())
         except ValueError:
             raise AttioError(400, "validation_type", "Body is not valid JSON.") from None
+
+    async def _body(self, request: Request, validator: Draft202012Validator) -> dict[str, Any]:
+        body = await self._json(request)
         _validate(validator, body)
         return body
 
@@ -479,12 +735,6 @@ class _Api:
         slug = request.path_params["object"]
         if slug not in ("people", PEOPLE_OBJECT_ID):
             raise AttioError(404, "not_found", f'Object with slug/ID "{slug}" not found.')
-
-    def _person(self, record_id: str) -> dict[str, Any]:
-        person = self.state.people.get(record_id)
-        if person is None:
-            raise AttioError(404, "not_found", f'Record with ID "{record_id}" not found.')
-        return person
 
     async def query(self, request: Request) -> Response:
         return await self.serve(request, "query", self._query)
@@ -508,7 +758,7 @@ class _Api:
 
     async def _get_record(self, request: Request) -> Response:
         self._object(request)
-        return JSONResponse({"data": self._person(request.path_params["record_id"])})
+        return JSONResponse({"data": self.state.person(request.path_params["record_id"])})
 
     async def notes(self, request: Request) -> Response:
         return await self.serve(request, "create_note", self._create_note)
@@ -518,7 +768,7 @@ class _Api:
         if data["parent_object"] not in ("people", PEOPLE_OBJECT_ID):
             message = f'Object with slug/ID "{data["parent_object"]}" not found.'
             raise AttioError(404, "not_found", message)
-        self._person(data["parent_record_id"])
+        self.state.person(data["parent_record_id"])
         if data.get("meeting_id"):
             raise AttioError(404, "not_found", f'Meeting with ID "{data["meeting_id"]}" not found.')
         now = datetime.now(UTC)
@@ -552,7 +802,9 @@ class _Api:
         return await self.serve(request, "create_webhook", self._create_webhook)
 
     async def _create_webhook(self, request: Request) -> Response:
-        data = (await self._body(request, _WEBHOOK_VALIDATOR))["data"]
+        body = await self._json(request)
+        _validate(_WEBHOOK_VALIDATOR, _loopback_as_https(body))
+        data = body["data"]
         webhook = {
             "target_url": data["target_url"],
             "subscriptions": data["subscriptions"],
@@ -584,26 +836,72 @@ async def _admin_webhooks(request: Request) -> Response:
 
 
 async def _admin_emit(request: Request) -> Response:
-    """Deliver `{"events": [...]}` signed with the webhook's secret, as Attio would; the body may
-    name a `target_url` to use instead of the registered one (which Attio requires be https)."""
+    """Deliver `{"events": [...]}` signed with the webhook's secret, as Attio would, and answer
+    the receiver's status; the body may name a `target_url` to use instead of the registered one.
+    """
     state: AttioState = request.app.state.sandbox
     webhook = state.webhooks.get(request.path_params["webhook_id"])
     if webhook is None:
         return JSONResponse({"message": "no such webhook"}, status_code=404)
     spec = json.loads(await request.body())
-    raw = json.dumps({"webhook_id": webhook["id"]["webhook_id"], "events": spec["events"]}).encode()
-    signature = sign(webhook["secret"], raw)
-    headers = {
-        "Content-Type": "application/json",
-        "Attio-Signature": signature,
-        "X-Attio-Signature": signature,
-        "Idempotency-Key": str(uuid.uuid4()),
-    }
+    raw, headers = _signed(webhook, spec["events"])
     async with httpx.AsyncClient(timeout=10) as client:
         answer = await client.post(
             spec.get("target_url") or webhook["target_url"], content=raw, headers=headers
         )
     return JSONResponse({"status": answer.status_code})
+
+
+AdminHandler = Callable[[Request, AttioState], Awaitable[Response]]
+
+
+def _admin(handler: AdminHandler) -> Callable[[Request], Awaitable[Response]]:
+    """An admin people route: `?kind=` may only name people; errors answer `{"message"}`."""
+
+    async def route(request: Request) -> Response:
+        try:
+            if request.query_params.get("kind") not in (None, "people", PEOPLE_OBJECT_ID):
+                raise AttioError(400, "validation_type", "The sandbox holds people only.")
+            return await handler(request, request.app.state.sandbox)
+        except AttioError as exc:
+            return JSONResponse({"message": exc.message}, status_code=exc.status)
+
+    return route
+
+
+async def _admin_body(request: Request, key: str) -> Any:
+    try:
+        return json.loads(await request.body() or b"{}")[key]
+    except (ValueError, TypeError, KeyError):
+        raise _invalid(f'The body must be a JSON object with "{key}".') from None
+
+
+@_admin
+async def _admin_people(request: Request, state: AttioState) -> Response:
+    """GET: every person, oldest first; POST `{"fields"}`: a new one."""
+    if request.method == "GET":
+        return JSONResponse(_sorted(list(state.people.values()), []))
+    person, events = state.create_person(await _admin_body(request, "fields"))
+    return JSONResponse(person, background=state.deliveries_of(events))
+
+
+@_admin
+async def _admin_person(request: Request, state: AttioState) -> Response:
+    """PATCH `{"fields"}` or DELETE a person."""
+    record_id = request.path_params["record_id"]
+    if request.method == "DELETE":
+        events = state.delete_person(record_id)
+        return Response(status_code=204, background=state.deliveries_of(events))
+    person, events = state.update_person(record_id, await _admin_body(request, "fields"))
+    return JSONResponse(person, background=state.deliveries_of(events))
+
+
+@_admin
+async def _admin_merge(request: Request, state: AttioState) -> Response:
+    """Merge the person into `{"into": id}`; answers the new record that replaces both."""
+    into = str(await _admin_body(request, "into"))
+    person, events = state.merge_people(request.path_params["record_id"], into)
+    return JSONResponse(person, background=state.deliveries_of(events))
 
 
 def build_app(state: AttioState) -> Starlette:
@@ -618,10 +916,14 @@ def build_app(state: AttioState) -> Starlette:
             Route("/_sandbox/notes", _admin_notes, methods=["GET"]),
             Route("/_sandbox/webhooks", _admin_webhooks, methods=["GET"]),
             Route("/_sandbox/webhooks/{webhook_id}/emit", _admin_emit, methods=["POST"]),
+            Route("/_sandbox/people", _admin_people, methods=["GET", "POST"]),
+            Route("/_sandbox/people/{record_id}", _admin_person, methods=["PATCH", "DELETE"]),
+            Route("/_sandbox/people/{record_id}/merge", _admin_merge, methods=["POST"]),
             *admin_routes(FAULT_STATUSES, reset_stats=False),
+            *delivery_routes(),
         ]
     )
-    app.state.sandbox = state
+    app.state.sandbox, app.state.delivery = state, state.delivery
     return app
 
 
@@ -652,6 +954,9 @@ class AttioSandbox(SandboxServer):
 
     def _create_app(self, state: AttioState) -> Starlette:
         return build_app(state)
+
+    def _close_state(self, state: AttioState) -> None:
+        state.delivery.close()
 
     def notes(self) -> list[dict[str, Any]]:
         return self._admin_request("GET", "notes").json()

@@ -6,6 +6,12 @@ form, a mandatory `fields` list, `per_page` <= 200, `page` paging only up to rec
 Calls and Notes. The people are generated deterministically on first start and persisted in the
 data dir, as are created calls, notes and channels. Binds 127.0.0.1 only; `/_sandbox/*` admin
 endpoints are unauthenticated.
+
+People can be created, edited, merged and deleted through `/_sandbox/people` while a sync runs.
+Each change is reported, as the Notification API does, to every live watch channel whose events
+cover it (`insert`/`update`/`delete`; a merge is an update of the survivor and a delete of the
+other, which Zoho lists as deleted), after the admin answer, through a `WebhookDelivery` that
+can drop, duplicate, delay or reorder deliveries. Deleted people are served by `/{module}/deleted`.
 """
 
 from __future__ import annotations
@@ -14,15 +20,19 @@ import argparse
 import asyncio
 import json
 import logging
+import random
 import re
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTasks
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -34,10 +44,12 @@ from quo_sync_dagster.sandbox.serving import (
     admin_routes,
     serve_until_signalled,
 )
+from quo_sync_dagster.sandbox.webhook_delivery import WebhookDelivery, delivery_routes
 
 log = logging.getLogger(__name__)
 
 API = "/crm/v8"
+API_DOMAIN = "https://www.zohoapis.com"
 PEOPLE_MODULES = ("Contacts", "Leads")
 WATCHABLE_MODULES = frozenset({"Contacts", "Leads", "Accounts", "Deals"})
 WATCH_OPERATIONS = frozenset({"create", "edit", "delete", "all"})
@@ -53,6 +65,12 @@ MAX_CHANNEL_TTL = timedelta(weeks=1)
 FAULT_STATUSES = frozenset({429, 500, 502, 503})
 ORG_TZ = timezone(timedelta(hours=5, minutes=30))  # Zoho answers in the org's offset
 RECORDS_FILE, ACTIVITY_FILE = "zoho_records.json", "zoho_activity.json"
+DELETED_FILE = "zoho_deleted.json"
+# Fields Zoho sets itself: a change through the admin routes may not name them.
+SYSTEM_FIELDS = frozenset(
+    {"id", "Full_Name", "Created_Time", "Modified_Time", "Created_By", "Modified_By"}
+)
+WATCH_OPERATION = {"insert": "create", "update": "edit", "delete": "delete"}  # callback -> event
 OWNER = {"name": "Pat Sandbox", "id": "3652397000000080001", "email": "pat@sandbox.example"}
 _DURATION = re.compile(r"^(\d{1,4}):([0-5]\d)$")  # mm:ss, minutes may exceed 59
 
@@ -119,6 +137,10 @@ def _phone(i: int, salt: int) -> str | None:
     ][n % 10]
 
 
+def _full_name(first: str | None, last: str | None) -> str:
+    return " ".join(part for part in (first, last) if part)
+
+
 def _person(module: str, i: int) -> Record:
     """Person i of a module; ids rise with Created_Time, Modified_Time is scattered."""
     lead = module == "Leads"
@@ -133,7 +155,7 @@ def _person(module: str, i: int) -> Record:
         "Owner": OWNER,
         "First_Name": first,
         "Last_Name": last,
-        "Full_Name": f"{first} {last}" if first else last,
+        "Full_Name": _full_name(first, last),
         "Email": None if i % 13 == 3 else f"{local}@{module.lower()}.example",
         "Secondary_Email": f"{local}@home.example" if i % 5 == 0 else None,
         "Phone": _phone(i, 1),
@@ -190,6 +212,61 @@ def split_records(records: int | Mapping[str, int]) -> dict[str, int]:
     return {module: int(records.get(module, 0)) for module in PEOPLE_MODULES}
 
 
+class AdminError(Exception):
+    """A refused `/_sandbox/*` request: `{"message"}` with this status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One Notification API callback about people of a module, before it is addressed to a
+    channel. `affected` maps each record id to the fields that changed (updates only)."""
+
+    module: str
+    operation: str  # insert | update | delete
+    affected: dict[str, list[str]]
+    server_time: int  # ms since the epoch: when the change happened
+
+    def wanted_by(self, channel: dict[str, Any], now: datetime) -> bool:
+        """A live channel watching this module for this operation (or for all)."""
+        events = {f"{self.module}.all", f"{self.module}.{WATCH_OPERATION[self.operation]}"}
+        return _expiry(channel) > now and bool(events & set(channel["events"]))
+
+    def payload(self, channel: dict[str, Any]) -> dict[str, Any]:
+        affected = (
+            [{record_id: fields} for record_id, fields in self.affected.items() if fields]
+            if channel.get("return_affected_field_values")
+            else []
+        )
+        return {
+            "server_time": self.server_time,
+            "query_params": dict(parse_qsl(urlsplit(channel["notify_url"]).query)),
+            "module": self.module,
+            "resource_uri": f"{API_DOMAIN}{API}/{self.module}",
+            "ids": list(self.affected),
+            "affected_fields": affected,
+            "operation": self.operation,
+            "channel_id": channel["channel_id"],
+            "token": channel.get("token"),
+        }
+
+
+def _notification(module: str, operation: str, affected: dict[str, list[str]]) -> Notification:
+    return Notification(module, operation, affected, int(datetime.now(UTC).timestamp() * 1000))
+
+
+def _check_fields(module: str, fields: Mapping[str, Any]) -> None:
+    if not isinstance(fields, Mapping):
+        raise AdminError(400, "fields must be a JSON object")
+    if unknown := sorted(set(fields) - (MODULE_FIELDS[module] - SYSTEM_FIELDS)):
+        raise AdminError(400, f"{module} has no settable fields {unknown}")
+    if "Last_Name" in fields and not (isinstance(fields["Last_Name"], str) and fields["Last_Name"]):
+        raise AdminError(400, "Last_Name is mandatory: a non-empty string")
+
+
 class ZohoState:
     """People, written activities, watch channels, page tokens, counters, limiter, faults."""
 
@@ -204,8 +281,14 @@ class ZohoState:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.access_token = access_token
         self.limiter = TokenBuckets(rate_limit) if rate_limit else None
+        deleted_path = self.data_dir / DELETED_FILE
+        self.deleted: dict[str, list[Record]] = (
+            json.loads(deleted_path.read_text())
+            if deleted_path.exists()
+            else {m: [] for m in PEOPLE_MODULES}
+        )
         records_path = self.data_dir / RECORDS_FILE
-        if records_path.exists():  # a restart keeps the people (and any touches) it had
+        if records_path.exists():  # a restart keeps the people and their changes
             self.people: dict[str, list[Record]] = json.loads(records_path.read_text())
         else:
             counts = split_records(records)
@@ -219,10 +302,13 @@ class ZohoState:
         )
         self.page_tokens: dict[str, tuple[tuple, int, datetime]] = {}
         self.faults = FaultQueue()
+        self.delivery = WebhookDelivery()
+        self._rng = random.Random(sum(map(len, self.people.values())))
         self.reset_stats()
 
     def _save_people(self) -> None:
         (self.data_dir / RECORDS_FILE).write_text(json.dumps(self.people))
+        (self.data_dir / DELETED_FILE).write_text(json.dumps(self.deleted))
 
     def save_activity(self) -> None:
         (self.data_dir / ACTIVITY_FILE).write_text(json.dumps(self.activity))
@@ -238,15 +324,122 @@ class ZohoState:
                     return module, record
         return None
 
-    def touch(self, module: str, ids: Sequence[str]) -> int:
+    # ---- people changes: each returns what it did and the notifications it causes ----------
+    def person(self, record_id: str, module: str | None) -> tuple[str, Record]:
+        """The live person `record_id` (of `module`, if given) and its module."""
+        found = self.find(record_id)
+        if found is None or module not in (None, found[0]):
+            raise AdminError(404, f"no {module or 'person'} with id {record_id}")
+        return found
+
+    @staticmethod
+    def _edit(record: Record, fields: Mapping[str, Any], now: str) -> list[str]:
+        """Set `fields` and move Modified_Time, as an edit in Zoho does; the fields changed."""
+        changed = [name for name, value in fields.items() if record.get(name) != value]
+        record.update(fields)
+        record["Full_Name"] = _full_name(record["First_Name"], record["Last_Name"])
+        record["Modified_Time"] = now
+        return changed
+
+    def touch(self, module: str, ids: Sequence[str]) -> tuple[int, list[Notification]]:
         """Mark records as just modified (what an edit in the Zoho UI does to Modified_Time)."""
-        now, wanted, touched = _iso(datetime.now(UTC)), set(ids), 0
-        for record in self.people[module]:
-            if record["id"] in wanted:
-                record["Modified_Time"] = now
-                touched += 1
+        now, wanted = _iso(datetime.now(UTC)), set(ids)
+        touched = [r for r in self.people[module] if r["id"] in wanted]
+        for record in touched:
+            self._edit(record, {}, now)
         self._save_people()
-        return touched
+        affected: dict[str, list[str]] = {r["id"]: [] for r in touched}
+        return len(touched), [_notification(module, "update", affected)] if touched else []
+
+    def create_person(
+        self, module: str, fields: Mapping[str, Any]
+    ) -> tuple[Record, list[Notification]]:
+        """A new person with the next (larger) id, generated where `fields` say nothing."""
+        _check_fields(module, fields)
+        now = _iso(datetime.now(UTC))
+        # Indexes never repeat (the deleted keep theirs), so neither do the ids they make.
+        record = _person(module, len(self.people[module]) + len(self.deleted[module]))
+        record["Created_Time"] = now
+        self._edit(record, fields, now)
+        self.people[module].append(record)
+        self._save_people()
+        return record, [_notification(module, "insert", {record["id"]: []})]
+
+    def update_person(
+        self, record_id: str, module: str | None, fields: Mapping[str, Any]
+    ) -> tuple[Record, list[Notification]]:
+        """`fields` set (none: a generated new name and phone); Modified_Time moves to now."""
+        module, record = self.person(record_id, module)
+        _check_fields(module, fields)
+        changed = self._edit(
+            record, fields or self._generated_change(module, record), _iso(datetime.now(UTC))
+        )
+        self._save_people()
+        return record, [_notification(module, "update", {record_id: changed})]
+
+    def _generated_change(self, module: str, record: Record) -> dict[str, Any]:
+        while True:
+            other = _person(module, self._rng.randrange(10**6))
+            change = {k: other[k] for k in ("First_Name", "Last_Name", "Phone")}
+            if other["Phone"] and all(record[k] != v for k, v in change.items()):
+                return change
+
+    def delete_person(self, record_id: str, module: str | None) -> list[Notification]:
+        module, record = self.person(record_id, module)
+        self._remove(module, record)
+        self._save_people()
+        return [_notification(module, "delete", {record_id: []})]
+
+    def merge_people(
+        self, record_id: str, into: str, module: str | None
+    ) -> tuple[Record, list[Notification]]:
+        """Merge `record_id` into `into`: the survivor keeps its values and takes the other's
+        where it has none; the other is deleted. Zoho's callbacks have no merge operation."""
+        if record_id == into:
+            raise AdminError(400, "a person cannot be merged into itself")
+        module, loser = self.person(record_id, module)
+        _, survivor = self.person(into, module)
+        taken = {
+            name: value
+            for name, value in loser.items()
+            if name not in SYSTEM_FIELDS
+            and value not in (None, "")
+            and survivor.get(name) in (None, "")
+        }
+        changed = self._edit(survivor, taken, _iso(datetime.now(UTC)))
+        self._remove(module, loser)
+        self._save_people()
+        return survivor, [
+            _notification(module, "update", {into: changed}),
+            _notification(module, "delete", {record_id: []}),
+        ]
+
+    def _remove(self, module: str, record: Record) -> None:
+        """Into the recycle bin: gone from the module, listed by `/{module}/deleted`."""
+        self.people[module].remove(record)
+        by = {"name": OWNER["name"], "id": OWNER["id"]}
+        self.deleted[module].append(
+            {
+                "deleted_by": by,
+                "id": record["id"],
+                "display_name": record["Full_Name"],
+                "type": "recycle",
+                "created_by": by,
+                "deleted_time": _iso(datetime.now(UTC)),
+            }
+        )
+
+    def deliveries_of(self, notifications: list[Notification]) -> BackgroundTasks:
+        """The sends of `notifications` to every live channel watching them, as tasks to run
+        once the answer that made the change is out."""
+        tasks, now = BackgroundTasks(), datetime.now(UTC)
+        headers = {"Content-Type": "application/json"}
+        for notification in notifications:
+            for channel in self.activity["channels"].values():
+                if notification.wanted_by(channel, now):
+                    body = json.dumps(notification.payload(channel), ensure_ascii=False).encode()
+                    tasks.add_task(self.delivery.send, channel["notify_url"], body, headers)
+        return tasks
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -258,6 +451,7 @@ class ZohoState:
             "calls": len(self.activity["calls"]),
             "notes": len(self.activity["notes"]),
             "channels": len(self.activity["channels"]),
+            "deleted": {m: len(rs) for m, rs in self.deleted.items()},
             "pendingFaults": self.faults.pending,
         }
 
@@ -401,6 +595,32 @@ class _Api:
 
     async def _count(self, request: Request) -> Response:
         return JSONResponse({"count": len(self.state.people[self._module(request)])})
+
+    async def deleted(self, request: Request) -> Response:
+        return await self.serve(request, "deleted", self._deleted)
+
+    async def _deleted(self, request: Request) -> Response:
+        """Deleted records, newest first; `type` all|recycle|permanent, If-Modified-Since."""
+        module, query = self._module(request), request.query_params
+        kind = query.get("type", "all")
+        if kind not in ("all", "recycle", "permanent"):
+            raise ZohoError(400, "INVALID_DATA", "invalid value for type", param_name="type")
+        per_page = _int_param(query, "per_page", MAX_PER_PAGE, 1, MAX_PER_PAGE)
+        page = _int_param(query, "page", 1, 1, 10**6)
+        since_header = request.headers.get("if-modified-since")
+        since = _parse_time(since_header, "If-Modified-Since") if since_header else None
+        records = [
+            r
+            for r in reversed(self.state.deleted[module])
+            if kind in ("all", r["type"])
+            and (since is None or datetime.fromisoformat(r["deleted_time"]) > since)
+        ]
+        window = records[(page - 1) * per_page : page * per_page]
+        if not window:
+            return Response(status_code=204)
+        more = page * per_page < len(records)
+        info = {"per_page": per_page, "count": len(window), "page": page, "more_records": more}
+        return JSONResponse({"data": window, "info": info})
 
     async def _list(self, request: Request) -> Response:
         module, query = self._module(request), request.query_params
@@ -667,7 +887,7 @@ class _Api:
             events = [
                 {
                     "channel_expiry": channel["channel_expiry"],
-                    "resource_uri": f"https://www.zohoapis.com{API}/{event.split('.')[0]}",
+                    "resource_uri": f"{API_DOMAIN}{API}/{event.split('.')[0]}",
                     "resource_id": "3652397000000002179",
                     "resource_name": event.split(".")[0],
                     "channel_id": channel_id,
@@ -808,7 +1028,62 @@ async def _admin_touch(request: Request) -> Response:
             raise ValueError(f"module must be one of {PEOPLE_MODULES}, ids a list")
     except (ValueError, TypeError, KeyError) as exc:
         return JSONResponse({"message": str(exc)}, status_code=400)
-    return JSONResponse({"touched": state.touch(module, [str(i) for i in ids])})
+    touched, notifications = state.touch(module, [str(i) for i in ids])
+    return JSONResponse({"touched": touched}, background=state.deliveries_of(notifications))
+
+
+AdminHandler = Callable[[Request, ZohoState, str | None], Awaitable[Response]]
+
+
+def _admin(handler: AdminHandler) -> Handler:
+    """An admin people route: `?kind=` (a people module) checked, AdminError answered."""
+
+    async def route(request: Request) -> Response:
+        kind = request.query_params.get("kind")
+        try:
+            if kind not in (None, *PEOPLE_MODULES):
+                raise AdminError(400, f"kind must be one of {PEOPLE_MODULES}")
+            return await handler(request, request.app.state.zoho, kind)
+        except AdminError as exc:
+            return JSONResponse({"message": exc.message}, status_code=exc.status)
+
+    return route
+
+
+async def _admin_body(request: Request, key: str) -> Any:
+    try:
+        return json.loads(await request.body() or b"{}")[key]
+    except (ValueError, TypeError, KeyError):
+        raise AdminError(400, f'the body must be a JSON object with "{key}"') from None
+
+
+@_admin
+async def _admin_people(request: Request, state: ZohoState, kind: str | None) -> Response:
+    """GET: every live person of `kind` (default Contacts); POST `{"fields"}`: a new one."""
+    module = kind or "Contacts"
+    if request.method == "GET":
+        return JSONResponse(state.people[module])
+    record, notifications = state.create_person(module, await _admin_body(request, "fields"))
+    return JSONResponse(record, background=state.deliveries_of(notifications))
+
+
+@_admin
+async def _admin_person(request: Request, state: ZohoState, kind: str | None) -> Response:
+    """PATCH `{"fields"}` or DELETE a person (of `kind`, if given: else found in any module)."""
+    record_id = request.path_params["record_id"]
+    if request.method == "DELETE":
+        notifications = state.delete_person(record_id, kind)
+        return Response(status_code=204, background=state.deliveries_of(notifications))
+    fields = await _admin_body(request, "fields")
+    record, notifications = state.update_person(record_id, kind, fields)
+    return JSONResponse(record, background=state.deliveries_of(notifications))
+
+
+@_admin
+async def _admin_merge(request: Request, state: ZohoState, kind: str | None) -> Response:
+    into = str(await _admin_body(request, "into"))
+    record, notifications = state.merge_people(request.path_params["record_id"], into, kind)
+    return JSONResponse(record, background=state.deliveries_of(notifications))
 
 
 def build_app(state: ZohoState) -> Starlette:
@@ -819,13 +1094,18 @@ def build_app(state: ZohoState) -> Starlette:
             Route(f"{API}/Notes", api.notes, methods=["POST"]),
             Route(f"{API}/actions/watch", api.watch, methods=["GET", "POST", "PATCH", "DELETE"]),
             Route(f"{API}/{{module}}/actions/count", api.count, methods=["GET"]),
+            Route(f"{API}/{{module}}/deleted", api.deleted, methods=["GET"]),
             Route(f"{API}/{{module}}", api.records, methods=["GET"]),
             Route("/_sandbox/created", _admin_created, methods=["GET"]),
             Route("/_sandbox/touch", _admin_touch, methods=["POST"]),
+            Route("/_sandbox/people", _admin_people, methods=["GET", "POST"]),
+            Route("/_sandbox/people/{record_id}", _admin_person, methods=["PATCH", "DELETE"]),
+            Route("/_sandbox/people/{record_id}/merge", _admin_merge, methods=["POST"]),
             *admin_routes(FAULT_STATUSES, state_attr="zoho", retry_after=False),
+            *delivery_routes(),
         ]
     )
-    app.state.zoho = state
+    app.state.zoho, app.state.delivery = state, state.delivery
     return app
 
 
@@ -851,6 +1131,9 @@ class ZohoSandbox(SandboxServer):
 
     def _create_app(self, state: ZohoState) -> Starlette:
         return build_app(state)
+
+    def _close_state(self, state: ZohoState) -> None:
+        state.delivery.close()
 
     def reset_stats(self) -> None:
         self._admin_request("POST", "reset-stats")
