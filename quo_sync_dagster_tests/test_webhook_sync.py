@@ -1,0 +1,133 @@
+"""CRM webhooks through the whole path on a temporary Dagster instance: the Pipedrive simulator
+sends signed deliveries (duplicated and reordered) to the real receiver, which stores them in the
+inbox; `pipedrive_webhook_sensor` claims them and its `pipedrive_webhook_sync` runs make Quo equal
+to the CRM. A run that fails has its items released and applied by a later run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from quo_sync_dagster.core.models import Integration
+from quo_sync_dagster.crms.pipedrive import PipedriveConnector
+from quo_sync_dagster.definitions import defs
+from quo_sync_dagster.differential import Differential, differential
+from quo_sync_dagster.orchestration.sync import now_iso
+from quo_sync_dagster.quo.client import QuoClient
+from quo_sync_dagster.sandbox.pipedrive_server import DEFAULT_TOKEN, PipedriveSandbox
+from quo_sync_dagster.webhooks.app import ReceiverServer, create_app
+from quo_sync_dagster_tests.pipeline import (
+    Pipeline,
+    add_integration,
+    evaluate_sensor,
+    pipeline,
+    sync_everything,
+)
+
+CRM = "pipedrive"
+SENSOR = f"{CRM}_webhook_sensor"
+
+
+@pytest.fixture
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, ...]]:
+    monkeypatch.setenv("PIPEDRIVE_TEST_TOKEN", DEFAULT_TOKEN)
+    with (
+        PipedriveSandbox(tmp_path / "pipedrive", records=60, rate_limit=None) as sim,
+        pipeline(tmp_path, monkeypatch) as p,
+        ReceiverServer(create_app(p.store)) as receiver,
+    ):
+        integration = add_integration(
+            p, CRM, {"base_url": sim.url}, crm_credential_ref="env:PIPEDRIVE_TEST_TOKEN"
+        )
+        sync_everything(p, CRM, {"integration_id": integration.id})
+        connector = PipedriveConnector(integration, DEFAULT_TOKEN)
+        url = f"{receiver.url}/webhooks/crm/{CRM}/{integration.id}"
+        p.store.put_webhook_subscription(
+            integration.id,
+            {
+                "crm": CRM,
+                "receiverUrl": receiver.url,
+                "createdAt": now_iso(),
+                "expiresAt": None,
+                "secretRef": None,
+                "details": connector.setup_webhooks(url),
+            },
+        )
+        yield p, sim, integration
+        connector.close()
+
+
+def _diff(p: Pipeline, sim: PipedriveSandbox, integration: Integration) -> Differential:
+    with QuoClient(p.quo.url, "test-key") as quo:
+        contacts = list(quo.iter_contacts(CRM))
+    people = [("Person", person) for person in sim.people()]
+    return differential(PipedriveConnector(integration), people, contacts)
+
+
+def _delivered(sim: PipedriveSandbox, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        stats = sim.deliveries()
+        if stats["sent"] + stats["failed"] >= count and not stats["pending"]:
+            assert stats["failed"] == 0
+            return
+        time.sleep(0.1)
+    pytest.fail(f"deliveries did not arrive: {sim.deliveries()}")
+
+
+def _run(p: Pipeline, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+    return defs.get_job_def(request.job_name or f"{CRM}_webhook_sync").execute_in_process(
+        run_config=request.run_config,
+        instance=p.instance,
+        resources=p.resources,
+        tags=request.tags,
+        raise_on_error=False,
+    )
+
+
+def test_crm_changes_reach_quo_once_whatever_the_deliveries_do(setup: tuple[Any, ...]) -> None:
+    p, sim, integration = setup
+    initial = _diff(p, sim, integration)
+    assert initial.exact
+    ids = [str(person["id"]) for person in sim.people()[:4]]
+    sim.webhook_faults(duplicate=5, reorder=4)  # every delivery twice, the first four reversed
+    sim.create_person({"first_name": "Nova", "last_name": "Quinn"})
+    sim.update_person(ids[0], {"first_name": "Renamed"})
+    sim.delete_person(ids[1])
+    sim.merge_people(ids[2], into=ids[3])
+    _delivered(sim, 10)  # 5 events (a merge is two), each sent twice
+
+    result = evaluate_sensor(p, SENSOR)
+    (request,) = result.run_requests
+    assert request.tags["quo_sync/integration"] == integration.id
+    assert _run(p, request).success
+    diff = _diff(p, sim, integration)
+    assert diff.exact, diff.result()
+    assert diff.crm_people == initial.crm_people + 1 - 2  # created; deleted and merged away
+    # Everything was acknowledged: the next tick has nothing to launch.
+    again = evaluate_sensor(p, SENSOR, cursor=result.cursor)
+    assert not again.run_requests
+
+
+def test_a_failed_webhook_run_is_applied_again_by_a_later_run(setup: tuple[Any, ...]) -> None:
+    p, sim, integration = setup
+    person = str(sim.people()[0]["id"])
+    sim.update_person(person, {"last_name": "Afterfault"})
+    _delivered(sim, 1)
+    first = evaluate_sensor(p, SENSOR)
+    (request,) = first.run_requests
+    p.quo.inject_fault(status=503, count=10_000)  # Quo down for the whole run
+    assert not _run(p, request).success
+    p.quo.clear_faults()
+    assert _diff(p, sim, integration).stale  # the change is not in Quo yet
+
+    second = evaluate_sensor(p, SENSOR, cursor=first.cursor)  # releases the failed run's items
+    (retry,) = second.run_requests
+    assert retry.run_key != request.run_key
+    assert _run(p, retry).success
+    assert _diff(p, sim, integration).exact
