@@ -10,17 +10,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import dagster as dg
 import pytest
+from moto import mock_aws
 
+from quo_sync_dagster.core.changes import ChangeKind, PersonChange
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.crms.pipedrive import PipedriveConnector
 from quo_sync_dagster.definitions import defs
 from quo_sync_dagster.differential import Differential, differential
 from quo_sync_dagster.orchestration.sync import now_iso
+from quo_sync_dagster.orchestration.webhook_sync import QUEUE_URL_ENV
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.sandbox.pipedrive_server import DEFAULT_TOKEN, PipedriveSandbox
 from quo_sync_dagster.webhooks.app import ReceiverServer, create_app
+from quo_sync_dagster.webhooks.inbox import InboxEntry
+from quo_sync_dagster.webhooks.sqs import SqsInbox
 from quo_sync_dagster_tests.pipeline import (
     Pipeline,
     add_integration,
@@ -130,4 +136,30 @@ def test_a_failed_webhook_run_is_applied_again_by_a_later_run(setup: tuple[Any, 
     (retry,) = second.run_requests
     assert retry.run_key != request.run_key
     assert _run(p, retry).success
+    assert _diff(p, sim, integration).exact
+
+
+def test_deliveries_a_separate_receiver_put_in_sqs_reach_quo(
+    setup: tuple[Any, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p, sim, integration = setup
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        queue = boto3.client("sqs").create_queue(QueueName="hooks")["QueueUrl"]
+        monkeypatch.setenv(QUEUE_URL_ENV, queue)
+        person = str(sim.people()[0]["id"])
+        sim.update_person(person, {"last_name": "ViaSqs"})
+        change = PersonChange("ev-sqs-1", ChangeKind.UPSERT, "Person", person)
+        inbox = SqsInbox(queue)  # what a receiver deployed apart from Dagster writes
+        assert inbox.enqueue(
+            [InboxEntry(integration.id, change.event_id, {"change": change.to_payload()})]
+        ) == [True]
+        inbox.close()
+        result = evaluate_sensor(p, SENSOR)  # drains the queue into the store, then claims
+        (request,) = result.run_requests
+        assert _run(p, request).success
     assert _diff(p, sim, integration).exact

@@ -8,11 +8,16 @@ next tick, so two runs never write one person at once. The run applies the chang
 (change_sync.py) and only then acknowledges the items. Items of a run that failed, was canceled
 or was killed are released by the next tick and delivered again: at-least-once delivery, made
 exactly-once in Quo by re-reading every person by id before writing.
+
+Where the receiver runs apart from Dagster and writes to SQS (QUO_SYNC_WEBHOOK_QUEUE_URL), each
+tick first moves what the queue holds into the store's inbox (a message leaves SQS only once
+the store has it).
 """
 
 # No `from __future__ import annotations`: Dagster reads the config class from the annotation.
 
 import json
+import os
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +33,8 @@ from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
 from quo_sync_dagster.orchestration.tags import TAG_INTEGRATION
 from quo_sync_dagster.store.port import Store
 
+QUEUE_URL_ENV = "QUO_SYNC_WEBHOOK_QUEUE_URL"
+MAX_DRAINED_PER_TICK = 5000
 MAX_ITEMS_PER_RUN = 500  # inbox items one run applies; more wait for the next tick
 LEASE_MARGIN_SECONDS = 120  # beyond the job's maximum runtime
 _ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
@@ -121,6 +128,11 @@ def build_webhook_definitions(
     )
     def webhook_sensor(context: dg.SensorEvaluationContext, store: StoreResource):
         s = store.get()
+        if queue_url := os.environ.get(QUEUE_URL_ENV):
+            from quo_sync_dagster.webhooks.sqs import drain_sqs  # boto3 only where it is used
+
+            if moved := drain_sqs(queue_url, s, max_messages=MAX_DRAINED_PER_TICK):
+                context.log.info(f"moved {moved} deliveries from SQS into the inbox")
         cursor: dict[str, Any] = json.loads(context.cursor or "{}")
         tick = datetime.now(UTC).timestamp()
         _release_items_of_failed_runs(context.instance, s, crm, cursor.get("checkedAt"))
