@@ -159,6 +159,31 @@ def test_integration_round_trip_and_not_found(store: Store) -> None:
         store.get_integration("int-missing")
 
 
+def test_deleting_an_integration_keeps_its_links_and_other_integrations(store: Store) -> None:
+    store.upsert_integration(integration())
+    store.upsert_integration(integration("int-2"))
+    for iid in ("int-1", "int-2"):
+        store.put_contact_links(iid, {"e1": ContactLink("q1", "h1")})
+        store.put_webhook_subscription(iid, {"crm": "pipedrive"})
+        store.set_watermark(iid, "Person", "2026-01-01T00:00:00+00:00")
+        store.put_tombstones(iid, ["e9"])
+        store.enqueue_webhook(iid, "ev-1", {"n": 1})
+    store.delete_integration("int-1")
+    store.delete_integration("int-unknown")  # a no-op
+    with pytest.raises(NotFound):
+        store.get_integration("int-1")
+    assert store.get_webhook_subscription("int-1") is None
+    assert store.get_watermark("int-1", "Person") is None
+    assert store.get_tombstones("int-1", ["e9"]) == set()
+    assert store.claim_webhooks("int-1", 10) == []
+    assert store.get_contact_links("int-1", ["e1"]) == {"e1": ContactLink("q1", "h1")}
+    # The other integration keeps everything.
+    assert store.get_integration("int-2").id == "int-2"
+    assert store.get_webhook_subscription("int-2") == {"crm": "pipedrive"}
+    assert store.get_tombstones("int-2", ["e9"]) == {"e9"}
+    assert len(store.claim_webhooks("int-2", 10)) == 1
+
+
 # ---- processes ------------------------------------------------------------------------------
 def test_create_get_and_timestamps(store: Store) -> None:
     created = new_process(store, "p-1", context={"crm": "hubspot", "total": 3})

@@ -68,6 +68,7 @@ class AttioConnector(CRMConnector):
     quo_source = "attio"
     simulator = "quo_sync_dagster.sandbox.attio_server"
     stable_paging = "offset"  # limit/offset, created_at ascending
+    webhook_secret_key = "secret"  # what setup_webhooks returns that signs every delivery
     crm_config = CRMConfig(
         person_object_types=[PersonObjectType(crm_object_name=PEOPLE)],
         # Attio's query default is 500 (no documented maximum); 200 keeps a page's Quo writes short.
@@ -191,13 +192,17 @@ class AttioConnector(CRMConnector):
 
     def setup_webhooks(self, receiver_url: str) -> dict[str, Any]:
         """record.created/updated/deleted/merged. The client subscribes without a filter, so the
-        receiver must skip events whose id.object_id is not people. Attio shows the signing
-        secret only once: it is returned (to verify Attio-Signature) but never shown."""
+        receiver skips events whose id.object_id is not `peopleObjectId` (None while the
+        workspace has no people: then every record event counts as a person's). Attio shows
+        the signing secret only once: it is returned (to verify Attio-Signature) but never
+        shown."""
+        people_object_id = self.api.people_object_id()
         webhook = self.api.create_webhook(receiver_url)
         return _Subscription(
             webhook_id=webhook["id"]["webhook_id"],
             target_url=webhook["target_url"],
             event_types=[s["event_type"] for s in webhook["subscriptions"]],
+            peopleObjectId=people_object_id,
             secret=webhook["secret"],
         )
 

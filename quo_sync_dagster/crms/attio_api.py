@@ -131,6 +131,12 @@ class AttioApi(ApiClient):
                 return None
             raise
 
+    def people_object_id(self) -> str | None:
+        """The workspace's id of the people object, read off a person's `id.object_id` (no
+        object-configuration scope needed); None while the workspace has no people."""
+        people = self.query_people(1, 0)
+        return people[0]["id"]["object_id"] if people else None
+
     def find_people_by_phone(self, e164: str, limit: int = 10) -> list[dict[str, Any]]:
         return self.query_people(limit, 0, filter={"phone_numbers": e164})
 

@@ -191,6 +191,12 @@ class PipedriveConnector(CRMConnector):
         # No password in here: the subscription gets stored and logged.
         return {"receiverUrl": receiver_url, "webhookIds": ids, "httpAuthUser": user}
 
+    def webhooks_gone(self, subscription: dict[str, Any]) -> bool:
+        """Whether Pipedrive lost any of the webhooks: it deletes one after 3 days of failed
+        deliveries, and lists only those it still has."""
+        listed = {str(hook["id"]) for hook in self.api.list_webhooks()}
+        return not {str(i) for i in subscription.get("webhookIds", [])} <= listed
+
     def teardown_webhooks(self, subscription: dict[str, Any]) -> None:
         for webhook_id in subscription.get("webhookIds", []):
             try:

@@ -72,6 +72,7 @@ class ZohoConnector(CRMConnector):
     simulator = "quo_sync_dagster.sandbox.zoho_server"
     stable_paging = "offset"  # `page` numbers
     max_offset = PAGE_LIMIT  # then only page_token, which is forward-only
+    webhook_secret_key = "token"  # what setup_webhooks returns that Zoho echoes in callbacks
     crm_config = CRMConfig(
         person_object_types=[PersonObjectType(crm_object_name=m) for m in MODULES],
         # A list call costs one API credit whatever its size, so read Zoho's maximum page.
@@ -258,5 +259,11 @@ class ZohoConnector(CRMConnector):
             granted = self.api.watch(channel_id, events, url, token, expires)
         return {**subscription, "expires_at": granted[0]["channel_expiry"]}
 
+    def webhooks_gone(self, subscription: dict[str, Any]) -> bool:
+        """Whether Zoho no longer lists the channel as live (lapsed or unsubscribed)."""
+        live = {str(channel.get("channel_id")) for channel in self.api.list_watches()}
+        return str(subscription["channel_id"]) not in live
+
     def teardown_webhooks(self, subscription: dict[str, Any]) -> None:
+        # Zoho answers an unknown channel in the body, not with an error status: gone is fine.
         self.api.unwatch([subscription["channel_id"]])

@@ -280,6 +280,11 @@ class ZohoApi(ApiClient):
             channel["notify_url"] = notify_url
         return self._watch("PATCH", channel)
 
+    def list_watches(self) -> list[dict[str, Any]]:
+        """The live channels (Zoho answers 204 when there are none)."""
+        body = self._json("GET", "/actions/watch")
+        return body["watch"] if body else []
+
     def unwatch(self, channel_ids: Sequence[str]) -> None:
         self._request("DELETE", "/actions/watch", params={"channel_ids": ",".join(channel_ids)})
 

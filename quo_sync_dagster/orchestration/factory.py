@@ -67,6 +67,7 @@ from quo_sync_dagster.orchestration.tags import (
     TAG_PROCESS,
     TAG_RETRY,
 )
+from quo_sync_dagster.orchestration.webhook_subscriptions import build_subscription_definitions
 from quo_sync_dagster.orchestration.webhook_sync import build_webhook_definitions
 from quo_sync_dagster.quo.client import QuoUnavailable
 from quo_sync_dagster.store.port import AlreadyRunning, Store
@@ -381,6 +382,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
     ongoing = [build_polling_definitions(connector_cls, pages)]
     if cfg.sync_config.supports_webhooks:
         ongoing.append(build_webhook_definitions(connector_cls, run_tags))
+        ongoing.append(build_subscription_definitions(connector_cls))
 
     return dg.Definitions.merge(
         dg.Definitions(

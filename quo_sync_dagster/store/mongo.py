@@ -181,6 +181,13 @@ class MongoStore(Store):
         doc = asdict(integration)
         self._integrations.replace_one({"_id": doc.pop("id")}, doc, upsert=True)
 
+    def delete_integration(self, integration_id: str) -> None:
+        self._integrations.delete_one({"_id": integration_id})
+        self._subscriptions.delete_one({"_id": integration_id})
+        for collection in (self._watermarks, self._tombstones):
+            collection.delete_many({"integration_id": integration_id})
+        self._inbox.delete_many({"integration_id": integration_id, "acked": False})
+
     @staticmethod
     def _integration(doc: dict[str, Any]) -> Integration:
         return Integration(id=doc.pop("_id"), **doc)

@@ -62,6 +62,12 @@ class Store(ABC):
     @abstractmethod
     def list_integrations(self, crm: str | None = None) -> list[Integration]: ...
 
+    @abstractmethod
+    def delete_integration(self, integration_id: str) -> None:
+        """Forget the integration with its webhook subscription, watermarks, tombstones and
+        unacknowledged webhooks. Its contact links and Process history stay, so adding it
+        again links the contacts it wrote instead of creating twins. Unknown ids: no-op."""
+
     # ---- processes ------------------------------------------------------------------------
     @abstractmethod
     def create_process(self, process: Process, exclusive_key: str | None = None) -> Process:

@@ -300,6 +300,16 @@ class SqliteStore(Store):
             raise NotFound(f"unknown integration {integration_id!r}")
         return self._integration(row)
 
+    def delete_integration(self, integration_id: str) -> None:
+        with self._write() as conn:
+            for table in ("integrations", "webhook_subscriptions", "watermarks", "tombstones"):
+                column = "id" if table == "integrations" else "integration_id"
+                conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (integration_id,))
+            conn.execute(
+                "DELETE FROM webhook_inbox WHERE integration_id = ? AND acked = 0",
+                (integration_id,),
+            )
+
     def list_integrations(self, crm: str | None = None) -> list[Integration]:
         rows = self._conn().execute(
             "SELECT * FROM integrations WHERE ? IS NULL OR crm = ? ORDER BY id", (crm, crm)
