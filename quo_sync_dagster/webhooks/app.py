@@ -12,23 +12,20 @@ a header or the body.
 from __future__ import annotations
 
 import logging
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any
 
 import anyio.to_thread
-import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from quo_sync_dagster.background_server import BackgroundServer
 from quo_sync_dagster.crms import connector_class
 from quo_sync_dagster.secrets import MissingSecret, resolve_secret
 from quo_sync_dagster.store import NotFound, Store
@@ -210,51 +207,8 @@ def create_app(
     )
 
 
-class ReceiverServer:
+class ReceiverServer(BackgroundServer):
     """Serves an ASGI app (with `GET /healthz`) with uvicorn in a background thread."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.app, self.host, self.port = app, host, port
-        self.url = ""
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, timeout: float = 10.0) -> Self:
-        # Bound here so that port 0 gives a known port before uvicorn serves.
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        port = sock.getsockname()[1]
-        self.url = f"http://{f'[{self.host}]' if family == socket.AF_INET6 else self.host}:{port}"
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="receiver", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=1.0) as client:
-            while True:
-                try:
-                    if client.get(f"{self.url}/healthz").status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
-                if not self._thread.is_alive() or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"the webhook receiver did not start on {self.url}")
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        super().__init__(app, host, port, ready_path="/healthz", name="the webhook receiver")
