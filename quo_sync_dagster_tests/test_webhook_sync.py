@@ -32,6 +32,7 @@ from quo_sync_dagster_tests.pipeline import (
     add_integration,
     evaluate_sensor,
     pipeline,
+    poll_everything,
     sync_everything,
 )
 
@@ -162,4 +163,23 @@ def test_deliveries_a_separate_receiver_put_in_sqs_reach_quo(
         result = evaluate_sensor(p, SENSOR)  # drains the queue into the store, then claims
         (request,) = result.run_requests
         assert _run(p, request).success
+    assert _diff(p, sim, integration).exact
+
+
+def test_a_lost_delivery_is_found_by_the_gap_fill_poll_and_counted(
+    setup: tuple[Any, ...],
+) -> None:
+    p, sim, integration = setup
+    people = sim.people()
+    sim.webhook_faults(drop=2)  # both deliveries are lost
+    sim.update_person(str(people[0]["id"]), {"last_name": "NeverDelivered"})
+    sim.delete_person(str(people[1]["id"]))
+    _delivered(sim, 0)
+    assert not evaluate_sensor(p, SENSOR).run_requests  # nothing arrived
+    # With webhooks the poll is a full scan: the change is synced, the deletion swept.
+    (cycle,), closed = poll_everything(p, CRM, {"integration_id": integration.id})
+    assert cycle.context["syncType"] == "ONGOING" and not cycle.context["modifiedSince"]
+    (event,) = [e for e in closed.asset_events if isinstance(e, dg.AssetMaterialization)]
+    assert event.metadata["changes_missed_by_webhooks"].value == 1
+    assert cycle.context["closing"]["report"]["deleted"] == 1
     assert _diff(p, sim, integration).exact

@@ -100,12 +100,13 @@ def build_completion_sensor(
                 )
             requests += retries
             if closed is not None:
+                final = s.get_process(process.id)
                 if closed["state"] == str(ProcessState.COMPLETED):
-                    advance_watermark(s, s.get_process(process.id))
+                    advance_watermark(s, final)
                     events += _unreported_pages(context.instance, s, process, contacts)
                 events.append(
                     dg.AssetMaterialization(
-                        asset_key=processes_key, metadata=process_metadata(closed)
+                        asset_key=processes_key, metadata=process_metadata(closed, final)
                     )
                 )
                 if _is_initial_full_sync(process):

@@ -41,9 +41,26 @@ def process_summary(store: Store, process: Process) -> dict[str, Any]:
     )
 
 
-def process_metadata(summary: dict[str, Any]) -> dict[str, Any]:
+def process_metadata(summary: dict[str, Any], process: Process | None = None) -> dict[str, Any]:
+    """A closed Process on `<crm>_sync_processes`; with the Process, what kind of sync it was,
+    and for a polling cycle of an integration with webhooks the changes the webhooks missed."""
     agg = summary["aggregateData"]
+    ctx = process.context if process else {}
+    kind = (
+        {
+            "integration_id": process.integration_id,
+            "sync_type": ctx.get("syncType"),
+            "full_scan": not ctx.get("modifiedSince"),
+        }
+        if process
+        else {}
+    )
+    if ctx.get("syncType") == "ONGOING" and ctx.get("webhooks"):
+        kind["changes_missed_by_webhooks"] = agg["created"] + agg["updated"]
+    if closing := ctx.get("closing", {}).get("report"):
+        kind["closing_pass"] = dg.MetadataValue.json(closing)
     return {
+        **kind,
         "process_id": summary["processId"],
         "process_state": summary["state"],
         "process_total_records": summary["totalRecords"] or 0,
