@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,20 @@ from typing import Any
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.core.process import Process, ProcessState
 from quo_sync_dagster.crms import connector_class, registered_connectors
-from quo_sync_dagster.local_stack import LocalStack
+from quo_sync_dagster.crms.base import CRMConnector
+from quo_sync_dagster.local_stack import ChangeLog, LocalStack
 from quo_sync_dagster.orchestration.metadata import process_summary
 from quo_sync_dagster.orchestration.resources import default_store_uri
-from quo_sync_dagster.store import open_store
+from quo_sync_dagster.orchestration.sync import open_connector
+from quo_sync_dagster.secrets import SECRETS_DIR_ENV
+from quo_sync_dagster.store import NotFound, Store, open_store
+from quo_sync_dagster.webhooks.subscriptions import (
+    RECEIVER_URL_SETTING,
+    receiver_base_url,
+    receiver_url,
+    subscribe,
+    unsubscribe,
+)
 
 DEFAULT_HOME = ".quo-sync-home"
 
@@ -64,15 +76,20 @@ def demo(args: argparse.Namespace) -> int:
     stack = LocalStack(
         Path(args.home), quo_rate_limit=args.quo_rate_limit or None, ui_port=args.port
     )
+    if args.changes:  # the webhook subscription's secret stays in the demo's home
+        os.environ.setdefault(SECRETS_DIR_ENV, str(stack.home / "secrets"))
     print(f"Starting the Quo sandbox and Dagster (home: {stack.home}) ...", flush=True)
-    stack.start()
     try:
+        stack.start()
         source = connector_class(crm).quo_source
         before = stack.sandbox_stats()
-        stack.register_integration(f"demo-{crm}", crm, args.records)
+        integration_id = f"demo-{crm}"
+        stack.register_integration(integration_id, crm, args.records, webhooks=bool(args.changes))
         print(f"Dagster UI: {stack.ui_url}  (launching {crm}_initial_sync)", flush=True)
         started = time.monotonic()
-        process_ids = stack.run_initial_sync(crm, {"integration_id": f"demo-{crm}"})
+        process_ids = stack.run_initial_sync(crm, {"integration_id": integration_id})
+        changes = _DemoChanges(stack, integration_id, args.changes, args.seed)
+        changes.during(process_ids)
         assert stack.store is not None
         store = stack.store
         tty = sys.stdout.isatty()
@@ -94,8 +111,11 @@ def demo(args: argparse.Namespace) -> int:
         for summary in summaries:
             summary["aggregateData"]["errors"] = summary["aggregateData"]["errors"][-3:]
             print(json.dumps(summary, indent=2))
+        ongoing = changes.after()
         after = stack.sandbox_stats()
-        result = _result(processes, before, after, source, duration)
+        result = {**_result(processes, before, after, source, duration), **ongoing}
+        if args.changes:
+            result.update(stack.differential(integration_id).result())
         if not args.exit_when_done:
             print(f"Sync done. Dagster UI stays up at {stack.ui_url}; Ctrl-C stops everything.")
             try:
@@ -106,7 +126,67 @@ def demo(args: argparse.Namespace) -> int:
     finally:
         stack.stop()
     print("RESULT " + json.dumps(result, separators=(",", ":")), flush=True)
-    return 0 if result["state"] == ProcessState.COMPLETED else 1
+    states = {result["state"], result.get("pollState", result["state"])}
+    exact = not any(result.get(k) for k in ("missing", "stale", "duplicates", "orphans"))
+    return 0 if states == {ProcessState.COMPLETED} and exact else 1
+
+
+def _change_count(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"a number of changes >= 0, not {value!r}")
+    return int(value)
+
+
+class _DemoChanges:
+    """`--changes N`: half of N random changes while the initial sync runs (once its first
+    page is synced), the rest after it; then the webhook runs apply what the simulator sent and
+    one polling cycle runs. Nothing without --changes."""
+
+    def __init__(self, stack: LocalStack, integration_id: str, count: int, seed: int | None):
+        self.stack, self.integration_id, self.count = stack, integration_id, count
+        self.seed = random.randrange(10**6) if seed is None else seed
+        self.rng, self.log = random.Random(self.seed), ChangeLog()
+        self.during_sync = 0
+
+    def _change(self, count: int, when: str) -> None:
+        with self.stack.crm_people(self.integration_id) as people:
+            people.random_changes(count, self.rng, self.log)
+        print(f"{count} random changes {when}; so far {dict(self.log.ops)}", flush=True)
+
+    def during(self, process_ids: list[str]) -> None:
+        if not self.count:
+            return
+        if self.stack.wait_first_page(process_ids):
+            self.during_sync = self.count // 2
+            self._change(self.during_sync, "while the initial sync runs")
+        else:
+            print("the initial sync closed before its first page was seen: no change during it")
+
+    def after(self) -> dict[str, Any]:
+        if not self.count:
+            return {}
+        self._change(self.count - self.during_sync, "after the initial sync")
+        store = self.stack.store
+        assert store is not None
+        integration = store.get_integration(self.integration_id)
+        if store.get_webhook_subscription(self.integration_id) is not None:
+            print("Waiting for the webhook runs to apply what the CRM sent ...", flush=True)
+            self.stack.wait_webhooks_applied(integration)
+        crm = integration.crm
+        print(f"One polling cycle ({crm}_poll) ...", flush=True)
+        processes, how = self.stack.poll_cycle(self.integration_id)
+        print(f"polling cycle: {how}", flush=True)
+        states = {p.state for p in processes}
+        return {
+            "seed": self.seed,
+            "changes": dict(self.log.ops),
+            "changesDuringInitialSync": self.during_sync,
+            "pollProcessIds": [p.id for p in processes],
+            "pollState": str(
+                ProcessState.COMPLETED if states == {ProcessState.COMPLETED} else ProcessState.ERROR
+            ),
+            "pollListing": how,
+        }
 
 
 def _result(
@@ -141,23 +221,71 @@ def _result(
 def integrations(args: argparse.Namespace) -> int:
     store = open_store(args.store or default_store_uri())
     if args.action == "add":
-        connector_class(args.crm)
-        store.upsert_integration(
-            Integration(
-                id=args.id,
-                crm=args.crm,
-                quo_api_key_ref=args.quo_key_ref,
-                quo_base_url=args.quo_base_url,
-                default_region=args.region,
-                crm_credential_ref=args.crm_credential_ref,
-                settings=_settings(args.setting),
-            )
+        settings = _settings(args.setting)
+        if args.receiver_url:
+            settings[RECEIVER_URL_SETTING] = args.receiver_url
+        integration = Integration(
+            id=args.id,
+            crm=args.crm,
+            quo_api_key_ref=args.quo_key_ref,
+            quo_base_url=args.quo_base_url,
+            default_region=args.region,
+            crm_credential_ref=args.crm_credential_ref,
+            settings=settings,
         )
+        webhooks = connector_class(args.crm).crm_config.sync_config.supports_webhooks
+        webhooks = webhooks and not args.no_webhooks
+        if webhooks:
+            try:  # before saving: an integration that cannot be subscribed is not half added
+                base_url = receiver_base_url(integration)
+                receiver_url(integration, base_url)
+            except ValueError as exc:
+                hint = "or pass --receiver-url (--no-webhooks: polling only)"
+                raise SystemExit(f"{exc}, {hint}") from None
+        store.upsert_integration(integration)
         print(f"integration {args.id!r} ({args.crm}) saved")
+        if webhooks:
+            return _with_connector(store, integration, lambda c: _subscribe(store, c, base_url))
+    elif args.action == "remove":
+        integration_id = args.integration_id
+        try:
+            integration = store.get_integration(integration_id)
+        except NotFound:
+            raise SystemExit(f"no integration {integration_id!r}") from None
+        if failed := _with_connector(store, integration, lambda c: _unsubscribe(store, c)):
+            return failed
+        store.delete_integration(integration_id)
+        print(f"integration {integration_id!r} removed (its contact links stay)")
     else:
         for i in store.list_integrations():
             print(f"{i.id}\t{i.crm}\t{i.quo_base_url}\tquo key: {i.quo_api_key_ref}")
     return 0
+
+
+def _with_connector(
+    store: Store, integration: Integration, action: Callable[[CRMConnector], None]
+) -> int:
+    """Run `action` on the integration's connector; 1 (and the reason) if it fails."""
+    try:
+        connector = open_connector(store, integration.crm, integration.id)
+        try:
+            action(connector)
+        finally:
+            connector.close()
+    except Exception as exc:  # connector and secret errors name no secret
+        print(f"{integration.id!r} webhooks: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _subscribe(store: Store, connector: CRMConnector, base_url: str) -> None:
+    subscription = subscribe(store, connector, base_url)
+    print(f"webhooks subscribed: {subscription['receiverUrl']}")
+
+
+def _unsubscribe(store: Store, connector: CRMConnector) -> None:
+    removed = unsubscribe(store, connector)
+    print("webhooks torn down" if removed else "no webhook subscription to tear down")
 
 
 def receiver(args: argparse.Namespace) -> int:
@@ -195,9 +323,19 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument(
         "--quo-rate-limit", type=float, default=10.0, help="sandbox requests/s per key (0: off)"
     )
+    d.add_argument(
+        "--changes",
+        type=_change_count,
+        default=0,
+        metavar="N",
+        help="then N random creates/updates/deletes/merges in the CRM (half during the initial "
+        "sync), webhooks and one polling cycle, and the differential check of Quo against it",
+    )
+    d.add_argument("--seed", type=int, help="of the random changes (default: a random one)")
     d.set_defaults(func=demo)
-    i = sub.add_parser("integrations", help="add or list integrations in the store")
-    i.add_argument("action", choices=["add", "list"])
+    i = sub.add_parser("integrations", help="add, list or remove integrations in the store")
+    i.add_argument("action", choices=["add", "list", "remove"])
+    i.add_argument("integration_id", nargs="?", metavar="ID", help="the integration to remove")
     i.add_argument(
         "--store", help="store URI (default: QUO_SYNC_STORE_URI or SQLite in DAGSTER_HOME)"
     )
@@ -208,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--region", default="US", help="default region for phone numbers")
     i.add_argument("--crm-credential-ref", help="env:NAME or aws-sm:SECRET_ID")
     i.add_argument("--setting", action="append", default=[], help="KEY=VALUE (JSON values)")
+    i.add_argument(
+        "--receiver-url",
+        help="public base URL of the webhook receiver (else setting receiver_url, else "
+        "QUO_SYNC_RECEIVER_URL); webhook CRMs are subscribed to it",
+    )
+    i.add_argument("--no-webhooks", action="store_true", help="add without webhooks (polling)")
     i.set_defaults(func=integrations)
     r = sub.add_parser("receiver", help="serve the CRM webhook receiver")
     r.add_argument("--host", default="127.0.0.1")
@@ -228,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if missing:
             parser.error(f"integrations add needs {', '.join(missing)}")
+    if args.command == "integrations" and args.action == "remove":
+        args.integration_id = args.integration_id or args.id
+        if not args.integration_id:
+            parser.error("integrations remove needs the integration's ID")
     return args.func(args)
 
 

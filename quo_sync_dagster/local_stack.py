@@ -1,30 +1,51 @@
-"""The local stack behind `quo-sync demo` and the benchmarks: a Quo sandbox process and
-`dagster dev` (webserver + daemon) on a persistent Dagster home, all bound to 127.0.0.1."""
+"""The local stack behind `quo-sync demo`, the end-to-end tests and the benchmarks: a Quo
+sandbox process, the webhook receiver (`quo-sync receiver`) and `dagster dev` (webserver +
+daemon) on a persistent Dagster home, and a simulator process per CRM integration, all bound to
+127.0.0.1. `crm_people` reads and changes an integration's people as a CRM user would (the
+simulator's admin API; ScalingTest's settings), the ground truth of the differential check."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
+import yaml
 
+from quo_sync_dagster.core.external_ids import crm_id_of, namespaced, quo_external_id
 from quo_sync_dagster.core.models import Integration
-from quo_sync_dagster.core.process import TERMINAL_STATES, Process
+from quo_sync_dagster.core.process import TERMINAL_STATES, Process, ProcessState
 from quo_sync_dagster.crms import connector_class, registered_connectors
-from quo_sync_dagster.orchestration.factory import TAG_PLANNED
+from quo_sync_dagster.crms.base import CRMConnector
+from quo_sync_dagster.crms.scalingtest import ScalingTestConnector, change
+from quo_sync_dagster.differential import Differential, differential
 from quo_sync_dagster.orchestration.instance import render_instance_yaml
+from quo_sync_dagster.orchestration.polling import needs_full_scan
 from quo_sync_dagster.orchestration.resources import default_store_uri
+from quo_sync_dagster.orchestration.tags import TAG_INTEGRATION, TAG_PLANNED
+from quo_sync_dagster.quo.client import QuoClient
+from quo_sync_dagster.sandbox.quo_server import QuoAdmin
+from quo_sync_dagster.sandbox.serving import AdminClient
 from quo_sync_dagster.store import Store, open_store
+from quo_sync_dagster.webhooks.subscriptions import RECEIVER_URL_ENV, subscribe
 
 LOCATION = "quo_sync_dagster"
 SANDBOX_KEY_ENV = "QUO_SYNC_SANDBOX_QUO_KEY"
+# The CRM simulators that merge people (crm-apis.md: AxisCare has no merges).
+MERGING_SIMULATORS = frozenset({"pipedrive", "zoho", "attio"})
 _LAUNCH = """
 mutation($params: ExecutionParams!) {
   launchRun(executionParams: $params) {
@@ -42,6 +63,11 @@ query($runId: ID!) {
 _LOCATION = """
 { workspaceOrError { __typename ... on Workspace { locationEntries { name
     locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
+_RUNS = """
+query($filter: RunsFilter) {
+  runsOrError(filter: $filter) { ... on Runs { results { runId status runConfigYaml } } }
+}"""
+_LIVE = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING")
 
 
 def _crm_token_env(crm: str) -> str:
@@ -77,7 +103,11 @@ class LocalStack:
         self.quo_rate_limit = quo_rate_limit
         self.ui_port = ui_port or free_port()
         self.sandbox_key = sandbox_key
+        # A second key for reading Quo from outside the product: its own rate-limit bucket.
+        self.observer_key = sandbox_key + "-observer"
         self.sandbox_url = ""
+        self.receiver_url = ""
+        self.quo = QuoAdmin()  # the sandbox's admin API, once started
         self._procs: list[subprocess.Popen[bytes]] = []
         self.env = {
             **os.environ,
@@ -86,7 +116,9 @@ class LocalStack:
             # With the sandbox's limit off, the governor should not be the bottleneck either.
             "QUO_SYNC_QUO_RATE": str(quo_rate_limit or 100_000),
         }
+        # Everything in the embedded defaults: the store in the Dagster home, no SQS inbox.
         self.env.pop("QUO_SYNC_STORE_URI", None)
+        self.env.pop("QUO_SYNC_WEBHOOK_QUEUE_URL", None)
         # Every CRM simulator's token, known to the runs before any simulator starts.
         self.env.update(
             {
@@ -111,44 +143,51 @@ class LocalStack:
             f"load_from:\n  - python_module:\n      module_name: quo_sync_dagster.definitions\n"
             f"      location_name: {LOCATION}\n"
         )
-        self.store = open_store(default_store_uri(str(self.dagster_home)))
+        store_uri = default_store_uri(str(self.dagster_home))
+        self.store = open_store(store_uri)
         self._start_sandbox()
+        receiver = [sys.executable, "-m", "quo_sync_dagster", "receiver", "--port", "0"]
+        self.receiver_url = self._start_server("receiver", [*receiver, "--store", store_uri])
+        self.env[RECEIVER_URL_ENV] = self.receiver_url  # for the <crm>_webhooks job
         dagster_dev = [sys.executable, "-m", "dagster", "dev", "-w", str(workspace)]
         self._spawn("dagster", [*dagster_dev, "-h", "127.0.0.1", "-p", str(self.ui_port)])
         _wait("Dagster webserver", self._location_loaded, timeout=180)
         return self
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with (self.logs / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self._procs.append(proc)
         return proc
 
     def _start_sandbox(self) -> None:
-        args = ["--api-key", self.sandbox_key]
+        args = ["--api-key", self.sandbox_key, "--api-key", self.observer_key]
         args += (
             ["--rate-limit", str(self.quo_rate_limit)]
             if self.quo_rate_limit
             else ["--no-rate-limit"]
         )
         self.sandbox_url = self._start_simulator("quo_sync_dagster.sandbox.quo_server", "quo", args)
+        self.quo = QuoAdmin(self.sandbox_url)
 
     def _start_simulator(self, module: str, name: str, args: list[str]) -> str:
-        """Start a simulator process; it prints one `..._READY <url>` line once serving."""
         argv = [sys.executable, "-m", module, "--data-dir", str(self.home / f"{name}-sandbox")]
-        proc = subprocess.Popen(
-            [*argv, "--port", "0", *args],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            start_new_session=True,
-        )
+        return self._start_server(f"{name}-sandbox", [*argv, "--port", "0", *args])
+
+    def _start_server(self, name: str, argv: list[str]) -> str:
+        """Start a server process that prints one `..._READY <url>` line once serving; its
+        logs go to logs/<name>.log."""
+        with (self.logs / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                argv, env=self.env, stdout=subprocess.PIPE, stderr=log, start_new_session=True
+            )
         self._procs.append(proc)
         assert proc.stdout is not None
         ready, _, url = proc.stdout.readline().decode().strip().partition(" ")
         if not ready.endswith("READY") or not url:
-            raise RuntimeError(f"simulator {module} did not start")
+            raise RuntimeError(f"{name} did not start; see {self.logs / f'{name}.log'}")
         return url
 
     def stop(self) -> None:
@@ -162,11 +201,16 @@ class LocalStack:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self._procs.clear()
+        self.quo.close()
         if self.store:
             self.store.close()
 
     def __enter__(self) -> LocalStack:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # what did start must not outlive it
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -225,18 +269,24 @@ class LocalStack:
 
     # ---- the sync ------------------------------------------------------------------------
     def register_integration(
-        self, integration_id: str, crm: str, records: int, settings: dict[str, Any] | None = None
+        self,
+        integration_id: str,
+        crm: str,
+        records: int,
+        settings: dict[str, Any] | None = None,
+        webhooks: bool = False,
     ) -> Integration:
-        """An integration of `crm` against its local simulator (holding `records` people), or,
-        for a CRM without one (ScalingTest), with `records` in its settings."""
+        """An integration of `crm` against its own simulator process (holding `records`
+        people), or, for a CRM without one (ScalingTest), with `records` in its settings.
+        With `webhooks`, a CRM that has them is subscribed to the receiver."""
         assert self.store is not None
-        connector = connector_class(crm)
+        connector_cls = connector_class(crm)
         settings = dict(settings or {})
         credential_ref = None
-        if connector.simulator:
-            token = f"{crm}-sandbox-token"
-            args = ["--records", str(records), "--token", token]
-            settings["base_url"] = self._start_simulator(connector.simulator, crm, args)
+        if connector_cls.simulator:
+            args = ["--records", str(records), "--token", _crm_token(crm)]
+            name = f"{crm}-{integration_id}"
+            settings["base_url"] = self._start_simulator(connector_cls.simulator, name, args)
             credential_ref = f"env:{_crm_token_env(crm)}"
         else:
             settings["records"] = records
@@ -249,6 +299,9 @@ class LocalStack:
             settings=settings,
         )
         self.store.upsert_integration(integration)
+        if webhooks and connector_cls.crm_config.sync_config.supports_webhooks:
+            with closing(connector_cls(integration, _crm_token(crm))) as connector:
+                subscribe(self.store, connector, self.receiver_url)
         return integration
 
     def run_initial_sync(self, crm: str, config: dict[str, Any]) -> list[str]:
@@ -257,6 +310,45 @@ class LocalStack:
             f"{crm}_initial_sync", {"ops": {f"{crm}_plan_initial_sync": {"config": config}}}
         )
         return self.wait_run(run_id)[TAG_PLANNED].split(",")
+
+    def run_poll(self, crm: str, config: dict[str, Any]) -> list[str]:
+        """Launch one polling cycle (`<crm>_poll`) and return the ids of its Processes (none
+        when a cycle of the integration was still at work)."""
+        run_id = self.launch(f"{crm}_poll", {"ops": {f"{crm}_plan_poll": {"config": config}}})
+        return [pid for pid in self.wait_run(run_id).get(TAG_PLANNED, "").split(",") if pid]
+
+    def poll_cycle(self, integration_id: str) -> tuple[list[Process], str]:
+        """One polling cycle of the integration, as a full scan where the poll would list only
+        the people modified since its watermark (which cannot show a deletion): its Processes
+        once closed, and how it listed people."""
+        assert self.store is not None
+        integration = self.store.get_integration(integration_id)
+        config: dict[str, Any] = {"integration_id": integration_id}
+        why = needs_full_scan(
+            connector_class(integration.crm), integration, self.store, datetime.now(UTC)
+        )
+        if why is None:
+            config["full_scan"] = True
+            why = "asked for: a poll of changes since the watermark cannot see deletions"
+        planned = self.run_poll(integration.crm, config) or [
+            p.id  # the schedule's cycle was at work already: that one, then
+            for p in self.store.list_processes(integration_id=integration_id, states=_OPEN)
+            if p.context.get("syncType") == "ONGOING"
+        ]
+        return self.wait_processes(planned), f"full scan ({why})"
+
+    def wait_first_page(self, process_ids: list[str], timeout: float = 600) -> bool:
+        """Until a page of the Processes is synced: True, or False if they closed first."""
+        assert self.store is not None
+        store = self.store
+
+        def synced() -> str | None:
+            processes = [store.get_process(pid) for pid in process_ids]
+            if any(store.page_results(p.id) for p in processes):
+                return "synced"
+            return "closed" if all(p.state in TERMINAL_STATES for p in processes) else None
+
+        return _wait("a synced page", synced, timeout, interval=0.1) == "synced"
 
     def wait_processes(
         self,
@@ -275,4 +367,279 @@ class LocalStack:
         return _wait("sync processes", closed, timeout, interval=1.0)
 
     def sandbox_stats(self) -> dict[str, Any]:
-        return httpx.get(f"{self.sandbox_url}/_sandbox/stats", timeout=30).json()
+        return self.quo.stats()
+
+    def quo_contacts(self, integration: Integration) -> list[dict[str, Any]]:
+        """The integration's contacts in Quo (read with the observer key)."""
+        source = connector_class(integration.crm).quo_source
+        with QuoClient(self.sandbox_url, self.observer_key) as quo:
+            return [
+                c
+                for c in quo.iter_contacts(source)
+                if crm_id_of(integration, c.get("externalId") or "") is not None
+            ]
+
+    # ---- people, webhooks ------------------------------------------------------------------
+    def crm_people(self, integration_id: str) -> CrmPeople:
+        assert self.store is not None
+        integration = self.store.get_integration(integration_id)
+        if connector_class(integration.crm).simulator:
+            return SimulatorPeople(self.store, integration_id)
+        return SettingsPeople(self.store, integration_id)
+
+    def differential(self, integration_id: str) -> Differential:
+        """Quo against the CRM now (the CRM read first: a change in between shows as stale)."""
+        with self.crm_people(integration_id) as people:
+            crm_now = people.people()
+            return differential(people.connector(), crm_now, self.quo_contacts(people.integration))
+
+    def webhook_runs(self, integration: Integration) -> list[dict[str, Any]]:
+        """The integration's `<crm>_webhook_sync` runs: runId, status, itemIds."""
+        filter_ = {
+            "pipelineName": f"{integration.crm}_webhook_sync",
+            "tags": [{"key": TAG_INTEGRATION, "value": integration.id}],
+        }
+        runs = self.graphql(_RUNS, {"filter": filter_})["runsOrError"]["results"]
+        for run in runs:
+            ops = yaml.safe_load(run.pop("runConfigYaml") or "{}").get("ops", {})
+            run["itemIds"] = [i for op in ops.values() for i in op["config"]["item_ids"]]
+        return runs
+
+    def webhooks_applied(self, integration: Integration) -> bool:
+        """Every delivery the simulator sent is in the inbox, and every inbox item of the
+        integration was applied by a webhook run (none waiting, none in a live run)."""
+        assert self.store is not None
+        deliveries = AdminClient(integration.settings["base_url"])
+        with deliveries:
+            sent = deliveries.deliveries()
+        if sent["pending"] or sent["held"]:
+            return False
+        if integration.id in self.store.pending_webhook_integrations():
+            return False
+        runs = self.webhook_runs(integration)
+        if any(r["status"] in _LIVE for r in runs):
+            return False
+        return not self.store.get_webhooks([i for r in runs for i in r["itemIds"]])
+
+    def wait_webhooks_applied(self, integration: Integration, timeout: float = 300) -> None:
+        """Until webhooks_applied holds twice in a row, a sensor tick apart: items the sensor
+        has just claimed are in no run yet for a moment."""
+
+        def settled() -> bool:
+            if not self.webhooks_applied(integration):
+                return False
+            time.sleep(_SENSOR_TICK_SECONDS)
+            return self.webhooks_applied(integration)
+
+        _wait(f"webhooks of {integration.id}", settled, timeout)
+
+
+_OPEN = [state for state in ProcessState if state not in TERMINAL_STATES]
+_SENSOR_TICK_SECONDS = 6  # the daemon evaluates a sensor about every 5 s
+
+
+def _crm_token(crm: str) -> str:
+    return f"{crm}-sandbox-token"
+
+
+# ---- an integration's people, changed as a CRM user changes them -------------------------------
+@dataclass
+class ChangeLog:
+    """The changes made to a CRM: how many of each, and how many touched each person (by the
+    namespaced externalId of every person a change created, changed, deleted or merged)."""
+
+    ops: Counter[str] = field(default_factory=Counter)
+    touched: Counter[str] = field(default_factory=Counter)
+    made_at: list[tuple[float, str, str]] = field(default_factory=list)  # (time, op, ext id)
+
+    def add(self, op: str, *external_ids: str) -> None:
+        self.ops[op] += 1
+        now = time.time()
+        for ext in external_ids:
+            self.touched[ext] += 1
+            self.made_at.append((now, op, ext))
+
+
+class CrmPeople(ABC):
+    """One integration's people as its CRM holds them now. A change is made as a user makes
+    it (a webhook CRM's simulator then sends its webhooks). Records are in the shape the
+    connector reads them, so `connector()` transforms them as the sync does."""
+
+    merges = False
+
+    def __init__(self, store: Store, integration_id: str) -> None:
+        self.store, self.integration_id = store, integration_id
+        self.object_types = [
+            o.crm_object_name
+            for o in connector_class(self.integration.crm).crm_config.person_object_types
+        ]
+
+    @property
+    def integration(self) -> Integration:
+        return self.store.get_integration(self.integration_id)
+
+    def close(self) -> None:
+        """Release what reading and changing the people holds (HTTP clients)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def connector(self) -> CRMConnector:
+        """A connector for transforms and ids only (no credential: it calls no API)."""
+        integration = self.integration
+        return connector_class(integration.crm)(integration)
+
+    def external_id(self, object_type: str, record: dict[str, Any]) -> str:
+        key = self.connector().record_key(record, object_type)
+        return quo_external_id(self.integration, key)
+
+    def syncable(self, people: list[tuple[str, dict[str, Any]]] | None = None) -> set[str]:
+        """externalIds of the people (default: all now) that Quo can take: those the sync's
+        transform accepts."""
+        connector, found = self.connector(), set()
+        for object_type, record in self.people() if people is None else people:
+            try:
+                contact = connector.transform_person_to_quo(record, object_type)
+            except Exception:  # refused: the sync counts the person as failed
+                continue
+            found.add(namespaced(contact, connector.integration).external_id)
+        return found
+
+    @abstractmethod
+    def people(self) -> list[tuple[str, dict[str, Any]]]:
+        """(object type, record) of every current person."""
+
+    @abstractmethod
+    def create(self, object_type: str) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def update(self, object_type: str, record: dict[str, Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def delete(self, object_type: str, record: dict[str, Any]) -> None: ...
+
+    def merge(
+        self, object_type: str, record: dict[str, Any], into: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Merge `record` into `into`; the survivor (Attio: a new record replacing both)."""
+        raise NotImplementedError(f"{self.integration.crm} has no merges")
+
+    def random_changes(self, count: int, rng: random.Random, log: ChangeLog) -> None:
+        """`count` random creates, updates, deletes (and merges where the CRM has them): one
+        of each kind first, while `count` allows."""
+        kinds = ["create", "update", "delete", *(["merge"] if self.merges else [])]
+        ops = kinds[:count] + rng.choices(kinds, [3, 4, 2, 1][: len(kinds)], k=count - len(kinds))
+        alive = self.people()
+        for op in ops:
+            if op == "create":
+                object_type = rng.choice(self.object_types)
+                record = self.create(object_type)
+                alive.append((object_type, record))
+                log.add(op, self.external_id(object_type, record))
+                continue
+            index = rng.randrange(len(alive))
+            object_type, record = alive[index]
+            ext = self.external_id(object_type, record)
+            if op == "update":
+                alive[index] = (object_type, self._update(object_type, record, log))
+            elif op == "delete":
+                self.delete(object_type, alive.pop(index)[1])
+                log.add(op, ext)
+            else:
+                same = [i for i, (t, _) in enumerate(alive) if t == object_type and i != index]
+                survivor_index = rng.choice(same)
+                into = alive[survivor_index][1]
+                into_ext = self.external_id(object_type, into)
+                merged = self.merge(object_type, record, into)
+                merged_ext = self.external_id(object_type, merged)
+                for i in sorted((index, survivor_index), reverse=True):
+                    alive.pop(i)
+                alive.append((object_type, merged))
+                log.add(op, *dict.fromkeys([ext, into_ext, merged_ext]))
+
+    def _update(self, object_type: str, record: dict[str, Any], log: ChangeLog) -> dict[str, Any]:
+        """A generated change; made again (a few times at most) while it leaves a person Quo
+        took with nothing Quo can take (a generated phone the transform refuses): what Quo
+        should hold for such a person is a question these changes do not ask."""
+        ext, took = self.external_id(object_type, record), self.syncable([(object_type, record)])
+        for _ in range(_UPDATE_TRIES):
+            record = self.update(object_type, record)
+            log.add("update", ext)
+            if not took or self.syncable([(object_type, record)]):
+                break
+        return record
+
+
+_UPDATE_TRIES = 5
+
+
+class SimulatorPeople(CrmPeople):
+    """A CRM simulator's people, through its admin API (`/_sandbox/people`)."""
+
+    def __init__(self, store: Store, integration_id: str) -> None:
+        super().__init__(store, integration_id)
+        self.merges = self.integration.crm in MERGING_SIMULATORS
+        self.admin = AdminClient(self.integration.settings["base_url"])
+
+    def close(self) -> None:
+        self.admin.close()
+
+    def _kind(self, object_type: str) -> str | None:
+        return object_type if len(self.object_types) > 1 else None
+
+    def _id(self, object_type: str, record: dict[str, Any]) -> str:
+        return self.connector().person_id(record)
+
+    def people(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(t, r) for t in self.object_types for r in self.admin.people(self._kind(t))]
+
+    def create(self, object_type: str) -> dict[str, Any]:
+        return self.admin.create_person(kind=self._kind(object_type))
+
+    def update(self, object_type: str, record: dict[str, Any]) -> dict[str, Any]:
+        pid = self._id(object_type, record)
+        return self.admin.update_person(pid, kind=self._kind(object_type))
+
+    def delete(self, object_type: str, record: dict[str, Any]) -> None:
+        self.admin.delete_person(self._id(object_type, record), self._kind(object_type))
+
+    def merge(
+        self, object_type: str, record: dict[str, Any], into: dict[str, Any]
+    ) -> dict[str, Any]:
+        pid, into_id = self._id(object_type, record), self._id(object_type, into)
+        return self.admin.merge_people(pid, into_id, self._kind(object_type))
+
+
+class SettingsPeople(CrmPeople):
+    """ScalingTest's people: changes go into the integration's `changes` setting
+    (crms/scalingtest.py), which every run reads."""
+
+    def _save(self, op: str, i: int) -> dict[str, Any]:
+        integration = self.integration
+        settings = change(integration.settings, op, i)
+        self.store.upsert_integration(replace(integration, settings=settings))
+        return ScalingTestConnector(self.integration).person(i)
+
+    def people(self) -> list[tuple[str, dict[str, Any]]]:
+        (object_type,) = self.object_types
+        page = self.connector().fetch_person_page(object_type, 0, 10**9, None, False)
+        return [(object_type, record) for record in page.records]
+
+    def create(self, object_type: str) -> dict[str, Any]:
+        settings = self.integration.settings
+        known = [int(settings.get("records", 0)) - 1]
+        known += [int(c["i"]) for c in settings.get("changes") or ()]
+        return self._save("create", max(known) + 1)
+
+    def update(self, object_type: str, record: dict[str, Any]) -> dict[str, Any]:
+        return self._save("update", _index(record))
+
+    def delete(self, object_type: str, record: dict[str, Any]) -> None:
+        self._save("delete", _index(record))
+
+
+def _index(record: dict[str, Any]) -> int:
+    return int(str(record["id"]).removeprefix("st-"))

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,7 @@ def test_integrations_add_stores_references_and_typed_settings(
         (["integrations", "add", "--crm", "scalingtest"], "--id"),
         (["integrations", "add", "--id", "x", "--crm", "hubspot"], "hubspot"),
         (["demo", "--crm", "nope"], "nope"),
+        (["demo", "--changes", "-3"], "'-3'"),
     ],
 )
 def test_bad_arguments_are_named(
@@ -47,3 +51,26 @@ def test_a_malformed_setting_is_named(tmp_path: Path) -> None:
     args += ["--crm", "scalingtest", "--quo-key-ref", "env:K", "--setting", "records"]
     with pytest.raises(SystemExit, match="KEY=VALUE, got 'records'"):
         main(args)
+
+
+def test_demo_with_changes_ends_with_quo_equal_to_the_crm(tmp_path: Path) -> None:
+    """`demo --changes`: Attio (webhooks, merges) changed during and after the initial sync;
+    webhooks and one polling cycle; the RESULT line's differential is exact."""
+    args = ["demo", "--crm", "attio", "--records", "60", "--changes", "8", "--seed", "3"]
+    args += ["--home", str(tmp_path / "home"), "--quo-rate-limit", "0", "--exit-when-done"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "quo_sync_dagster", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT "), proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(last.removeprefix("RESULT "))
+    assert proc.returncode == 0, result
+    assert (result["state"], result["pollState"]) == ("COMPLETED", "COMPLETED")
+    assert [result[k] for k in ("missing", "stale", "duplicates", "orphans")] == [0, 0, 0, 0]
+    assert result["crmPeople"] == result["quoContacts"] > 0
+    assert set(result["changes"]) == {"create", "update", "delete", "merge"}
+    assert result["changesDuringInitialSync"] == 4
+    assert "full scan" in result["pollListing"]

@@ -9,6 +9,8 @@ Admin switches for exactly-once tests (besides stats and the fault queue of serv
   second contact with the same source and externalId instead of answering 409, like a Quo that
   does not enforce it (its spec does not promise it). `stats()["duplicateExternalIds"]` counts
   the pairs held more than once.
+- `GET /_sandbox/writes?after=N`: every contact create, patch and delete since write N, with
+  its time and externalId (who was written, how often, when).
 - Faults may name request `kinds` (e.g. `["create"]`), and be `afterWrite`: the request is
   served (a create is written) and then its answer is a 5xx (`status`), comes after
   `delaySeconds` (past the client's timeout) or is lost with the connection (`drop`), so the
@@ -49,8 +51,10 @@ from quo_sync_dagster.sandbox.quo_state import (
     ContactStore,
     RequestCounters,
     TokenBuckets,
+    WriteLog,
 )
 from quo_sync_dagster.sandbox.serving import (
+    AdminClient,
     Fault,
     FaultQueue,
     SandboxServer,
@@ -273,6 +277,7 @@ class SandboxState:
         self.limiter = TokenBuckets(rate_limit) if rate_limit else None
         self.retry_after_format = retry_after_format
         self.store = ContactStore(Path(data_dir))
+        self.writes = WriteLog()
         self.faults = FaultQueue()
         # False: a second contact with the same source and externalId is accepted, not a 409.
         self.unique_external_ids = unique_external_ids
@@ -468,6 +473,7 @@ class _Api:
         }
         if not self.state.store.insert(contact, unique=self.state.unique_external_ids):
             raise ApiError(409, _CONFLICT)
+        self.state.writes.add("create", contact)
         return JSONResponse({"data": contact}, status_code=201)
 
     async def _get(self, request: Request) -> Response:
@@ -489,11 +495,14 @@ class _Api:
         # No await since _existing(): the read-modify-write cannot interleave with another write.
         if not self.state.store.replace(new, unique=self.state.unique_external_ids):
             raise ApiError(409, _CONFLICT)
+        self.state.writes.add("patch", new)
         return JSONResponse({"data": new})
 
     async def _delete(self, request: Request) -> Response:
-        if not self.state.store.delete(request.path_params["id"]):
+        contact = self.state.store.get(request.path_params["id"])
+        if contact is None or not self.state.store.delete(contact["id"]):
             raise ApiError(404, "Contact not found")
+        self.state.writes.add("delete", contact)
         return Response(status_code=204)
 
     async def _list(self, request: Request) -> Response:
@@ -535,6 +544,19 @@ class _Dropped(Response):
         # Returning with the body unsent makes uvicorn close the connection (it logs that).
 
 
+async def _writes(request: Request) -> Response:
+    """`GET /_sandbox/writes?after=N&limit=L`: a list of the contact writes numbered above N,
+    oldest first (see WriteLog)."""
+    try:
+        after = int(request.query_params.get("after", 0))
+        limit = int(request.query_params.get("limit", 10_000))
+        if after < 0 or limit < 1:
+            raise ValueError
+    except ValueError:
+        return JSONResponse({"message": "after >= 0 and limit >= 1 are integers"}, 400)
+    return JSONResponse(request.app.state.sandbox.writes.after(after, limit))
+
+
 def build_app(state: SandboxState) -> Starlette:
     api = _Api(state)
     app = Starlette(
@@ -542,6 +564,7 @@ def build_app(state: SandboxState) -> Starlette:
             Route(CONTACTS, api.contacts, methods=["GET", "POST"]),
             Route(CONTACT, api.contact, methods=["GET", "PATCH", "DELETE"]),
             Route(CUSTOM_FIELDS, api.custom_field_definitions, methods=["GET"]),
+            Route("/_sandbox/writes", _writes, methods=["GET"]),
             *admin_routes(
                 FAULT_STATUSES,
                 fault_kinds=KINDS,
@@ -554,10 +577,29 @@ def build_app(state: SandboxState) -> Starlette:
     return app
 
 
-class QuoSandbox(SandboxServer):
-    """Runs the sandbox in-process on 127.0.0.1 (uvicorn in a background thread)."""
+class QuoAdmin(AdminClient):
+    """The Quo sandbox's admin API, of a sandbox process at `url` (or in-process: QuoSandbox)."""
 
     name = "Quo"
+
+    def reset_stats(self) -> None:
+        self._admin_request("POST", "reset-stats")
+
+    def accept_duplicates(self, accept: bool = True) -> None:
+        """Accept a second contact with the same source and externalId (no 409), or not."""
+        self.settings(unique_external_ids=not accept)
+
+    def writes(self, after: int = 0) -> list[dict[str, Any]]:
+        """Every contact write numbered above `after` that the sandbox still holds."""
+        found: list[dict[str, Any]] = []
+        while batch := self._admin_request("GET", "writes", params={"after": after}).json():
+            found += batch
+            after = batch[-1]["n"]
+        return found
+
+
+class QuoSandbox(SandboxServer, QuoAdmin):
+    """Runs the sandbox in-process on 127.0.0.1 (uvicorn in a background thread)."""
 
     def __init__(
         self,
@@ -590,13 +632,6 @@ class QuoSandbox(SandboxServer):
 
     def _close_state(self, state: SandboxState) -> None:
         state.store.close()
-
-    def reset_stats(self) -> None:
-        self._admin_request("POST", "reset-stats")
-
-    def accept_duplicates(self, accept: bool = True) -> None:
-        """Accept a second contact with the same source and externalId (no 409), or not."""
-        self.settings(unique_external_ids=not accept)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -11,7 +11,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,35 @@ class ContactStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class WriteLog:
+    """The last `limit` contact writes (create, patch, delete), numbered from 1, with the time
+    each was made: who was written how often, and how long after a CRM change (tests and the
+    ongoing-sync benchmark). Memory only."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self._entries: deque[dict[str, Any]] = deque(maxlen=limit)
+        self._count = 0
+
+    def add(self, kind: str, contact: Contact) -> None:
+        self._count += 1
+        self._entries.append(
+            {
+                "n": self._count,
+                "at": time.time(),
+                "kind": kind,
+                "id": contact["id"],
+                "externalId": contact["externalId"],
+                "source": contact["source"],
+            }
+        )
+
+    def after(self, n: int, limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` writes numbered above `n`, oldest first."""
+        first = self._entries[0]["n"] if self._entries else self._count + 1
+        start = max(n + 1 - first, 0)
+        return [self._entries[i] for i in range(start, min(start + limit, len(self._entries)))]
 
 
 @dataclass

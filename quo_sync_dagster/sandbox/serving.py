@@ -1,4 +1,5 @@
-"""What every simulator shares: running in-process on 127.0.0.1, the admin client, the CLI loop.
+"""What every simulator shares: running in-process on 127.0.0.1, the admin client (also of a
+simulator running as its own process, by URL), the CLI loop.
 
 A simulator subclasses `SandboxServer`, saying how to create its state and its Starlette app
 (and, if the state holds resources, how to close it); its `main()` ends with
@@ -179,83 +180,32 @@ def _write_fault_options(
     return kinds, after_write, drop
 
 
-class SandboxServer:
-    """Runs a simulator in-process on 127.0.0.1 (uvicorn in a background thread).
+class AdminClient:
+    """The admin API (`/_sandbox/...`) of a simulator at `url`: its own process (as `quo-sync
+    demo` and the end-to-end tests run them) or in-process (`SandboxServer` is one).
 
-    Every simulator serves `GET /_sandbox/stats` (used as the readiness probe) and
-    `POST|DELETE /_sandbox/faults`; the admin methods here call those.
-    """
+    Every simulator serves `GET /_sandbox/stats` and `POST|DELETE /_sandbox/faults`; those that
+    hold people serve the people and webhook routes below."""
 
     name: ClassVar[str] = "Sandbox"  # "Quo", "Zoho", ...: in errors and the thread name
 
-    def __init__(self, port: int = 0) -> None:
-        self.port = port
-        self.url = ""
-        self._state: Any = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._admin_http: httpx.Client | None = None  # one client: tests call the admin API a lot
+    def __init__(self, url: str = "") -> None:
+        self.url = url
+        # One client: tests call the admin API a lot. None while a SandboxServer is stopped.
+        self._admin_http = httpx.Client(base_url=url, timeout=10.0) if url else None
 
-    # ---- what a simulator says ------------------------------------------------------------
-    def _create_state(self) -> Any:
-        raise NotImplementedError
-
-    def _create_app(self, state: Any) -> Starlette:
-        raise NotImplementedError
-
-    def _close_state(self, state: Any) -> None:
-        """Release what the state holds (database connections); called once the server stopped."""
-
-    # ---- lifecycle ------------------------------------------------------------------------
-    def start(self, timeout: float = 10.0) -> Self:
-        # Bind ourselves so port=0 yields a known port before uvicorn starts serving.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        self._state = self._create_state()
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            self._create_app(self._state), log_level="warning", access_log=False, lifespan="off"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run,
-            kwargs={"sockets": [sock]},
-            name=f"{self.name.lower()}-sandbox",
-            daemon=True,
-        )
-        self._thread.start()
-        self._admin_http = httpx.Client(base_url=self.url, timeout=10.0)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self._admin_http.get("/_sandbox/stats", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{self.name} sandbox did not start on {self.url}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self._state is not None:
-            self._close_state(self._state)
+    def close(self) -> None:
         if self._admin_http is not None:
             self._admin_http.close()
-        self._server = self._thread = self._state = self._admin_http = None
+            self._admin_http = None
 
     def __enter__(self) -> Self:
-        return self.start()
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        self.close()
 
-    # ---- admin client ---------------------------------------------------------------------
+    # ---- the admin API ---------------------------------------------------------------------
     def _admin_request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """`method /_sandbox/<path>`, raising for an error status."""
         if self._admin_http is None:
@@ -335,6 +285,76 @@ class SandboxServer:
 
     def deliveries(self) -> dict[str, Any]:
         return self._admin_request("GET", "deliveries").json()
+
+
+class SandboxServer(AdminClient):
+    """Runs a simulator in-process on 127.0.0.1 (uvicorn in a background thread), and is its
+    admin client (`GET /_sandbox/stats` is the readiness probe)."""
+
+    def __init__(self, port: int = 0) -> None:
+        super().__init__()
+        self.port = port
+        self._state: Any = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- what a simulator says ------------------------------------------------------------
+    def _create_state(self) -> Any:
+        raise NotImplementedError
+
+    def _create_app(self, state: Any) -> Starlette:
+        raise NotImplementedError
+
+    def _close_state(self, state: Any) -> None:
+        """Release what the state holds (database connections); called once the server stopped."""
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> Self:
+        # Bind ourselves so port=0 yields a known port before uvicorn starts serving.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        self._state = self._create_state()
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        config = uvicorn.Config(
+            self._create_app(self._state), log_level="warning", access_log=False, lifespan="off"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [sock]},
+            name=f"{self.name.lower()}-sandbox",
+            daemon=True,
+        )
+        self._thread.start()
+        self._admin_http = httpx.Client(base_url=self.url, timeout=10.0)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self._admin_http.get("/_sandbox/stats", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} sandbox did not start on {self.url}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._state is not None:
+            self._close_state(self._state)
+        self.close()
+        self._server = self._thread = self._state = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 def _kind(kind: str | None) -> dict[str, str]:
