@@ -4,6 +4,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from moto import mock_aws
 
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.sandbox.quo_server import QuoSandbox
@@ -31,3 +32,17 @@ def quo(p: Pipeline) -> Iterator[QuoClient]:
     """A Quo client of the pipeline's sandbox, to read and change what the sync wrote."""
     with QuoClient(p.quo.url, p.quo.api_key, max_attempts=2) as client:
         yield client
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """moto's AWS, isolated from any real AWS configuration of the machine."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    with mock_aws():
+        yield

@@ -4,14 +4,12 @@ which serves both APIs in-process: no network, no real credentials."""
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import dagster as dg
 import pandas as pd
 import pytest
-from moto import mock_aws
 
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.core.process import Process, ProcessState
@@ -26,19 +24,6 @@ BUCKET = "quo-sync-frames"
 PREFIX = "tests/page-frames"
 ASSET = "scalingtest_crm_pages"
 RECORDS, PAGE_SIZE = 250, 100  # pages of 100, 100 and 50 rows
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-    with mock_aws():
-        yield
 
 
 # ---- secrets ----------------------------------------------------------------------------------

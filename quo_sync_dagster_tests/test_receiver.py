@@ -23,7 +23,6 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-from moto import mock_aws
 
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.crms import connector_class
@@ -623,19 +622,6 @@ def test_no_secret_reaches_logs_or_output(
 
 
 # ---- the SQS inbox ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-    with mock_aws():
-        yield
 
 
 @pytest.mark.parametrize("fifo", [True, False])

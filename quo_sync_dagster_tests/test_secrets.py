@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 from botocore.exceptions import ClientError, ParamValidationError
-from moto import mock_aws
 
 from quo_sync_dagster.secrets import (
     MissingSecret,
@@ -36,18 +34,10 @@ def vault(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def aws_sm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def aws_sm(aws: None, monkeypatch: pytest.MonkeyPatch) -> Any:
     """store_secret on AWS Secrets Manager under moto, isolated from any real AWS setup."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
     monkeypatch.setenv("QUO_SYNC_SECRET_BACKEND", "aws-sm")
-    with mock_aws():
-        yield boto3.client("secretsmanager")
+    return boto3.client("secretsmanager")
 
 
 def mode(path: Path) -> int:

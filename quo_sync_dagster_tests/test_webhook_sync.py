@@ -13,7 +13,6 @@ from typing import Any
 import boto3
 import dagster as dg
 import pytest
-from moto import mock_aws
 
 from quo_sync_dagster.core.changes import ChangeKind, PersonChange
 from quo_sync_dagster.core.models import Integration
@@ -141,28 +140,22 @@ def test_a_failed_webhook_run_is_applied_again_by_a_later_run(setup: tuple[Any, 
 
 
 def test_deliveries_a_separate_receiver_put_in_sqs_reach_quo(
-    setup: tuple[Any, ...], monkeypatch: pytest.MonkeyPatch
+    setup: tuple[Any, ...], aws: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     p, sim, integration = setup
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with mock_aws():
-        queue = boto3.client("sqs").create_queue(QueueName="hooks")["QueueUrl"]
-        monkeypatch.setenv(QUEUE_URL_ENV, queue)
-        person = str(sim.people()[0]["id"])
-        sim.update_person(person, {"last_name": "ViaSqs"})
-        change = PersonChange("ev-sqs-1", ChangeKind.UPSERT, "Person", person)
-        inbox = SqsInbox(queue)  # what a receiver deployed apart from Dagster writes
-        assert inbox.enqueue(
-            [InboxEntry(integration.id, change.event_id, {"change": change.to_payload()})]
-        ) == [True]
-        inbox.close()
-        result = evaluate_sensor(p, SENSOR)  # drains the queue into the store, then claims
-        (request,) = result.run_requests
-        assert _run(p, request).success
+    queue = boto3.client("sqs").create_queue(QueueName="hooks")["QueueUrl"]
+    monkeypatch.setenv(QUEUE_URL_ENV, queue)
+    person = str(sim.people()[0]["id"])
+    sim.update_person(person, {"last_name": "ViaSqs"})
+    change = PersonChange("ev-sqs-1", ChangeKind.UPSERT, "Person", person)
+    inbox = SqsInbox(queue)  # what a receiver deployed apart from Dagster writes
+    assert inbox.enqueue(
+        [InboxEntry(integration.id, change.event_id, {"change": change.to_payload()})]
+    ) == [True]
+    inbox.close()
+    result = evaluate_sensor(p, SENSOR)  # drains the queue into the store, then claims
+    (request,) = result.run_requests
+    assert _run(p, request).success
     assert _diff(p, sim, integration).exact
 
 
