@@ -414,12 +414,9 @@ class LocalStack:
             sent = deliveries.deliveries()
         if sent["pending"] or sent["held"]:
             return False
-        if integration.id in self.store.pending_webhook_integrations():
+        if self.store.webhook_backlog(integration.id):
             return False
-        runs = self.webhook_runs(integration)
-        if any(r["status"] in _LIVE for r in runs):
-            return False
-        return not self.store.get_webhooks([i for r in runs for i in r["itemIds"]])
+        return not any(r["status"] in _LIVE for r in self.webhook_runs(integration))
 
     def wait_webhooks_applied(self, integration: Integration, timeout: float = 300) -> None:
         """Until webhooks_applied holds twice in a row, a sensor tick apart: items the sensor

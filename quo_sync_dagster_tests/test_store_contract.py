@@ -609,6 +609,19 @@ def test_pending_webhook_integrations_follow_leases_and_acks(store: Store) -> No
     assert store.pending_webhook_integrations() == ["int-b"]
 
 
+def test_the_webhook_backlog_counts_unacknowledged_items_leased_or_not(store: Store) -> None:
+    assert store.webhook_backlog("int-1") == 0
+    for n in range(4):
+        store.enqueue_webhook("int-1", f"ev-{n}", {})
+    store.enqueue_webhook("int-2", "ev-0", {})
+    first, second = store.claim_webhooks("int-1", limit=2)
+    assert store.webhook_backlog("int-1") == 4  # claimed is not done
+    store.ack_webhooks([first.id])
+    assert store.webhook_backlog("int-1") == 3
+    store.ack_webhooks([first.id, second.id])
+    assert (store.webhook_backlog("int-1"), store.webhook_backlog("int-2")) == (2, 1)
+
+
 def _claim_all_job(store: Store, index: int, integration_id: str) -> list[str]:
     claimed: list[str] = []
     while batch := store.claim_webhooks(integration_id, limit=3, lease_seconds=600):

@@ -159,6 +159,11 @@ def zoho_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Worl
 
 
 @pytest.fixture
+def attio_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    yield from _world("attio", tmp_path, monkeypatch)
+
+
+@pytest.fixture
 def pipedrive_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     yield from _world("pipedrive", tmp_path, monkeypatch)
 
@@ -409,8 +414,6 @@ def test_renew_subscribes_a_lapsed_zoho_channel_again(
 
 
 def test_renew_subscribes_again_what_the_crm_reports_gone(world: World) -> None:
-    if world.crm == "attio":
-        pytest.skip("the Attio simulator serves no GET /v2/webhooks[/{id}] to ask with")
     world.integration()
     connector = world.connector()
     subscription = subscribe(world.store, connector, world.receiver)
@@ -423,6 +426,21 @@ def test_renew_subscribes_again_what_the_crm_reports_gone(world: World) -> None:
     assert renew(world.store, connector) is Renewal.CURRENT
     person_id = world.change_a_person()
     assert world.delivered("it-1", person_id)["personId"] == person_id
+
+
+def test_renew_subscribes_again_an_attio_webhook_attio_made_inactive(attio_world: World) -> None:
+    world = attio_world
+    sim: AttioSandbox = world.sim  # type: ignore[assignment]
+    world.integration()
+    subscription = subscribe(world.store, world.connector(), world.receiver)
+    (webhook_id,) = ids_of(subscription)
+    sim.set_webhook_status(webhook_id, "degraded")  # still delivering: kept
+    assert renew(world.store, world.connector()) is Renewal.CURRENT
+    sim.set_webhook_status(webhook_id, "inactive")
+    assert renew(world.store, world.connector()) is Renewal.RESUBSCRIBED
+    fresh = world.store.get_webhook_subscription("it-1")
+    assert fresh is not None and ids_of(fresh) != {webhook_id}
+    assert webhook_id not in world.at_crm()  # the inactive one is torn down
 
 
 def test_renew_subscribes_again_when_the_secret_is_lost(world: World) -> None:

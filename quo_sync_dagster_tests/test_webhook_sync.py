@@ -1,10 +1,14 @@
 """CRM webhooks through the whole path on a temporary Dagster instance: the Pipedrive simulator
 sends signed deliveries (duplicated and reordered) to the real receiver, which stores them in the
 inbox; `pipedrive_webhook_sensor` claims them and its `pipedrive_webhook_sync` runs make Quo equal
-to the CRM. A run that fails has its items released and applied by a later run."""
+to the CRM. A run that fails has its items released and applied by a later run; a lingering run
+applies what arrives while it runs. The integration lingers 0 s unless a test says otherwise, so
+each run ends with its items."""
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +52,10 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any
         ReceiverServer(create_app(p.store)) as receiver,
     ):
         integration = add_integration(
-            p, CRM, {"base_url": sim.url}, crm_credential_ref="env:PIPEDRIVE_TEST_TOKEN"
+            p,
+            CRM,
+            {"base_url": sim.url, "webhook_linger_seconds": 0},
+            crm_credential_ref="env:PIPEDRIVE_TEST_TOKEN",
         )
         sync_everything(p, CRM, {"integration_id": integration.id})
         connector = PipedriveConnector(integration, DEFAULT_TOKEN)
@@ -96,6 +103,10 @@ def _run(p: Pipeline, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
     )
 
 
+def _config(request: dg.RunRequest) -> dict[str, Any]:
+    return request.run_config["ops"][f"{CRM}_apply_webhook_changes"]["config"]
+
+
 def test_crm_changes_reach_quo_once_whatever_the_deliveries_do(setup: tuple[Any, ...]) -> None:
     p, sim, integration = setup
     initial = _diff(p, sim, integration)
@@ -111,6 +122,7 @@ def test_crm_changes_reach_quo_once_whatever_the_deliveries_do(setup: tuple[Any,
     result = evaluate_sensor(p, SENSOR)
     (request,) = result.run_requests
     assert request.tags["quo_sync/integration"] == integration.id
+    assert _config(request)["linger_seconds"] == 0  # the integration's setting
     assert _run(p, request).success
     diff = _diff(p, sim, integration)
     assert diff.exact, diff.result()
@@ -175,4 +187,56 @@ def test_a_lost_delivery_is_found_by_the_gap_fill_poll_and_counted(
     (event,) = [e for e in closed.asset_events if isinstance(e, dg.AssetMaterialization)]
     assert event.metadata["changes_missed_by_webhooks"].value == 1
     assert cycle.context["closing"]["report"]["deleted"] == 1
+    assert _diff(p, sim, integration).exact
+
+
+def test_a_lingering_run_applies_changes_that_arrive_while_it_runs(
+    setup: tuple[Any, ...],
+) -> None:
+    p, sim, integration = setup
+    first, second = (str(person["id"]) for person in sim.people()[:2])
+    sim.update_person(first, {"last_name": "BeforeTheRun"})
+    _delivered(sim, 1)
+    (request,) = evaluate_sensor(p, SENSOR).run_requests
+    lingering = copy.deepcopy(request)
+    _config(lingering)["linger_seconds"] = 30  # far longer than a loopback delivery takes
+
+    def change_once_the_first_is_applied() -> None:
+        deadline = time.monotonic() + 120
+        while p.store.webhook_backlog(integration.id) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        sim.update_person(second, {"last_name": "WhileItRuns"})
+
+    changer = threading.Thread(target=change_once_the_first_is_applied)
+    changer.start()
+    result = _run(p, lingering)
+    changer.join()
+    assert result.success
+    batches = [
+        m.metadata["events"].value
+        for m in result.asset_materializations_for_node(f"{CRM}_apply_webhook_changes")
+    ]
+    assert batches == [1, 1]  # the second change, claimed and applied by the same run
+    assert p.store.webhook_backlog(integration.id) == 0
+    assert _diff(p, sim, integration).exact
+
+
+def test_a_person_who_loses_every_phone_leaves_quo_and_comes_back_with_one(
+    setup: tuple[Any, ...],
+) -> None:
+    p, sim, integration = setup
+    person = str(sim.people()[0]["id"])
+    before = _diff(p, sim, integration).quo_contacts
+    sim.update_person(person, {"phones": []})
+    _delivered(sim, 1)
+    (request,) = evaluate_sensor(p, SENSOR).run_requests
+    assert _run(p, request).success
+    diff = _diff(p, sim, integration)
+    assert diff.exact, diff.result()  # no stale contact left behind under the old number
+    assert diff.quo_contacts == before - 1
+    sim.update_person(person, {"phones": [{"value": "+1 415 555 0134", "primary": True}]})
+    _delivered(sim, 2)
+    (request,) = evaluate_sensor(p, SENSOR).run_requests
+    assert _run(p, request).success
+    assert _diff(p, sim, integration).quo_contacts == before
     assert _diff(p, sim, integration).exact

@@ -37,6 +37,11 @@ class InvalidRecord(ValueError):
     """A CRM record that cannot become a Quo contact; the message names the bad field."""
 
 
+class NoPhone(InvalidRecord):
+    """A readable person without a phone number Quo can hold: not a contact (a person who had
+    one and lost it is withdrawn from Quo, see ContactUpserter.withdraw)."""
+
+
 @dataclass(frozen=True)
 class PersonPage:
     """One page of CRM people, newest first when the CRM can sort."""

@@ -206,6 +206,12 @@ class AttioConnector(CRMConnector):
             secret=webhook["secret"],
         )
 
+    def webhooks_gone(self, subscription: dict[str, Any]) -> bool:
+        """Whether Attio lost the webhook or stopped delivering to it: it marks a webhook
+        inactive after 7 days of failed deliveries (active and degraded ones still deliver)."""
+        webhook = self.api.get_webhook(subscription["webhook_id"])
+        return webhook is None or webhook.get("status") == "inactive"
+
     def teardown_webhooks(self, subscription: dict[str, Any]) -> None:
         try:
             self.api.delete_webhook(subscription["webhook_id"])

@@ -170,6 +170,15 @@ class AttioApi(ApiClient):
         body = {"data": {"target_url": target_url, "subscriptions": subscriptions}}
         return self._request("POST", "/v2/webhooks", json=body)["data"]
 
+    def get_webhook(self, webhook_id: str) -> dict[str, Any] | None:
+        """The webhook (without its secret), or None when Attio no longer has it."""
+        try:
+            return self._request("GET", f"/v2/webhooks/{webhook_id}")["data"]
+        except AttioApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def delete_webhook(self, webhook_id: str) -> None:
         self._request("DELETE", f"/v2/webhooks/{webhook_id}")
 

@@ -30,6 +30,7 @@ from quo_sync_dagster.core.models import (
     CallActivity,
     InvalidRecord,
     LabeledValue,
+    NoPhone,
     PersonPage,
     QuoContact,
     SmsActivity,
@@ -155,7 +156,7 @@ class AxisCareConnector(CRMConnector):
         phones, problems = self._phones(person)
         if not phones:  # invalid phones are dropped only while a valid one remains
             why = "; ".join(problems) or "homePhone, mobilePhone, otherPhone are empty"
-            raise InvalidRecord(f"{external_id}: no valid phone number ({why})")
+            raise NoPhone(f"{external_id}: no valid phone number ({why})")
         # Profile pages exist only on a real AxisCare site (a simulator has none, and a new port
         # per start would change every link, so every contact, on each restart).
         site = urlsplit(self._base_url).hostname or ""

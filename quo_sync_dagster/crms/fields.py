@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from quo_sync_dagster.core.models import MAX_EXTERNAL_ID, InvalidRecord, LabeledValue
+from quo_sync_dagster.core.models import MAX_EXTERNAL_ID, InvalidRecord, LabeledValue, NoPhone
 from quo_sync_dagster.core.phones import to_e164
 from quo_sync_dagster.core.sanitize import MAX_TEXT, clean, clean_or_none, finite
 
@@ -133,9 +133,9 @@ def phones(
     explain: Callable[[Sequence[PhoneProblem]], str] = _joined,
 ) -> tuple[LabeledValue, ...]:
     """e164's valid numbers: invalid ones are dropped while at least one valid one remains.
-    None valid raises InvalidRecord with `explain(problems)` (by default the problems, joined,
+    None valid raises NoPhone with `explain(problems)` (by default the problems, joined,
     or "no phone number" when there were none)."""
     found, problems = e164(pairs, region)
     if not found:
-        raise InvalidRecord(explain(problems))
+        raise NoPhone(explain(problems))
     return found

@@ -5,6 +5,7 @@ The Dagster assets call these, and so does the benchmark's bare loop, so both do
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import secrets
@@ -15,8 +16,14 @@ from typing import Any
 
 import pandas as pd
 
-from quo_sync_dagster.core.external_ids import namespaced
-from quo_sync_dagster.core.models import InvalidRecord, PersonPage, QuoContact, UpsertAction
+from quo_sync_dagster.core.external_ids import namespaced, quo_external_id
+from quo_sync_dagster.core.models import (
+    InvalidRecord,
+    NoPhone,
+    PersonPage,
+    QuoContact,
+    UpsertAction,
+)
 from quo_sync_dagster.core.process import ErrorDetail, PageResult, Process, ProcessState, cap_text
 from quo_sync_dagster.core.sanitize import clean
 from quo_sync_dagster.crms import connector_class
@@ -93,7 +100,9 @@ def plan_sync(
             {
                 **_count_pages(store, connector, process, modified_since),
                 # Nobody else writes this source, so unmapped contacts can skip the lookup.
-                "quoSourceEmptyAtStart": not quo.has_contacts_from(connector.quo_source),
+                # A polling cycle follows a completed sync: no request to ask.
+                "quoSourceEmptyAtStart": sync_type == "INITIAL"
+                and not quo.has_contacts_from(connector.quo_source),
             },
         )
     except Exception as exc:
@@ -250,6 +259,7 @@ def sync_records(
 
     latest: dict[str, QuoContact] = {}  # Quo externalId -> the contact of its last occurrence
     names: dict[str, str] = {}  # Quo externalId -> how errors name that occurrence
+    phoneless: dict[str, str] = {}  # Quo externalId -> person, refused for having no phone
     failed = skipped = 0
     for n, record in enumerate(records):
         try:
@@ -268,6 +278,10 @@ def sync_records(
             message = str(exc) if isinstance(exc, InvalidRecord) else f"{type(exc).__name__}: {exc}"
             note(person, message)
             failed += 1
+            if isinstance(exc, NoPhone):
+                with contextlib.suppress(InvalidRecord):
+                    key = connector.record_key(record, object_type)
+                    phoneless[quo_external_id(connector.integration, key)] = person
             continue
         if (ext_id := contact.external_id) in latest:
             note(names[ext_id], "skipped: duplicate id in the same page; its last one is synced")
@@ -279,6 +293,9 @@ def sync_records(
             skipped += 1
             del latest[ext_id]
     outcomes = upserter.upsert(list(latest.values()), assume_absent=assume_absent)
+    if store is not None:  # a person whose last number is gone leaves Quo too
+        for ext_id in upserter.withdraw([e for e in phoneless if e not in latest]):
+            note(phoneless[ext_id], "its Quo contact was deleted: the person has no phone now")
     counts = Counter(outcome.action for outcome in outcomes)
     for outcome in outcomes:
         if outcome.action is UpsertAction.FAILED:

@@ -86,6 +86,20 @@ class ContactUpserter:
         self._settle_seconds = settle_seconds
         self._sleep = sleep
 
+    def withdraw(self, external_ids: Sequence[str]) -> list[str]:
+        """Delete the Quo contacts of linked people who no longer belong in Quo (they lost
+        their last phone number) and forget their links; returns those withdrawn. No
+        tombstone: the person comes back as soon as the CRM gives them a number again."""
+        links = self._store.get_contact_links(self._integration_id, list(external_ids))
+        for link in links.values():
+            try:
+                self._client.delete_contact(link.quo_id)
+            except QuoApiError as exc:
+                if exc.status != 404:  # already gone is what we want
+                    raise
+        self._store.delete_contact_links(self._integration_id, list(links))
+        return list(links)
+
     def upsert(
         self, contacts: Sequence[QuoContact], assume_absent: bool = False
     ) -> list[RecordOutcome]:

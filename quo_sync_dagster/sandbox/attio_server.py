@@ -70,7 +70,7 @@ API_TOKEN_ACTOR = {"type": "api-token", "id": "0b7e1a52-3c4d-4e5f-8a9b-0c1d2e3f4
 MEMBER_ACTOR = {"type": "workspace-member", "id": "50cf242c-7fa3-4cad-87d0-75b1af71c57b"}
 FAULT_STATUSES = frozenset({429, 500, 502, 503})
 WRITE_SHARE = 0.25  # Attio allows 25 writes/s against 100 reads/s
-KINDS = ("query", "get", "create_note", "create_webhook", "delete_webhook")
+KINDS = ("query", "get", "create_note", "create_webhook", "get_webhook", "delete_webhook")
 ATTRIBUTES = ("name", "email_addresses", "phone_numbers", "job_title", "lead_source")
 MULTI_VALUED = frozenset({"email_addresses", "phone_numbers"})
 # Stable made-up attribute ids: a record.updated event names the attribute that changed.
@@ -817,7 +817,17 @@ class _Api:
         return JSONResponse({"data": webhook})
 
     async def webhook(self, request: Request) -> Response:
+        if request.method == "GET":
+            return await self.serve(request, "get_webhook", self._get_webhook)
         return await self.serve(request, "delete_webhook", self._delete_webhook)
+
+    async def _get_webhook(self, request: Request) -> Response:
+        webhook_id = request.path_params["webhook_id"]
+        if webhook_id not in self.state.webhooks:
+            raise AttioError(404, "not_found", f'Webhook with ID "{webhook_id}" was not found.')
+        # The secret is shown only when the webhook is created.
+        shown = {k: v for k, v in self.state.webhooks[webhook_id].items() if k != "secret"}
+        return JSONResponse({"data": shown})
 
     async def _delete_webhook(self, request: Request) -> Response:
         webhook_id = request.path_params["webhook_id"]
@@ -833,6 +843,18 @@ async def _admin_notes(request: Request) -> Response:
 
 async def _admin_webhooks(request: Request) -> Response:
     return JSONResponse(list(request.app.state.sandbox.webhooks.values()))
+
+
+async def _admin_webhook_status(request: Request) -> Response:
+    """Set a webhook's `status` (active, degraded, inactive) as Attio does after failed
+    deliveries."""
+    state: AttioState = request.app.state.sandbox
+    webhook = state.webhooks.get(request.path_params["webhook_id"])
+    status = json.loads(await request.body()).get("status")
+    if webhook is None or status not in ("active", "degraded", "inactive"):
+        return JSONResponse({"message": "no such webhook, or no such status"}, status_code=404)
+    state.record({"webhook": {**webhook, "status": status}})
+    return JSONResponse({"status": status})
 
 
 async def _admin_emit(request: Request) -> Response:
@@ -912,9 +934,10 @@ def build_app(state: AttioState) -> Starlette:
             Route(RECORD, api.get_record, methods=["GET"]),
             Route(NOTES, api.notes, methods=["POST"]),
             Route(WEBHOOKS, api.webhooks, methods=["POST"]),
-            Route(WEBHOOK, api.webhook, methods=["DELETE"]),
+            Route(WEBHOOK, api.webhook, methods=["GET", "DELETE"]),
             Route("/_sandbox/notes", _admin_notes, methods=["GET"]),
             Route("/_sandbox/webhooks", _admin_webhooks, methods=["GET"]),
+            Route("/_sandbox/webhooks/{webhook_id}", _admin_webhook_status, methods=["PATCH"]),
             Route("/_sandbox/webhooks/{webhook_id}/emit", _admin_emit, methods=["POST"]),
             Route("/_sandbox/people", _admin_people, methods=["GET", "POST"]),
             Route("/_sandbox/people/{record_id}", _admin_person, methods=["PATCH", "DELETE"]),
@@ -963,6 +986,9 @@ class AttioSandbox(SandboxServer):
 
     def webhooks(self) -> list[dict[str, Any]]:
         return self._admin_request("GET", "webhooks").json()
+
+    def set_webhook_status(self, webhook_id: str, status: str) -> None:
+        self._admin_request("PATCH", f"webhooks/{webhook_id}", json={"status": status})
 
     def emit_webhook(
         self, webhook_id: str, events: list[dict[str, Any]], target_url: str | None = None

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import threading
-import time
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from quo_sync_dagster.background_server import BackgroundServer
 
 
 @dataclass
@@ -295,8 +294,7 @@ class SandboxServer(AdminClient):
         super().__init__()
         self.port = port
         self._state: Any = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server: BackgroundServer | None = None
 
     # ---- what a simulator says ------------------------------------------------------------
     def _create_state(self) -> Any:
@@ -310,45 +308,30 @@ class SandboxServer(AdminClient):
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> Self:
-        # Bind ourselves so port=0 yields a known port before uvicorn starts serving.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
         self._state = self._create_state()
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            self._create_app(self._state), log_level="warning", access_log=False, lifespan="off"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run,
-            kwargs={"sockets": [sock]},
+        self._server = BackgroundServer(
+            self._create_app(self._state),
+            port=self.port,
+            ready_path="/_sandbox/stats",
             name=f"{self.name.lower()}-sandbox",
-            daemon=True,
+            lifespan="off",
         )
-        self._thread.start()
+        try:
+            self._server.start(timeout)
+        except RuntimeError:
+            self.stop()
+            raise
+        self.url = self._server.url
         self._admin_http = httpx.Client(base_url=self.url, timeout=10.0)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self._admin_http.get("/_sandbox/stats", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{self.name} sandbox did not start on {self.url}")
-            time.sleep(0.02)
+        return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._server.stop()
         if self._state is not None:
             self._close_state(self._state)
         self.close()
-        self._server = self._thread = self._state = None
+        self._server = self._state = None
 
     def __enter__(self) -> Self:
         return self.start()

@@ -590,6 +590,9 @@ class MongoStore(Store):
             )
         )
 
+    def webhook_backlog(self, integration_id: str) -> int:
+        return self._inbox.count_documents({"integration_id": integration_id, "acked": False})
+
     # ---- webhook subscriptions ------------------------------------------------------------------
     def put_webhook_subscription(self, integration_id: str, subscription: dict[str, Any]) -> None:
         # The JSON round trip gives the SQLite adapter's contract: refused if not JSON, tuples

@@ -189,6 +189,10 @@ class Store(ABC):
         """Sorted ids of the integrations that have an item claim_webhooks would return now
         (unacknowledged, lease expired or never leased)."""
 
+    @abstractmethod
+    def webhook_backlog(self, integration_id: str) -> int:
+        """How many of the integration's items are not acknowledged yet, leased or not."""
+
     # ---- webhook subscriptions (one per integration; references to secrets, never secrets) --
     @abstractmethod
     def put_webhook_subscription(self, integration_id: str, subscription: dict[str, Any]) -> None:

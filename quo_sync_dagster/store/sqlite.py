@@ -671,6 +671,17 @@ class SqliteStore(Store):
         )
         return [row[0] for row in rows]
 
+    def webhook_backlog(self, integration_id: str) -> int:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT COUNT(*) FROM webhook_inbox WHERE integration_id = ? AND acked = 0",
+                (integration_id,),
+            )
+            .fetchone()
+        )
+        return int(row[0])
+
     # ---- webhook subscriptions ------------------------------------------------------------------
     def put_webhook_subscription(self, integration_id: str, subscription: dict[str, Any]) -> None:
         with self._write() as conn:
