@@ -23,8 +23,10 @@ from quo_sync_dagster.local_stack import ChangeLog, LocalStack
 from quo_sync_dagster.orchestration.metadata import process_summary
 from quo_sync_dagster.orchestration.resources import default_store_uri
 from quo_sync_dagster.orchestration.sync import open_connector
-from quo_sync_dagster.secrets import SECRETS_DIR_ENV
+from quo_sync_dagster.quo.client import QuoClient
+from quo_sync_dagster.secrets import SECRETS_DIR_ENV, resolve_secret
 from quo_sync_dagster.store import NotFound, Store, open_store
+from quo_sync_dagster.webhooks import quo_subscriptions as quo_webhooks
 from quo_sync_dagster.webhooks.subscriptions import (
     RECEIVER_URL_SETTING,
     receiver_base_url,
@@ -235,17 +237,26 @@ def integrations(args: argparse.Namespace) -> int:
         )
         webhooks = connector_class(args.crm).crm_config.sync_config.supports_webhooks
         webhooks = webhooks and not args.no_webhooks
-        if webhooks:
-            try:  # before saving: an integration that cannot be subscribed is not half added
-                base_url = receiver_base_url(integration)
+        base_url = None
+        try:  # before saving: an integration that cannot be subscribed is not half added
+            base_url = None if args.no_webhooks else receiver_base_url(integration)
+            if base_url:
                 receiver_url(integration, base_url)
-            except ValueError as exc:
+        except ValueError as exc:
+            if webhooks:
                 hint = "or pass --receiver-url (--no-webhooks: polling only)"
                 raise SystemExit(f"{exc}, {hint}") from None
+            base_url = None
         store.upsert_integration(integration)
         print(f"integration {args.id!r} ({args.crm}) saved")
-        if webhooks:
-            return _with_connector(store, integration, lambda c: _subscribe(store, c, base_url))
+        if base_url is None:  # a CRM without webhooks and no receiver
+            print("no receiver URL: Quo calls and messages are not logged on the CRM")
+            return 0
+        if webhooks and (
+            failed := _with_connector(store, integration, lambda c: _subscribe(store, c, base_url))
+        ):
+            return failed
+        return _with_quo(integration, lambda q: _quo_subscribe(store, integration, q, base_url))
     elif args.action == "remove":
         integration_id = args.integration_id
         try:
@@ -253,6 +264,8 @@ def integrations(args: argparse.Namespace) -> int:
         except NotFound:
             raise SystemExit(f"no integration {integration_id!r}") from None
         if failed := _with_connector(store, integration, lambda c: _unsubscribe(store, c)):
+            return failed
+        if failed := _with_quo(integration, lambda q: _quo_unsubscribe(store, integration, q)):
             return failed
         store.delete_integration(integration_id)
         print(f"integration {integration_id!r} removed (its contact links stay)")
@@ -286,6 +299,27 @@ def _subscribe(store: Store, connector: CRMConnector, base_url: str) -> None:
 def _unsubscribe(store: Store, connector: CRMConnector) -> None:
     removed = unsubscribe(store, connector)
     print("webhooks torn down" if removed else "no webhook subscription to tear down")
+
+
+def _with_quo(integration: Integration, action: Callable[[QuoClient], None]) -> int:
+    """Run `action` with a client of the integration's Quo workspace; 1 (and why) if it fails."""
+    try:
+        with QuoClient(integration.quo_base_url, resolve_secret(integration.quo_api_key_ref)) as q:
+            action(q)
+    except Exception as exc:  # client and secret errors name no secret
+        print(f"{integration.id!r} Quo webhooks: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _quo_subscribe(store: Store, integration: Integration, quo: QuoClient, base: str) -> None:
+    subscription = quo_webhooks.subscribe(store, integration, quo, base)
+    print(f"Quo call and message webhooks subscribed: {subscription['receiverUrl']}")
+
+
+def _quo_unsubscribe(store: Store, integration: Integration, quo: QuoClient) -> None:
+    removed = quo_webhooks.unsubscribe(store, integration, quo)
+    print("Quo webhooks torn down" if removed else "no Quo webhooks to tear down")
 
 
 def receiver(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.sandbox.quo_server import QuoAdmin
 from quo_sync_dagster.sandbox.serving import AdminClient
 from quo_sync_dagster.store import Store, open_store
+from quo_sync_dagster.webhooks import quo_subscriptions as quo_webhooks
 from quo_sync_dagster.webhooks.subscriptions import RECEIVER_URL_ENV, subscribe
 
 LOCATION = "quo_sync_dagster"
@@ -275,10 +276,12 @@ class LocalStack:
         records: int,
         settings: dict[str, Any] | None = None,
         webhooks: bool = False,
+        activities: bool = False,
     ) -> Integration:
         """An integration of `crm` against its own simulator process (holding `records`
         people), or, for a CRM without one (ScalingTest), with `records` in its settings.
-        With `webhooks`, a CRM that has them is subscribed to the receiver."""
+        With `webhooks`, a CRM that has them is subscribed to the receiver; with
+        `activities`, the Quo sandbox's call and message webhooks are."""
         assert self.store is not None
         connector_cls = connector_class(crm)
         settings = dict(settings or {})
@@ -302,6 +305,9 @@ class LocalStack:
         if webhooks and connector_cls.crm_config.sync_config.supports_webhooks:
             with closing(connector_cls(integration, _crm_token(crm))) as connector:
                 subscribe(self.store, connector, self.receiver_url)
+        if activities:
+            with QuoClient(self.sandbox_url, self.sandbox_key) as quo:
+                quo_webhooks.subscribe(self.store, integration, quo, self.receiver_url)
         return integration
 
     def run_initial_sync(self, crm: str, config: dict[str, Any]) -> list[str]:

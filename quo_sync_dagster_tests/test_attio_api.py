@@ -22,6 +22,7 @@ from quo_sync_dagster.crms.attio_api import (
     AttioUnavailable,
     verify_signature,
 )
+from quo_sync_dagster.governed_http import OutcomeUnknown
 from quo_sync_dagster.quo.governor import RateGovernor
 from quo_sync_dagster.sandbox.attio_server import AttioSandbox
 from quo_sync_dagster.store import open_store
@@ -81,6 +82,33 @@ def test_note_is_written_with_the_right_fields(sandbox: AttioSandbox, api: Attio
     assert stored["content_markdown"] == content
     assert stored["content_plaintext"] == "SMS received\n\nHi, can we reschedule? 🙂"
     assert stored["created_at"] == "2026-03-01T15:00:00.250000000Z"
+
+
+def test_notes_are_listed_page_by_page_read_and_deleted(
+    sandbox: AttioSandbox, api: AttioApi
+) -> None:
+    record_id, other = (p["id"]["record_id"] for p in api.query_people(limit=2, offset=20))
+    api.create_note(other, "someone else's", "x", "plaintext")
+    made = [api.create_note(record_id, f"n{i}", f"body {i}", "plaintext") for i in range(53)]
+    ids = [n["id"]["note_id"] for n in made]
+    assert len(api.list_notes(record_id)) == 50  # the spec's maximum page
+    assert [n["id"]["note_id"] for n in api.iter_notes(record_id)] == ids  # pages of 50, 3
+    assert api.get_note(ids[7]) == made[7]
+    assert api.delete_note(ids[7]) is True
+    assert api.get_note(ids[7]) is None
+    assert api.delete_note(ids[7]) is False  # already gone: a retried delete is fine
+    assert ids[7] not in [n["id"]["note_id"] for n in api.iter_notes(record_id)]
+    assert ids[7] not in [n["id"]["note_id"] for n in sandbox.notes()]
+
+
+def test_a_note_create_with_an_unknown_outcome_is_not_sent_again(
+    sandbox: AttioSandbox, api: AttioApi
+) -> None:
+    record_id = api.query_people(limit=1, offset=30)[0]["id"]["record_id"]
+    sandbox.inject_fault(502, kinds=["create_note"], after_write=True)
+    with pytest.raises(OutcomeUnknown):
+        api.create_note(record_id, "once", "only once", "plaintext", idempotent=False)
+    assert [n["title"] for n in api.iter_notes(record_id)] == ["once"]
 
 
 def test_webhook_lifecycle(api: AttioApi) -> None:

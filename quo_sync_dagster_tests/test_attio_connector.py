@@ -4,14 +4,17 @@ webhooks, and the whole Dagster pipeline into the Quo sandbox."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from quo_sync_dagster.core.activity_text import call_lines
 from quo_sync_dagster.core.models import (
     CallActivity,
+    CallOutcome,
     CustomFieldValue,
     Integration,
     InvalidRecord,
@@ -20,8 +23,9 @@ from quo_sync_dagster.core.models import (
     SmsActivity,
 )
 from quo_sync_dagster.core.process import ProcessState
-from quo_sync_dagster.crms.attio import AttioConnector
-from quo_sync_dagster.crms.attio_api import AttioApiError
+from quo_sync_dagster.crms.attio import AttioConnector, NoteNotFound, NoteNotReplaced, call_marker
+from quo_sync_dagster.crms.attio_api import AttioApi, AttioApiError
+from quo_sync_dagster.governed_http import OutcomeUnknown
 from quo_sync_dagster.sandbox.attio_server import AttioSandbox, generate_people
 from quo_sync_dagster_tests.pipeline import add_integration, pipeline, sync_everything
 
@@ -254,7 +258,15 @@ def test_sms_and_call_become_notes_on_the_person(attio: AttioSandbox, crm: Attio
     rid = PEOPLE[3]["id"]["record_id"]
     before = attio.stats()["byKind"]["create_note"]
     sms_id = crm.log_sms_to_activity(
-        SmsActivity("msg-1", "incoming", "Can we *move* to 3pm?", rid, "2026-03-01T15:00:00Z")
+        SmsActivity(
+            "msg-1",
+            "incoming",
+            "Can we *move* to 3pm?",
+            rid,
+            "2026-03-01T15:00:00Z",
+            external_number="+15558675309",
+            quo_number="+14155550100",
+        )
     )
     call_id = crm.log_call_to_activity(
         CallActivity("call-1", "outgoing", 185, rid, "2026-03-02T09:30:00Z", "Booked a visit")
@@ -264,14 +276,172 @@ def test_sms_and_call_become_notes_on_the_person(attio: AttioSandbox, crm: Attio
     assert attio.stats()["byKind"]["create_note"] == before + 2
     assert (sms["parent_object"], sms["parent_record_id"]) == ("people", rid)
     assert sms["title"] == "Incoming SMS (Quo)"
-    assert sms["content_plaintext"] == "Can we *move* to 3pm?"  # plain text: kept verbatim
+    # plain text: the message is kept verbatim, markdown characters included
+    assert sms["content_plaintext"].splitlines() == [
+        "Can we *move* to 3pm?",
+        "Quo number: +14155550100",
+        "Other party: +15558675309",
+        "Quo message id: msg-1",
+    ]
     assert sms["created_at"].startswith("2026-03-01T15:00:00.000000")
     assert (call["parent_record_id"], call["title"]) == (rid, "Outgoing call (Quo)")
-    assert call["content_plaintext"] == "Duration: 3m 05s\n\nSummary: Booked a visit"
+    assert call["content_plaintext"].splitlines() == [
+        "Duration: 3 min 5 s",
+        "Summary: Booked a visit",
+        "Quo call id: call-1",
+    ]
     assert call["created_at"].startswith("2026-03-02T09:30:00.000000")
     with pytest.raises(AttioApiError) as missing:
         crm.log_sms_to_activity(SmsActivity("msg-2", "outgoing", "hi", RID, "2026-03-01T15:00Z"))
     assert missing.value.status == 404
+
+
+def call_of(rid: str, call_id: str, **changes: Any) -> CallActivity:
+    fields: dict[str, Any] = {
+        "quo_call_id": call_id,
+        "direction": "incoming",
+        "duration_seconds": 75,
+        "contact_external_id": rid,
+        "timestamp": "2026-03-02T09:30:00Z",
+        "external_number": "+15558675309",
+        "quo_number": "+14155550100",
+        "quo_user": "Dana Quo",
+        "deep_link": f"https://my.quo.com/calls/{call_id}",
+    }
+    return CallActivity(**{**fields, **changes})
+
+
+def call_notes(attio: AttioSandbox, rid: str, call_id: str) -> list[dict[str, Any]]:
+    """The notes of that call on the person, as the sandbox holds them now."""
+    return [
+        n
+        for n in attio.activities()
+        if n["parent_record_id"] == rid
+        and n["content_plaintext"].splitlines()[-1] == call_marker(call_id)
+    ]
+
+
+def test_the_marker_is_the_last_line_activity_text_writes() -> None:
+    assert call_lines(call_of(RID, "AC42"))[-1] == call_marker("AC42")
+
+
+def test_update_replaces_the_note_with_the_enriched_one(
+    attio: AttioSandbox, crm: AttioConnector
+) -> None:
+    rid = PEOPLE[4]["id"]["record_id"]
+    first = crm.log_call_to_activity(call_of(rid, "AC-upd"))
+    enriched = call_of(
+        rid,
+        "AC-upd",
+        summary="Wants to move the visit to Tuesday",
+        next_steps=("Call back Monday",),
+        recording_urls=("https://files.quo.example/rec/AC-upd.mp3",),
+        transcript="Dana: Hello\nCaller: Can we move Tuesday?",
+    )
+    second = crm.update_call_activity(first, enriched)
+    assert second != first  # Attio cannot edit a note: it was replaced
+    (note,) = call_notes(attio, rid, "AC-upd")  # still one note of the call
+    assert note["id"]["note_id"] == second
+    assert note["title"] == "Incoming call (Quo)"
+    assert note["created_at"].startswith("2026-03-02T09:30:00.000000")  # the call's time
+    text = note["content_plaintext"]
+    for line in (
+        "Summary: Wants to move the visit to Tuesday",
+        "Next step: Call back Monday",
+        "Recording: https://files.quo.example/rec/AC-upd.mp3",
+        "Transcript:\nDana: Hello\nCaller: Can we move Tuesday?",
+        "Quo user: Dana Quo",
+        "Open in Quo: https://my.quo.com/calls/AC-upd",
+    ):
+        assert line in text
+    assert crm.api.get_note(first) is None  # the old note is gone
+    # A replayed update writes nothing and keeps the note.
+    writes = attio.stats()["byKind"]
+    assert crm.update_call_activity(second, enriched) == second
+    after = attio.stats()["byKind"]
+    assert (after["create_note"], after["delete_note"]) == (
+        writes["create_note"],
+        writes["delete_note"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("outcome", "title"),
+    [
+        (CallOutcome.MISSED, "Incoming call (missed) (Quo)"),
+        (CallOutcome.VOICEMAIL, "Incoming call (missed, voicemail) (Quo)"),
+    ],
+)
+def test_missed_calls_read_as_missed(
+    attio: AttioSandbox, crm: AttioConnector, outcome: CallOutcome, title: str
+) -> None:
+    rid, call_id = PEOPLE[5]["id"]["record_id"], f"AC-{outcome}"
+    # Quo sends a missed call's duration too (it rang): the outcome decides, not the duration.
+    missed = call_of(rid, call_id, outcome=outcome, duration_seconds=12)
+    note_id = crm.log_call_to_activity(missed)
+    voicemail = "https://files.quo.example/vm/1.mp3" if outcome is CallOutcome.VOICEMAIL else None
+    later = replace(missed, voicemail_url=voicemail, voicemail_transcript="Call me back")
+    crm.update_call_activity(note_id, later)
+    (note,) = call_notes(attio, rid, call_id)
+    assert note["title"] == title
+    assert "Duration" not in note["content_plaintext"]
+    assert "Voicemail transcript: Call me back" in note["content_plaintext"]
+
+
+def test_updating_an_unknown_note_is_a_clear_error(
+    attio: AttioSandbox, crm: AttioConnector
+) -> None:
+    rid = PEOPLE[6]["id"]["record_id"]
+    before = attio.stats()["byKind"]["create_note"]
+    unknown = "00000000-0000-4000-8000-000000000001"
+    with pytest.raises(NoteNotFound, match=f"no note {unknown} of Quo call AC-none") as info:
+        crm.update_call_activity(unknown, call_of(rid, "AC-none"))
+    assert isinstance(info.value, LookupError) and info.value.status == 404
+    assert attio.stats()["byKind"]["create_note"] == before  # nothing written
+
+
+def test_a_failed_delete_leaves_both_notes_and_the_next_update_repairs_it(
+    attio: AttioSandbox, crm: AttioConnector
+) -> None:
+    rid = PEOPLE[8]["id"]["record_id"]
+    old = crm.log_call_to_activity(call_of(rid, "AC-del"))
+    failing = connector(attio.url)
+    failing.api = AttioApi(attio.url, KEY, max_attempts=1)  # no retries: fail at once
+    attio.inject_fault(503, kinds=["delete_note"])
+    summary = call_of(rid, "AC-del", summary="Booked")
+    try:
+        with pytest.raises(NoteNotReplaced, match=f"old note {old} could not be deleted"):
+            failing.update_call_activity(old, summary)
+    finally:
+        attio.clear_faults()
+        failing.close()
+    assert len(call_notes(attio, rid, "AC-del")) == 2  # both, and the error said so
+    # The next update (the item is retried with the id it knew) leaves one, enriched.
+    newest = crm.update_call_activity(old, replace(summary, transcript="A: hi"))
+    (note,) = call_notes(attio, rid, "AC-del")
+    assert note["id"]["note_id"] == newest
+    assert "Summary: Booked" in note["content_plaintext"]
+    assert "A: hi" in note["content_plaintext"]
+
+
+def test_a_create_with_an_unknown_outcome_is_found_by_the_next_update(
+    attio: AttioSandbox, crm: AttioConnector
+) -> None:
+    rid = PEOPLE[9]["id"]["record_id"]
+    old = crm.log_call_to_activity(call_of(rid, "AC-lost"))
+    # The new note is written but its answer is lost: not re-sent (no third note).
+    attio.inject_fault(500, kinds=["create_note"], after_write=True)
+    summary = call_of(rid, "AC-lost", summary="Booked")
+    with pytest.raises(OutcomeUnknown):
+        crm.update_call_activity(old, summary)
+    assert len(call_notes(attio, rid, "AC-lost")) == 2
+    # Retried with the same content: the note written then is already right, so it is kept
+    # and the old one deleted, without writing another.
+    creates = attio.stats()["byKind"]["create_note"]
+    kept = crm.update_call_activity(old, summary)
+    (note,) = call_notes(attio, rid, "AC-lost")
+    assert note["id"]["note_id"] == kept != old
+    assert attio.stats()["byKind"]["create_note"] == creates
 
 
 def test_webhook_setup_and_teardown(attio: AttioSandbox, crm: AttioConnector) -> None:

@@ -215,6 +215,90 @@ def test_notes_are_validated_and_stored(sandbox: AttioSandbox, http: httpx.Clien
     assert len(sandbox.notes()) == 1
 
 
+# The subset has no schema of its own for list/get/delete: GET /v2/notes/{note_id} answers
+# `{"data": note}` like the create, the list `{"data": [note]}`, the delete `{}` (the spec's).
+NOTE_200 = response_validator("/v2/notes", "post", 200)
+NOTES_200 = Draft202012Validator(
+    {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": "array", "items": NOTE_200.schema["properties"]["data"]}},
+    },
+    format_checker=FormatChecker(("uuid",)),
+)
+DELETED_200 = Draft202012Validator({"type": "object", "properties": {}, "maxProperties": 0})
+
+
+def test_notes_are_listed_read_and_deleted(sandbox: AttioSandbox, http: httpx.Client) -> None:
+    first, second = ids(query(http, limit=2, offset=40))
+
+    def create(record_id: str, title: str) -> dict[str, Any]:
+        data = {
+            "parent_object": "people",
+            "parent_record_id": record_id,
+            "title": title,
+            "format": "plaintext",
+            "content": title,
+        }
+        return check(NOTE_200, http.post("/v2/notes", json={"data": data}), 200)["data"]
+
+    mine = [create(first, f"mine {i}") for i in range(12)]
+    theirs = create(second, "theirs")
+    params = {"parent_object": "people", "parent_record_id": first}
+    listed = check(NOTES_200, http.get("/v2/notes", params=params), 200)["data"]
+    assert listed == mine[:10]  # the spec's default limit, oldest first
+    page = http.get("/v2/notes", params={**params, "limit": 50, "offset": 10})
+    assert check(NOTES_200, page, 200)["data"] == mine[10:]
+    everyone = check(NOTES_200, http.get("/v2/notes", params={"limit": 50}), 200)["data"]
+    assert theirs in everyone and mine[0] in everyone
+    for bad, status in (
+        ({"limit": 51}, 400),
+        ({"limit": 0}, 400),
+        ({"limit": "ten"}, 400),
+        ({"offset": -1}, 400),
+        ({"parent_record_id": "not-a-uuid"}, 400),
+        ({"parent_object": "deals"}, 404),
+    ):
+        check(ERROR, http.get("/v2/notes", params=bad), status)
+
+    note_id = mine[3]["id"]["note_id"]
+    assert check(NOTE_200, http.get(f"/v2/notes/{note_id}"), 200)["data"] == mine[3]
+    check(DELETED_200, http.delete(f"/v2/notes/{note_id}"), 200)
+    gone = check(ERROR, http.get(f"/v2/notes/{note_id}"), 404)
+    assert gone["message"] == f'Note with ID "{note_id}" was not found.'
+    check(ERROR, http.delete(f"/v2/notes/{note_id}"), 404)
+    check(ERROR, http.get("/v2/notes/not-a-uuid"), 400)
+    listed = check(NOTES_200, http.get("/v2/notes", params={**params, "limit": 50}), 200)
+    assert listed["data"] == [n for n in mine if n["id"]["note_id"] != note_id]
+    assert note_id not in [n["id"]["note_id"] for n in sandbox.activities()]
+    by_kind = sandbox.stats()["byKind"]
+    assert (by_kind["get_note"], by_kind["delete_note"]) == (3, 2)
+
+
+def test_faults_can_name_their_kind_and_come_after_the_write(
+    sandbox: AttioSandbox, http: httpx.Client
+) -> None:
+    record_id = ids(query(http, limit=1, offset=60))[0]
+    data = {
+        "parent_object": "people",
+        "parent_record_id": record_id,
+        "title": "written",
+        "format": "plaintext",
+        "content": "c",
+    }
+    sandbox.inject_fault(500, kinds=["create_note"], after_write=True)
+    try:
+        params = {"parent_object": "people", "parent_record_id": record_id}
+        # a fault for creates does not answer a list
+        assert check(NOTES_200, http.get("/v2/notes", params=params), 200)["data"] == []
+        check(ERROR, http.post("/v2/notes", json={"data": data}), 500)
+        assert sandbox.stats()["pendingFaults"] == 0
+        listed = check(NOTES_200, http.get("/v2/notes", params=params), 200)["data"]
+        assert [n["title"] for n in listed] == ["written"]  # served, then the answer failed
+    finally:
+        sandbox.clear_faults()
+
+
 def test_webhooks_create_and_delete(sandbox: AttioSandbox, http: httpx.Client) -> None:
     subscriptions = [{"event_type": "record.updated", "filter": None}]
     data = {"target_url": "https://hooks.example/attio", "subscriptions": subscriptions}
@@ -269,6 +353,10 @@ def test_state_persists_across_restarts(tmp_path) -> None:
         again = httpx.post(sb.url + QUERY_URL, json={}, headers=headers).json()["data"]
         assert again == people and first["people"] == 7
         assert [n["content_plaintext"] for n in sb.notes()] == ["c"]
+        note_id = sb.notes()[0]["id"]["note_id"]
+        httpx.delete(f"{sb.url}/v2/notes/{note_id}", headers=headers).raise_for_status()
+    with AttioSandbox(tmp_path, KEY, records=7, rate_limit=None) as sb:
+        assert sb.notes() == []  # the delete was kept too
 
 
 def test_cli_prints_ready_line(tmp_path) -> None:

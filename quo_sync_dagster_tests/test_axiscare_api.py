@@ -124,6 +124,33 @@ def test_create_call_log_writes_the_right_fields(
         api.create_call_log("x", "1", datetime(2026, 3, 1), "s", "n")
 
 
+def test_call_log_is_read_and_patched(api: AxisCareApi, sandbox: AxisCareSandbox) -> None:
+    client = walk(api, "clients", 500)[0]
+    when = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+    log = api.create_call_log(
+        "Ruth", "+15551230001", when, "s", "n", tags=[("client", client["id"])]
+    )
+    assert api.get_call_log(log["id"]) == log
+    patched = api.update_call_log(
+        log["id"], subject="Missed call", notes="Call back", followUp=True
+    )
+    assert (patched["subject"], patched["notes"], patched["followUp"]) == (
+        "Missed call",
+        "Call back",
+        True,
+    )
+    assert {k: patched[k] for k in ("callerName", "dateTime", "tags")} == {
+        k: log[k] for k in ("callerName", "dateTime", "tags")
+    }
+    assert api.get_call_log(log["id"]) == patched == sandbox.activities()[-1]
+    assert api.get_call_log(999_999) is None
+    with pytest.raises(AxisCareApiError) as missing:
+        api.update_call_log(999_999, subject="x")
+    assert missing.value.status == 404 and "Call log was not found" in str(missing.value)
+    with pytest.raises(ValueError, match="comments"):
+        api.update_call_log(log["id"], comments=[{"comment": "c"}])
+
+
 def test_errors_carry_status_and_never_the_token(sandbox: AxisCareSandbox) -> None:
     secret = "very-secret-token-123"
     with AxisCareApi(sandbox.url, secret) as api, pytest.raises(AxisCareApiError) as info:

@@ -4,6 +4,7 @@ Dagster pipeline into the Quo sandbox."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from quo_sync_dagster.core.models import (
     CallActivity,
+    CallOutcome,
     Integration,
     InvalidRecord,
     LabeledValue,
@@ -19,7 +21,7 @@ from quo_sync_dagster.core.models import (
 )
 from quo_sync_dagster.core.process import ProcessState
 from quo_sync_dagster.crms import connector_class
-from quo_sync_dagster.crms.axiscare import AxisCareConnector
+from quo_sync_dagster.crms.axiscare import AxisCareConnector, CallLogNotFound
 from quo_sync_dagster.sandbox.axiscare_server import KINDS, AxisCareSandbox, generate_people
 from quo_sync_dagster_tests.pipeline import add_integration, pipeline, sync_everything
 
@@ -242,25 +244,136 @@ def test_call_and_sms_become_tagged_call_logs(
             "See you at 9",
             f"caregiver-{caregiver['id']}",
             "2026-03-01T10:00:00-05:00",
+            quo_number="+14155550100",
+            quo_user="Dana Quo",
         )
     )
     call, sms = sim.stats()["callLogs"][before:]
     assert (call_id, sms_id) == (str(call["id"]), str(sms["id"]))
-    assert call["subject"] == "Quo call (incoming, 3m25s)"
-    assert call["notes"] == "Asked to move Tuesday"
+    assert call["subject"] == "Incoming call (Quo)"
+    assert call["notes"].splitlines() == [
+        "Duration: 3 min 25 s",
+        "Summary: Asked to move Tuesday",
+        "Quo call id: AC1",
+    ]
     assert call["dateTime"] == "2026-03-01T15:00:00+00:00"
     assert call["followUp"] is False
     assert call["tags"][0]["type"] == "client"
     assert call["tags"][0]["url"].endswith(f"customers-profile.php&id={client['id']}")
+    # An incoming call's caller is the person; without the number Quo saw, their first phone.
     assert call["callerName"] == f"{client['firstName'] or ''} {client['lastName']}".strip()
     client_phones = connector.transform_person_to_quo(client, "clients").phone_numbers
     assert call["callerPhone"] == client_phones[0].value
-    assert sms["subject"] == "Quo SMS (outgoing)"
-    assert sms["notes"] == "See you at 9"
+    assert sms["subject"] == "Outgoing SMS (Quo)"
+    assert sms["notes"].splitlines() == [
+        "See you at 9",
+        "Quo number: +14155550100",
+        "Quo message id: MS1",
+    ]
     assert sms["dateTime"] == "2026-03-01T10:00:00-05:00"
+    # An outgoing one's caller is the Quo side.
+    assert (sms["callerName"], sms["callerPhone"]) == ("Dana Quo (Quo)", "+14155550100")
     assert [(t["type"], t["url"].rsplit("=", 1)[1]) for t in sms["tags"]] == [
         ("caregiver", str(caregiver["id"]))
     ]
+
+
+def call_of(external_id: str, call_id: str, **changes: Any) -> CallActivity:
+    fields: dict[str, Any] = {
+        "quo_call_id": call_id,
+        "direction": "incoming",
+        "duration_seconds": 75,
+        "contact_external_id": external_id,
+        "timestamp": "2026-03-02T09:30:00-05:00",
+        "external_number": "+15558675309",
+        "quo_number": "+14155550100",
+        "quo_user": "Dana Quo",
+        "deep_link": f"https://my.quo.com/calls/{call_id}",
+    }
+    return CallActivity(**{**fields, **changes})
+
+
+def logs_of(sim: AxisCareSandbox, call_id: str) -> list[dict[str, Any]]:
+    return [c for c in sim.activities() if c["notes"].splitlines()[-1] == f"Quo call id: {call_id}"]
+
+
+def test_update_patches_the_same_call_log(
+    connector: AxisCareConnector, sim: AxisCareSandbox
+) -> None:
+    lead = _valid_person(connector, "leads")
+    first = call_of(f"lead-{lead['id']}", "AC-upd")
+    log_id = connector.log_call_to_activity(first)
+    (created,) = logs_of(sim, "AC-upd")
+    assert (created["callerName"], created["callerPhone"]) == (
+        f"{lead['firstName'] or ''} {lead['lastName']}".strip(),
+        "+15558675309",  # the number Quo saw
+    )
+    enriched = replace(
+        first,
+        summary="Wants to move the visit to Tuesday",
+        next_steps=("Call back Monday",),
+        recording_urls=("https://files.quo.example/rec/AC-upd.mp3",),
+        transcript="Dana: Hello\nCaller: Can we move Tuesday?",
+    )
+    assert connector.update_call_activity(log_id, enriched) == log_id  # edited in place
+    (log,) = logs_of(sim, "AC-upd")  # still one call log of the call
+    assert log["id"] == int(log_id) and log["subject"] == "Incoming call (Quo)"
+    for line in (
+        "Summary: Wants to move the visit to Tuesday",
+        "Next step: Call back Monday",
+        "Recording: https://files.quo.example/rec/AC-upd.mp3",
+        "Transcript:\nDana: Hello\nCaller: Can we move Tuesday?",
+        "Quo user: Dana Quo",
+        "Open in Quo: https://my.quo.com/calls/AC-upd",
+    ):
+        assert line in log["notes"]
+    # what the update does not concern is as it was
+    unchanged = ("callerName", "callerPhone", "dateTime", "tags", "followUp")
+    assert {k: log[k] for k in unchanged} == {k: created[k] for k in unchanged}
+    assert connector.api.get_call_log(int(log_id)) == log
+
+
+@pytest.mark.parametrize(
+    ("direction", "outcome", "subject", "follow_up"),
+    [
+        ("incoming", CallOutcome.MISSED, "Incoming call (missed) (Quo)", True),
+        ("incoming", CallOutcome.VOICEMAIL, "Incoming call (missed, voicemail) (Quo)", True),
+        ("outgoing", CallOutcome.MISSED, "Outgoing call (missed) (Quo)", False),
+    ],
+)
+def test_missed_calls_read_as_missed(
+    connector: AxisCareConnector,
+    sim: AxisCareSandbox,
+    direction: str,
+    outcome: CallOutcome,
+    subject: str,
+    follow_up: bool,
+) -> None:
+    client = _valid_person(connector, "clients")
+    call_id = f"AC-{direction}-{outcome}"
+    # Quo sends a missed call's duration too (it rang): the outcome decides, not the duration.
+    ringing = call_of(f"client-{client['id']}", call_id, direction=direction, duration_seconds=9)
+    log_id = connector.log_call_to_activity(replace(ringing, outcome=CallOutcome.RINGING))
+    (log,) = logs_of(sim, call_id)
+    assert log["subject"].endswith("call (ringing) (Quo)") and log["followUp"] is False
+    connector.update_call_activity(log_id, replace(ringing, outcome=outcome))
+    (log,) = logs_of(sim, call_id)
+    assert log["subject"] == subject
+    assert "Duration" not in log["notes"]
+    assert log["followUp"] is follow_up  # a missed incoming call needs a call back
+
+
+def test_updating_an_unknown_call_log_is_a_clear_error(
+    connector: AxisCareConnector, sim: AxisCareSandbox
+) -> None:
+    before = sim.activities()
+    call = call_of("client-1", "AC-none")
+    with pytest.raises(CallLogNotFound, match="no call log 999999 \\(Quo call AC-none\\)") as info:
+        connector.update_call_activity("999999", call)
+    assert isinstance(info.value, LookupError) and info.value.status == 404
+    with pytest.raises(CallLogNotFound, match="not an AxisCare call log id"):
+        connector.update_call_activity("st-call-1", call)
+    assert sim.activities() == before
 
 
 @pytest.mark.parametrize("external_id", ["client-0", "foo-123", "512", "abc123def", "client-"])

@@ -25,6 +25,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 
 from quo_sync_dagster.sandbox.axiscare_server import (
+    CALL_LOGS,
     KINDS,
     PEOPLE_FILE,
     SPEC_PATH,
@@ -33,6 +34,7 @@ from quo_sync_dagster.sandbox.axiscare_server import (
 )
 
 SPEC = yaml.safe_load(SPEC_PATH.read_text())
+ONE_LOG = "/api/call-logs/{callLogId}"
 TOKEN = "axiscare-sandbox-token"
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "X-AxisCare-Api-Version": "2023-10-01"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -331,6 +333,92 @@ def test_invalid_call_logs_are_400(
     body = {k: v for k, v in {**CALL, **change}.items() if v is not None}
     check_error(client.post("/api/call-logs", json=body), 400, fragment)
     assert len(sandbox.stats()["callLogs"]) == before
+
+
+def test_call_logs_are_listed_page_by_page_and_filtered(fresh_client: httpx.Client) -> None:
+    made = []
+    for hour in (8, 9, 10):
+        body = {**CALL, "dateTime": f"2026-03-01T{hour:02d}:00:00-05:00"}
+        created = check(fresh_client.post("/api/call-logs", json=body), CALL_LOGS, "post", 200)
+        made.append(created["results"]["data"])
+    first = check(fresh_client.get(CALL_LOGS, params={"limit": 2}), CALL_LOGS, "get", 200)
+    assert first["results"]["callLogs"] == made[:2]
+    next_page = first["results"]["nextPage"]
+    assert next_page.startswith(f"{fresh_client.base_url}{CALL_LOGS}?")
+    last = check(fresh_client.get(next_page), CALL_LOGS, "get", 200)["results"]
+    assert last["callLogs"] == made[2:] and "nextPage" not in last
+    wanted = f"{made[0]['id']},{made[2]['id']}"
+    by_id = check(fresh_client.get(CALL_LOGS, params={"callLogIds": wanted}), CALL_LOGS, "get", 200)
+    assert by_id["results"]["callLogs"] == [made[0], made[2]]
+    window = {
+        "fromDateTime": "2026-03-01T14:30:00+00:00",
+        "toDateTime": "2026-03-01T09:30:00-05:00",
+    }
+    in_window = check(fresh_client.get(CALL_LOGS, params=window), CALL_LOGS, "get", 200)
+    assert in_window["results"]["callLogs"] == []
+    window["fromDateTime"] = "2026-03-01T13:30:00Z"  # 8:30 -05:00 ... 9:30 -05:00
+    in_window = check(fresh_client.get(CALL_LOGS, params=window), CALL_LOGS, "get", 200)
+    assert in_window["results"]["callLogs"] == [made[1]]  # 9:00 -05:00 only
+    for bad, fragment in (
+        ({"limit": 101}, "limit"),
+        ({"limit": 0}, "limit"),
+        ({"fromDateTime": "yesterday"}, "incorrect DateTime string"),
+        ({"toDateTime": "2026-03-01T10:00:00"}, "incorrect DateTime string"),  # no offset
+        ({"callLogIds": "1,x"}, "callLogIds"),
+    ):
+        check_error(fresh_client.get(CALL_LOGS, params=bad), 400, fragment)
+
+
+def test_a_call_log_is_read_and_patched_per_the_spec(
+    fresh: AxisCareSandbox, fresh_client: httpx.Client
+) -> None:
+    created = check(fresh_client.post(CALL_LOGS, json=CALL), CALL_LOGS, "post", 200)
+    log = created["results"]["data"]
+    url = f"{CALL_LOGS}/{log['id']}"
+    assert check(fresh_client.get(url), ONE_LOG, "get", 200)["results"]["data"] == log
+    # Only the keys sent change; comments are appended, newest first.
+    change = {"subject": "Missed call", "followUp": True, "followUpDone": False}
+    patched = check(fresh_client.patch(url, json=change), ONE_LOG, "patch", 200)
+    assert patched["results"]["data"] == {**log, **change}
+    comment = {"comment": "Called back", "dateTime": "2026-03-02T09:00:00-05:00", "userId": 1}
+    for text in ("first", "second"):
+        body = {"comments": [{**comment, "comment": text}]}
+        data = check(fresh_client.patch(url, json=body), ONE_LOG, "patch", 200)["results"]["data"]
+    assert [c["comment"] for c in data["comments"]] == ["second", "first"]
+    assert data["comments"][0]["user"] == {"id": 1, "name": "Sandbox Admin"}
+    assert data["comments"][0]["id"] > data["comments"][1]["id"]
+    # Refused changes change nothing, even the valid keys sent with them.
+    for bad, fragment in (
+        ({"followUp": "yes"}, "followUp"),
+        ({"dateTime": "2026-03-01T10:00:00"}, "ISO8601"),
+        ({"subject": "x", "tags": [{"type": "lead", "entityId": 99999}]}, "not found"),
+        (
+            {"subject": "x", "comments": [{"comment": "c", "dateTime": "now", "userId": 1}]},
+            "ISO 8601",
+        ),
+        ({"comments": [{**comment, "userId": 99}]}, "user 99"),
+        ({"comments": [{"comment": "c", "userId": 1}]}, "dateTime"),
+    ):
+        check_error(fresh_client.patch(url, json=bad), 400, fragment)
+    assert check(fresh_client.get(url), ONE_LOG, "get", 200)["results"]["data"] == data
+    for method in ("get", "patch"):
+        response = fresh_client.request(method.upper(), f"{CALL_LOGS}/999", json={})
+        body = check(response, ONE_LOG, method, 404)
+        assert body["errors"] == ["Call log was not found"]
+    assert fresh.activities()[-1] == data
+    stats = fresh.stats()["byKind"]
+    assert (stats["get_call_log"], stats["update_call_log"]) == (3, 10)
+
+
+def test_patched_call_logs_persist(tmp_path: Path) -> None:
+    with (
+        AxisCareSandbox(tmp_path, records=20, rate_limit=None) as sb,
+        httpx.Client(base_url=sb.url, headers=HEADERS) as http,
+    ):
+        log = http.post(CALL_LOGS, json=CALL).json()["results"]["data"]
+        http.patch(f"{CALL_LOGS}/{log['id']}", json={"notes": "later"}).raise_for_status()
+    with AxisCareSandbox(tmp_path, records=20, rate_limit=None) as sb:
+        assert [(c["id"], c["notes"]) for c in sb.activities()] == [(log["id"], "later")]
 
 
 # ---- rate limit, faults, stats, CLI ----------------------------------------------------------

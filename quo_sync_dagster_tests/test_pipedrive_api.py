@@ -14,6 +14,7 @@ from quo_sync_dagster.core.ratelimit import GovernorState, retry_at
 from quo_sync_dagster.crms.pipedrive_api import (
     PipedriveApi,
     PipedriveApiError,
+    PipedriveOutcomeUnknown,
     PipedriveUnavailable,
 )
 from quo_sync_dagster.quo.governor import RateGovernor, governor_key
@@ -137,6 +138,50 @@ def test_activity_links_a_primary_participant(
     assert stored["person_id"] == 1007 and stored["done"] is True and stored["type"] == "call"
     assert (stored["due_date"], stored["due_time"]) == ("2026-03-01", "10:00")
     assert stored["duration"] == duration
+
+
+def test_activity_is_updated_in_place_and_read_back(
+    sandbox: PipedriveSandbox, api: PipedriveApi
+) -> None:
+    subject = f"act-{uuid.uuid4().hex[:8]}"
+    created = api.create_activity(1008, subject, done=False, note="<p>ringing</p>", due=START)
+    updated = api.update_activity(
+        created["id"], done=True, note="<p>answered</p>", duration_seconds=125
+    )
+    assert updated["id"] == created["id"] and updated["subject"] == subject  # untouched
+    assert (updated["done"], updated["note"], updated["duration"]) == (
+        True,
+        "<p>answered</p>",
+        "00:02",
+    )
+    assert updated["participants"] == [{"person_id": 1008, "primary": True}]
+    assert api.get_activity(created["id"]) == updated
+    stored = [a for a in sandbox.stats()["created"]["activities"] if a["subject"] == subject]
+    assert stored == [updated]  # the same activity, changed: not a second one
+    assert api.get_activity(987654321) is None
+    with pytest.raises(PipedriveApiError) as missing:
+        api.update_activity(987654321, note="<p>x</p>")
+    assert missing.value.status == 404 and "Activity not found" in missing.value.message
+
+
+def test_a_create_is_not_retried_once_its_outcome_is_unknown(
+    sandbox: PipedriveSandbox, api: PipedriveApi
+) -> None:
+    """After a 5xx Pipedrive may have written the activity: sending it again could log the
+    call twice, so the caller is told instead. An update is a rewrite: it is retried."""
+    before = count(sandbox, "create_activity")
+    sandbox.inject_fault(503)
+    with pytest.raises(PipedriveOutcomeUnknown) as unknown:
+        api.create_activity(1009, "Call")
+    assert unknown.value.status == 503 and count(sandbox, "create_activity") == before + 1
+    sandbox.inject_fault(503)
+    with pytest.raises(PipedriveOutcomeUnknown):
+        api.create_note(1009, "<p>SMS</p>")
+    activity = api.create_activity(1009, "Call")
+    sandbox.inject_fault(503)
+    assert api.update_activity(activity["id"], note="<p>after a 503</p>")["note"] == (
+        "<p>after a 503</p>"
+    )
 
 
 def test_webhook_create_list_delete(api: PipedriveApi) -> None:

@@ -14,6 +14,7 @@ import pytest
 from quo_sync_dagster.core.external_ids import quo_external_id
 from quo_sync_dagster.core.models import (
     CallActivity,
+    CallOutcome,
     CustomFieldValue,
     Integration,
     InvalidRecord,
@@ -23,7 +24,7 @@ from quo_sync_dagster.core.models import (
     SmsActivity,
 )
 from quo_sync_dagster.core.process import ProcessState
-from quo_sync_dagster.crms.pipedrive import PipedriveConnector
+from quo_sync_dagster.crms.pipedrive import ActivityNotFound, PipedriveConnector
 from quo_sync_dagster.crms.pipedrive_api import PipedriveApi, PipedriveApiError
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.sandbox.pipedrive_server import (
@@ -213,35 +214,149 @@ def test_fetch_persons_by_ids(crm: PipedriveConnector) -> None:
 
 # ---- activities and webhooks ---------------------------------------------------------------------
 def test_sms_becomes_a_note_on_the_person(sim: PipedriveSandbox, crm: PipedriveConnector) -> None:
-    sms = SmsActivity("MSG1", "incoming", "Can we <reschedule>?", "1005", "2026-03-01T10:00:00Z")
+    sms = SmsActivity(
+        "MSG1",
+        "incoming",
+        "Can we <reschedule>?",
+        "1005",
+        "2026-03-01T10:00:00Z",
+        external_number="+12125550100",
+        quo_number="+14155550100",
+        deep_link="https://my.quo.com/inbox/PN1/c/CN1?m=MSG1",
+    )
     note_id = crm.log_sms_to_activity(sms)
     (note,) = [n for n in sim.stats()["created"]["notes"] if str(n["id"]) == note_id]
     assert note["person_id"] == 1005
-    assert (
-        note["content"] == "<p><strong>Incoming SMS</strong></p><p>Can we &lt;reschedule&gt;?</p>"
+    assert note["content"] == (
+        "<p><strong>Incoming SMS (Quo)</strong></p><p>Can we &lt;reschedule&gt;?"
+        "<br>Quo number: +14155550100<br>Other party: +12125550100"
+        "<br>Open in Quo: https://my.quo.com/inbox/PN1/c/CN1?m=MSG1<br>Quo message id: MSG1</p>"
     )
     assert note["add_time"] == "2026-03-01 10:00:00"
 
 
-def test_calls_become_call_logs(sim: PipedriveSandbox, crm: PipedriveConnector) -> None:
-    answered = CallActivity("CALL1", "outgoing", 95, "1004", "2026-03-01T10:00:00+00:00", "Quote")
-    missed = CallActivity("CALL2", "incoming", 0, "1004", "2026-03-01T11:00:00Z")
-    ids = [crm.log_call_to_activity(answered), crm.log_call_to_activity(missed)]
-    logs = {c["id"]: c for c in sim.stats()["created"]["callLogs"]}
-    first, second = logs[ids[0]], logs[ids[1]]
-    assert first["person_id"] == 1004 and first["outcome"] == "connected"
-    assert first["to_phone_number"] == "3122000009"  # the person's primary phone
-    assert first["from_phone_number"] is None
-    assert (first["start_time"], first["end_time"]) == (
-        "2026-03-01 10:00:00",
-        "2026-03-01 10:01:35",
+def call(quo_id: str, person: str = "1004", **fields: Any) -> CallActivity:
+    """An answered outgoing call of 95 s, as call.completed tells it."""
+    base: dict[str, Any] = {
+        "quo_call_id": quo_id,
+        "direction": "outgoing",
+        "duration_seconds": 95,
+        "contact_external_id": person,
+        "timestamp": "2026-03-01T10:00:00+00:00",
+        "external_number": "+12125550100",
+        "quo_number": "+14155550100",
+        "quo_user": "Pat Quo",
+        "deep_link": f"https://my.quo.com/calls/{quo_id}",
+    }
+    return CallActivity(**{**base, **fields})
+
+
+def logged(sim: PipedriveSandbox, quo_id: str) -> list[dict[str, Any]]:
+    """The activities whose body names Quo call `quo_id` (the sandbox's admin view)."""
+    return [a for a in sim.activities() if f"Quo call id: {quo_id}" in a["body"]]
+
+
+def test_a_call_is_logged_then_enriched_in_place(
+    sim: PipedriveSandbox, crm: PipedriveConnector
+) -> None:
+    lookups = {k: sim.stats()["byKind"][k] for k in ("get_person", "batch_persons")}
+    activity_id = crm.log_call_to_activity(call("AC1"))
+    (created,) = logged(sim, "AC1")
+    assert (created["id"], created["kind"], created["person"]) == (activity_id, "call", "1004")
+    record = created["record"]
+    assert record["type"] == "call" and record["done"] is True
+    assert record["subject"] == "Outgoing call (Quo)"
+    assert record["participants"] == [{"person_id": 1004, "primary": True}]
+    assert (record["due_date"], record["due_time"], record["duration"]) == (
+        "2026-03-01",
+        "10:00",
+        "00:01",
     )
-    assert first["duration"] == "95" and first["note"] == "<p>Quote</p>"
-    assert first["subject"] == "Outgoing call (Quo)"
-    assert second["outcome"] == "no_answer" and second["duration"] == "0"
-    assert second["from_phone_number"] == "3122000009" and second["note"] is None
-    with pytest.raises(ValueError, match="99999"):
-        crm.log_call_to_activity(CallActivity("CALL3", "outgoing", 5, "99999", "2026-03-01T12:00Z"))
+    assert (
+        "Duration: 1 min 35 s" in record["note"] and "Other party: +12125550100" in record["note"]
+    )
+    assert "Quo user: Pat Quo" in record["note"] and "Summary" not in record["note"]
+    # The number is in the activity itself: no person was looked up to log the call.
+    assert {k: sim.stats()["byKind"][k] for k in lookups} == lookups
+
+    enriched = call(
+        "AC1",
+        summary="Asked for a <quote> & a call back",
+        next_steps=("Send the quote",),
+        recording_urls=("https://files.quo.com/rec/AC1.mp3",),
+        transcript="Pat: Hello\nJane: Hi <there>",
+    )
+    assert crm.update_call_activity(activity_id, enriched) == activity_id
+    (updated,) = logged(sim, "AC1")  # still one activity, the same one
+    note = updated["record"]["note"]
+    assert updated["id"] == activity_id and updated["record"]["subject"] == "Outgoing call (Quo)"
+    assert "Summary: Asked for a &lt;quote&gt; &amp; a call back" in note
+    assert "Next step: Send the quote<br>Recording: https://files.quo.com/rec/AC1.mp3" in note
+    assert "Transcript:<br>Pat: Hello<br>Jane: Hi &lt;there&gt;" in note
+    assert updated["record"]["duration"] == "00:01"
+    assert updated["record"]["participants"] == [{"person_id": 1004, "primary": True}]
+    with PipedriveApi(sim.url, DEFAULT_TOKEN) as api:
+        assert api.get_activity(int(activity_id)) == updated["record"]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "extra", "subject", "in_note"),
+    [
+        (CallOutcome.MISSED, {}, "Incoming call (missed) (Quo)", "Other party"),
+        (
+            CallOutcome.VOICEMAIL,
+            {
+                "voicemail_url": "https://files.quo.com/vm/1.mp3",
+                "voicemail_transcript": "Call me back",
+            },
+            "Incoming call (missed, voicemail) (Quo)",
+            "Voicemail: https://files.quo.com/vm/1.mp3<br>Voicemail transcript: Call me back",
+        ),
+    ],
+)
+def test_missed_and_voicemail_calls_read_as_missed(
+    sim: PipedriveSandbox,
+    crm: PipedriveConnector,
+    outcome: CallOutcome,
+    extra: dict[str, Any],
+    subject: str,
+    in_note: str,
+) -> None:
+    """Missed by its outcome, not by a zero duration: Quo counts the ringing of a missed call."""
+    quo_id = f"AC-{outcome}"
+    missed = call(quo_id, direction="incoming", duration_seconds=20, outcome=outcome, **extra)
+    activity_id = crm.log_call_to_activity(missed)
+    (created,) = logged(sim, quo_id)
+    record = created["record"]
+    assert created["id"] == activity_id and record["subject"] == subject
+    assert record["duration"] is None and record["done"] is True
+    assert record["note"].startswith(f"<p><strong>{subject}</strong></p>")
+    assert in_note in record["note"] and "Duration" not in record["note"]
+
+
+def test_a_ringing_call_becomes_done_once_answered(
+    sim: PipedriveSandbox, crm: PipedriveConnector
+) -> None:
+    activity_id = crm.log_call_to_activity(call("AC-R", outcome=CallOutcome.RINGING))
+    (ringing,) = logged(sim, "AC-R")
+    assert ringing["record"]["done"] is False and "(ringing)" in ringing["record"]["subject"]
+    crm.update_call_activity(activity_id, call("AC-R", duration_seconds=3700))
+    (answered,) = logged(sim, "AC-R")
+    assert answered["record"]["done"] is True and answered["record"]["duration"] == "01:01"
+    assert answered["record"]["subject"] == "Outgoing call (Quo)"
+
+
+def test_activity_errors_are_clear(crm: PipedriveConnector) -> None:
+    with pytest.raises(ActivityNotFound, match=r"no activity 999999 .* Quo call AC9") as gone:
+        crm.update_call_activity("999999", call("AC9"))
+    assert isinstance(gone.value, LookupError) and gone.value.status == 404
+    with pytest.raises(ValueError, match="not a Pipedrive activity id"):
+        crm.update_call_activity("act-1", call("AC9"))
+    with pytest.raises(PipedriveApiError, match="99999") as gone:
+        crm.log_call_to_activity(call("AC9", person="99999"))
+    assert gone.value.status == 404
+    with pytest.raises(ValueError, match="not a Pipedrive person id"):
+        crm.log_call_to_activity(call("AC9", person="Contacts-1"))
 
 
 def test_webhooks_round_trip(sim: PipedriveSandbox, crm: PipedriveConnector) -> None:

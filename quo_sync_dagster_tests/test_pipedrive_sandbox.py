@@ -293,6 +293,73 @@ def test_activity_rejects_loose_types(client: httpx.Client, change: dict[str, An
     error_of(client.post("/api/v2/activities", json={**body, **change}), 400)
 
 
+def test_activity_patch_changes_only_the_fields_given(
+    sandbox: PipedriveSandbox, client: httpx.Client
+) -> None:
+    body = {"subject": "Call", "type": "call", "done": False, "due_date": "2026-03-01"}
+    body["participants"] = [{"person_id": 1004, "primary": True}]
+    created = client.post("/api/v2/activities", json=body).json()["data"]
+    path = f"/api/v2/activities/{created['id']}"
+    response = client.patch(path, json={"done": True, "note": "<p>hi</p>", "duration": "00:02"})
+    assert response.status_code == 200, response.text
+    patched = response.json()["data"]
+    assert patched == {
+        **created,
+        "done": True,
+        "note": "<p>hi</p>",
+        "duration": "00:02",
+        "update_time": patched["update_time"],
+    }
+    assert client.get(path).json()["data"] == patched
+    moved = [{"person_id": 1005, "primary": True}]
+    assert client.patch(path, json={"participants": moved}).json()["data"]["person_id"] == 1005
+    (activity,) = [a for a in sandbox.activities() if a["id"] == str(created["id"])]
+    assert (activity["kind"], activity["person"], activity["body"]) == ("call", "1005", "<p>hi</p>")
+    assert sandbox.stats()["byKind"]["update_activity"] >= 2
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [
+        ({"person_id": 1001}, 400),  # read-only in v2, as in a create
+        ({"done": 1}, 400),
+        ({"duration": "00:00"}, 400),
+        ({"type": "sms"}, 400),
+        ({"lead_id": "abc"}, 400),  # the activity has a deal: only one of the two
+        ({"participants": [{"person_id": 99999, "primary": True}]}, 404),
+        ({"participants": [{"person_id": 1001, "primary": True}] * 2}, 400),
+    ],
+)
+def test_activity_patch_rejects_what_a_create_rejects(
+    client: httpx.Client, change: dict[str, Any], status: int
+) -> None:
+    body = {"subject": "Call", "type": "call", "deal_id": 7, "participants": [{"person_id": 1001}]}
+    created = client.post("/api/v2/activities", json=body).json()["data"]
+    error_of(client.patch(f"/api/v2/activities/{created['id']}", json=change), status)
+    assert client.get(f"/api/v2/activities/{created['id']}").json()["data"] == created
+
+
+def test_unknown_activity_is_404_and_a_bad_id_400(client: httpx.Client) -> None:
+    assert error_of(client.patch("/api/v2/activities/99999999", json={"done": True}), 404) == (
+        "Activity not found"
+    )
+    error_of(client.get("/api/v2/activities/99999999"), 404)
+    error_of(client.patch("/api/v2/activities/abc", json={"done": True}), 400)
+    error_of(client.patch("/api/v2/activities/99999999", content=b"[1]"), 404)
+
+
+def test_patched_activity_persists_across_restarts(tmp_path: Path) -> None:
+    body = {"subject": "Call", "type": "call", "participants": [{"person_id": 1001}]}
+    with PipedriveSandbox(tmp_path, records=3, rate_limit=None) as sb:
+        created = httpx.post(f"{sb.url}/api/v2/activities", json=body, headers=AUTH).json()
+        path = f"{sb.url}/api/v2/activities/{created['data']['id']}"
+        httpx.patch(path, json={"note": "<p>later</p>"}, headers=AUTH).raise_for_status()
+    with PipedriveSandbox(tmp_path, records=3, rate_limit=None) as again:
+        (stored,) = again.stats()["created"]["activities"]
+        assert stored["note"] == "<p>later</p>" and stored["id"] == created["data"]["id"]
+        assert [a["body"] for a in again.activities()] == ["<p>later</p>"]
+
+
 def test_note_needs_content_and_a_target(sandbox: PipedriveSandbox, client: httpx.Client) -> None:
     assert "content" in error_of(client.post("/v1/notes", json={"person_id": 1001}), 400)
     assert "person_id" in error_of(client.post("/v1/notes", json={"content": "<p>x</p>"}), 400)

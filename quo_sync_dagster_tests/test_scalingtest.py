@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from quo_sync_dagster.core.models import Integration, InvalidRecord, PersonPage
+from quo_sync_dagster.core.models import (
+    CallActivity,
+    CallOutcome,
+    Integration,
+    InvalidRecord,
+    PersonPage,
+    SmsActivity,
+)
 from quo_sync_dagster.core.phones import to_e164
-from quo_sync_dagster.crms.scalingtest import ScalingTestConnector, bad_record_count
+from quo_sync_dagster.crms.scalingtest import (
+    ActivityNotFound,
+    ScalingTestConnector,
+    bad_record_count,
+)
 
 OBJ = "MockPerson"
 BAD = {13: "no phone", 47: "invalid phone", 81: "no name"}  # index % 100 -> problem
@@ -215,3 +228,101 @@ def test_edited_timestamps_stay_distinct() -> None:
     assert max(datetime.fromisoformat(s) for s in stamps) - min(
         datetime.fromisoformat(s) for s in stamps
     ) < timedelta(days=1)
+
+
+# ---- activities: the synthetic timeline ----------------------------------------------------
+def timeline(tmp_path: Path, integration_id: str = "int-st-act") -> ScalingTestConnector:
+    settings = {"records": 300, "activity_db": str(tmp_path / "activities.sqlite")}
+    return ScalingTestConnector(
+        Integration(integration_id, "scalingtest", "env:Q", settings=settings)
+    )
+
+
+def call(person: str, call_id: str = "AC1", **changes: Any) -> CallActivity:
+    fields: dict[str, Any] = {
+        "quo_call_id": call_id,
+        "direction": "incoming",
+        "duration_seconds": 75,
+        "contact_external_id": person,
+        "timestamp": "2026-03-02T09:30:00Z",
+        "quo_number": "+14155550100",
+        "deep_link": f"https://my.quo.com/calls/{call_id}",
+    }
+    return CallActivity(**{**fields, **changes})
+
+
+def test_calls_are_logged_then_updated_in_place(tmp_path: Path) -> None:
+    crm = timeline(tmp_path)
+    first = crm.log_call_to_activity(call("st-0000005"))
+    enriched = call(
+        "st-0000005",
+        summary="Wants a quote",
+        recording_urls=("https://files.quo.example/rec/AC1.mp3",),
+        transcript="A: hi\nB: hello",
+    )
+    assert crm.update_call_activity(first, enriched) == first
+    # Another connector (another run, another process) reads the same timeline.
+    (row,) = timeline(tmp_path).activities()
+    assert (row["id"], row["kind"], row["quo_id"], row["person"]) == (
+        first,
+        "call",
+        "AC1",
+        "st-0000005",
+    )
+    assert (row["subject"], row["outcome"], row["revisions"]) == (
+        "Incoming call (Quo)",
+        "answered",
+        1,
+    )
+    for line in ("Summary: Wants a quote", "Recording: https://files.quo.example/rec/AC1.mp3"):
+        assert line in row["body"].splitlines()
+    assert "Transcript:\nA: hi\nB: hello" in row["body"]
+
+
+def test_missed_calls_read_as_missed_and_sms_are_kept(tmp_path: Path) -> None:
+    crm = timeline(tmp_path)
+    missed = call("st-0000006", "AC2", outcome=CallOutcome.MISSED, duration_seconds=8)
+    activity_id = crm.log_call_to_activity(missed)
+    voicemail = replace(missed, outcome=CallOutcome.VOICEMAIL, voicemail_url="https://vm/1")
+    crm.update_call_activity(activity_id, voicemail)
+    sms = SmsActivity("MS1", "outgoing", "See you at 9", "st-0000006", "2026-03-02T10:00:00Z")
+    sms_id = crm.log_sms_to_activity(sms)
+    rows = {r["id"]: r for r in crm.activities()}
+    assert rows[activity_id]["outcome"] == "voicemail"
+    assert rows[activity_id]["subject"] == "Incoming call (missed, voicemail) (Quo)"
+    assert "Duration" not in rows[activity_id]["body"]
+    assert (rows[sms_id]["kind"], rows[sms_id]["subject"]) == ("sms", "Outgoing SMS (Quo)")
+    assert rows[sms_id]["body"].splitlines()[0] == "See you at 9"
+
+
+def test_a_call_logged_twice_is_two_activities(tmp_path: Path) -> None:
+    crm = timeline(tmp_path)
+    ids = {crm.log_call_to_activity(call("st-0000007", "AC3")) for _ in range(2)}
+    assert len(ids) == 2 == len([r for r in crm.activities() if r["quo_id"] == "AC3"])
+
+
+def test_unknown_activities_and_people_are_clear_errors(tmp_path: Path) -> None:
+    crm = timeline(tmp_path)
+    sms_id = crm.log_sms_to_activity(
+        SmsActivity("MS2", "incoming", "hi", "st-0000008", "2026-03-02T10:00:00Z")
+    )
+    for unknown in ("st-call-999", "scalingtest-call-AC1", sms_id):  # an SMS is no call
+        with pytest.raises(ActivityNotFound, match="no call activity"):
+            crm.update_call_activity(unknown, call("st-0000008"))
+    with pytest.raises(LookupError, match="no person 'st-0999999'"):
+        crm.log_call_to_activity(call("st-0999999"))
+    assert [r["id"] for r in crm.activities()] == [sms_id]
+
+
+def test_without_a_file_the_timeline_is_the_process_s_own() -> None:
+    settings = {"records": 50}
+    a, b = (
+        ScalingTestConnector(Integration(i, "scalingtest", "env:Q", settings=settings))
+        for i in ("int-mem-a", "int-mem-b")
+    )
+    activity_id = a.log_call_to_activity(call("st-0000001", "AC-mem"))
+    again = ScalingTestConnector(
+        Integration("int-mem-a", "scalingtest", "env:Q", settings=settings)
+    )
+    assert [r["id"] for r in again.activities()] == [activity_id]
+    assert b.activities() == []  # another integration's timeline

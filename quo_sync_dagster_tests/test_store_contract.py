@@ -44,7 +44,7 @@ from quo_sync_dagster.store import NotFound, Store, open_store
 from quo_sync_dagster.store import mongo as mongo_store
 from quo_sync_dagster.store import sqlite as sqlite_store
 from quo_sync_dagster.store.mongo import MongoStore
-from quo_sync_dagster.store.port import AlreadyRunning
+from quo_sync_dagster.store.port import ActivityRecord, AlreadyRunning, InboxItem
 from quo_sync_dagster.store.sqlite import SqliteStore
 
 MONGO_URI = os.environ.get("QUO_SYNC_MONGO_URI")
@@ -766,13 +766,52 @@ def test_tombstones_span_query_chunks(store: Store, monkeypatch: pytest.MonkeyPa
 
 
 # ---- activity map ----------------------------------------------------------------------------
-def test_activity_map_keeps_first_id(store: Store) -> None:
-    assert store.get_activity("int-1", "msg-1") is None
-    assert store.put_activity("int-1", "msg-1", "crm-a")
-    assert not store.put_activity("int-1", "msg-1", "crm-b")
-    assert store.get_activity("int-1", "msg-1") == "crm-a"
-    assert store.put_activity("int-2", "msg-1", "crm-c")
-    assert store.get_activity("int-2", "msg-1") == "crm-c"
+def test_activity_records_are_replaced_per_quo_object_and_integration(store: Store) -> None:
+    assert store.get_activity_records("int-1", ["AC1"]) == {}
+    first = ActivityRecord({"call": {"id": "AC1", "status": "ringing"}}, {"p-1": "act-1"})
+    store.put_activity_record("int-1", "AC1", first)
+    store.put_activity_record("int-2", "AC1", ActivityRecord({"other": True}))
+    assert store.get_activity_records("int-1", ["AC1", "AC2"]) == {"AC1": first}
+    later = ActivityRecord({"call": {"id": "AC1", "status": "completed"}}, {"p-1": "act-9"})
+    store.put_activity_record("int-1", "AC1", later)
+    assert store.get_activity_records("int-1", ["AC1"])["AC1"] == later
+    assert store.get_activity_records("int-2", ["AC1"])["AC1"].state == {"other": True}
+
+
+def test_the_phone_index_follows_every_link_write(store: Store) -> None:
+    store.put_contact_links("int-1", {"a": ContactLink("q1", "h1", ("+14155550101",))})
+    store.put_contact_links(
+        "int-1", {"b": ContactLink("q2", "h2", ("+14155550101", "+14155550102"))}
+    )
+    store.put_contact_links("int-2", {"c": ContactLink("q3", "h3", ("+14155550101",))})
+    found = store.people_by_phone("int-1", ["+14155550101", "+14155550102", "+1999"])
+    assert found == {"+14155550101": ["b", "a"], "+14155550102": ["b"]}  # latest link first
+    assert store.get_contact_links("int-1", ["b"])["b"].phones == ("+14155550101", "+14155550102")
+    # A new number replaces the old ones; a deleted or renamed link moves its numbers.
+    store.put_contact_links("int-1", {"a": ContactLink("q1", "h4", ("+14155550103",))})
+    store.delete_contact_links("int-1", ["b"])
+    assert store.people_by_phone("int-1", ["+14155550101", "+14155550103"]) == {
+        "+14155550103": ["a"]
+    }
+    store.rename_contact_links("int-1", {"a": "a2"})
+    assert store.people_by_phone("int-1", ["+14155550103"]) == {"+14155550103": ["a2"]}
+    assert store.people_by_phone("int-2", ["+14155550101"]) == {"+14155550101": ["c"]}
+
+
+def test_deferred_webhooks_come_back_later_with_their_reason(store: Store) -> None:
+    store.enqueue_webhook("int-1", "ev-1", {})
+    store.enqueue_webhook("int-1", "ev-2", {})
+    first, second = store.claim_webhooks("int-1", limit=10)
+    assert (first.attempts, first.last_error) == (0, None)
+    store.defer_webhooks([first.id], 0.3, "crm said 500")
+    store.defer_webhooks([second.id], 300, "later")
+    store.ack_webhooks([second.id])
+    store.defer_webhooks([second.id], 0, "acked items stay acked")
+    claimed: list[InboxItem] = []
+    wait_for(lambda: bool(claimed.extend(store.claim_webhooks("int-1", limit=10)) or claimed))
+    (again,) = claimed
+    assert (again.id, again.attempts, again.last_error) == (first.id, 1, "crm said 500")
+    assert store.webhook_backlog("int-1") == 1
 
 
 # ---- migrations ------------------------------------------------------------------------------

@@ -11,7 +11,12 @@ import httpx
 import pytest
 
 from quo_sync_dagster.core.ratelimit import DEFAULT_RETRY_AFTER
-from quo_sync_dagster.crms.zoho_api import ZohoApi, ZohoApiError, ZohoUnavailable
+from quo_sync_dagster.crms.zoho_api import (
+    ZohoApi,
+    ZohoApiError,
+    ZohoOutcomeUnknown,
+    ZohoUnavailable,
+)
 from quo_sync_dagster.quo.governor import governor_key
 from quo_sync_dagster.sandbox.zoho_server import ZohoSandbox
 from quo_sync_dagster.store import open_store
@@ -118,6 +123,56 @@ def test_rejected_call_raises_with_zoho_code(api: ZohoApi) -> None:
     with pytest.raises(ZohoApiError) as unknown:
         api.create_note("Contacts", "3652397000999999999", "text")
     assert unknown.value.code == "INVALID_DATA"
+
+
+def test_call_is_updated_in_place(sandbox: ZohoSandbox, api: ZohoApi) -> None:
+    contact = next(api.iter_records("Contacts"))["id"]
+    start = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+    call_id = api.create_call("Contacts", contact, "Incoming call (missed)", "Missed", start, 0)
+    assert api.update_call(call_id, "Incoming call", "Inbound", 75, "Summary: hi") == call_id
+    calls = [c for c in sandbox.created()["calls"] if c["id"] == call_id]
+    assert len(calls) == 1  # the same record, changed
+    (call,) = calls
+    assert (call["Subject"], call["Call_Type"], call["Call_Duration"]) == (
+        "Incoming call",
+        "Inbound",
+        "01:15",
+    )
+    assert call["Description"] == "Summary: hi" and call["Who_Id"] == {"id": contact}
+    assert call["Call_Start_Time"] == "2026-03-01T10:00:00+00:00"  # untouched
+    api.update_call(call_id, "Outgoing call", "Outbound", 75)
+    (call,) = [c for c in sandbox.created()["calls"] if c["id"] == call_id]
+    assert call["Outbound_Call_Status"] == "Completed"
+
+
+def test_rejected_update_raises_and_an_unknown_id_is_missing(api: ZohoApi) -> None:
+    contact = next(api.iter_records("Contacts"))["id"]
+    call_id = api.create_call("Contacts", contact, "Call", "Missed", datetime.now(UTC), 0)
+    with pytest.raises(ZohoApiError) as zero:
+        api.update_call(call_id, "Call", "Inbound", 0)
+    assert zero.value.code == "INVALID_DATA" and "Call_Duration" in str(zero.value)
+    assert not zero.value.record_missing
+    with pytest.raises(ZohoApiError) as unknown:
+        api.update_call("3652397000999999999", "Call", "Missed", 0)
+    assert (unknown.value.status, unknown.value.code) == (400, "INVALID_DATA")
+    assert unknown.value.record_missing and unknown.value.details == {"resource_path_index": 1}
+
+
+def test_a_create_is_not_retried_once_its_outcome_is_unknown(
+    sandbox: ZohoSandbox, api: ZohoApi
+) -> None:
+    """After a 5xx Zoho may have written the call: the caller is told rather than the call
+    logged twice. An update rewrites the record, so it is retried."""
+    contact = next(api.iter_records("Contacts"))["id"]
+    before = sandbox.stats()["calls"]
+    sandbox.inject_fault(500)
+    with pytest.raises(ZohoOutcomeUnknown) as unknown:
+        api.create_call("Contacts", contact, "Call", "Missed", datetime.now(UTC), 0)
+    assert unknown.value.status == 500 and sandbox.stats()["pendingFaults"] == 0
+    assert sandbox.stats()["calls"] == before
+    call_id = api.create_call("Contacts", contact, "Call", "Missed", datetime.now(UTC), 0)
+    sandbox.inject_fault(503)
+    assert api.update_call(call_id, "Call", "Inbound", 5) == call_id
 
 
 def test_watch_renew_and_unwatch(sandbox: ZohoSandbox, api: ZohoApi) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from quo_sync_dagster.core.models import (
     CallActivity,
+    CallOutcome,
     Integration,
     InvalidRecord,
     LabeledValue,
@@ -21,7 +22,7 @@ from quo_sync_dagster.core.models import (
 )
 from quo_sync_dagster.core.process import ProcessState
 from quo_sync_dagster.crms import zoho
-from quo_sync_dagster.crms.zoho import ZohoConnector
+from quo_sync_dagster.crms.zoho import CallNotFound, ZohoConnector
 from quo_sync_dagster.sandbox.zoho_server import ZohoSandbox
 from quo_sync_dagster_tests.pipeline import add_integration, pipeline, sync_everything
 
@@ -254,7 +255,14 @@ def test_sms_and_calls_land_on_the_right_person(sim: ZohoSandbox, crm: ZohoConne
     contact_id = crm.fetch_person_page("Contacts", 0, 1).records[0]["id"]
     lead_id = crm.fetch_person_page("Leads", 0, 1).records[0]["id"]
     note_id = crm.log_sms_to_activity(
-        SmsActivity("MSG1", "incoming", "Running late 🚗", f"Leads-{lead_id}", "2026-03-01T10:00Z")
+        SmsActivity(
+            "MSG1",
+            "incoming",
+            "Running late 🚗",
+            f"Leads-{lead_id}",
+            "2026-03-01T10:00Z",
+            external_number="+12125550100",
+        )
     )
     outbound = crm.log_call_to_activity(
         CallActivity(
@@ -264,21 +272,23 @@ def test_sms_and_calls_land_on_the_right_person(sim: ZohoSandbox, crm: ZohoConne
     inbound = crm.log_call_to_activity(
         CallActivity("CALL2", "incoming", 61, f"Leads-{lead_id}", "2026-03-01T11:00:00-05:00")
     )
-    missed = crm.log_call_to_activity(
-        CallActivity("CALL3", "incoming", 0, f"Contacts-{contact_id}", "2026-03-01T12:00:00")
-    )
     created = sim.created()
     note = next(n for n in created["notes"] if n["id"] == note_id)
     assert note["Parent_Id"] == {"module": {"api_name": "Leads"}, "id": lead_id}
-    assert note["Note_Title"] == "SMS received via Quo"
-    assert note["Note_Content"].startswith("Running late 🚗") and "MSG1" in note["Note_Content"]
+    assert note["Note_Title"] == "Incoming SMS (Quo)"
+    assert note["Note_Content"] == (
+        "Incoming SMS (Quo)\nRunning late 🚗\nOther party: +12125550100\nQuo message id: MSG1"
+    )
     calls = {c["id"]: c for c in created["calls"]}
     out = calls[outbound]
     assert out["Who_Id"] == {"id": contact_id} and "What_Id" not in out
-    assert (out["Call_Type"], out["Call_Duration"], out["Description"]) == (
+    assert (out["Subject"], out["Call_Type"], out["Call_Duration"]) == (
+        "Outgoing call (Quo)",
         "Outbound",
         "03:25",
-        "ok",
+    )
+    assert out["Description"] == (
+        "Outgoing call (Quo)\nDuration: 3 min 25 s\nSummary: ok\nQuo call id: CALL1"
     )
     assert out["Outbound_Call_Status"] == "Completed"
     assert datetime.fromisoformat(out["Call_Start_Time"]) == datetime(2026, 3, 1, 10, 5, tzinfo=UTC)
@@ -287,11 +297,125 @@ def test_sms_and_calls_land_on_the_right_person(sim: ZohoSandbox, crm: ZohoConne
     assert (inc["Call_Type"], inc["Call_Duration"], inc["Subject"]) == (
         "Inbound",
         "01:01",
-        "Inbound call via Quo",
+        "Incoming call (Quo)",
     )
-    assert "Who_Id" not in inc and "Description" not in inc
-    assert (calls[missed]["Call_Type"], calls[missed]["Who_Id"]) == ("Missed", {"id": contact_id})
-    assert datetime.fromisoformat(calls[missed]["Call_Start_Time"]).utcoffset() == timedelta(0)
+    assert "Who_Id" not in inc and "Outbound_Call_Status" not in inc
+
+
+def quo_call(quo_id: str, person: str, **fields: Any) -> CallActivity:
+    """An answered incoming call of 75 s, as call.completed tells it."""
+    base: dict[str, Any] = {
+        "quo_call_id": quo_id,
+        "direction": "incoming",
+        "duration_seconds": 75,
+        "contact_external_id": person,
+        "timestamp": "2026-03-01T12:00:00",
+        "external_number": "+12125550100",
+        "quo_number": "+14155550100",
+        "quo_user": "Pat Quo",
+        "deep_link": f"https://my.quo.com/calls/{quo_id}",
+    }
+    return CallActivity(**{**base, **fields})
+
+
+def logged(sim: ZohoSandbox, quo_id: str) -> list[dict[str, Any]]:
+    """The sandbox's activities whose body names Quo call `quo_id`."""
+    return [a for a in sim.activities() if f"Quo call id: {quo_id}" in a["body"]]
+
+
+def test_a_call_is_logged_then_enriched_in_place(sim: ZohoSandbox, crm: ZohoConnector) -> None:
+    contact = f"Contacts-{crm.fetch_person_page('Contacts', 0, 1).records[0]['id']}"
+    call_id = crm.log_call_to_activity(quo_call("AC1", contact))
+    (created,) = logged(sim, "AC1")
+    assert (created["id"], created["kind"], created["person"]) == (call_id, "call", contact)
+    assert created["record"]["Call_Type"] == "Inbound" and "Summary" not in created["body"]
+    assert "Quo user: Pat Quo" in created["body"] and "Other party: +12125550100" in created["body"]
+
+    enriched = quo_call(
+        "AC1",
+        contact,
+        summary="Wants a quote",
+        next_steps=("Send the quote",),
+        recording_urls=("https://files.quo.com/rec/AC1.mp3",),
+        transcript="Pat: Hello\nJane: Hi",
+    )
+    assert crm.update_call_activity(call_id, enriched) == call_id
+    (updated,) = logged(sim, "AC1")  # still one call, the same record
+    assert updated["id"] == call_id and updated["person"] == contact
+    assert updated["body"] == "\n".join(
+        [
+            "Incoming call (Quo)",
+            "Duration: 1 min 15 s",
+            "Quo number: +14155550100",
+            "Other party: +12125550100",
+            "Quo user: Pat Quo",
+            "Summary: Wants a quote",
+            "Next step: Send the quote",
+            "Recording: https://files.quo.com/rec/AC1.mp3",
+            "Transcript:\nPat: Hello\nJane: Hi",
+            "Open in Quo: https://my.quo.com/calls/AC1",
+            "Quo call id: AC1",
+        ]
+    )
+    record = updated["record"]
+    assert (record["Call_Type"], record["Call_Duration"]) == ("Inbound", "01:15")
+    assert record["Call_Start_Time"] == created["record"]["Call_Start_Time"]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "direction", "subject"),
+    [
+        (CallOutcome.MISSED, "incoming", "Incoming call (missed) (Quo)"),
+        (CallOutcome.VOICEMAIL, "incoming", "Incoming call (missed, voicemail) (Quo)"),
+        (CallOutcome.MISSED, "outgoing", "Outgoing call (missed) (Quo)"),
+    ],
+)
+def test_missed_and_voicemail_calls_are_zoho_missed_calls(
+    sim: ZohoSandbox, crm: ZohoConnector, outcome: CallOutcome, direction: str, subject: str
+) -> None:
+    """Missed by the outcome, even with the ringing time as duration; a lead's call too."""
+    lead = f"Leads-{crm.fetch_person_page('Leads', 0, 1).records[0]['id']}"
+    quo_id = f"AC-{outcome}-{direction}"
+    extra = {"voicemail_url": "https://files.quo.com/vm/1.mp3"} if outcome == "voicemail" else {}
+    missed = quo_call(quo_id, lead, direction=direction, outcome=outcome, **extra)
+    call_id = crm.log_call_to_activity(missed)
+    (created,) = logged(sim, quo_id)
+    record = created["record"]
+    assert created["id"] == call_id and created["person"] == lead
+    assert (record["Call_Type"], record["Subject"]) == ("Missed", subject)
+    assert record["Call_Duration"] == "01:15" and "Outbound_Call_Status" not in record
+    assert created["body"].startswith(subject + "\n") and "Duration" not in created["body"]
+    if extra:
+        assert "Voicemail: https://files.quo.com/vm/1.mp3" in created["body"]
+
+
+def test_a_ringing_call_becomes_inbound_once_answered(sim: ZohoSandbox, crm: ZohoConnector) -> None:
+    contact = f"Contacts-{crm.fetch_person_page('Contacts', 0, 1).records[0]['id']}"
+    ringing = quo_call("AC-R", contact, outcome=CallOutcome.RINGING, duration_seconds=0)
+    call_id = crm.log_call_to_activity(ringing)
+    (created,) = logged(sim, "AC-R")
+    assert (created["record"]["Call_Type"], created["record"]["Call_Duration"]) == (
+        "Missed",
+        "00:00",
+    )
+    # Answered, but Quo reported no duration yet: Zoho refuses a zero one for Inbound.
+    crm.update_call_activity(call_id, quo_call("AC-R", contact, duration_seconds=0))
+    (answered,) = logged(sim, "AC-R")
+    assert (answered["record"]["Call_Type"], answered["record"]["Call_Duration"]) == (
+        "Inbound",
+        "00:01",
+    )
+
+
+def test_updating_an_unknown_call_is_a_clear_error(crm: ZohoConnector) -> None:
+    contact = f"Contacts-{crm.fetch_person_page('Contacts', 0, 1).records[0]['id']}"
+    with pytest.raises(
+        CallNotFound, match=r"no Calls record 3652397000999999999 .* Quo call AC9"
+    ) as gone:
+        crm.update_call_activity("3652397000999999999", quo_call("AC9", contact))
+    assert isinstance(gone.value, LookupError) and gone.value.code == "INVALID_DATA"
+    with pytest.raises(ValueError, match="not a Zoho Calls record id"):
+        crm.update_call_activity("Calls-1", quo_call("AC9", contact))
 
 
 def test_activity_for_a_foreign_external_id_is_refused(crm: ZohoConnector) -> None:

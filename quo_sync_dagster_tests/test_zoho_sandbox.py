@@ -188,6 +188,100 @@ def test_people_persist_across_restarts(tmp_path: Any) -> None:
     assert again[-1]["Modified_Time"] != first[-1]["Modified_Time"]
 
 
+# ---- Calls: create, then update by id ------------------------------------------------------
+def write(sb: ZohoSandbox, method: str, path: str, body: Any) -> httpx.Response:
+    headers = {"Authorization": f"Zoho-oauthtoken {TOKEN}"}
+    return httpx.request(method, f"{sb.url}/crm/v8/{path}", json=body, headers=headers)
+
+
+def a_call(sb: ZohoSandbox, **fields: Any) -> dict[str, Any]:
+    """A Missed call on the first contact; the stored record."""
+    contact = get(sb, "Contacts", params={"fields": FIELDS, "per_page": 1}).json()["data"][0]
+    call = {"Subject": "Call", "Call_Type": "Missed", "Call_Start_Time": "2026-03-01T10:00:00Z"}
+    call |= {"Who_Id": {"id": contact["id"]}, **fields}
+    response = write(sb, "POST", "Calls", {"data": [call]})
+    assert response.status_code == 201, response.text
+    call_id = response.json()["data"][0]["details"]["id"]
+    return next(c for c in sb.created()["calls"] if c["id"] == call_id)
+
+
+def test_put_changes_the_fields_named_and_keeps_one_record(sandbox: ZohoSandbox) -> None:
+    created = a_call(sandbox)
+    change = {"Call_Type": "Inbound", "Call_Duration": "01:15", "Description": "Summary: ok"}
+    response = write(sandbox, "PUT", f"Calls/{created['id']}", {"data": [change]})
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["data"]
+    assert (result["code"], result["status"], result["message"]) == (
+        "SUCCESS",
+        "success",
+        "record updated",
+    )
+    assert result["details"]["id"] == created["id"]
+    assert result["details"]["Created_Time"] == created["Created_Time"]
+    stored = [c for c in sandbox.created()["calls"] if c["id"] == created["id"]]
+    assert stored == [{**created, **change, "Modified_Time": result["details"]["Modified_Time"]}]
+    (activity,) = [a for a in sandbox.activities() if a["id"] == created["id"]]
+    assert (activity["kind"], activity["body"]) == ("call", "Summary: ok")
+    assert activity["person"] == f"Contacts-{created['Who_Id']['id']}"
+    assert sandbox.stats()["byKind"]["update_call"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("body", "api_name"),
+    [
+        ({"data": [{"Call_Type": "Inbound"}]}, "Call_Duration"),  # required once not Missed
+        ({"data": [{"Call_Type": "Outbound", "Call_Duration": "00:00"}]}, "Call_Duration"),
+        ({"data": [{"Call_Type": "Voicemail"}]}, "Call_Type"),
+        ({"data": [{"Call_Duration": "1:5"}]}, "Call_Duration"),
+        ({"data": [{"Subject": "x" * 256}]}, "Subject"),
+        ({"data": [{"Description": "x" * 32_001}]}, "Description"),
+        ({"data": [{"Description": 5}]}, "Description"),
+        ({"data": [{"id": "3652397000000000001"}]}, "id"),  # not the id in the URL
+        ({"data": [{"Who_Id": {"id": "3652397000999999999"}}]}, "Who_Id"),
+    ],
+)
+def test_put_refuses_what_zoho_refuses(
+    sandbox: ZohoSandbox, body: dict[str, Any], api_name: str
+) -> None:
+    created = a_call(sandbox)
+    response = write(sandbox, "PUT", f"Calls/{created['id']}", body)
+    assert response.status_code == 400, response.text
+    (error,) = response.json()["data"]
+    assert error["status"] == "error" and error["code"] in ("INVALID_DATA", "MANDATORY_NOT_FOUND")
+    assert error["details"]["api_name"] == api_name
+    assert next(c for c in sandbox.created()["calls"] if c["id"] == created["id"]) == created
+
+
+def test_put_of_an_unknown_id_or_several_records(sandbox: ZohoSandbox) -> None:
+    response = write(sandbox, "PUT", "Calls/3652397000999999999", {"data": [{"Subject": "x"}]})
+    assert response.status_code == 400
+    assert response.json() == {
+        "data": [
+            {
+                "code": "INVALID_DATA",
+                "details": {"resource_path_index": 1},
+                "message": "the id given seems to be invalid",
+                "status": "error",
+            }
+        ]
+    }
+    created = a_call(sandbox)
+    two = {"data": [{"Subject": "a"}, {"Subject": "b"}]}
+    assert write(sandbox, "PUT", f"Calls/{created['id']}", two).status_code == 400
+    empty = write(sandbox, "PUT", f"Calls/{created['id']}", {"data": []})
+    assert empty.json()["code"] == "REQUIRED_PARAM_MISSING"
+    assert write(sandbox, "POST", f"Calls/{created['id']}", {"data": []}).status_code == 405
+
+
+def test_updated_calls_persist_across_restarts(tmp_path: Path) -> None:
+    with ZohoSandbox(tmp_path, records=5, rate_limit=None) as sb:
+        created = a_call(sb)
+        change = {"data": [{"Description": "later"}]}
+        assert write(sb, "PUT", f"Calls/{created['id']}", change).status_code == 200
+    with ZohoSandbox(tmp_path, records=5, rate_limit=None) as again:
+        assert [(a["id"], a["body"]) for a in again.activities()] == [(created["id"], "later")]
+
+
 # ---- people changes while a sync runs, and the notifications they send ---------------------
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[ZohoSandbox]:

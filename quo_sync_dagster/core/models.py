@@ -197,10 +197,12 @@ def _url(value: Any) -> str | None:
 
 @dataclass(frozen=True)
 class ContactLink:
-    """What the store remembers of a synced contact: its Quo id and the hash last sent."""
+    """What the store remembers of a synced contact: its Quo id, the hash last sent and its
+    phone numbers (E.164), which index people by number for activity logging."""
 
     quo_id: str
     content_hash: str
+    phones: tuple[str, ...] = ()
 
 
 class UpsertAction(StrEnum):
@@ -236,22 +238,48 @@ class Integration:
 
 @dataclass(frozen=True)
 class SmsActivity:
-    """A Quo message to log on a CRM record (the seed's transformQuoSMSToActivity)."""
+    """A Quo message to log on a CRM record (the seed's transformQuoSMSToActivity).
+    `contact_external_id` is the connector's record key of the person (`record_key`)."""
 
     quo_message_id: str
     direction: str  # "incoming" | "outgoing"
     content: str
     contact_external_id: str
     timestamp: str
+    external_number: str | None = None  # E.164 of the other party
+    quo_number: str | None = None  # E.164 of the workspace's Quo number
+    quo_user: str | None = None  # the Quo user (id, or name when known)
+    deep_link: str | None = None  # the conversation in Quo
+
+
+class CallOutcome(StrEnum):
+    ANSWERED = "answered"
+    MISSED = "missed"  # nobody answered (answeredAt null), whatever the duration
+    VOICEMAIL = "voicemail"  # missed, and the caller left a voicemail
+    RINGING = "ringing"  # only call.ringing has arrived so far
 
 
 @dataclass(frozen=True)
 class CallActivity:
-    """A Quo call to log on a CRM record (the seed's transformQuoCallToActivity)."""
+    """A Quo call to log on a CRM record (the seed's transformQuoCallToActivity), with what Quo
+    has sent about it so far: a later version (recording, summary, transcript, voicemail)
+    updates the same CRM activity. `contact_external_id` is the connector's record key."""
 
     quo_call_id: str
-    direction: str
+    direction: str  # "incoming" | "outgoing"
     duration_seconds: int
     contact_external_id: str
-    timestamp: str
-    summary: str | None = None
+    timestamp: str  # when the call began (ISO 8601)
+    summary: str | None = None  # Quo's AI summary, its lines joined
+    outcome: CallOutcome = CallOutcome.ANSWERED
+    answered_at: str | None = None
+    completed_at: str | None = None
+    external_number: str | None = None  # E.164 of the other party
+    quo_number: str | None = None  # E.164 of the workspace's Quo number
+    quo_user: str | None = None  # who answered or called (id, or name when known)
+    deep_link: str | None = None  # the call in Quo
+    recording_urls: tuple[str, ...] = ()
+    voicemail_url: str | None = None
+    voicemail_transcript: str | None = None
+    next_steps: tuple[str, ...] = ()
+    transcript: str | None = None  # "speaker: words" lines

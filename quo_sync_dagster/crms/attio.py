@@ -1,5 +1,8 @@
 """Attio: the `people` object into Quo contacts, calls and SMS back as notes, record webhooks.
 
+A call's note is replaced (create, then delete) each time Quo tells more about the call: Attio
+has no note update. Its plain-text body ends with "Quo call id: <id>", which finds it again.
+
 Integration settings: `base_url` (default Attio's API) and optionally `custom_fields`, a map of
 Attio text attribute slug -> Quo custom field key (e.g. {"lead_source": "lead-source"}); only
 mapped attributes are sent, since Quo rejects keys its workspace does not define.
@@ -11,6 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from quo_sync_dagster.core.activity_text import call_lines, sms_lines
 from quo_sync_dagster.core.models import (
     CallActivity,
     CustomFieldValue,
@@ -56,6 +60,32 @@ def _active(person: dict[str, Any], attribute: str) -> list[dict[str, Any]]:
 def _text(value: dict[str, Any], attribute: str, key: str) -> str | None:
     """The text of `key` in a value of `attribute`; errors name it attribute.key."""
     return text(value.get(key), f"{attribute}.{key}")
+
+
+class NoteNotFound(AttioApiError, LookupError):
+    """update_call_activity of a call that has no note on the person."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(404, "not_found", message)
+
+
+class NoteNotReplaced(Exception):
+    """The call's new note was written but an old one is still there (its delete failed): the
+    next update of the call removes it, so the item must be retried, not dropped."""
+
+
+def call_marker(quo_call_id: str) -> str:
+    """The last line core.activity_text gives every call's body: how a note is found by call
+    (a test keeps the two the same)."""
+    return f"Quo call id: {quo_call_id}"
+
+
+def _plaintext(note: dict[str, Any]) -> str:
+    return str(note.get("content_plaintext") or "")
+
+
+def _lines(note: dict[str, Any]) -> list[str]:
+    return _plaintext(note).splitlines()
 
 
 def _record_id(person: dict[str, Any]) -> Any:
@@ -171,23 +201,67 @@ class AttioConnector(CRMConnector):
         return tuple(fields)
 
     # Attio has no call or message activity: notes are its only write-back path. Plain text,
-    # so that markdown characters in a message stay as the person typed them.
+    # so that markdown characters in a message stay as the person typed them. The title is
+    # the activity's subject; the body its other lines, ending with the Quo object's id.
     def log_sms_to_activity(self, activity: SmsActivity) -> str:
-        title = f"{'Incoming' if activity.direction == 'incoming' else 'Outgoing'} SMS (Quo)"
-        return self._note(activity.contact_external_id, title, activity.content, activity.timestamp)
+        lines = sms_lines(activity)
+        return self._note(activity.contact_external_id, lines[0], lines[1:], activity.timestamp)
 
     def log_call_to_activity(self, activity: CallActivity) -> str:
-        minutes, seconds = divmod(activity.duration_seconds, 60)
-        kind = "Incoming" if activity.direction == "incoming" else "Outgoing"
-        content = f"Duration: {minutes}m {seconds:02d}s"
-        if activity.summary:
-            content += f"\n\nSummary: {activity.summary}"
-        return self._note(
-            activity.contact_external_id, f"{kind} call (Quo)", content, activity.timestamp
-        )
+        lines = call_lines(activity)
+        return self._note(activity.contact_external_id, lines[0], lines[1:], activity.timestamp)
 
-    def _note(self, record_id: str, title: str, content: str, at: str) -> str:
-        note = self.api.create_note(record_id, title, content, "plaintext", created_at=at)
+    def update_call_activity(self, activity_id: str, activity: CallActivity) -> str:
+        """Attio cannot edit a note (its spec has create, get, list and delete only), so the
+        call's note is replaced: the new note is created first, then the old one deleted. A
+        failed create leaves the old note; a failed delete leaves both and raises
+        NoteNotReplaced. Nothing here ever deletes the last note of the call.
+
+        Two notes are repaired by the next update: the person's notes are read first, and
+        every note of this call counts (`activity_id`, and any note whose body ends with the
+        call's Quo id: one a failed delete left, or a run killed between create and delete).
+        One that already reads as it should is kept and the others deleted; otherwise all but
+        one are deleted before the new note is created, so failures never pile notes up.
+        Raises NoteNotFound when the person has no note of the call."""
+        record_id, call_id = activity.contact_external_id, activity.quo_call_id
+        marker = call_marker(call_id)
+        notes = [
+            n
+            for n in self.api.iter_notes(record_id)
+            if n["id"]["note_id"] == activity_id or (_lines(n) or [""])[-1] == marker
+        ]
+        if not notes:
+            raise NoteNotFound(
+                f"person {record_id} has no note {activity_id} of Quo call {call_id}"
+            )
+        lines = call_lines(activity)
+        title, content = lines[0], "\n".join(lines[1:])
+        current = [n for n in notes if (n["title"], _plaintext(n)) == (title, content)]
+        mapped = [n for n in notes if n["id"]["note_id"] == activity_id]
+        keep = (current or mapped or notes)[0]["id"]["note_id"]
+        for note in notes:
+            if note["id"]["note_id"] != keep:
+                self.api.delete_note(note["id"]["note_id"])  # False (already gone) is fine
+        if current:
+            return keep  # it already reads as it should (e.g. a replayed update)
+        # Not re-sent when its outcome is unknown: the next update finds such a note by its
+        # last line and deletes it.
+        new_id = self._note(record_id, title, lines[1:], activity.timestamp, idempotent=False)
+        try:
+            self.api.delete_note(keep)
+        except Exception as exc:
+            raise NoteNotReplaced(
+                f"note {new_id} of Quo call {call_id} was written, but the old note {keep} "
+                f"could not be deleted ({exc}); the next update of the call deletes it"
+            ) from exc
+        return new_id
+
+    def _note(
+        self, record_id: str, title: str, lines: list[str], at: str, idempotent: bool = True
+    ) -> str:
+        note = self.api.create_note(
+            record_id, title, "\n".join(lines), "plaintext", created_at=at, idempotent=idempotent
+        )
         return note["id"]["note_id"]
 
     def setup_webhooks(self, receiver_url: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""httpx client for Attio's REST API (v2): people queries, notes and webhooks, governed and
-retried through GovernedHttp, errors parsed from Attio's `{status_code, type, code, message}`."""
+"""httpx client for Attio's REST API (v2): people queries, notes (create, list, get, delete: the
+spec has no note update) and webhooks, governed and retried through GovernedHttp, errors parsed
+from Attio's `{status_code, type, code, message}`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ __all__ = ["AttioApi", "AttioApiError", "AttioUnavailable", "parse_error", "veri
 
 PEOPLE = "people"
 MAX_PAGE = 500  # Attio's default limit; the spec gives no maximum, so stay at the default
+MAX_NOTES_PAGE = 50  # the spec's maximum `limit` of GET /v2/notes
 PERSON_EVENTS = ("record.created", "record.updated", "record.deleted", "record.merged")
 
 
@@ -148,8 +150,11 @@ class AttioApi(ApiClient):
         content: str,
         format: str = "markdown",
         created_at: datetime | str | None = None,
+        idempotent: bool = True,
     ) -> dict[str, Any]:
-        """Notes are Attio's only write-back path for calls and messages."""
+        """Notes are Attio's only write-back path for calls and messages. `idempotent=False`:
+        a create whose outcome is unknown (a 5xx, a lost answer) is not sent again but raises
+        OutcomeUnknown, for callers that find such a note themselves afterwards."""
         data: dict[str, Any] = {
             "parent_object": PEOPLE,
             "parent_record_id": parent_record_id,
@@ -159,7 +164,49 @@ class AttioApi(ApiClient):
         }
         if created_at is not None:
             data["created_at"] = _timestamp(created_at)
-        return self._request("POST", "/v2/notes", json={"data": data})["data"]
+        body = {"data": data}
+        return self._request("POST", "/v2/notes", json=body, idempotent=idempotent)["data"]
+
+    def list_notes(
+        self, parent_record_id: str, limit: int = MAX_NOTES_PAGE, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """One page of a person's notes; shorter than `limit` = the last."""
+        params = {
+            "parent_object": PEOPLE,
+            "parent_record_id": parent_record_id,
+            "limit": limit,
+            "offset": offset,
+        }
+        return self._request("GET", "/v2/notes", params=params)["data"]
+
+    def iter_notes(self, parent_record_id: str) -> Iterator[dict[str, Any]]:
+        offset = 0
+        while True:
+            page = self.list_notes(parent_record_id, MAX_NOTES_PAGE, offset)
+            yield from page
+            if len(page) < MAX_NOTES_PAGE:
+                return
+            offset += MAX_NOTES_PAGE
+
+    def get_note(self, note_id: str) -> dict[str, Any] | None:
+        """None when there is no such note."""
+        try:
+            return self._request("GET", f"/v2/notes/{note_id}")["data"]
+        except AttioApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def delete_note(self, note_id: str) -> bool:
+        """False when the note was already gone (deleting is idempotent: a retried delete
+        whose first attempt went through answers 404)."""
+        try:
+            self._request("DELETE", f"/v2/notes/{note_id}")
+        except AttioApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     # ---- webhooks --------------------------------------------------------------------------
     def create_webhook(

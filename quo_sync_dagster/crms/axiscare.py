@@ -13,8 +13,10 @@ is the API token. Paging and freshness follow what the API can do, not what the 
   time), so it is ignored: every poll is a full scan, and the store's content hashes keep
   unchanged people from being written to Quo again.
 * Ids overlap across kinds, so externalIds are "<type>-<id>" ("client-625").
-* Activities: `POST /api/call-logs` tagged with the person. AxisCare has no SMS activity, so an
-  SMS is a call log whose subject says it is an SMS.
+* Activities: `POST /api/call-logs` tagged with the person, later versions of the call through
+  `PATCH /api/call-logs/{id}` (same id). AxisCare has no SMS activity, so an SMS is a call log
+  whose subject says it is an SMS. A missed incoming call says so in its subject and is
+  flagged `followUp` (someone should call back).
 * Webhooks exist but are configured by AxisCare support in the admin UI, with no API: polling.
 """
 
@@ -26,8 +28,10 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from quo_sync_dagster.core.activity_text import call_lines, sms_lines
 from quo_sync_dagster.core.models import (
     CallActivity,
+    CallOutcome,
     InvalidRecord,
     LabeledValue,
     NoPhone,
@@ -36,7 +40,7 @@ from quo_sync_dagster.core.models import (
     SmsActivity,
 )
 from quo_sync_dagster.core.sanitize import clean_or_none
-from quo_sync_dagster.crms.axiscare_api import KINDS, AxisCareApi
+from quo_sync_dagster.crms.axiscare_api import KINDS, AxisCareApi, AxisCareApiError
 from quo_sync_dagster.crms.base import (
     CRMConfig,
     CRMConnector,
@@ -55,6 +59,20 @@ _PROFILE_PAGE = {"clients": "customers", "caregivers": "caregivers"}
 _PHONES = (("homePhone", "home"), ("mobilePhone", "mobile"), ("otherPhone", "other"))
 _PHONE_FIELD = {label: field for field, label in _PHONES}
 _EMAILS = (("personalEmail", "personal"), ("billingEmail", "billing"))
+
+
+class CallLogNotFound(AxisCareApiError, LookupError):
+    """update_call_activity of a call log AxisCare does not have."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(404, message)
+
+
+def _needs_call_back(call: CallActivity) -> bool:
+    """A missed incoming call (voicemail or not) is flagged for follow-up: AxisCare's call log
+    has no status, so this flag, with the subject, is how a missed call shows."""
+    missed = call.outcome in (CallOutcome.MISSED, CallOutcome.VOICEMAIL)
+    return missed and call.direction == "incoming"
 
 
 def parse_external_id(external_id: str) -> tuple[str, int]:
@@ -173,37 +191,65 @@ class AxisCareConnector(CRMConnector):
             source_url=f"{self._base_url}?{profile}-profile.php&id={pid}" if profile else None,
         )
 
-    def _log(self, external_id: str, timestamp: str, subject: str, notes: str) -> str:
-        """A call log tagged with the person. The caller fields name the person: the activity
-        does not say which Quo line or user was on the other end."""
-        tag_type, entity_id = parse_external_id(external_id)
+    def _log(self, activity: CallActivity | SmsActivity, lines: list[str], follow_up: bool) -> str:
+        """A call log tagged with the person: subject = the first line, notes = the others.
+        The caller is who placed the call: the person (named as in AxisCare, with the number
+        Quo saw, else their first phone) when it came in, else the Quo user and number."""
+        tag_type, entity_id = parse_external_id(activity.contact_external_id)
         found = self.api.get_people(_KIND_OF[tag_type], [entity_id])
         if not found:
             raise LookupError(f"AxisCare has no {tag_type} {entity_id}")
-        person = found[0]
-        name = " ".join(n for f in ("firstName", "lastName") if (n := clean_or_none(person.get(f))))
-        phones, _ = self._phones(person)
+        if activity.direction == "incoming":
+            person = found[0]
+            name = " ".join(
+                n for f in ("firstName", "lastName") if (n := clean_or_none(person.get(f)))
+            )
+            phones, _ = self._phones(person)
+            caller_name = name or activity.contact_external_id
+            caller_phone = activity.external_number or (phones[0].value if phones else "")
+        else:
+            caller_name = f"{activity.quo_user} (Quo)" if activity.quo_user else "Quo"
+            caller_phone = activity.quo_number or ""
         created = self.api.create_call_log(
-            caller_name=name or external_id,
-            caller_phone=phones[0].value if phones else "",
-            date_time=aware(timestamp),
-            subject=subject,
-            notes=notes,
+            caller_name=caller_name,
+            caller_phone=caller_phone,
+            date_time=aware(activity.timestamp),
+            subject=lines[0],
+            notes="\n".join(lines[1:]),
             tags=[(tag_type, entity_id)],
+            follow_up=follow_up,
         )
         return str(created["id"])
 
     def log_sms_to_activity(self, activity: SmsActivity) -> str:
         # AxisCare has no SMS activity; a call log is the only timeline entry the API writes.
-        subject = f"Quo SMS ({activity.direction})"
-        notes = activity.content or "(no text)"
-        return self._log(activity.contact_external_id, activity.timestamp, subject, notes)
+        return self._log(activity, sms_lines(activity), follow_up=False)
 
     def log_call_to_activity(self, activity: CallActivity) -> str:
-        minutes, seconds = divmod(max(activity.duration_seconds, 0), 60)
-        subject = f"Quo call ({activity.direction}, {minutes}m{seconds:02d}s)"
-        notes = activity.summary or ""
-        return self._log(activity.contact_external_id, activity.timestamp, subject, notes)
+        return self._log(activity, call_lines(activity), _needs_call_back(activity))
+
+    def update_call_activity(self, activity_id: str, activity: CallActivity) -> str:
+        """PATCH the call log in place (subject, notes and followUp: the rest does not change
+        as Quo tells more about a call); the id stays. Raises CallLogNotFound for an id
+        AxisCare does not have."""
+        if not activity_id.isdigit():
+            raise CallLogNotFound(f"{activity_id!r} is not an AxisCare call log id")
+        lines = call_lines(activity)
+        try:
+            self.api.update_call_log(
+                int(activity_id),
+                subject=lines[0],
+                notes="\n".join(lines[1:]),
+                followUp=_needs_call_back(activity),
+            )
+        except AxisCareApiError as exc:
+            if exc.status == 404:
+                message = (
+                    f"AxisCare has no call log {activity_id} (Quo call {activity.quo_call_id})"
+                )
+                raise CallLogNotFound(message) from exc
+            raise
+        return activity_id
 
     def setup_webhooks(self, receiver_url: str) -> dict[str, Any]:
         raise NotImplementedError(

@@ -173,3 +173,24 @@ class AxisCareApi(ApiClient):
         if response.status_code != 200:
             raise AxisCareApiError(response.status_code, _describe(response))
         return response.json()["results"]["data"]
+
+    def get_call_log(self, call_log_id: int) -> dict[str, Any] | None:
+        """GET /api/call-logs/{id}; None when there is no such call log."""
+        response = self._http.request("GET", f"/api/call-logs/{int(call_log_id)}")
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise AxisCareApiError(response.status_code, _describe(response))
+        return response.json()["results"]["data"]
+
+    def update_call_log(self, call_log_id: int, **fields: Any) -> dict[str, Any]:
+        """PATCH /api/call-logs/{id} with only the given keys (the spec's camelCase names:
+        subject, notes, followUp, ...); returns the updated call log. Raises AxisCareApiError
+        with status 404 for an unknown id. Setting the same values again changes nothing, so
+        the PATCH is retried like a read; `comments` (appended, not set) are not taken."""
+        if "comments" in fields:
+            raise ValueError("comments are appended by each PATCH: not safe to retry")
+        response = self._http.request("PATCH", f"/api/call-logs/{int(call_log_id)}", json=fields)
+        if response.status_code != 200:
+            raise AxisCareApiError(response.status_code, _describe(response))
+        return response.json()["results"]["data"]

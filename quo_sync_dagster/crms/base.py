@@ -131,6 +131,12 @@ class CRMConnector(ABC):
         """Write the call on the CRM record; return the CRM activity id."""
 
     @abstractmethod
+    def update_call_activity(self, activity_id: str, activity: CallActivity) -> str:
+        """Rewrite the activity `activity_id` (made by log_call_to_activity) with what Quo has
+        sent about the call since (outcome, recording, summary, transcript, voicemail); return
+        its id afterwards: the same, or a new one where the CRM can only replace it."""
+
+    @abstractmethod
     def setup_webhooks(self, receiver_url: str) -> dict[str, Any]:
         """Subscribe the CRM's person events to `receiver_url`; return what teardown needs."""
 

@@ -1,4 +1,5 @@
-"""Pipedrive: v2 persons into Quo contacts; SMS as notes and calls as call logs written back.
+"""Pipedrive: v2 persons into Quo contacts; SMS as notes and calls as call activities written back
+(and updated in place as Quo sends the call's recording, summary and transcript).
 
 Integration settings: `base_url` (the API base, e.g. https://acme.pipedrive.com) and optionally
 `custom_fields`, a map of Pipedrive person custom field key -> Quo custom field key. The
@@ -12,11 +13,13 @@ from __future__ import annotations
 import hmac
 import html
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
+from quo_sync_dagster.core.activity_text import call_lines, call_subject, sms_lines
 from quo_sync_dagster.core.models import (
     CallActivity,
+    CallOutcome,
     CustomFieldValue,
     InvalidRecord,
     PersonPage,
@@ -37,6 +40,27 @@ LIST_LIMIT_MAX = 500  # GET /api/v2/persons
 # v2 webhooks have no `merged`: a merge arrives as `delete` (merged_to_id) plus `change`.
 WEBHOOK_ACTIONS = ("create", "change", "delete")
 WEBHOOK_USER = "quo-sync"
+
+
+class ActivityNotFound(PipedriveApiError, LookupError):
+    """update_call_activity of an activity Pipedrive does not have (any more)."""
+
+
+def _person_key(record_key: str) -> int:
+    if not record_key.isdigit():
+        raise ValueError(f"{record_key!r} is not a Pipedrive person id")
+    return int(record_key)
+
+
+def _html(lines: list[str]) -> str:
+    """Notes are HTML: every line escaped, the first (the subject) bold, line breaks kept."""
+    head, *rest = (html.escape(line).replace("\n", "<br>") for line in lines)
+    return f"<p><strong>{head}</strong></p>" + (f"<p>{'<br>'.join(rest)}</p>" if rest else "")
+
+
+def _talk_seconds(call: CallActivity) -> int | None:
+    """An activity's duration: how long the call was answered; a missed call has none."""
+    return call.duration_seconds if call.outcome is CallOutcome.ANSWERED else None
 
 
 def _labeled(person: dict[str, Any], field: str) -> list[tuple[str, str]]:
@@ -136,37 +160,51 @@ class PipedriveConnector(CRMConnector):
 
     # ---- activity write-back -----------------------------------------------------------------
     def log_sms_to_activity(self, activity: SmsActivity) -> str:
-        title = "Incoming SMS" if activity.direction == "incoming" else "Outgoing SMS"
-        text = html.escape(activity.content) or "(no text)"  # note content is HTML
         note = self.api.create_note(
-            int(activity.contact_external_id),
-            f"<p><strong>{title}</strong></p><p>{text}</p>",
+            _person_key(activity.contact_external_id),
+            _html(sms_lines(activity)),
             add_time=aware(activity.timestamp),
         )
         return str(note["id"])
 
     def log_call_to_activity(self, activity: CallActivity) -> str:
-        person_id = int(activity.contact_external_id)
-        # Call logs require the number called, and CallActivity carries no number at all: the
-        # person's primary phone is the contact's side of the call.
-        (person,) = self.api.get_persons([person_id]) or [None]
-        if person is None or not (phones := _labeled(person, "phones")):
-            raise ValueError(f"Pipedrive person {person_id} is gone or has no phone to log on")
-        number, incoming = phones[0][1], activity.direction == "incoming"
-        start = aware(activity.timestamp)
-        call = self.api.create_call_log(
-            person_id,
-            # Quo reports no outcome; a call that lasted was answered.
-            outcome="connected" if activity.duration_seconds > 0 else "no_answer",
-            to_phone_number=number,
-            from_phone_number=number if incoming else None,
-            start_time=start,
-            # The client derives the duration (seconds) from these two times.
-            end_time=start + timedelta(seconds=max(activity.duration_seconds, 0)),
-            subject="Incoming call (Quo)" if incoming else "Outgoing call (Quo)",
-            note=f"<p>{html.escape(activity.summary)}</p>" if activity.summary else None,
+        """A call-type v2 activity rather than a call log: Pipedrive can create, read and
+        delete call logs but not change them, and Quo's recording, summary and transcript come
+        after the call. Pipedrive activities have no outcome field, so a missed call says so in
+        its subject and note, and has no duration. Needs no phone number (a call log does), so
+        no person lookup either: the other party's number is in the note."""
+        created = self.api.create_activity(
+            _person_key(activity.contact_external_id),
+            call_subject(activity),
+            activity_type="call",
+            done=activity.outcome is not CallOutcome.RINGING,
+            note=_html(call_lines(activity)),
+            due=aware(activity.timestamp),
+            duration_seconds=_talk_seconds(activity),
         )
-        return str(call["id"])
+        return str(created["id"])
+
+    def update_call_activity(self, activity_id: str, activity: CallActivity) -> str:
+        """PATCH the activity in place with the whole call as known now; same id."""
+        if not activity_id.isdigit():
+            raise ValueError(f"{activity_id!r} is not a Pipedrive activity id")
+        try:
+            self.api.update_activity(
+                int(activity_id),
+                subject=call_subject(activity),
+                done=activity.outcome is not CallOutcome.RINGING,
+                note=_html(call_lines(activity)),
+                duration_seconds=_talk_seconds(activity),
+            )
+        except PipedriveApiError as exc:
+            if exc.status == 404:
+                raise ActivityNotFound(
+                    404,
+                    f"Pipedrive has no activity {activity_id} to update for Quo call "
+                    f"{activity.quo_call_id} (deleted in Pipedrive?)",
+                ) from exc
+            raise
+        return activity_id
 
     # ---- webhooks ----------------------------------------------------------------------------
     def webhook_basic_auth(self) -> tuple[str, str]:

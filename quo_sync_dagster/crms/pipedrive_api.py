@@ -1,6 +1,7 @@
-"""httpx client for the Pipedrive endpoints the sync uses: v2 persons, v1 call logs, notes and
-webhooks, v2 activities. Governed and retried by GovernedHttp; both of Pipedrive's rate-limit
-answers (a 429, and the Cloudflare 403 HTML page sent to clients that keep going) count as one.
+"""httpx client for the Pipedrive endpoints the sync uses: v2 persons, v2 activities (create,
+update, read), v1 call logs, notes and webhooks. Governed and retried by GovernedHttp; both of
+Pipedrive's rate-limit answers (a 429, and the Cloudflare 403 HTML page sent to clients that
+keep going) count as one. Creates are not retried once their outcome is unknown.
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ from typing import Any
 import httpx
 
 from quo_sync_dagster.core.ratelimit import Throttle
-from quo_sync_dagster.governed_http import ApiClient, ApiUnavailable, GovernedHttp
+from quo_sync_dagster.governed_http import ApiClient, ApiUnavailable, GovernedHttp, OutcomeUnknown
 
-__all__ = ["BATCH_READ_MAX", "PipedriveApi", "PipedriveApiError", "PipedriveUnavailable"]
+__all__ = [
+    "BATCH_READ_MAX",
+    "PipedriveApi",
+    "PipedriveApiError",
+    "PipedriveOutcomeUnknown",
+    "PipedriveUnavailable",
+]
 
 BATCH_READ_MAX = 100  # ids per GET /api/v2/persons?ids=
 _V1_TIME = "%Y-%m-%d %H:%M:%S"
@@ -31,6 +38,11 @@ class PipedriveApiError(Exception):
 
 class PipedriveUnavailable(ApiUnavailable):
     """Pipedrive kept failing (5xx, timeouts, rate limits) after every retry."""
+
+
+class PipedriveOutcomeUnknown(OutcomeUnknown, PipedriveUnavailable):
+    """A create (activity, note) was sent and its answer lost or a 5xx: Pipedrive may have
+    written it, so it was not sent again."""
 
 
 def is_rate_limited(response: httpx.Response) -> bool:
@@ -55,6 +67,13 @@ def _without_none(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
 
 
+def _hhmm(seconds: int | None) -> str | None:
+    """An activity's `duration`, HH:MM; Pipedrive rejects a zero one, so under a minute (or
+    none) is left out."""
+    minutes = (seconds or 0) // 60
+    return f"{minutes // 60:02d}:{minutes % 60:02d}" if minutes else None
+
+
 class PipedriveApi(ApiClient):
     def __init__(
         self,
@@ -76,6 +95,7 @@ class PipedriveApi(ApiClient):
             max_attempts,
             is_rate_limited=is_rate_limited,
             unavailable=PipedriveUnavailable,
+            outcome_unknown=PipedriveOutcomeUnknown,
             describe=lambda r: str(self._error(r)),
         )
 
@@ -133,7 +153,8 @@ class PipedriveApi(ApiClient):
             "note": note,
             "user_id": user_id,
         }
-        return self._request("POST", "/v1/callLogs", json=_without_none(body)).json()["data"]
+        response = self._request("POST", "/v1/callLogs", json=_without_none(body), idempotent=False)
+        return response.json()["data"]
 
     def create_activity(
         self,
@@ -146,9 +167,11 @@ class PipedriveApi(ApiClient):
         duration_seconds: int | None = None,
         owner_id: int | None = None,
     ) -> dict[str, Any]:
-        """A v2 activity linked through a primary participant (v2 `person_id` is read-only)."""
+        """A v2 activity linked through a primary participant (v2 `person_id` is read-only).
+
+        Not retried once its outcome is unknown (PipedriveOutcomeUnknown): a second POST would
+        be a second activity."""
         due_utc = _utc(due) if due is not None else None
-        minutes = (duration_seconds or 0) // 60
         body = {
             "subject": subject,
             "type": activity_type,
@@ -158,10 +181,40 @@ class PipedriveApi(ApiClient):
             "participants": [{"person_id": person_id, "primary": True}],
             "due_date": due_utc.strftime("%Y-%m-%d") if due_utc else None,
             "due_time": due_utc.strftime("%H:%M") if due_utc else None,
-            # HH:MM, and Pipedrive rejects a zero duration: under a minute is left out.
-            "duration": f"{minutes // 60:02d}:{minutes % 60:02d}" if minutes else None,
+            "duration": _hhmm(duration_seconds),
         }
-        return self._request("POST", "/api/v2/activities", json=_without_none(body)).json()["data"]
+        response = self._request(
+            "POST", "/api/v2/activities", json=_without_none(body), idempotent=False
+        )
+        return response.json()["data"]
+
+    def update_activity(
+        self,
+        activity_id: int,
+        subject: str | None = None,
+        done: bool | None = None,
+        note: str | None = None,
+        duration_seconds: int | None = None,
+    ) -> dict[str, Any]:
+        """PATCH /api/v2/activities/{id}: only the fields given change (a rewrite, so retrying
+        it is safe). PipedriveApiError 404 if Pipedrive has no such activity."""
+        body = {
+            "subject": subject,
+            "done": done,
+            "note": note,
+            "duration": _hhmm(duration_seconds),
+        }
+        path = f"/api/v2/activities/{activity_id}"
+        return self._request("PATCH", path, json=_without_none(body)).json()["data"]
+
+    def get_activity(self, activity_id: int) -> dict[str, Any] | None:
+        """The activity, or None if Pipedrive has no such activity."""
+        try:
+            return self._request("GET", f"/api/v2/activities/{activity_id}").json()["data"]
+        except PipedriveApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def create_note(
         self,
@@ -176,7 +229,9 @@ class PipedriveApi(ApiClient):
             "user_id": user_id,
             "add_time": _utc(add_time).strftime(_V1_TIME) if add_time else None,
         }
-        return self._request("POST", "/v1/notes", json=_without_none(body)).json()["data"]
+        # Not retried once its outcome is unknown: a second POST would be a second note.
+        response = self._request("POST", "/v1/notes", json=_without_none(body), idempotent=False)
+        return response.json()["data"]
 
     # ---- webhooks --------------------------------------------------------------------------
     def create_webhook(
@@ -219,8 +274,10 @@ class PipedriveApi(ApiClient):
             response.status_code, f"{message} ({request})".replace(self._token, "***")
         )
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = self._http.request(method, path, **kwargs)
+    def _request(
+        self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any
+    ) -> httpx.Response:
+        response = self._http.request(method, path, idempotent=idempotent, **kwargs)
         if response.status_code >= 400:
             raise self._error(response)
         return response

@@ -12,18 +12,26 @@ HOSTILE, as real CRMs send them: `hostile_kind(i)` says which.
 `{"op": "create"|"update"|"delete", "i": index, "at": ISO time}` (`change(settings, ...)` adds
 one); a created person has an index >= `records`, an update renames the person and makes it
 modified at `at`, a deleted one is gone from lists and reads by id.
+`activity_db` (default none) is the SQLite file that keeps the activities logged on its people
+(ActivityLog), so that every process of a sync sees the same timeline; without it the timeline is
+in memory, shared by the process's connectors of the integration.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import re
+import sqlite3
+import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
+from quo_sync_dagster.core.activity_text import call_lines, sms_lines
 from quo_sync_dagster.core.models import (
     CallActivity,
     InvalidRecord,
@@ -68,6 +76,85 @@ HOSTILE: dict[str, Callable[[Person], Person]] = {
     "bool_id": lambda p: {**p, "id": True},
     "name_as_object": lambda p: {**p, "first_name": None, "last_name": {"name": "x"}},
 }
+
+
+class ActivityNotFound(LookupError):
+    """update_call_activity of an activity the synthetic CRM does not have."""
+
+
+class ActivityLog:
+    """The synthetic CRM's activity timeline: a row per activity, updated in place, with a
+    fresh id per create (so a call logged twice shows as two activities, as in a real CRM).
+
+    A SQLite file when `path` is given (every process sees it; SQLite locks writers); else a
+    named in-memory database, kept alive by one connection held for the process's lifetime.
+    """
+
+    _SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS activities (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " kind TEXT NOT NULL, quo_id TEXT NOT NULL, person TEXT NOT NULL, subject TEXT NOT NULL,"
+        " body TEXT NOT NULL, outcome TEXT, at TEXT NOT NULL, revisions INTEGER NOT NULL)"
+    )
+    _KEEP_ALIVE: dict[str, sqlite3.Connection] = {}
+    _LOCK = threading.Lock()
+
+    def __init__(self, integration_id: str, path: str | None = None) -> None:
+        if path:
+            self._target, self._uri = str(path), False
+        else:
+            self._target, self._uri = (
+                f"file:scalingtest-{integration_id}?mode=memory&cache=shared",
+                True,
+            )
+            with self._LOCK:
+                if self._target not in self._KEEP_ALIVE:
+                    self._KEEP_ALIVE[self._target] = self._connect()
+        with self._session() as db:
+            db.execute(self._SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self._target, uri=self._uri, timeout=30, check_same_thread=False)
+
+    @contextmanager
+    def _session(self) -> Iterator[sqlite3.Connection]:
+        """A connection for one transaction (committed unless it raised), then closed."""
+        db = self._connect()
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    def add(
+        self, kind: str, quo_id: str, person: str, lines: list[str], at: str, outcome: str | None
+    ) -> str:
+        with self._session() as db:
+            row = db.execute(
+                "INSERT INTO activities (kind, quo_id, person, subject, body, outcome, at,"
+                " revisions) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                (kind, quo_id, person, lines[0], "\n".join(lines[1:]), outcome, at),
+            )
+        return f"st-{kind}-{row.lastrowid}"
+
+    def replace(self, activity_id: str, lines: list[str], outcome: str | None) -> None:
+        match = re.fullmatch(r"st-call-([1-9][0-9]*)", activity_id)
+        changed = 0
+        if match is not None:
+            with self._session() as db:
+                changed = db.execute(
+                    "UPDATE activities SET subject = ?, body = ?, outcome = ?,"
+                    " revisions = revisions + 1 WHERE id = ? AND kind = 'call'",
+                    (lines[0], "\n".join(lines[1:]), outcome, int(match[1])),
+                ).rowcount
+        if not changed:
+            raise ActivityNotFound(f"ScalingTest has no call activity {activity_id!r}")
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every activity, oldest first."""
+        with self._session() as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute("SELECT * FROM activities ORDER BY id").fetchall()
+        return [{**dict(r), "id": f"st-{r['kind']}-{r['id']}"} for r in rows]
 
 
 def change(settings: dict[str, Any], op: str, i: int) -> dict[str, Any]:
@@ -248,13 +335,39 @@ class ScalingTestConnector(CRMConnector):
             ),
         )
 
-    # The synthetic CRM keeps no activity timeline: it accepts an activity and names it after the
-    # Quo object, which is all the activity pipeline needs to be exercised end to end.
+    # ---- activities: the synthetic timeline (ActivityLog) -----------------------------------
+    @cached_property
+    def activity_log(self) -> ActivityLog:
+        return ActivityLog(self.integration.id, self.integration.settings.get("activity_db"))
+
+    def _person_key(self, external_id: str) -> str:
+        """The person's id if they exist now, as a real CRM refuses an activity on no one."""
+        if not self.fetch_persons_by_ids("MockPerson", [external_id]):
+            raise LookupError(f"ScalingTest has no person {external_id!r}")
+        return external_id
+
     def log_sms_to_activity(self, activity: SmsActivity) -> str:
-        return f"scalingtest-sms-{activity.quo_message_id}"
+        person = self._person_key(activity.contact_external_id)
+        lines = sms_lines(activity)
+        return self.activity_log.add(
+            "sms", activity.quo_message_id, person, lines, activity.timestamp, None
+        )
 
     def log_call_to_activity(self, activity: CallActivity) -> str:
-        return f"scalingtest-call-{activity.quo_call_id}"
+        person = self._person_key(activity.contact_external_id)
+        lines = call_lines(activity)
+        return self.activity_log.add(
+            "call", activity.quo_call_id, person, lines, activity.timestamp, activity.outcome
+        )
+
+    def update_call_activity(self, activity_id: str, activity: CallActivity) -> str:
+        """In place: the same id, its subject, body and outcome rewritten."""
+        self.activity_log.replace(activity_id, call_lines(activity), activity.outcome)
+        return activity_id
+
+    def activities(self) -> list[dict[str, Any]]:
+        """The timeline, oldest first: what a test or the demo reads back."""
+        return self.activity_log.all()
 
     def setup_webhooks(self, receiver_url: str) -> dict[str, Any]:
         return {"receiverUrl": receiver_url}

@@ -1,4 +1,5 @@
-"""Zoho CRM: Contacts and Leads into Quo; calls to the Calls module, SMS as Notes.
+"""Zoho CRM: Contacts and Leads into Quo; calls to the Calls module (updated in place as Quo sends
+the call's recording, summary and transcript), SMS as Notes.
 
 Integration settings: `base_url`, the data centre's API domain (the OAuth token response's
 `api_domain`, or the simulator's URL), and optionally `org_domain_name` (Zoho's org
@@ -13,8 +14,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+from quo_sync_dagster.core.activity_text import call_lines, call_subject, sms_lines, sms_subject
 from quo_sync_dagster.core.models import (
     CallActivity,
+    CallOutcome,
     InvalidRecord,
     PersonPage,
     QuoContact,
@@ -57,6 +60,35 @@ _PHONE_FIELD = {label: field for field, label in PHONES}
 EMAILS = (("Email", "primary"), ("Secondary_Email", "secondary"))
 # Zoho allows a week and silently turns anything longer into one hour: stay well inside it.
 CHANNEL_TTL = timedelta(days=6)
+MAX_TEXT = 32_000  # a Description (or Note_Content) textarea holds 32,000 characters
+
+
+class CallNotFound(ZohoApiError, LookupError):
+    """update_call_activity of a Calls record Zoho does not have (any more)."""
+
+
+def _call(activity: CallActivity) -> dict[str, Any]:
+    """The Calls fields a create and an update share. Call_Type is Zoho's own marker for a
+    missed call, so any call nobody answered (or still ringing) is "Missed", whatever its
+    direction (the subject says which); an answered one is Inbound or Outbound, and Zoho
+    refuses those with a zero duration: an answered call lasted at least a second."""
+    if activity.outcome is CallOutcome.ANSWERED:
+        call_type = "Inbound" if activity.direction == "incoming" else "Outbound"
+        seconds = max(activity.duration_seconds, 1)
+    else:
+        call_type, seconds = "Missed", max(activity.duration_seconds, 0)
+    return {
+        "subject": call_subject(activity),
+        "call_type": call_type,
+        "duration_seconds": seconds,
+        "description": _text(call_lines(activity)),
+    }
+
+
+def _text(lines: list[str]) -> str:
+    """Description and Note_Content are plain text, bounded: the rest is in Quo."""
+    text = "\n".join(lines)
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
 
 
 def _no_valid_phone(problems: Sequence[PhoneProblem]) -> str:
@@ -205,30 +237,32 @@ class ZohoConnector(CRMConnector):
     def log_sms_to_activity(self, activity: SmsActivity) -> str:
         # Zoho has no SMS module; a Note on the person is what its timeline shows.
         module, record_id = self._person_ref(activity.contact_external_id)
-        verb = "received" if activity.direction == "incoming" else "sent"
         return self.api.create_note(
-            module,
-            record_id,
-            f"{activity.content}\n\n({activity.timestamp}, Quo message {activity.quo_message_id})",
-            title=f"SMS {verb} via Quo",
+            module, record_id, _text(sms_lines(activity)), title=sms_subject(activity)
         )
 
     def log_call_to_activity(self, activity: CallActivity) -> str:
         module, record_id = self._person_ref(activity.contact_external_id)
-        # Zoho refuses a zero duration on Inbound/Outbound calls: a 0 s call was not answered.
-        if activity.duration_seconds <= 0:
-            call_type = "Missed"
-        else:
-            call_type = "Inbound" if activity.direction == "incoming" else "Outbound"
         return self.api.create_call(
-            module,
-            record_id,
-            subject=f"{call_type} call via Quo",
-            call_type=call_type,
-            start_time=aware(activity.timestamp),
-            duration_seconds=max(activity.duration_seconds, 0),
-            description=activity.summary,
+            module, record_id, start_time=aware(activity.timestamp), **_call(activity)
         )
+
+    def update_call_activity(self, activity_id: str, activity: CallActivity) -> str:
+        """PUT the Calls record with the whole call as known now; same id."""
+        if not activity_id.isdigit():
+            raise ValueError(f"{activity_id!r} is not a Zoho Calls record id")
+        try:
+            return self.api.update_call(activity_id, **_call(activity))
+        except ZohoApiError as exc:
+            if exc.record_missing:
+                raise CallNotFound(
+                    exc.status,
+                    exc.code,
+                    f"Zoho has no Calls record {activity_id} to update for Quo call "
+                    f"{activity.quo_call_id} (deleted in Zoho?)",
+                    exc.details,
+                ) from exc
+            raise
 
     # ---- notifications --------------------------------------------------------------------
     def setup_webhooks(self, receiver_url: str) -> dict[str, Any]:

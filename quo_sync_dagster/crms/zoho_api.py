@@ -1,4 +1,5 @@
-"""httpx client for the Zoho CRM v8 API: people listing, batch read, Calls, Notes, watch channels.
+"""httpx client for the Zoho CRM v8 API: people listing, batch read, Calls (create, update), Notes,
+watch channels.
 
 Throttling, the 429 signal (Zoho sends no Retry-After) and retries are GovernedHttp's. Errors
 carry Zoho's `code` (INVALID_TOKEN tells the caller to refresh the 1-hour access token) and
@@ -15,9 +16,9 @@ from typing import Any
 import httpx
 
 from quo_sync_dagster.core.ratelimit import Throttle
-from quo_sync_dagster.governed_http import ApiClient, ApiUnavailable, GovernedHttp
+from quo_sync_dagster.governed_http import ApiClient, ApiUnavailable, GovernedHttp, OutcomeUnknown
 
-__all__ = ["DEFAULT_FIELDS", "ZohoApi", "ZohoApiError", "ZohoUnavailable"]
+__all__ = ["DEFAULT_FIELDS", "ZohoApi", "ZohoApiError", "ZohoOutcomeUnknown", "ZohoUnavailable"]
 
 API = "/crm/v8"
 MAX_PER_PAGE = 200
@@ -45,15 +46,34 @@ DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
 class ZohoApiError(Exception):
     """A non-retryable answer from Zoho, with its status and error code; never the token."""
 
-    def __init__(self, status: int, code: str | None, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str | None,
+        message: str,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(f"Zoho {status} {code or '-'}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.details = details or {}
+
+    @property
+    def record_missing(self) -> bool:
+        """Zoho's answer to a record id in the URL that it does not have (or no longer has)."""
+        return self.code == "INVALID_DATA" and (
+            "resource_path_index" in self.details or self.message.startswith("the id given")
+        )
 
 
 class ZohoUnavailable(ApiUnavailable):
     """Zoho kept failing (5xx, timeouts, 429s) after every retry."""
+
+
+class ZohoOutcomeUnknown(OutcomeUnknown, ZohoUnavailable):
+    """A create (call, note) was sent and its answer lost or a 5xx: Zoho may have written it,
+    so it was not sent again."""
 
 
 def _error_of(status: int, item: Any, request: str) -> ZohoApiError:
@@ -61,7 +81,12 @@ def _error_of(status: int, item: Any, request: str) -> ZohoApiError:
         return ZohoApiError(status, None, f"{str(item)[:200]} on {request}")
     details = item.get("details")
     suffix = f" {json.dumps(details, ensure_ascii=False)}" if details else ""
-    return ZohoApiError(status, item.get("code"), f"{item.get('message')}{suffix} on {request}")
+    return ZohoApiError(
+        status,
+        item.get("code"),
+        f"{item.get('message')}{suffix} on {request}",
+        details if isinstance(details, dict) else None,
+    )
 
 
 def parse_error(response: httpx.Response) -> ZohoApiError:
@@ -81,6 +106,22 @@ def parse_error(response: httpx.Response) -> ZohoApiError:
 def _duration(seconds: int) -> str:
     """Zoho's Call_Duration, mm:ss (minutes may exceed 59)."""
     return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def _call_fields(
+    subject: str, call_type: str, duration_seconds: int, description: str | None
+) -> dict[str, Any]:
+    """What a call says, the same in a create and an update."""
+    call: dict[str, Any] = {
+        "Subject": subject,
+        "Call_Type": call_type,
+        "Call_Duration": _duration(duration_seconds),
+    }
+    if call_type == "Outbound":
+        call["Outbound_Call_Status"] = "Completed"
+    if description is not None:
+        call["Description"] = description
+    return call
 
 
 def _zoho_time(moment: datetime) -> str:
@@ -110,6 +151,7 @@ class ZohoApi(ApiClient):
             throttle,
             max_attempts,
             unavailable=ZohoUnavailable,
+            outcome_unknown=ZohoOutcomeUnknown,
             describe=lambda r: str(parse_error(r)),
         )
 
@@ -200,25 +242,36 @@ class ZohoApi(ApiClient):
         duration_seconds: int,
         description: str | None = None,
     ) -> str:
-        """Log a completed call on a Contact or Lead; returns the Calls record id.
+        """Log a call on a Contact or Lead; returns the Calls record id.
 
         Zoho refuses a zero Call_Duration for Inbound/Outbound calls; that is the caller's call.
+        Not retried once its outcome is unknown (ZohoOutcomeUnknown): a second POST would log
+        the call twice.
         """
-        call: dict[str, Any] = {
-            "Subject": subject,
-            "Call_Type": call_type,
-            "Call_Start_Time": _zoho_time(start_time),
-            "Call_Duration": _duration(duration_seconds),
-        }
+        call = _call_fields(subject, call_type, duration_seconds, description)
+        call["Call_Start_Time"] = _zoho_time(start_time)
         if person_module == "Contacts":
             call["Who_Id"] = {"id": person_id}
         else:  # Who_Id only takes Contacts; other records are the call's "Related To"
             call["$se_module"], call["What_Id"] = person_module, {"id": person_id}
-        if call_type == "Outbound":
-            call["Outbound_Call_Status"] = "Completed"
-        if description is not None:
-            call["Description"] = description
         return self._create("/Calls", call)
+
+    def update_call(
+        self,
+        call_id: str,
+        subject: str,
+        call_type: str,
+        duration_seconds: int,
+        description: str | None = None,
+    ) -> str:
+        """PUT /Calls/{id}: rewrite what the call says (its person and start stay); returns
+        its id. A ZohoApiError whose `record_missing` is true if Zoho has no such call."""
+        call = {"id": call_id, **_call_fields(subject, call_type, duration_seconds, description)}
+        response = self._request("PUT", f"/Calls/{call_id}", json={"data": [call]})
+        result = response.json()["data"][0]
+        if result.get("status") != "success":
+            raise parse_error(response)
+        return result["details"]["id"]
 
     def create_note(
         self, parent_module: str, parent_id: str, content: str, title: str | None = None
@@ -232,7 +285,7 @@ class ZohoApi(ApiClient):
         return self._create("/Notes", note)
 
     def _create(self, path: str, record: dict[str, Any]) -> str:
-        response = self._request("POST", path, json={"data": [record]})
+        response = self._request("POST", path, json={"data": [record]}, idempotent=False)
         result = response.json()["data"][0]
         if result.get("status") != "success":  # a 2xx can still carry a per-record error
             raise parse_error(response)
@@ -306,8 +359,10 @@ class ZohoApi(ApiClient):
         except ValueError:  # a truncated page must not pass for the last one
             raise ZohoApiError(response.status_code, None, "response is not JSON") from None
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = self._http.request(method, path, **kwargs)
+    def _request(
+        self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any
+    ) -> httpx.Response:
+        response = self._http.request(method, path, idempotent=idempotent, **kwargs)
         if response.status_code >= 400:
             raise parse_error(response)
         return response

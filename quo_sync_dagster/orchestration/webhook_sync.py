@@ -32,7 +32,12 @@ from pydantic import Field
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.crms.base import CRMConnector
 from quo_sync_dagster.orchestration.change_sync import apply_changes
-from quo_sync_dagster.orchestration.completion import LIVE_STATUSES, SENSOR_INTERVAL_SECONDS
+from quo_sync_dagster.orchestration.completion import SENSOR_INTERVAL_SECONDS
+from quo_sync_dagster.orchestration.inbox_runs import (
+    busy_integrations,
+    next_check,
+    release_items_of_failed_runs,
+)
 from quo_sync_dagster.orchestration.planning import open_integration
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
 from quo_sync_dagster.orchestration.tags import TAG_INTEGRATION
@@ -50,7 +55,6 @@ LINGER_POLL_SECONDS = 0.25
 # A lingering run claims for itself: if it dies, run monitoring fails it within a minute, and by
 # then its items are claimable again.
 LINGER_LEASE_SECONDS = 60.0
-_ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 
 
 def webhook_job_name(crm: str) -> str:
@@ -177,12 +181,10 @@ def build_webhook_definitions(
                 context.log.info(f"moved {moved} deliveries from SQS into the inbox")
         cursor: dict[str, Any] = json.loads(context.cursor or "{}")
         tick = datetime.now(UTC).timestamp()
-        _release_items_of_failed_runs(context.instance, s, crm, cursor.get("checkedAt"))
+        jobs = [webhook_job_name(crm)]
+        release_items_of_failed_runs(context.instance, s, jobs, cursor.get("checkedAt"))
         mine = {i.id: i for i in s.list_integrations(crm=crm)}
-        live = context.instance.get_run_records(
-            dg.RunsFilter(job_name=webhook_job_name(crm), statuses=LIVE_STATUSES)
-        )
-        busy = {r.dagster_run.tags.get(TAG_INTEGRATION) for r in live}
+        busy = busy_integrations(context.instance, jobs)
         seq, requests = int(cursor.get("seq", 0)), []
         for integration_id in s.pending_webhook_integrations():
             if integration_id not in mine or integration_id in busy:
@@ -208,8 +210,7 @@ def build_webhook_definitions(
                     tags={**run_tags, TAG_INTEGRATION: integration_id},
                 )
             )
-        # Runs that end while this tick runs are seen by the next one: overlap by a minute.
-        new_cursor = json.dumps({"seq": seq, "checkedAt": tick - 60})
+        new_cursor = json.dumps({"seq": seq, "checkedAt": next_check(tick)})
         return dg.SensorResult(
             run_requests=requests,
             cursor=new_cursor,
@@ -224,21 +225,6 @@ def build_webhook_definitions(
         "people upserted and deleted, latency from receipt to Quo",
     )
     return dg.Definitions(assets=[changes_asset], jobs=[webhook_sync], sensors=[webhook_sensor])
-
-
-def _release_items_of_failed_runs(
-    instance: dg.DagsterInstance, store: Store, crm: str, checked_at: float | None
-) -> None:
-    """Items of runs that failed or were canceled since `checked_at` become claimable again
-    (acknowledged ones are not affected, so releasing twice is harmless)."""
-    since = datetime.fromtimestamp(checked_at, UTC) if checked_at else None
-    records = instance.get_run_records(
-        dg.RunsFilter(job_name=webhook_job_name(crm), statuses=_ENDED_BADLY, updated_after=since)
-    )
-    for record in records:
-        config = record.dagster_run.run_config.get("ops", {}).get(_op_name(crm), {})
-        if ids := config.get("config", {}).get("item_ids"):
-            store.release_webhooks(ids)
 
 
 def _linger_seconds(integration: Integration) -> float:

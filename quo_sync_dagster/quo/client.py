@@ -1,14 +1,18 @@
-"""httpx client for Quo's v1 contacts API: raw-key auth, governed, retried, errors parsed.
+"""httpx client for Quo's v1 API (contacts; webhooks, calls and messages): raw-key auth,
+governed, retried, errors parsed.
 
 Every request but a create is retried on 5xx and transport errors. A create is not idempotent
 (Quo's spec does not promise a 409 for a second contact with the same source and externalId),
 so it is retried only when Quo cannot have processed it (a 429, a connection refused before
 sending); when its outcome is unknown it raises QuoOutcomeUnknown and the caller decides.
+Creating a webhook is not idempotent either (a second one would double every event), so it is
+treated the same way. A missing webhook, call, summary, transcript, voicemail or message reads
+as None (a 404 is an answer, not an error).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -33,6 +37,9 @@ __all__ = [
 
 LOOKUP_CHUNK = 20  # Quo's query parser rejects more than 20 repeated externalIds
 LIST_PAGE_MAX = 50
+USERS_PAGE_MAX = 50
+WEBHOOK_KINDS = ("messages", "calls", "call-summaries", "call-transcripts")
+TOO_MANY_PARTICIPANTS = "0101400"  # GET /v1/calls/{id} of a call with more than two parties
 
 
 class QuoApiError(Exception):
@@ -154,6 +161,114 @@ class QuoClient(ApiClient):
     def has_contacts_from(self, source: str) -> bool:
         body = self._request("GET", "/v1/contacts", params={"sources": [source], "maxResults": 1})
         return bool(body.json()["data"])
+
+    # ---- webhooks ------------------------------------------------------------------------
+    def create_webhook(
+        self,
+        kind: str,
+        url: str,
+        events: Sequence[str],
+        label: str | None = None,
+        resource_ids: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """`POST /v1/webhooks/<kind>` (messages, calls, call-summaries, call-transcripts): the
+        webhook, with its signing `key`. Raises QuoOutcomeUnknown, without retrying, when Quo
+        may or may not have created it (list_webhooks finds out)."""
+        if kind not in WEBHOOK_KINDS:
+            raise ValueError(f"webhook kind must be one of {WEBHOOK_KINDS}, not {kind!r}")
+        body: dict[str, Any] = {"url": url, "events": list(events)}
+        if label is not None:
+            body["label"] = label
+        if resource_ids is not None:
+            body["resourceIds"] = list(resource_ids)
+        path = f"/v1/webhooks/{kind}"
+        response = self._request("POST", path, json=body, idempotent=False)
+        try:
+            webhook = response.json()["data"]
+            if not isinstance(webhook, dict) or not isinstance(webhook.get("id"), str):
+                raise ValueError("no webhook id")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise QuoOutcomeUnknown(
+                f"POST {path} answered {response.status_code} without a readable webhook "
+                f"({type(exc).__name__})",
+                response.status_code,
+            ) from None
+        return webhook
+
+    def list_webhooks(self, user_id: str | None = None) -> list[dict[str, Any]]:
+        """The webhooks of `user_id` (Quo's default: the workspace owner)."""
+        params = {"userId": user_id} if user_id else None
+        return self._request("GET", "/v1/webhooks", params=params).json()["data"]
+
+    def get_webhook(self, webhook_id: str) -> dict[str, Any] | None:
+        return self._data_or_none(f"/v1/webhooks/{webhook_id}")
+
+    def delete_webhook(self, webhook_id: str) -> bool:
+        """True if deleted, False if there was no such webhook (already gone is fine)."""
+        try:
+            self._request("DELETE", f"/v1/webhooks/{webhook_id}")
+        except QuoApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    # ---- calls, messages, workspace -----------------------------------------------------
+    def get_call(self, call_id: str) -> dict[str, Any] | None:
+        """The call; None if Quo has none, or cannot serve it (its 400 "Too Many
+        Participants" for calls of more than two parties)."""
+        try:
+            return self._data_or_none(f"/v1/calls/{call_id}")
+        except QuoApiError as exc:
+            if exc.status == 400 and exc.code == TOO_MANY_PARTICIPANTS:
+                return None
+            raise
+
+    def get_call_summary(self, call_id: str) -> dict[str, Any] | None:
+        """`{callId, status, summary[], nextSteps[], jobs}`; None if the call has none."""
+        return self._data_or_none(f"/v1/call-summaries/{call_id}")
+
+    def get_call_transcript(self, call_id: str) -> dict[str, Any] | None:
+        """`{callId, createdAt, duration, status, dialogue[]}`; None if the call has none."""
+        return self._data_or_none(f"/v1/call-transcripts/{call_id}")
+
+    def get_call_recordings(self, call_id: str) -> list[dict[str, Any]]:
+        """The call's recordings, oldest first; [] if none (or no such call)."""
+        return self._data_or_none(f"/v1/call-recordings/{call_id}") or []
+
+    def get_call_voicemail(self, call_id: str) -> dict[str, Any] | None:
+        """`{id, status, duration, transcript, recordingUrl}`; None if no voicemail was left."""
+        return self._data_or_none(f"/v1/call-voicemails/{call_id}")
+
+    def get_message(self, message_id: str) -> dict[str, Any] | None:
+        return self._data_or_none(f"/v1/messages/{message_id}")
+
+    def list_phone_numbers(self) -> list[dict[str, Any]]:
+        """The workspace's Quo numbers (not paginated)."""
+        return self._request("GET", "/v1/phone-numbers").json()["data"]
+
+    def list_users(self) -> list[dict[str, Any]]:
+        """Every user of the workspace, paged by nextPageToken."""
+        users: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {"maxResults": USERS_PAGE_MAX}
+            if token:
+                params["pageToken"] = token
+            body = self._request("GET", "/v1/users", params=params).json()
+            users += body["data"]
+            token = body.get("nextPageToken")
+            if not token:
+                return users
+
+    def _data_or_none(self, path: str) -> Any:
+        """`data` of a GET; None for a 404."""
+        try:
+            return self._request("GET", path).json()["data"]
+        except QuoApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def _list(self, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         token: str | None = None

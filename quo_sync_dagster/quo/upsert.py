@@ -117,12 +117,15 @@ class ContactUpserter:
         outcomes: dict[str, RecordOutcome] = {}
         writes: list[_Write] = []
         unmapped: list[QuoContact] = []
+        reindexed: dict[str, ContactLink] = {}  # links from before the phone index
         for ext_id, contact in latest.items():
             link = links.get(ext_id)
             if link is None:
                 unmapped.append(contact)
             elif link.content_hash == contact.content_hash():
                 outcomes[ext_id] = RecordOutcome(ext_id, UpsertAction.UNCHANGED)
+                if link.phones != _phones(contact):
+                    reindexed[ext_id] = _link(link.quo_id, contact)
             else:
                 writes.append(_Write(contact, link.quo_id))
         if unmapped and not assume_absent:
@@ -137,7 +140,7 @@ class ContactUpserter:
         else:
             writes += [_Write(c, None) for c in unmapped]
 
-        pending: dict[str, ContactLink] = {}
+        pending = reindexed
         pool = ThreadPoolExecutor(max_workers=self._concurrency)
         try:
             for future in as_completed([pool.submit(self._write, w) for w in writes]):
@@ -161,7 +164,7 @@ class ContactUpserter:
         ext_id = write.contact.external_id
         try:
             quo_id, action = self._upsert_one(write)
-            return RecordOutcome(ext_id, action), ContactLink(quo_id, write.contact.content_hash())
+            return RecordOutcome(ext_id, action), _link(quo_id, write.contact)
         except QuoApiError as exc:
             return RecordOutcome(ext_id, UpsertAction.FAILED, str(exc)), None
         except (_CreateUnconfirmed, QuoOutcomeUnknown) as exc:  # this record's, not Quo down
@@ -243,3 +246,11 @@ def _holds(remote: dict[str, Any], body: dict[str, Any]) -> bool:
     have_custom = {c.get("key"): c.get("value") for c in remote.get("customFields") or ()}
     want_custom = {c["key"]: c["value"] for c in body["customFields"] if c["value"] is not None}
     return have_custom == want_custom and remote.get("sourceUrl") == body.get("sourceUrl")
+
+
+def _phones(contact: QuoContact) -> tuple[str, ...]:
+    return tuple(phone.value for phone in contact.phone_numbers)
+
+
+def _link(quo_id: str, contact: QuoContact) -> ContactLink:
+    return ContactLink(quo_id, contact.content_hash(), _phones(contact))

@@ -2,8 +2,9 @@
 
 Request bodies are validated against schemas extracted from Attio's OpenAPI spec
 (`specs/attio-subset.json`); every error uses Attio's `{status_code, type, code, message}`
-envelope. People are generated deterministically and persisted in the data dir, as are created
-notes and webhooks. The server only binds 127.0.0.1; `/_sandbox/*` admin endpoints are open.
+envelope. People are generated deterministically and persisted in the data dir, as are notes
+(created, listed, read and deleted: Attio has no note update) and webhooks. The server only
+binds 127.0.0.1; `/_sandbox/*` admin endpoints are open.
 
 People can be created, updated, merged and deleted through `/_sandbox/people` while a sync runs.
 Each change is delivered as Attio's `record.*` webhook events (one event per delivery, signed
@@ -46,9 +47,11 @@ from starlette.background import BackgroundTasks
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from quo_sync_dagster.sandbox.quo_state import TokenBuckets
 from quo_sync_dagster.sandbox.serving import (
+    Fault,
     FaultQueue,
     SandboxServer,
     admin_routes,
@@ -61,7 +64,8 @@ log = logging.getLogger(__name__)
 SPEC_PATH = Path(__file__).parent / "specs" / "attio-subset.json"
 QUERY = "/v2/objects/{object}/records/query"
 RECORD = "/v2/objects/{object}/records/{record_id}"
-NOTES, WEBHOOKS, WEBHOOK = "/v2/notes", "/v2/webhooks", "/v2/webhooks/{webhook_id}"
+NOTES, NOTE = "/v2/notes", "/v2/notes/{note_id}"
+WEBHOOKS, WEBHOOK = "/v2/webhooks", "/v2/webhooks/{webhook_id}"
 PEOPLE_FILE, LOG_FILE = "attio_people.json", "attio_writes.jsonl"
 WORKSPACE_ID = "5c1d2e3f-0a1b-4c2d-8e3f-a0b1c2d3e4f5"
 PEOPLE_OBJECT_ID = "97052eb9-e65e-443f-a297-f2d9a4a7f795"
@@ -70,7 +74,20 @@ API_TOKEN_ACTOR = {"type": "api-token", "id": "0b7e1a52-3c4d-4e5f-8a9b-0c1d2e3f4
 MEMBER_ACTOR = {"type": "workspace-member", "id": "50cf242c-7fa3-4cad-87d0-75b1af71c57b"}
 FAULT_STATUSES = frozenset({429, 500, 502, 503})
 WRITE_SHARE = 0.25  # Attio allows 25 writes/s against 100 reads/s
-KINDS = ("query", "get", "create_note", "create_webhook", "get_webhook", "delete_webhook")
+KINDS = (
+    "query",
+    "get",
+    "create_note",
+    "list_notes",
+    "get_note",
+    "delete_note",
+    "create_webhook",
+    "get_webhook",
+    "delete_webhook",
+)
+READ_KINDS = frozenset({"query", "get", "list_notes", "get_note"})
+MAX_NOTES_LIMIT, DEFAULT_NOTES_LIMIT = 50, 10  # GET /v2/notes `limit` (spec)
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 ATTRIBUTES = ("name", "email_addresses", "phone_numbers", "job_title", "lead_source")
 MULTI_VALUED = frozenset({"email_addresses", "phone_numbers"})
 # Stable made-up attribute ids: a record.updated event names the attribute that changed.
@@ -523,7 +540,7 @@ class AttioState:
             (_parse_timestamp(p["created_at"]) for p in self.people.values()),
             default=datetime(1970, 1, 1, tzinfo=UTC),
         )
-        self.notes: list[dict[str, Any]] = []
+        self.notes: dict[str, dict[str, Any]] = {}  # by note_id, oldest first
         self.webhooks: dict[str, dict[str, Any]] = {}
         self._log_path = self.data_dir / LOG_FILE
         if self._log_path.exists():
@@ -537,7 +554,9 @@ class AttioState:
 
     def _apply(self, entry: dict[str, Any]) -> None:
         if "note" in entry:
-            self.notes.append(entry["note"])
+            self.notes[entry["note"]["id"]["note_id"]] = entry["note"]
+        elif "note_deleted" in entry:
+            self.notes.pop(entry["note_deleted"], None)
         elif "webhook" in entry:
             self.webhooks[entry["webhook"]["id"]["webhook_id"]] = entry["webhook"]
         elif "webhook_deleted" in entry:
@@ -554,6 +573,14 @@ class AttioState:
         self._apply(entry)
         with self._log_path.open("a") as log_file:
             log_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def note(self, note_id: str) -> dict[str, Any]:
+        if not _UUID.fullmatch(note_id):
+            raise AttioError(400, "validation_type", "note_id must be a UUID.")
+        note = self.notes.get(note_id)
+        if note is None:
+            raise AttioError(404, "not_found", f'Note with ID "{note_id}" was not found.')
+        return note
 
     def person(self, record_id: str) -> dict[str, Any]:
         person = self.people.get(record_id)
@@ -664,6 +691,44 @@ class AttioState:
         }
 
 
+def _int_param(query: Any, name: str, default: int, least: int, most: int | None) -> int:
+    """An integer query parameter within [least, most], as the spec bounds it."""
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < least or (most is not None and int(raw) > most):
+        bound = f"between {least} and {most}" if most is not None else f">= {least}"
+        raise AttioError(400, "validation_type", f"{name} must be an integer {bound}.")
+    return int(raw)
+
+
+async def _faulty(fault: Fault) -> Response | None:
+    """The injected fault's answer, after its delay; None: the request's own answer."""
+    if fault.delay:
+        await asyncio.sleep(fault.delay)
+    if fault.drop:
+        return _Dropped()
+    if fault.status == 429:
+        headers = {"Retry-After": fault.retry_after or _retry_after(1.0)}
+        return _error(429, "rate_limit_exceeded", "Rate limit exceeded.", headers)
+    if fault.status is not None:
+        return _error(fault.status, "internal_error", "Injected sandbox fault.")
+    return None
+
+
+class _Dropped(Response):
+    """No answer: the status line goes out, then the connection closes before the body, so the
+    client gets a transport error. Counted as status 0."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=0)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"1024")]
+        await send({"type": "http.response.start", "status": 500, "headers": headers})
+        # Returning with the body unsent makes uvicorn close the connection.
+
+
 def _retry_after(wait: float) -> str:
     """Attio sends an HTTP date, rounded up so a client never comes back too early."""
     return formatdate(math.ceil(time.time() + max(wait, 1.0)), usegmt=True)
@@ -676,7 +741,16 @@ class _Api:
     async def serve(
         self, request: Request, kind: str, handler: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        response = await self._guarded(request, kind, handler)
+        # A fault may name the kinds it answers; an afterWrite one answers once the request was
+        # served (a note is written, the client cannot know), a drop one closes the connection.
+        fault = self.state.faults.take(kind)
+        response = None
+        if fault is not None and not fault.after_write:
+            response = await _faulty(fault)
+        if response is None:
+            response = await self._guarded(request, kind, handler)
+            if fault is not None and fault.after_write:
+                response = await _faulty(fault) or response
         self.state.by_kind[kind] += 1
         self.state.by_status[response.status_code] += 1
         return response
@@ -695,18 +769,9 @@ class _Api:
     async def _guarded(
         self, request: Request, kind: str, handler: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        fault = self.state.faults.take()
-        if fault is not None:
-            if fault.delay:
-                await asyncio.sleep(fault.delay)
-            if fault.status == 429:
-                headers = {"Retry-After": fault.retry_after or _retry_after(1.0)}
-                return _error(429, "rate_limit_exceeded", "Rate limit exceeded.", headers)
-            if fault.status is not None:
-                return _error(fault.status, "internal_error", "Injected sandbox fault.")
         if not self._authorized(request):
             return _error(401, "unauthorized", "Invalid or missing API token.")
-        buckets = self.state.reads if kind in ("query", "get") else self.state.writes
+        buckets = self.state.reads if kind in READ_KINDS else self.state.writes
         if buckets is not None and (wait := buckets.acquire(self.state.api_key)):
             headers = {"Retry-After": _retry_after(wait)}
             return _error(429, "rate_limit_exceeded", "Rate limit exceeded.", headers)
@@ -761,7 +826,38 @@ class _Api:
         return JSONResponse({"data": self.state.person(request.path_params["record_id"])})
 
     async def notes(self, request: Request) -> Response:
+        if request.method == "GET":
+            return await self.serve(request, "list_notes", self._list_notes)
         return await self.serve(request, "create_note", self._create_note)
+
+    async def _list_notes(self, request: Request) -> Response:
+        """GET /v2/notes: every note, or a parent object's or record's, oldest first."""
+        query = request.query_params
+        limit = _int_param(query, "limit", DEFAULT_NOTES_LIMIT, 1, MAX_NOTES_LIMIT)
+        offset = _int_param(query, "offset", 0, 0, None)
+        notes = list(self.state.notes.values())
+        if (parent := query.get("parent_object")) is not None:
+            if parent not in ("people", PEOPLE_OBJECT_ID):
+                raise AttioError(404, "not_found", f'Object with slug/ID "{parent}" not found.')
+            notes = [n for n in notes if n["parent_object"] == "people"]
+        if (record_id := query.get("parent_record_id")) is not None:
+            if not _UUID.fullmatch(record_id):
+                raise AttioError(400, "validation_type", "parent_record_id must be a UUID.")
+            notes = [n for n in notes if n["parent_record_id"] == record_id]
+        return JSONResponse({"data": notes[offset : offset + limit]})
+
+    async def note(self, request: Request) -> Response:
+        if request.method == "GET":
+            return await self.serve(request, "get_note", self._get_note)
+        return await self.serve(request, "delete_note", self._delete_note)
+
+    async def _get_note(self, request: Request) -> Response:
+        return JSONResponse({"data": self.state.note(request.path_params["note_id"])})
+
+    async def _delete_note(self, request: Request) -> Response:
+        note_id = self.state.note(request.path_params["note_id"])["id"]["note_id"]
+        self.state.record({"note_deleted": note_id})
+        return JSONResponse({})
 
     async def _create_note(self, request: Request) -> Response:
         data = (await self._body(request, _NOTE_VALIDATOR))["data"]
@@ -838,7 +934,7 @@ class _Api:
 
 
 async def _admin_notes(request: Request) -> Response:
-    return JSONResponse(request.app.state.sandbox.notes)
+    return JSONResponse(list(request.app.state.sandbox.notes.values()))
 
 
 async def _admin_webhooks(request: Request) -> Response:
@@ -932,17 +1028,19 @@ def build_app(state: AttioState) -> Starlette:
         routes=[
             Route(QUERY, api.query, methods=["POST"]),
             Route(RECORD, api.get_record, methods=["GET"]),
-            Route(NOTES, api.notes, methods=["POST"]),
+            Route(NOTES, api.notes, methods=["GET", "POST"]),
+            Route(NOTE, api.note, methods=["GET", "DELETE"]),
             Route(WEBHOOKS, api.webhooks, methods=["POST"]),
             Route(WEBHOOK, api.webhook, methods=["GET", "DELETE"]),
             Route("/_sandbox/notes", _admin_notes, methods=["GET"]),
+            Route("/_sandbox/activities", _admin_notes, methods=["GET"]),  # every CRM's name
             Route("/_sandbox/webhooks", _admin_webhooks, methods=["GET"]),
             Route("/_sandbox/webhooks/{webhook_id}", _admin_webhook_status, methods=["PATCH"]),
             Route("/_sandbox/webhooks/{webhook_id}/emit", _admin_emit, methods=["POST"]),
             Route("/_sandbox/people", _admin_people, methods=["GET", "POST"]),
             Route("/_sandbox/people/{record_id}", _admin_person, methods=["PATCH", "DELETE"]),
             Route("/_sandbox/people/{record_id}/merge", _admin_merge, methods=["POST"]),
-            *admin_routes(FAULT_STATUSES, reset_stats=False),
+            *admin_routes(FAULT_STATUSES, reset_stats=False, fault_kinds=KINDS, write_faults=True),
             *delivery_routes(),
         ]
     )
@@ -982,7 +1080,10 @@ class AttioSandbox(SandboxServer):
         state.delivery.close()
 
     def notes(self) -> list[dict[str, Any]]:
+        """The notes there are now (deleted ones are gone), oldest first."""
         return self._admin_request("GET", "notes").json()
+
+    activities = notes  # the activities of every CRM's sandbox: here, notes
 
     def webhooks(self) -> list[dict[str, Any]]:
         return self._admin_request("GET", "webhooks").json()

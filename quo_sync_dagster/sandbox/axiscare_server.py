@@ -1,5 +1,5 @@
 """Strict local simulator of AxisCare's API: people lists (clients, leads, caregivers, applicants)
-and call logs.
+and call logs (add, list, get, and PATCH: only the keys sent change, comments are appended).
 
 Parameters, limits, version header and envelopes follow the official OpenAPI spec copy, including
 its per-type differences: clients/leads answer `{results: {<kind>: [...], nextPage}, errors}`,
@@ -60,11 +60,12 @@ _SINGULAR = {
 }
 # Kinds whose list answer is the spec's bare `{<kind>: [...], nextPage, <kind>NotFound}` shape.
 _BARE_KINDS = frozenset({"caregivers", "applicants"})
-CALL_LOGS = "/api/call-logs"
+CALL_LOGS, CALL_LOG = "/api/call-logs", "/api/call-logs/{callLogId}"
 DEFAULT_PAGE_SIZE = 100  # the spec's `limit` default; also applicants' fixed page size
 PEOPLE_FILE, CALL_LOGS_FILE = "axiscare_people.json", "axiscare_call_logs.json"
 FAULT_STATUSES = frozenset({429, 500, 502, 503})
 SANDBOX_USER_ID = 1
+SANDBOX_USERS = {SANDBOX_USER_ID: "Sandbox Admin"}  # comments name an existing user
 
 
 def _list_op(kind: str) -> dict[str, Any]:
@@ -87,8 +88,24 @@ def _supported_versions() -> frozenset[str]:
 
 
 SUPPORTED_VERSIONS = _supported_versions()
-_CALL_LOG_VALIDATOR = Draft202012Validator(
-    _SPEC["paths"][CALL_LOGS]["post"]["requestBody"]["content"]["application/json"]["schema"]
+
+
+def _body_validator(path: str, method: str) -> Draft202012Validator:
+    return Draft202012Validator(
+        _SPEC["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
+    )
+
+
+_CALL_LOG_VALIDATOR = _body_validator(CALL_LOGS, "post")
+_PATCH_VALIDATOR = _body_validator(CALL_LOG, "patch")
+_CALL_LOG_LIMIT = next(
+    p["schema"] for p in _SPEC["paths"][CALL_LOGS]["get"]["parameters"] if p["name"] == "limit"
+)
+# The spec's 400 messages for a time that is not ISO 8601 with an offset.
+_DATETIME_ERROR = "incorrect DateTime string. Must be in a format ISO8601"
+_LOG_TIME_ERROR = "dateTime field is required and must be a DateTime string in a format ISO8601"
+_COMMENT_TIME_ERROR = (
+    "dateTime field of the comment object is required and must be a valid ISO 8601 date time string"
 )
 # The spec's description of tags[].type: "supported options ... `applicant`, `caregiver`, ..."
 TAG_TYPES = frozenset(
@@ -353,6 +370,15 @@ class SandboxState:
 
     def add_call_log(self, log_entry: dict[str, Any]) -> None:
         self.call_logs.append(log_entry)
+        self.save_call_logs()
+
+    def call_log(self, raw_id: str) -> dict[str, Any]:
+        log_entry = next((c for c in self.call_logs if str(c["id"]) == raw_id), None)
+        if log_entry is None:
+            raise ApiError(404, "Call log was not found")
+        return log_entry
+
+    def save_call_logs(self) -> None:
         (self.data_dir / CALL_LOGS_FILE).write_text(json.dumps(self.call_logs, ensure_ascii=False))
 
     def stats(self) -> dict[str, Any]:
@@ -447,7 +473,14 @@ class _Api:
         return route
 
     async def call_logs(self, request: Request) -> Response:
+        if request.method == "GET":
+            return await self.serve(request, "list_call_logs", self._list_call_logs)
         return await self.serve(request, "create_call_log", self._create_call_log)
+
+    async def call_log(self, request: Request) -> Response:
+        if request.method == "GET":
+            return await self.serve(request, "get_call_log", self._get_call_log)
+        return await self.serve(request, "update_call_log", self._update_call_log)
 
     async def _list(self, kind: str, request: Request) -> Response:
         query = request.query_params
@@ -495,24 +528,93 @@ class _Api:
         return JSONResponse(bare, status_code=status)
 
     async def _create_call_log(self, request: Request) -> Response:
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            raise ApiError(400, "Request body must be valid JSON") from None
-        error = next(iter(sorted(_CALL_LOG_VALIDATOR.iter_errors(body), key=str)), None)
-        if error is not None:
-            where = "/".join(str(p) for p in error.absolute_path) or "body"
-            raise ApiError(400, f"{where}: {error.message}")
-        try:
-            when = datetime.fromisoformat(body["dateTime"])
-        except ValueError:
-            when = None
-        if when is None or when.tzinfo is None:
-            raise ApiError(
-                400, "dateTime field is required and must be a DateTime string in a format ISO8601"
+        body = await _valid_body(request, _CALL_LOG_VALIDATOR)
+        _date_time(body["dateTime"], _LOG_TIME_ERROR)
+        entry = {
+            "id": len(self.state.call_logs) + 1,
+            **{k: body[k] for k in ("callerName", "callerPhone", "followUp", "dateTime")},
+            "followUpDone": False,
+            "subject": body["subject"],
+            "notes": body["notes"],
+            "userId": SANDBOX_USER_ID,
+            "comments": [],
+            "tags": self._tags(request, body["tags"]),
+        }
+        self.state.add_call_log(entry)
+        return JSONResponse({"results": {"data": entry}, "success": True, "errors": []})
+
+    async def _get_call_log(self, request: Request) -> Response:
+        entry = self.state.call_log(request.path_params["callLogId"])
+        return JSONResponse({"results": {"data": entry}, "success": True, "errors": []})
+
+    async def _update_call_log(self, request: Request) -> Response:
+        """Only the keys sent change (all checked before any is applied); comments are
+        appended with new ids, as the spec says ("Comments update is not supported")."""
+        entry = self.state.call_log(request.path_params["callLogId"])
+        body = await _valid_body(request, _PATCH_VALIDATOR)
+        if "dateTime" in body:
+            _date_time(body["dateTime"], _LOG_TIME_ERROR)
+        comments = []
+        next_id = 1 + max((c["id"] for e in self.state.call_logs for c in e["comments"]), default=0)
+        for number, comment in enumerate(body.get("comments", [])):
+            _date_time(comment["dateTime"], _COMMENT_TIME_ERROR)
+            if comment["userId"] not in SANDBOX_USERS:
+                raise ApiError(400, f"user {comment['userId']} not found")
+            user = {"id": comment["userId"], "name": SANDBOX_USERS[comment["userId"]]}
+            comments.append(
+                {
+                    "id": next_id + number,
+                    "comment": comment["comment"],
+                    "dateTime": comment["dateTime"],
+                    "user": user,
+                }
             )
+        changes = {k: v for k, v in body.items() if k not in ("tags", "comments")}
+        if "tags" in body:
+            changes["tags"] = self._tags(request, body["tags"])
+        entry.update(changes)
+        # Newest first, as the spec's examples list them.
+        entry["comments"] = [*reversed(comments), *entry["comments"]]
+        self.state.save_call_logs()
+        return JSONResponse({"results": {"data": entry}, "success": True, "errors": []})
+
+    async def _list_call_logs(self, request: Request) -> Response:
+        """Ascending ids, filtered by callLogIds and the dateTime range, `limit` per page with
+        the next page's full URL."""
+        query = request.query_params
+        raw_limit = query.get("limit")
+        low, high = _CALL_LOG_LIMIT["minimum"], _CALL_LOG_LIMIT["maximum"]
+        if raw_limit is not None and (not raw_limit.isdigit() or not low <= int(raw_limit) <= high):
+            raise ApiError(400, f"limit must be an integer between {low} and {high}")
+        limit = int(raw_limit or _CALL_LOG_LIMIT["default"])
+        after_raw = query.get("startAfterId", "0")
+        if not after_raw.isdigit():
+            raise ApiError(400, "startAfterId must be an integer")
+        rows = [c for c in self.state.call_logs if c["id"] > int(after_raw)]
+        if "callLogIds" in query:
+            wanted = set(_int_list("callLogIds", query["callLogIds"]))
+            rows = [c for c in rows if c["id"] in wanted]
+        for name, keep in (
+            ("fromDateTime", lambda a, b: a >= b),
+            ("toDateTime", lambda a, b: a <= b),
+        ):
+            if name in query:
+                bound = _date_time(query[name].replace(" ", "+"))
+                rows = [c for c in rows if keep(datetime.fromisoformat(c["dateTime"]), bound)]
+        page, next_page = rows[:limit], None
+        if len(rows) > limit:
+            params = {k: v for k, v in query.items() if k != "startAfterId"}
+            params |= {"startAfterId": str(page[-1]["id"]), "limit": str(limit)}
+            next_page = f"{str(request.base_url).rstrip('/')}{CALL_LOGS}?{urlencode(params)}"
+        results: dict[str, Any] = {"callLogs": page}
+        if next_page is not None:  # a plain string in the spec: absent at the end
+            results["nextPage"] = next_page
+        return JSONResponse({"results": results, "success": True, "errors": []})
+
+    def _tags(self, request: Request, raw_tags: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The call log's tags as AxisCare shows them (name, type, profile url)."""
         tags = []
-        for tag in body["tags"]:
+        for tag in raw_tags:
             kind = f"{tag['type']}s"
             if tag["type"] not in TAG_TYPES:
                 raise ApiError(400, f"Unsupported tag type {tag['type']!r}")
@@ -528,18 +630,31 @@ class _Api:
                     "url": f"{site}?{profile}-profile.php&id={person['id']}",
                 }
             )
-        entry = {
-            "id": len(self.state.call_logs) + 1,
-            **{k: body[k] for k in ("callerName", "callerPhone", "followUp", "dateTime")},
-            "followUpDone": False,
-            "subject": body["subject"],
-            "notes": body["notes"],
-            "userId": SANDBOX_USER_ID,
-            "comments": [],
-            "tags": tags,
-        }
-        self.state.add_call_log(entry)
-        return JSONResponse({"results": {"data": entry}, "success": True, "errors": []})
+        return tags
+
+
+async def _valid_body(request: Request, validator: Draft202012Validator) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        raise ApiError(400, "Request body must be valid JSON") from None
+    error = next(iter(sorted(validator.iter_errors(body), key=str)), None)
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "body"
+        raise ApiError(400, f"{where}: {error.message}")
+    return body
+
+
+def _date_time(value: str, error: str = _DATETIME_ERROR) -> datetime:
+    """An ISO 8601 time with an offset, as AxisCare requires; else 400 with `error` (the
+    spec's message for the field)."""
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise ApiError(400, error)
+    return when
 
 
 # ---- admin: people changed while a sync runs -----------------------------------------------------
@@ -594,13 +709,19 @@ async def _merge(state: SandboxState, kind: str, request: Request) -> Any:
     raise ApiError(404, "AxisCare has no merges: people cannot be merged")
 
 
+async def _admin_call_logs(request: Request) -> Response:
+    return JSONResponse(request.app.state.sandbox.call_logs)
+
+
 def build_app(state: SandboxState) -> Starlette:
     api = _Api(state)
     routes = [Route(f"/api/{kind}", api.people_route(kind), methods=["GET"]) for kind in KINDS]
     app = Starlette(
         routes=[
             *routes,
-            Route(CALL_LOGS, api.call_logs, methods=["POST"]),
+            Route(CALL_LOGS, api.call_logs, methods=["GET", "POST"]),
+            Route(CALL_LOG, api.call_log, methods=["GET", "PATCH"]),
+            Route("/_sandbox/activities", _admin_call_logs, methods=["GET"]),  # every CRM's name
             Route("/_sandbox/people", _admin(_list_or_create), methods=["GET", "POST"]),
             Route("/_sandbox/people/{id}", _admin(_update_or_delete), methods=["PATCH", "DELETE"]),
             Route("/_sandbox/people/{id}/merge", _admin(_merge), methods=["POST"]),
@@ -640,6 +761,10 @@ class AxisCareSandbox(SandboxServer):
 
     def reset_stats(self) -> None:
         self._admin_request("POST", "reset-stats")
+
+    def activities(self) -> list[dict[str, Any]]:
+        """Every call log (the activities of this CRM), oldest first."""
+        return self._admin_request("GET", "activities").json()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

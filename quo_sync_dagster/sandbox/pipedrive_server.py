@@ -1,7 +1,8 @@
 """Strict local simulator of the Pipedrive API parts the sync uses.
 
 v2 persons (list with opaque cursors, sorting, `updated_since`, batch read by `ids`, single
-read), v2 activities, v1 call logs, v1 notes and v1 webhooks, per `crm-apis.md` section 1.
+read), v2 activities (create, read, PATCH), v1 call logs, v1 notes and v1 webhooks, per
+`crm-apis.md` section 1. `GET /_sandbox/activities` lists what was logged on people.
 People can be created, changed, merged and deleted through `/_sandbox/people` while a sync runs;
 each change is delivered as the documented webhooks v2 payload to every matching v2 subscription
 (HTTP Basic with the subscription's credentials), after the admin answer, through a
@@ -83,6 +84,8 @@ COSTS = {
     "batch_persons": 10,
     "get_person": 1,
     "create_activity": 5,
+    "update_activity": 5,
+    "get_activity": 1,
     "create_call_log": 10,
     "create_note": 10,
     "create_webhook": 10,
@@ -473,6 +476,14 @@ class PipedriveState:
         )
         self.objects[kind][str(body["id"])] = body
 
+    def replace(self, kind: str, body: dict[str, Any]) -> None:
+        """Store a changed object in place: same id, same place in the listing."""
+        self._db.execute(
+            "UPDATE objects SET body = ? WHERE kind = ? AND id = ? AND deleted = 0",
+            (json.dumps(body), kind, str(body["id"])),
+        )
+        self.objects[kind][str(body["id"])] = body
+
     def remove(self, kind: str, oid: str) -> bool:
         if self.objects[kind].pop(oid, None) is None:
             return False
@@ -854,8 +865,13 @@ class _Api:
     async def activities(self, request: Request) -> Response:
         return await self.serve(request, "create_activity", self._create_activity)
 
-    async def _create_activity(self, request: Request) -> Response:
-        body = await self._json_body(request)
+    async def activity(self, request: Request) -> Response:
+        if request.method == "PATCH":
+            return await self.serve(request, "update_activity", self._update_activity)
+        return await self.serve(request, "get_activity", self._get_activity)
+
+    def _check_activity(self, body: dict[str, Any]) -> None:
+        """What POST and PATCH /api/v2/activities both refuse."""
         if "person_id" in body:
             raise _bad(
                 "'person_id' is a read-only field. "
@@ -879,19 +895,30 @@ class _Api:
                 "participants": lambda v: isinstance(v, list),
             },
         )
-        activity_type = body.get("type", "task")
-        if activity_type not in ACTIVITY_TYPES:
-            raise _bad(f"Field 'type' must be an activity type key, not {activity_type!r}")
-        if body.get("deal_id") is not None and body.get("lead_id") is not None:
-            raise _bad("Only one of 'deal_id' and 'lead_id' can be set")
-        participants = body.get("participants") or []
-        for n, item in enumerate(participants):
+        if "type" in body and body["type"] not in ACTIVITY_TYPES:
+            raise _bad(f"Field 'type' must be an activity type key, not {body['type']!r}")
+        for n, item in enumerate(body.get("participants") or []):
             if not isinstance(item, dict) or not isinstance(item.get("primary", False), bool):
                 raise _bad(f"Field 'participants[{n}]' must be {{person_id, primary}}")
             self._person_exists(item.get("person_id"), f"participants[{n}].person_id")
-        primaries = [p["person_id"] for p in participants if p.get("primary")]
-        if len(primaries) > 1:
+        if sum(bool(p.get("primary")) for p in body.get("participants") or []) > 1:
             raise _bad("Only one participant can be primary")
+
+    @staticmethod
+    def _participants(activity: dict[str, Any], participants: list[dict[str, Any]]) -> None:
+        """Set the participants; the primary one is the activity's (read-only) person_id."""
+        activity["participants"] = [
+            {"person_id": p["person_id"], "primary": p.get("primary", False)} for p in participants
+        ]
+        primaries = [p["person_id"] for p in participants if p.get("primary")]
+        activity["person_id"] = primaries[0] if primaries else None
+
+    async def _create_activity(self, request: Request) -> Response:
+        body = await self._json_body(request)
+        self._check_activity(body)
+        if body.get("deal_id") is not None and body.get("lead_id") is not None:
+            raise _bad("Only one of 'deal_id' and 'lead_id' can be set")
+        activity_type = body.get("type", "task")
         now = _rfc3339(datetime.now(UTC))
         activity = {
             "id": self.state.next_id(),
@@ -901,15 +928,37 @@ class _Api:
             **{k: body.get(k) for k in ("due_date", "due_time", "duration")},
             "done": body.get("done", False),
             "busy": body.get("busy", False),
-            "person_id": primaries[0] if primaries else None,
-            "participants": [
-                {"person_id": p["person_id"], "primary": p.get("primary", False)}
-                for p in participants
-            ],
             "add_time": now,
             "update_time": now,
         }
+        self._participants(activity, body.get("participants") or [])
         self.state.add("activity", activity)
+        return _ok(activity)
+
+    def _existing_activity(self, request: Request) -> dict[str, Any]:
+        activity_id = _int_param(request.path_params["id"], "id")
+        activity = self.state.objects["activity"].get(str(activity_id))
+        if activity is None:
+            raise ApiError(404, "Activity not found", "ERR_NOT_FOUND")
+        return activity
+
+    async def _get_activity(self, request: Request) -> Response:
+        return _ok(self._existing_activity(request))
+
+    async def _update_activity(self, request: Request) -> Response:
+        """PATCH: the fields given replace the activity's, the others stay."""
+        activity = dict(self._existing_activity(request))
+        body = await self._json_body(request)
+        self._check_activity(body)
+        writable = ("subject", "type", "owner_id", "deal_id", "lead_id", "org_id", "note")
+        writable += ("due_date", "due_time", "duration", "done", "busy", "public_description")
+        activity.update({k: body[k] for k in writable if k in body})
+        if activity.get("deal_id") is not None and activity.get("lead_id") is not None:
+            raise _bad("Only one of 'deal_id' and 'lead_id' can be set")
+        if "participants" in body:
+            self._participants(activity, body["participants"] or [])
+        activity["update_time"] = _rfc3339(datetime.now(UTC))
+        self.state.replace("activity", activity)
         return _ok(activity)
 
     async def notes(self, request: Request) -> Response:
@@ -1091,6 +1140,30 @@ async def _admin_fields(request: Request) -> dict[str, Any]:
     return fields
 
 
+def sandbox_activities(state: PipedriveState) -> list[dict[str, Any]]:
+    """What was logged on people, one shape for every simulator: `person` is the connector's
+    record key, `body` the text a person reads (HTML as stored), `kind` call or note."""
+    found = []
+    for kind, text_key in (("activity", "note"), ("call_log", "note"), ("note", "content")):
+        for record in state.objects[kind].values():
+            is_call = kind == "call_log" or record.get("type") == "call"
+            found.append(
+                {
+                    "id": str(record["id"]),
+                    "kind": "call" if is_call else "note",
+                    "person": None if record.get("person_id") is None else str(record["person_id"]),
+                    "subject": record.get("subject"),
+                    "body": record.get(text_key) or "",
+                    "record": record,
+                }
+            )
+    return found
+
+
+async def _admin_activities(request: Request) -> Response:
+    return JSONResponse({"activities": sandbox_activities(request.app.state.sandbox)})
+
+
 def build_app(state: PipedriveState) -> Starlette:
     api, admin = _Api(state), _PeopleAdmin(state)
     app = Starlette(
@@ -1098,6 +1171,7 @@ def build_app(state: PipedriveState) -> Starlette:
             Route("/api/v2/persons", api.persons, methods=["GET"]),
             Route("/api/v2/persons/{id}", api.person, methods=["GET"]),
             Route("/api/v2/activities", api.activities, methods=["POST"]),
+            Route("/api/v2/activities/{id}", api.activity, methods=["GET", "PATCH"]),
             Route("/v1/callLogs", api.call_logs, methods=["POST"]),
             Route("/v1/notes", api.notes, methods=["POST"]),
             Route("/v1/webhooks", api.webhooks, methods=["GET", "POST"]),
@@ -1109,6 +1183,7 @@ def build_app(state: PipedriveState) -> Starlette:
                 methods=["PATCH", "DELETE"],
             ),
             Route("/_sandbox/people/{id}/merge", admin.route(admin.merge), methods=["POST"]),
+            Route("/_sandbox/activities", _admin_activities, methods=["GET"]),
             *admin_routes(FAULT_STATUSES),
             *delivery_routes(),
         ]
@@ -1151,6 +1226,10 @@ class PipedriveSandbox(SandboxServer):
 
     def reset_stats(self) -> None:
         self._admin_request("POST", "reset-stats")
+
+    def activities(self) -> list[dict[str, Any]]:
+        """Every activity, call log and note written on people (`GET /_sandbox/activities`)."""
+        return self._admin_request("GET", "activities").json()["activities"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Strict local simulator of Quo's (formerly OpenPhone) v1 contacts API.
+"""Strict local simulator of Quo's (formerly OpenPhone) v1 contacts, webhooks and activity API.
 
 Request bodies and list queries are validated against schemas taken from the official OpenAPI
 spec copy; error bodies use the spec's documented envelope for each operation and status. The
@@ -11,6 +11,10 @@ Admin switches for exactly-once tests (besides stats and the fault queue of serv
   the pairs held more than once.
 - `GET /_sandbox/writes?after=N`: every contact create, patch and delete since write N, with
   its time and externalId (who was written, how often, when).
+- Calls and messages (quo_activity.py): `POST /_sandbox/calls` and `POST /_sandbox/messages`
+  simulate one and emit its signed events to the webhooks registered through `/v1/webhooks/*`;
+  `GET` of either lists what was simulated; `POST /_sandbox/webhook-faults` drops, duplicates,
+  delays or reorders deliveries, `GET /_sandbox/deliveries` says what happened to them.
 - Faults may name request `kinds` (e.g. `["create"]`), and be `afterWrite`: the request is
   served (a create is written) and then its answer is a 5xx (`status`), comes after
   `delaySeconds` (past the client's timeout) or is lost with the connection (`drop`), so the
@@ -28,11 +32,13 @@ import copy
 import json
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from email.utils import formatdate
+from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from quo_sync_dagster.sandbox.quo_activity import (
+    ACTIVITY_KINDS,
+    PHONE_NUMBER,
+    USER,
+    USER_ID,
+    ActivityState,
+    CallSpec,
+)
 from quo_sync_dagster.sandbox.quo_state import (
     KINDS,
     Contact,
@@ -61,15 +75,23 @@ from quo_sync_dagster.sandbox.serving import (
     admin_routes,
     serve_until_signalled,
 )
+from quo_sync_dagster.sandbox.webhook_delivery import delivery_routes
 
 log = logging.getLogger(__name__)
 
 SPEC_PATH = Path(__file__).parent / "specs" / "quo-openapi-v1.json"
 CONTACTS, CONTACT, CUSTOM_FIELDS = "/v1/contacts", "/v1/contacts/{id}", "/v1/contact-custom-fields"
+WEBHOOKS, WEBHOOK = "/v1/webhooks", "/v1/webhooks/{id}"
+# POST /v1/webhooks/<kind>: one endpoint, and one set of allowed events, per kind
+WEBHOOK_KINDS = ("messages", "calls", "call-summaries", "call-transcripts")
+CALL, CALL_SUMMARY = "/v1/calls/{callId}", "/v1/call-summaries/{callId}"
+CALL_TRANSCRIPT, CALL_RECORDINGS = "/v1/call-transcripts/{id}", "/v1/call-recordings/{callId}"
+CALL_VOICEMAIL, MESSAGE = "/v1/call-voicemails/{callId}", "/v1/messages/{id}"
+PHONE_NUMBERS, USERS = "/v1/phone-numbers", "/v1/users"
 RESERVED_SOURCES = frozenset({"openphone", "device", "csv", "zapier", "google-people", "other"})
 RESERVED_SOURCE_PREFIXES = ("openphone", "csv")
 MAX_ARRAY_QUERY_VALUES = 20  # Quo's query parser rejects more repeated values (Lefthook finding)
-SANDBOX_USER_ID = "USsandbox0"
+SANDBOX_USER_ID = USER_ID
 FAULT_STATUSES = frozenset({429, 500, 502, 503})
 DEFAULT_CUSTOM_FIELDS: tuple[dict[str, str], ...] = (
     {"name": "Inbound Lead", "key": "inbound-lead", "type": "string"},
@@ -88,6 +110,18 @@ _OPERATIONS: tuple[Op, ...] = (
     (CONTACT, "patch"),
     (CONTACT, "delete"),
     (CUSTOM_FIELDS, "get"),
+    *((f"{WEBHOOKS}/{kind}", "post") for kind in WEBHOOK_KINDS),
+    (WEBHOOKS, "get"),
+    (WEBHOOK, "get"),
+    (WEBHOOK, "delete"),
+    (CALL, "get"),
+    (CALL_SUMMARY, "get"),
+    (CALL_TRANSCRIPT, "get"),
+    (CALL_RECORDINGS, "get"),
+    (CALL_VOICEMAIL, "get"),
+    (MESSAGE, "get"),
+    (PHONE_NUMBERS, "get"),
+    (USERS, "get"),
 )
 _CONFLICT = "A contact with the same source and external ID already exists"
 
@@ -123,11 +157,18 @@ def _query_schema(op: Op) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": required}
 
 
+def _path_schemas(op: Op) -> dict[str, dict[str, Any]]:
+    return {
+        p["name"]: p["schema"] for p in _operation(op).get("parameters", []) if p["in"] == "path"
+    }
+
+
 def _error_constants() -> dict[tuple[Op, int], dict[str, Any]]:
     """code/status/docs/title(/description) fixed by the spec for each documented error.
 
-    The spec documents a single 400 body per contacts operation (0801400 "Invalid Custom Field
-    Item"), so every contacts 400 carries it; `message` and `errors` say what was wrong.
+    The spec documents a single 400 body per operation (contacts: 0801400 "Invalid Custom Field
+    Item", webhooks: 0305400 "Invalid Version", ...), so every 400 of the operation carries it;
+    `message` and `errors` say what was wrong.
     """
     out = {}
     for op in _OPERATIONS:
@@ -148,6 +189,14 @@ _CUSTOM_FIELD_DEF_VALIDATOR = Draft202012Validator(
         "properties"
     ]["data"]["items"]
 )
+_WEBHOOK_VALIDATORS = {
+    kind: _body_validator((f"{WEBHOOKS}/{kind}", "post")) for kind in WEBHOOK_KINDS
+}
+_QUERIES = {  # op -> (query schema, its validator)
+    op: (schema, Draft202012Validator(schema))
+    for op in ((WEBHOOKS, "get"), (PHONE_NUMBERS, "get"), (USERS, "get"))
+    for schema in (_query_schema(op),)
+}
 _ERRORS = _error_constants()
 
 
@@ -281,7 +330,21 @@ class SandboxState:
         self.faults = FaultQueue()
         # False: a second contact with the same source and externalId is accepted, not a 409.
         self.unique_external_ids = unique_external_ids
+        self.activity = ActivityState(self._contact_ids)
         self.reset_stats()
+
+    def _contact_ids(self, number: str) -> list[str]:
+        """Ids of the contacts with this phone number (a scan: only simulated activity asks)."""
+        contacts, _, _ = self.store.page([], [], 0, 2**62)
+        return [
+            c["id"]
+            for c in contacts
+            if any(p["value"] == number for p in c["defaultFields"]["phoneNumbers"])
+        ]
+
+    def close(self) -> None:
+        self.activity.close()
+        self.store.close()
 
     def reset_stats(self) -> None:
         self.overall = RequestCounters()
@@ -303,6 +366,9 @@ class SandboxState:
             "byApiKey": {k: c.as_json() for k, c in self.by_key.items()},
             **self.store.summary(),
             "pendingFaults": self.faults.pending,
+            # Apart from byKind (the contact kinds), so contact-only checks keep their shape.
+            "activityByKind": {k: self.overall.by_kind[k] for k in ACTIVITY_KINDS},
+            **self.activity.summary(),
         }
 
 
@@ -311,6 +377,16 @@ class _Api:
 
     def __init__(self, state: SandboxState) -> None:
         self.state = state
+        activity = state.activity
+        # Spec path -> (request kind, what it serves, its objects by the path's id).
+        self._activity_objects: dict[str, tuple[str, str, dict[str, Any]]] = {
+            CALL: ("call", "Call", activity.calls),
+            CALL_SUMMARY: ("call_summary", "Call summary", activity.summaries),
+            CALL_TRANSCRIPT: ("call_transcript", "Call transcript", activity.transcripts),
+            CALL_RECORDINGS: ("call_recordings", "Call", activity.recordings),
+            CALL_VOICEMAIL: ("call_voicemail", "Call voicemail", activity.voicemails),
+            MESSAGE: ("message", "Message", activity.messages),
+        }
 
     @staticmethod
     def _error(
@@ -506,18 +582,7 @@ class _Api:
         return Response(status_code=204)
 
     async def _list(self, request: Request) -> Response:
-        values: dict[str, list[str]] = {}
-        for name, value in request.query_params.multi_items():
-            base = name.removesuffix("[]")
-            is_array = _LIST_QUERY_SCHEMA["properties"].get(base, {}).get("type") == "array"
-            values.setdefault(base if is_array else name, []).append(value)
-        query: dict[str, Any] = {}
-        for name, vals in values.items():
-            schema = _LIST_QUERY_SCHEMA["properties"].get(name, {})
-            if schema.get("type") == "integer":
-                vals = [int(v) if v.lstrip("-").isdigit() else v for v in vals]
-            query[name] = vals if schema.get("type") == "array" or len(vals) > 1 else vals[0]
-        _validate(_LIST_QUERY_VALIDATOR, query, "query")
+        query = _parsed_query(request, (_LIST_QUERY_SCHEMA, _LIST_QUERY_VALIDATOR))
         contacts, total, next_seq = self.state.store.page(
             query.get("externalIds", []),
             query.get("sources", []),
@@ -529,6 +594,114 @@ class _Api:
 
     async def _fields(self, request: Request) -> Response:
         return JSONResponse({"data": list(self.state.custom_fields.values())})
+
+    # ---- webhooks, calls, messages (state in quo_activity.py) -----------------------------
+    async def webhook_create(self, kind: str, request: Request) -> Response:
+        op = (f"{WEBHOOKS}/{kind}", "post")
+        return await self.serve(request, "webhook_create", op, partial(self._add_webhook, kind))
+
+    async def webhooks(self, request: Request) -> Response:
+        return await self.serve(request, "webhook_list", (WEBHOOKS, "get"), self._webhooks)
+
+    async def webhook(self, request: Request) -> Response:
+        method = request.method.lower()
+        handler = self._webhook if method == "get" else self._delete_webhook
+        return await self.serve(request, f"webhook_{method}", (WEBHOOK, method), handler)
+
+    async def activity_object(self, path: str, request: Request) -> Response:
+        """The GET routes of one call's objects and of a message, by their spec path."""
+        kind, what, objects = self._activity_objects[path]
+        handler = partial(self._activity_object, (path, "get"), what, objects)
+        return await self.serve(request, kind, (path, "get"), handler)
+
+    async def phone_numbers(self, request: Request) -> Response:
+        op = (PHONE_NUMBERS, "get")
+        return await self.serve(request, "phone_numbers", op, self._phone_numbers)
+
+    async def users(self, request: Request) -> Response:
+        return await self.serve(request, "users", (USERS, "get"), self._users)
+
+    async def _add_webhook(self, kind: str, request: Request) -> Response:
+        body = await self._json_body(request, _WEBHOOK_VALIDATORS[kind])
+        if body.get("userId", USER_ID) != USER_ID:
+            raise ApiError(404, "User not found")
+        return JSONResponse({"data": self.state.activity.add_webhook(body)}, status_code=201)
+
+    async def _webhooks(self, request: Request) -> Response:
+        op = (WEBHOOKS, "get")
+        query = _parsed_query(request, _QUERIES[op])
+        return JSONResponse({"data": self.state.activity.webhooks_of(query.get("userId", USER_ID))})
+
+    def _existing_webhook(self, request: Request, op: Op) -> dict[str, Any]:
+        webhook = self.state.activity.webhooks.get(_path_param(request, op, "id"))
+        if webhook is None:
+            raise ApiError(404, "Webhook not found")
+        return webhook
+
+    async def _webhook(self, request: Request) -> Response:
+        return JSONResponse({"data": self._existing_webhook(request, (WEBHOOK, "get"))})
+
+    async def _delete_webhook(self, request: Request) -> Response:
+        webhook = self._existing_webhook(request, (WEBHOOK, "delete"))
+        del self.state.activity.webhooks[webhook["id"]]
+        return Response(status_code=204)
+
+    async def _activity_object(
+        self, op: Op, what: str, objects: dict[str, Any], request: Request
+    ) -> Response:
+        (name,) = _path_schemas(op)
+        found = objects.get(_path_param(request, op, name))
+        if found is None:  # a call without a summary, transcript or voicemail has none
+            raise ApiError(404, f"{what} not found")
+        return JSONResponse({"data": found})
+
+    async def _phone_numbers(self, request: Request) -> Response:
+        query = _parsed_query(request, _QUERIES[(PHONE_NUMBERS, "get")])
+        return JSONResponse(
+            {"data": [PHONE_NUMBER] if query.get("userId", USER_ID) == USER_ID else []}
+        )
+
+    async def _users(self, request: Request) -> Response:
+        query = _parsed_query(request, _QUERIES[(USERS, "get")])
+        start, users = _decode_token(query.get("pageToken")), [USER]
+        end = start + query["maxResults"]
+        token = _encode_token(end) if end < len(users) else None
+        return JSONResponse(
+            {"data": users[start:end], "totalItems": len(users), "nextPageToken": token}
+        )
+
+
+def _path_param(request: Request, op: Op, name: str) -> str:
+    """The path parameter, if it matches the spec's pattern (an `AC…` call id, a `WH…` webhook
+    id); a 400 otherwise."""
+    value = request.path_params[name]
+    pattern = _path_schemas(op)[name].get("pattern")
+    if pattern and not re.search(pattern, value):
+        message = f"Invalid {name}: must match {pattern}"
+        raise ApiError(400, message, [_error_item(f"/{name}", message, "string", value)])
+    return value
+
+
+def _parsed_query(
+    request: Request, query_schema: tuple[dict[str, Any], Draft202012Validator]
+) -> dict[str, Any]:
+    """The query string as the operation's parameters (`name[]` arrays, integers), validated
+    by the (schema, validator) of `_query_schema`."""
+    schema, validator = query_schema
+    properties = schema["properties"]
+    values: dict[str, list[str]] = {}
+    for name, value in request.query_params.multi_items():
+        base = name.removesuffix("[]")
+        is_array = properties.get(base, {}).get("type") == "array"
+        values.setdefault(base if is_array else name, []).append(value)
+    query: dict[str, Any] = {}
+    for name, vals in values.items():
+        prop = properties.get(name, {})
+        if prop.get("type") == "integer":
+            vals = [int(v) if v.lstrip("-").isdigit() else v for v in vals]
+        query[name] = vals if prop.get("type") == "array" or len(vals) > 1 else vals[0]
+    _validate(validator, query, "query")
+    return query
 
 
 class _Dropped(Response):
@@ -557,6 +730,35 @@ async def _writes(request: Request) -> Response:
     return JSONResponse(request.app.state.sandbox.writes.after(after, limit))
 
 
+async def _simulated_calls(request: Request) -> Response:
+    """`POST /_sandbox/calls` (CallSpec as camelCase JSON): simulate a call, emit its events;
+    `GET`: every simulated call with its current objects."""
+    activity: ActivityState = request.app.state.sandbox.activity
+    if request.method == "GET":
+        return JSONResponse([activity.call_record(r) for r in activity.simulated_calls])
+    try:
+        spec = CallSpec.from_json(json.loads(await request.body()))
+    except ValueError as exc:
+        return JSONResponse({"message": str(exc)}, status_code=400)
+    return JSONResponse(activity.simulate_call(spec), status_code=201)
+
+
+async def _simulated_messages(request: Request) -> Response:
+    """`POST /_sandbox/messages` ({externalNumber, direction, text, toAsString?}): simulate a
+    message, emit its event; `GET`: every simulated message."""
+    activity: ActivityState = request.app.state.sandbox.activity
+    if request.method == "GET":
+        messages = activity.messages
+        return JSONResponse(
+            [{**r, "message": messages[r["messageId"]]} for r in activity.simulated_messages]
+        )
+    try:
+        record = activity.simulate_message(json.loads(await request.body()))
+    except ValueError as exc:
+        return JSONResponse({"message": str(exc)}, status_code=400)
+    return JSONResponse(record, status_code=201)
+
+
 def build_app(state: SandboxState) -> Starlette:
     api = _Api(state)
     app = Starlette(
@@ -564,16 +766,32 @@ def build_app(state: SandboxState) -> Starlette:
             Route(CONTACTS, api.contacts, methods=["GET", "POST"]),
             Route(CONTACT, api.contact, methods=["GET", "PATCH", "DELETE"]),
             Route(CUSTOM_FIELDS, api.custom_field_definitions, methods=["GET"]),
+            *(
+                Route(f"{WEBHOOKS}/{kind}", partial(api.webhook_create, kind), methods=["POST"])
+                for kind in WEBHOOK_KINDS
+            ),
+            Route(WEBHOOKS, api.webhooks, methods=["GET"]),
+            Route(WEBHOOK, api.webhook, methods=["GET", "DELETE"]),
+            *(
+                Route(path, partial(api.activity_object, path), methods=["GET"])
+                for path in (CALL, CALL_SUMMARY, CALL_TRANSCRIPT, CALL_RECORDINGS, CALL_VOICEMAIL)
+            ),
+            Route(MESSAGE, partial(api.activity_object, MESSAGE), methods=["GET"]),
+            Route(PHONE_NUMBERS, api.phone_numbers, methods=["GET"]),
+            Route(USERS, api.users, methods=["GET"]),
             Route("/_sandbox/writes", _writes, methods=["GET"]),
+            Route("/_sandbox/calls", _simulated_calls, methods=["GET", "POST"]),
+            Route("/_sandbox/messages", _simulated_messages, methods=["GET", "POST"]),
+            *delivery_routes(),
             *admin_routes(
                 FAULT_STATUSES,
-                fault_kinds=KINDS,
+                fault_kinds=(*KINDS, *ACTIVITY_KINDS),
                 write_faults=True,
                 settings=("unique_external_ids",),
             ),
         ]
     )
-    app.state.sandbox = state
+    app.state.sandbox, app.state.delivery = state, state.activity.delivery
     return app
 
 
@@ -596,6 +814,55 @@ class QuoAdmin(AdminClient):
             found += batch
             after = batch[-1]["n"]
         return found
+
+    def simulate_call(
+        self,
+        external_number: str,
+        direction: str = "incoming",
+        outcome: str = "answered",
+        duration: int | None = None,
+        *,
+        recording: bool = False,
+        summary: bool = False,
+        transcript: bool = False,
+        empty_participants: bool = False,
+    ) -> dict[str, Any]:
+        """Simulate a call (outcome answered|missed|voicemail; only an answered one has a
+        recording, summary or transcript) and emit its events to the registered webhooks.
+        Returns {callId, eventIds, events: [{id, type}], deliveries, deepLink, ...}."""
+        spec: dict[str, Any] = {
+            "externalNumber": external_number,
+            "direction": direction,
+            "outcome": outcome,
+            "recording": recording,
+            "summary": summary,
+            "transcript": transcript,
+            "emptyParticipants": empty_participants,
+        }
+        if duration is not None:
+            spec["duration"] = duration
+        return self._admin_request("POST", "calls", json=spec).json()
+
+    def simulate_message(
+        self,
+        external_number: str,
+        text: str,
+        direction: str = "incoming",
+        *,
+        to_as_string: bool = False,
+    ) -> dict[str, Any]:
+        """Simulate a message; message.received (incoming) or message.delivered (outgoing)."""
+        spec = {"externalNumber": external_number, "direction": direction, "text": text}
+        if to_as_string:
+            spec["toAsString"] = True
+        return self._admin_request("POST", "messages", json=spec).json()
+
+    def simulated_calls(self) -> list[dict[str, Any]]:
+        """Every simulated call, with its call, recordings, summary, transcript, voicemail."""
+        return self._admin_request("GET", "calls").json()
+
+    def simulated_messages(self) -> list[dict[str, Any]]:
+        return self._admin_request("GET", "messages").json()
 
 
 class QuoSandbox(SandboxServer, QuoAdmin):
@@ -631,7 +898,7 @@ class QuoSandbox(SandboxServer, QuoAdmin):
         return build_app(state)
 
     def _close_state(self, state: SandboxState) -> None:
-        state.store.close()
+        state.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

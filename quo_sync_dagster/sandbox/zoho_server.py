@@ -3,9 +3,10 @@
 Enforces what real Zoho enforces and a lax fake would let through: the `Zoho-oauthtoken` auth
 form, a mandatory `fields` list, `per_page` <= 200, `page` paging only up to record 2,000 (then
 `page_token`), 204 with no body for an empty result, 429 without Retry-After, v8 body shapes for
-Calls and Notes. The people are generated deterministically on first start and persisted in the
-data dir, as are created calls, notes and channels. Binds 127.0.0.1 only; `/_sandbox/*` admin
-endpoints are unauthenticated.
+Calls (create, and update by id) and Notes. The people are generated deterministically on first
+start and persisted in the data dir, as are written calls, notes and channels (read them back
+through `GET /_sandbox/activities`). Binds 127.0.0.1 only; `/_sandbox/*` admin endpoints are
+unauthenticated.
 
 People can be created, edited, merged and deleted through `/_sandbox/people` while a sync runs.
 Each change is reported, as the Notification API does, to every live watch channel whose events
@@ -59,6 +60,7 @@ PAGE_LIMIT = 2000  # `page` paging stops here; beyond it only `page_token` works
 MAX_FIELDS = 50
 MAX_IDS = 100
 MAX_WRITE_RECORDS = 100
+MAX_TEXTAREA = 32_000  # a Description textarea
 TOKEN_TTL = timedelta(hours=24)
 DEFAULT_CHANNEL_TTL = timedelta(hours=1)  # also what a too-distant channel_expiry falls back to
 MAX_CHANNEL_TTL = timedelta(weeks=1)
@@ -735,8 +737,49 @@ class _Api:
     async def notes(self, request: Request) -> Response:
         return await self.serve(request, "create_note", self._create_notes)
 
+    async def call(self, request: Request) -> Response:
+        return await self.serve(request, "update_call", self._update_call)
+
     async def _create_calls(self, request: Request) -> Response:
         return self._write(await self._json(request, "data"), "calls", self._check_call)
+
+    async def _update_call(self, request: Request) -> Response:
+        """PUT /Calls/{id}: the one record in `data` changes the fields it names; the call must
+        still be valid afterwards (an Inbound call with a zero duration is refused here too)."""
+        call_id = request.path_params["id"]
+        items = await self._json(request, "data")
+        if len(items) != 1:
+            raise ZohoError(400, "INVALID_DATA", "one record per update by id", json_path="$.data")
+        calls = self.state.activity["calls"]
+        index = next((n for n, c in enumerate(calls) if c["id"] == call_id), None)
+        try:
+            if index is None:  # as Zoho answers an unknown id in the URL
+                raise ZohoError(
+                    400, "INVALID_DATA", "the id given seems to be invalid", resource_path_index=1
+                )
+            item, path = items[0], "$.data[0]"
+            if not isinstance(item, dict):
+                raise ZohoError(400, "INVALID_DATA", "invalid data", json_path=path)
+            if "id" in item and str(item["id"]) != call_id:
+                raise _invalid("id", path, "the id in the URL")
+            # Fields Zoho sets itself are not the caller's to change: ignored, as Zoho does.
+            changes = {k: v for k, v in item.items() if k not in SYSTEM_FIELDS}
+            updated = {**calls[index], **changes}
+            self._check_call(updated, path)
+        except ZohoError as exc:
+            return JSONResponse({"data": [exc.body()]}, status_code=400)
+        now = _iso(datetime.now(UTC))
+        calls[index] = {**updated, "Modified_Time": now}
+        self.state.save_activity()
+        details = {
+            "id": call_id,
+            "Created_Time": updated["Created_Time"],
+            "Modified_Time": now,
+            "Created_By": OWNER,
+            "Modified_By": OWNER,
+        }
+        result = {"code": "SUCCESS", "details": details, "message": "record updated"}
+        return JSONResponse({"data": [{**result, "status": "success"}]})
 
     async def _create_notes(self, request: Request) -> Response:
         return self._write(await self._json(request, "data"), "notes", self._check_note)
@@ -796,6 +839,18 @@ class _Api:
             match = _DURATION.match(duration) if isinstance(duration, str) else None
             if match is None or (call_type != "Missed" and match.group(0) in ("0:00", "00:00")):
                 raise _invalid("Call_Duration", path, "mm:ss, non-zero for Inbound/Outbound")
+        description = call.get("Description")
+        if description is not None and not isinstance(description, str):
+            raise _invalid("Description", path, "textarea")
+        if description is not None and len(description) > MAX_TEXTAREA:
+            raise ZohoError(
+                400,
+                "INVALID_DATA",
+                "invalid data",
+                api_name="Description",
+                json_path=f"{path}.Description",
+                maximum_length=MAX_TEXTAREA,
+            )
         # Who_Id ("Contact Name") looks up Contacts only; a Lead is the "Related To" record:
         # What_Id with $se_module "Leads", and then no contact may be named.
         if "Who_Id" in call and self._check_person_ref(call["Who_Id"], "Who_Id", path) != (
@@ -1019,6 +1074,48 @@ async def _admin_created(request: Request) -> Response:
     return JSONResponse({**activity, "channels": list(activity["channels"].values())})
 
 
+def _person_key(ref: object, module: object) -> str | None:
+    """The connector's record key ("Contacts-<id>") of a lookup `{"id": ...}` in `module`."""
+    return f"{module}-{ref['id']}" if isinstance(ref, dict) and "id" in ref else None
+
+
+def sandbox_activities(state: ZohoState) -> list[dict[str, Any]]:
+    """What was logged on people, one shape for every simulator: `person` is the connector's
+    record key, `body` the text a person reads, `kind` call or note."""
+    found = []
+    for call in state.activity["calls"]:
+        person = _person_key(call.get("Who_Id"), "Contacts") or _person_key(
+            call.get("What_Id"), call.get("$se_module")
+        )
+        found.append(
+            {
+                "id": call["id"],
+                "kind": "call",
+                "person": person,
+                "subject": call.get("Subject"),
+                "body": call.get("Description") or "",
+                "record": call,
+            }
+        )
+    for note in state.activity["notes"]:
+        parent = note.get("Parent_Id") or {}
+        found.append(
+            {
+                "id": note["id"],
+                "kind": "note",
+                "person": _person_key(parent, (parent.get("module") or {}).get("api_name")),
+                "subject": note.get("Note_Title"),
+                "body": note.get("Note_Content") or "",
+                "record": note,
+            }
+        )
+    return found
+
+
+async def _admin_activities(request: Request) -> Response:
+    return JSONResponse({"activities": sandbox_activities(request.app.state.zoho)})
+
+
 async def _admin_touch(request: Request) -> Response:
     state: ZohoState = request.app.state.zoho
     try:
@@ -1091,12 +1188,14 @@ def build_app(state: ZohoState) -> Starlette:
     app = Starlette(
         routes=[
             Route(f"{API}/Calls", api.calls, methods=["POST"]),
+            Route(f"{API}/Calls/{{id}}", api.call, methods=["PUT"]),
             Route(f"{API}/Notes", api.notes, methods=["POST"]),
             Route(f"{API}/actions/watch", api.watch, methods=["GET", "POST", "PATCH", "DELETE"]),
             Route(f"{API}/{{module}}/actions/count", api.count, methods=["GET"]),
             Route(f"{API}/{{module}}/deleted", api.deleted, methods=["GET"]),
             Route(f"{API}/{{module}}", api.records, methods=["GET"]),
             Route("/_sandbox/created", _admin_created, methods=["GET"]),
+            Route("/_sandbox/activities", _admin_activities, methods=["GET"]),
             Route("/_sandbox/touch", _admin_touch, methods=["POST"]),
             Route("/_sandbox/people", _admin_people, methods=["GET", "POST"]),
             Route("/_sandbox/people/{record_id}", _admin_person, methods=["PATCH", "DELETE"]),
@@ -1141,6 +1240,10 @@ class ZohoSandbox(SandboxServer):
     def created(self) -> dict[str, list[dict[str, Any]]]:
         """What was written through the API: {"calls": [...], "notes": [...], "channels": [...]}"""
         return self._admin_request("GET", "created").json()
+
+    def activities(self) -> list[dict[str, Any]]:
+        """Every call and note written on people (`GET /_sandbox/activities`)."""
+        return self._admin_request("GET", "activities").json()["activities"]
 
     def touch(self, module: str, ids: Sequence[str]) -> int:
         """Set Modified_Time of these records to now; returns how many were found."""

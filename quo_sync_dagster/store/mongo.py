@@ -33,6 +33,7 @@ from quo_sync_dagster.core.process import (
 from quo_sync_dagster.core.ratelimit import GovernorState
 from quo_sync_dagster.store.port import (
     MAX_STORED_ERRORS,
+    ActivityRecord,
     AlreadyRunning,
     InboxItem,
     NotFound,
@@ -87,7 +88,13 @@ def _inbox_item(doc: Mapping[str, Any]) -> InboxItem:
         received_at=datetime.fromtimestamp(doc["enqueued_at"], UTC).isoformat(
             timespec="microseconds"
         ),
+        attempts=doc.get("attempts", 0),
+        last_error=doc.get("last_error"),
     )
+
+
+def _link(doc: Mapping[str, Any]) -> ContactLink:
+    return ContactLink(doc["quo_id"], doc["content_hash"], tuple(doc.get("phones", ())))
 
 
 def _process(doc: Mapping[str, Any]) -> Process:
@@ -136,7 +143,7 @@ class MongoStore(Store):
         self._links = db["contact_links"]
         self._governors = db["governors"]
         self._inbox = db["webhook_inbox"]
-        self._activities = db["activities"]
+        self._activities = db["activity_records"]
         self._locks = db["locks"]  # _id: exclusive key, process_id: the Process holding it
         self._subscriptions = db["webhook_subscriptions"]  # _id: integration id
         self._watermarks = db["watermarks"]
@@ -159,6 +166,7 @@ class MongoStore(Store):
         self._activities.create_index(
             [("integration_id", ASCENDING), ("quo_object_id", ASCENDING)], unique=True
         )
+        self._links.create_index([("integration_id", ASCENDING), ("phones", ASCENDING)])
         self._watermarks.create_index(
             [("integration_id", ASCENDING), ("object_type", ASCENDING)], unique=True
         )
@@ -407,21 +415,26 @@ class MongoStore(Store):
             docs = self._links.find(
                 {"integration_id": integration_id, "external_id": {"$in": chunk}}
             )
-            links.update(
-                (doc["external_id"], ContactLink(doc["quo_id"], doc["content_hash"]))
-                for doc in docs
-            )
+            links.update((doc["external_id"], _link(doc)) for doc in docs)
         return links
 
     def put_contact_links(self, integration_id: str, links: Mapping[str, ContactLink]) -> None:
         if not links:
             return  # bulk_write rejects an empty batch
+        now = time.time()
         # UpdateMany, not UpdateOne: mongomock 4.3 cannot take the `sort` that pymongo >= 4.10
         # sends with UpdateOne. The filter is the unique key, so each matches at most one link.
         upserts = [
             UpdateMany(
                 {"integration_id": integration_id, "external_id": external_id},
-                {"$set": {"quo_id": link.quo_id, "content_hash": link.content_hash}},
+                {
+                    "$set": {
+                        "quo_id": link.quo_id,
+                        "content_hash": link.content_hash,
+                        "phones": list(link.phones),
+                        "linked_at": now,
+                    }
+                },
                 upsert=True,
             )
             for external_id, link in links.items()
@@ -440,6 +453,19 @@ class MongoStore(Store):
                 {"integration_id": integration_id, "external_id": {"$in": chunk}}
             )
 
+    def people_by_phone(self, integration_id: str, phones: Iterable[str]) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for chunk in _chunks(phones):
+            wanted = set(chunk)
+            docs = self._links.find(
+                {"integration_id": integration_id, "phones": {"$in": chunk}},
+                {"_id": 0, "external_id": 1, "phones": 1, "linked_at": 1},
+            )
+            for doc in sorted(docs, key=lambda d: (-d.get("linked_at", 0.0), d["external_id"])):
+                for phone in wanted.intersection(doc.get("phones", [])):
+                    found.setdefault(phone, []).append(doc["external_id"])
+        return found
+
     def count_contact_links(self, integration_id: str) -> int:
         return self._links.count_documents({"integration_id": integration_id})
 
@@ -451,13 +477,13 @@ class MongoStore(Store):
             docs = list(
                 self._links.find(
                     {"integration_id": integration_id, "external_id": {"$gt": after}},
-                    {"_id": 0, "external_id": 1, "quo_id": 1, "content_hash": 1},
+                    {"_id": 0, "external_id": 1, "quo_id": 1, "content_hash": 1, "phones": 1},
                     sort=[("external_id", ASCENDING)],
                     limit=_LINKS_PER_READ,
                 )
             )
             for doc in docs:
-                yield doc["external_id"], ContactLink(doc["quo_id"], doc["content_hash"])
+                yield doc["external_id"], _link(doc)
             if len(docs) < _LINKS_PER_READ:
                 return
             after = docs[-1]["external_id"]
@@ -590,6 +616,14 @@ class MongoStore(Store):
             )
         )
 
+    def defer_webhooks(self, item_ids: Iterable[str], seconds: float, reason: str) -> None:
+        until = time.time() + seconds
+        for chunk in _chunks(_object_ids(item_ids)):
+            self._inbox.update_many(
+                {"_id": {"$in": chunk}, "acked": False},
+                {"$set": {"lease_until": until, "last_error": reason}, "$inc": {"attempts": 1}},
+            )
+
     def webhook_backlog(self, integration_id: str) -> int:
         return self._inbox.count_documents({"integration_id": integration_id, "acked": False})
 
@@ -659,21 +693,25 @@ class MongoStore(Store):
             )
 
     # ---- activity map ---------------------------------------------------------------------------
-    def put_activity(self, integration_id: str, quo_object_id: str, crm_activity_id: str) -> bool:
-        try:
-            self._activities.insert_one(
-                {
-                    "integration_id": integration_id,
-                    "quo_object_id": quo_object_id,
-                    "crm_activity_id": crm_activity_id,
-                }
+    def get_activity_records(
+        self, integration_id: str, quo_object_ids: Iterable[str]
+    ) -> dict[str, ActivityRecord]:
+        records: dict[str, ActivityRecord] = {}
+        for chunk in _chunks(quo_object_ids):
+            docs = self._activities.find(
+                {"integration_id": integration_id, "quo_object_id": {"$in": chunk}}
             )
-        except DuplicateKeyError:
-            return False
-        return True
+            for doc in docs:
+                records[doc["quo_object_id"]] = ActivityRecord(doc["state"], doc["crm_ids"])
+        return records
 
-    def get_activity(self, integration_id: str, quo_object_id: str) -> str | None:
-        doc = self._activities.find_one(
-            {"integration_id": integration_id, "quo_object_id": quo_object_id}
+    def put_activity_record(
+        self, integration_id: str, quo_object_id: str, record: ActivityRecord
+    ) -> None:
+        # The JSON round trip gives the SQLite adapter's contract (JSON values only).
+        value = json.loads(json.dumps({"state": record.state, "crm_ids": record.crm_ids}))
+        self._activities.replace_one(
+            {"integration_id": integration_id, "quo_object_id": quo_object_id},
+            {"integration_id": integration_id, "quo_object_id": quo_object_id, **value},
+            upsert=True,
         )
-        return doc["crm_activity_id"] if doc else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from quo_sync_dagster.core.models import ContactLink, Integration
@@ -48,6 +48,17 @@ class InboxItem:
     event_id: str
     payload: dict[str, Any]
     received_at: str  # ISO 8601 UTC, stamped by the store when the item was enqueued
+    attempts: int = 0  # how often it was deferred after a failure
+    last_error: str | None = None  # why it was last deferred
+
+
+@dataclass(frozen=True)
+class ActivityRecord:
+    """One Quo call or message as logged: everything Quo sent about it so far, merged
+    (core.activities), and the CRM activity made for each person it is logged on."""
+
+    state: dict[str, Any]
+    crm_ids: dict[str, str] = field(default_factory=dict)  # person externalId -> activity id
 
 
 class Store(ABC):
@@ -190,6 +201,11 @@ class Store(ABC):
         (unacknowledged, lease expired or never leased)."""
 
     @abstractmethod
+    def defer_webhooks(self, item_ids: Iterable[str], seconds: float, reason: str) -> None:
+        """Items that failed: claimable again after `seconds`, with `attempts` counted up and
+        `reason` kept as `last_error`. Acked and unknown ids are ignored."""
+
+    @abstractmethod
     def webhook_backlog(self, integration_id: str) -> int:
         """How many of the integration's items are not acknowledged yet, leased or not."""
 
@@ -234,13 +250,24 @@ class Store(ABC):
     def delete_tombstones(self, integration_id: str, external_ids: Iterable[str]) -> None:
         """Ids without a tombstone are ignored."""
 
-    # ---- activity map (Quo message/call id -> CRM activity id) ------------------------------
+    # ---- activity map (Quo message/call id -> what was logged on the CRM) -------------------
     @abstractmethod
-    def put_activity(self, integration_id: str, quo_object_id: str, crm_activity_id: str) -> bool:
-        """False (and nothing changed) when the Quo object was already logged."""
+    def get_activity_records(
+        self, integration_id: str, quo_object_ids: Iterable[str]
+    ) -> dict[str, ActivityRecord]:
+        """The records of those Quo objects that have one."""
 
     @abstractmethod
-    def get_activity(self, integration_id: str, quo_object_id: str) -> str | None: ...
+    def put_activity_record(
+        self, integration_id: str, quo_object_id: str, record: ActivityRecord
+    ) -> None:
+        """Replace the object's record (JSON values only)."""
+
+    # ---- phone index (from the contact links) ------------------------------------------------
+    @abstractmethod
+    def people_by_phone(self, integration_id: str, phones: Iterable[str]) -> dict[str, list[str]]:
+        """E.164 number -> the externalIds of the linked people who have it, the most recently
+        linked first; numbers nobody has are left out."""
 
     def close(self) -> None:
         """Release connections."""

@@ -32,6 +32,7 @@ from quo_sync_dagster.core.process import (
 from quo_sync_dagster.core.ratelimit import GovernorState
 from quo_sync_dagster.store.port import (
     MAX_STORED_ERRORS,
+    ActivityRecord,
     AlreadyRunning,
     InboxItem,
     NotFound,
@@ -135,14 +136,23 @@ CREATE TABLE IF NOT EXISTS tombstones (
     external_id TEXT NOT NULL,
     PRIMARY KEY (integration_id, external_id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS activities (
+CREATE TABLE IF NOT EXISTS activity_records (
     integration_id TEXT NOT NULL,
     quo_object_id TEXT NOT NULL,
-    crm_activity_id TEXT NOT NULL,
+    record TEXT NOT NULL,
     PRIMARY KEY (integration_id, quo_object_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS phone_index (
+    integration_id TEXT NOT NULL,
+    phone TEXT NOT NULL,
+    external_id TEXT NOT NULL,
+    linked_at TEXT NOT NULL,
+    PRIMARY KEY (integration_id, phone, external_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS phone_index_by_person ON phone_index (integration_id, external_id);
 """
-_INBOX_COLUMNS = "id, integration_id, event_id, payload, received_at"
+_INBOX_COLUMNS = "id, integration_id, event_id, payload, received_at, attempts, last_error"
+_LINK_COLUMNS = "external_id, quo_id, content_hash, phones"
 _ROWID = re.compile(r"[1-9][0-9]{0,17}")  # str() of a rowid; 18 digits stay below 2**63
 _T = TypeVar("_T")
 
@@ -159,6 +169,10 @@ def _added_columns() -> Iterator[tuple[str, str, str]]:
         yield "processes", name, "INTEGER NOT NULL DEFAULT 0"
     yield "pages", "skipped", "INTEGER NOT NULL DEFAULT 0"
     yield "webhook_inbox", "received_at", f"TEXT NOT NULL DEFAULT '{_now()}'"
+    yield "webhook_inbox", "attempts", "INTEGER NOT NULL DEFAULT 0"
+    yield "webhook_inbox", "last_error", "TEXT"
+    # Links made before numbers were kept get theirs at the next upsert (ContactUpserter).
+    yield "contact_links", "phones", "TEXT NOT NULL DEFAULT '[]'"
 
 
 def _check_counters(names: Iterable[str]) -> None:
@@ -503,7 +517,7 @@ class SqliteStore(Store):
         )
         return [ErrorDetail(**row) for row in reversed(rows.fetchall())]
 
-    # ---- externalId -> Quo id map -------------------------------------------------------------
+    # ---- externalId -> Quo id map and the phone index -------------------------------------------
     def get_contact_links(
         self, integration_id: str, external_ids: Iterable[str]
     ) -> dict[str, ContactLink]:
@@ -511,29 +525,63 @@ class SqliteStore(Store):
         conn = self._conn()
         for chunk in _chunks(external_ids):
             rows = conn.execute(
-                "SELECT external_id, quo_id, content_hash FROM contact_links "
+                f"SELECT {_LINK_COLUMNS} FROM contact_links "
                 f"WHERE integration_id = ? AND external_id IN ({_placeholders(len(chunk))})",
                 (integration_id, *chunk),
             )
-            links.update((row[0], ContactLink(row[1], row[2])) for row in rows)
+            links.update((row[0], _link(row)) for row in rows)
         return links
 
     def put_contact_links(self, integration_id: str, links: Mapping[str, ContactLink]) -> None:
+        now = _now()
         with self._write() as conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO contact_links VALUES (?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO contact_links (integration_id, {_LINK_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?)",
                 [
-                    (integration_id, external_id, link.quo_id, link.content_hash)
-                    for external_id, link in links.items()
+                    (integration_id, ext, link.quo_id, link.content_hash, json.dumps(link.phones))
+                    for ext, link in links.items()
+                ],
+            )
+            self._unindex(conn, integration_id, list(links))
+            conn.executemany(
+                "INSERT OR REPLACE INTO phone_index VALUES (?, ?, ?, ?)",
+                [
+                    (integration_id, phone, ext, now)
+                    for ext, link in links.items()
+                    for phone in link.phones
                 ],
             )
 
     def delete_contact_links(self, integration_id: str, external_ids: Iterable[str]) -> None:
+        ids = list(external_ids)
         with self._write() as conn:
             conn.executemany(
                 "DELETE FROM contact_links WHERE integration_id = ? AND external_id = ?",
-                [(integration_id, external_id) for external_id in external_ids],
+                [(integration_id, external_id) for external_id in ids],
             )
+            self._unindex(conn, integration_id, ids)
+
+    @staticmethod
+    def _unindex(conn: sqlite3.Connection, integration_id: str, external_ids: list[str]) -> None:
+        conn.executemany(
+            "DELETE FROM phone_index WHERE integration_id = ? AND external_id = ?",
+            [(integration_id, external_id) for external_id in external_ids],
+        )
+
+    def people_by_phone(self, integration_id: str, phones: Iterable[str]) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        conn = self._conn()
+        for chunk in _chunks(phones):
+            rows = conn.execute(
+                "SELECT phone, external_id FROM phone_index "
+                f"WHERE integration_id = ? AND phone IN ({_placeholders(len(chunk))}) "
+                "ORDER BY linked_at DESC, external_id",
+                (integration_id, *chunk),
+            )
+            for phone, external_id in rows:
+                found.setdefault(phone, []).append(external_id)
+        return found
 
     def count_contact_links(self, integration_id: str) -> int:
         return (
@@ -552,14 +600,14 @@ class SqliteStore(Store):
             rows = (
                 self._conn()
                 .execute(
-                    "SELECT external_id, quo_id, content_hash FROM contact_links "
+                    f"SELECT {_LINK_COLUMNS} FROM contact_links "
                     "WHERE integration_id = ? AND external_id > ? ORDER BY external_id LIMIT ?",
                     (integration_id, after, _LINKS_PER_READ),
                 )
                 .fetchall()
             )
             for row in rows:
-                yield row[0], ContactLink(row[1], row[2])
+                yield row[0], _link(row)
             if len(rows) < _LINKS_PER_READ:
                 return
             after = rows[-1][0]
@@ -571,7 +619,7 @@ class SqliteStore(Store):
         for olds in _chunks(moves):
             with self._write() as conn:
                 rows = conn.execute(
-                    "SELECT external_id, quo_id, content_hash FROM contact_links WHERE "
+                    f"SELECT {_LINK_COLUMNS} FROM contact_links WHERE "
                     f"integration_id = ? AND external_id IN ({_placeholders(len(olds))})",
                     (integration_id, *olds),
                 ).fetchall()
@@ -580,8 +628,14 @@ class SqliteStore(Store):
                     [(integration_id, row[0]) for row in rows],
                 )
                 conn.executemany(
-                    "INSERT OR REPLACE INTO contact_links VALUES (?, ?, ?, ?)",
-                    [(integration_id, moves[row[0]], row[1], row[2]) for row in rows],
+                    f"INSERT OR REPLACE INTO contact_links (integration_id, {_LINK_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [(integration_id, moves[row[0]], row[1], row[2], row[3]) for row in rows],
+                )
+                conn.executemany(
+                    "UPDATE OR REPLACE phone_index SET external_id = ? "
+                    "WHERE integration_id = ? AND external_id = ?",
+                    [(moves[row[0]], integration_id, row[0]) for row in rows],
                 )
             renamed += len(rows)
         return renamed
@@ -610,6 +664,8 @@ class SqliteStore(Store):
             event_id=row["event_id"],
             payload=json.loads(row["payload"]),
             received_at=row["received_at"],
+            attempts=row["attempts"],
+            last_error=row["last_error"],
         )
 
     def enqueue_webhook(self, integration_id: str, event_id: str, payload: dict[str, Any]) -> bool:
@@ -670,6 +726,15 @@ class SqliteStore(Store):
             (time.time(),),
         )
         return [row[0] for row in rows]
+
+    def defer_webhooks(self, item_ids: Iterable[str], seconds: float, reason: str) -> None:
+        until = time.time() + seconds
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE webhook_inbox SET lease_until = ?, attempts = attempts + 1, "
+                "last_error = ? WHERE id = ? AND acked = 0",
+                [(until, reason, row_id) for row_id in _row_ids(item_ids)],
+            )
 
     def webhook_backlog(self, integration_id: str) -> int:
         row = (
@@ -760,22 +825,31 @@ class SqliteStore(Store):
             )
 
     # ---- activity map ---------------------------------------------------------------------------
-    def put_activity(self, integration_id: str, quo_object_id: str, crm_activity_id: str) -> bool:
-        with self._write() as conn:
-            inserted = conn.execute(
-                "INSERT OR IGNORE INTO activities VALUES (?, ?, ?)",
-                (integration_id, quo_object_id, crm_activity_id),
+    def get_activity_records(
+        self, integration_id: str, quo_object_ids: Iterable[str]
+    ) -> dict[str, ActivityRecord]:
+        records: dict[str, ActivityRecord] = {}
+        conn = self._conn()
+        for chunk in _chunks(quo_object_ids):
+            rows = conn.execute(
+                "SELECT quo_object_id, record FROM activity_records "
+                f"WHERE integration_id = ? AND quo_object_id IN ({_placeholders(len(chunk))})",
+                (integration_id, *chunk),
             )
-        return inserted.rowcount == 1
+            for quo_object_id, record in rows:
+                records[quo_object_id] = ActivityRecord(**json.loads(record))
+        return records
 
-    def get_activity(self, integration_id: str, quo_object_id: str) -> str | None:
-        row = (
-            self._conn()
-            .execute(
-                "SELECT crm_activity_id FROM activities "
-                "WHERE integration_id = ? AND quo_object_id = ?",
-                (integration_id, quo_object_id),
+    def put_activity_record(
+        self, integration_id: str, quo_object_id: str, record: ActivityRecord
+    ) -> None:
+        value = json.dumps({"state": record.state, "crm_ids": record.crm_ids})
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO activity_records VALUES (?, ?, ?)",
+                (integration_id, quo_object_id, value),
             )
-            .fetchone()
-        )
-        return row[0] if row else None
+
+
+def _link(row: sqlite3.Row) -> ContactLink:
+    return ContactLink(row[1], row[2], tuple(json.loads(row[3])))

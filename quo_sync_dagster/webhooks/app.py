@@ -1,4 +1,6 @@
-"""The CRM webhook receiver: `POST /webhooks/crm/{crm}/{integration_id}` and `GET /healthz`.
+"""The webhook receiver: `POST /webhooks/crm/{crm}/{integration_id}` (CRM changes),
+`POST /webhooks/quo/{integration_id}` (Quo calls and messages, `webhooks.quo_route`) and
+`GET /healthz`.
 
 A delivery is checked in this order: a CRM with a webhook handler (else 404), a declared size
 under the cap (413), an integration of that CRM with a webhook subscription (404), a body under
@@ -13,11 +15,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio.to_thread
 from starlette.applications import Starlette
@@ -43,11 +45,14 @@ from quo_sync_dagster.webhooks.verify import iso
 log = logging.getLogger(__name__)
 
 PATH = "/webhooks/crm/{crm}/{integration_id}"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class ReceiverSettings:
     max_body_bytes: int = 256 * 1024
+    # Quo events are larger: a call.transcript.completed holds the whole dialogue of the call.
+    quo_max_body_bytes: int = 2 * 1024 * 1024
     timestamp_tolerance_seconds: float = DEFAULT_TIMESTAMP_TOLERANCE_SECONDS
     # Integrations, subscriptions and resolved secrets are reused this long: a changed
     # subscription or rotated secret takes effect within it.
@@ -55,38 +60,46 @@ class ReceiverSettings:
     cache_max_entries: int = 10_000  # unknown ids are cached too; this bounds what they cost
 
 
-class _Contexts:
-    """Verification contexts per (crm, integration id), or the 404 a lookup ended in, kept for
-    the cache TTL. Store reads and secret resolution happen off the event loop."""
+class LookupCache(Generic[T]):
+    """What `lookup(*key)` found per key, or the 404 it ended in, kept for the cache TTL (the
+    CRM route's verification contexts, the Quo route's keys). Lookups run off the event loop;
+    any other Rejected (a store or secret outage) is raised and not remembered."""
 
-    def __init__(
-        self, store: Store, handlers: dict[str, WebhookHandler], settings: ReceiverSettings
-    ) -> None:
-        self.store, self.handlers, self.settings = store, handlers, settings
-        self._cache: dict[tuple[str, str], tuple[float, WebhookContext | str]] = {}
+    def __init__(self, settings: ReceiverSettings, lookup: Callable[..., T]) -> None:
+        self.settings, self.lookup = settings, lookup
+        self._cache: dict[tuple[str, ...], tuple[float, T | Rejected]] = {}
 
-    async def get(self, crm: str, integration_id: str) -> WebhookContext:
-        key = (crm, integration_id)
-        expires, found = self._cache.get(key, (0.0, ""))
-        if expires <= time.monotonic():
+    async def get(self, *key: str) -> T:
+        expires, found = self._cache.get(key, (0.0, None))
+        if found is None or expires <= time.monotonic():
             try:
-                found = await anyio.to_thread.run_sync(self._lookup, crm, integration_id)
+                found = await anyio.to_thread.run_sync(self.lookup, *key)
             except Rejected as rejected:
-                if rejected.status != 404:  # a store or secret outage is not remembered
+                if rejected.status != 404:
                     raise
-                found = rejected.reason
+                found = rejected
             self._remember(key, found)
-        if isinstance(found, str):
-            raise Rejected(404, found)
+        if isinstance(found, Rejected):
+            raise Rejected(404, found.reason)
         return found
 
-    def _remember(self, key: tuple[str, str], found: WebhookContext | str) -> None:
+    def _remember(self, key: tuple[str, ...], found: T | Rejected) -> None:
         now = time.monotonic()
         if len(self._cache) >= self.settings.cache_max_entries:
             self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
             while len(self._cache) >= self.settings.cache_max_entries:
                 del self._cache[next(iter(self._cache))]  # the oldest entry
         self._cache[key] = (now + self.settings.cache_ttl_seconds, found)
+
+
+class _Contexts(LookupCache[WebhookContext]):
+    """Verification contexts per (crm, integration id)."""
+
+    def __init__(
+        self, store: Store, handlers: dict[str, WebhookHandler], settings: ReceiverSettings
+    ) -> None:
+        super().__init__(settings, self._lookup)
+        self.store, self.handlers = store, handlers
 
     def _lookup(self, crm: str, integration_id: str) -> WebhookContext:
         try:
@@ -114,7 +127,7 @@ class _Contexts:
         return WebhookContext(integration, connector, subscription, secret)
 
 
-async def _read_body(request: Request, cap: int) -> bytes:
+async def read_body(request: Request, cap: int) -> bytes:
     """The body, refusing it as soon as it passes `cap` bytes (whatever Content-Length said)."""
     body = bytearray()
     async for chunk in request.stream():
@@ -129,6 +142,9 @@ def create_app(
 ) -> Starlette:
     """The receiver on `store` (integrations and subscriptions), writing to `inbox` (default:
     the store's inbox). The caller closes both after the app has shut down."""
+    # Imported here: quo_route imports this module's cache, settings and body reader.
+    from quo_sync_dagster.webhooks.quo_route import quo_route
+
     settings = settings or ReceiverSettings()
     handlers: dict[str, WebhookHandler] = {
         crm: cls(settings.timestamp_tolerance_seconds) for crm, cls in registered_handlers().items()
@@ -148,7 +164,7 @@ def create_app(
             if int(declared) > settings.max_body_bytes:
                 raise Rejected(413, f"body over {settings.max_body_bytes} bytes")
             context = await contexts.get(crm, integration_id)
-            body = await _read_body(request, settings.max_body_bytes)
+            body = await read_body(request, settings.max_body_bytes)
             received_at = datetime.now(UTC)
             delivery = Delivery(body, request.headers, request.query_params, received_at)
             changes = handler.changes(delivery, context)
@@ -202,7 +218,11 @@ def create_app(
             await anyio.to_thread.run_sync(app.state.writer.close)
 
     return Starlette(
-        routes=[Route(PATH, receive, methods=["POST"]), Route("/healthz", healthz)],
+        routes=[
+            Route(PATH, receive, methods=["POST"]),
+            quo_route(store, settings),
+            Route("/healthz", healthz),
+        ],
         lifespan=lifespan,
     )
 

@@ -1,0 +1,213 @@
+"""`quo_activity_sensor` and `<crm>_log_activities`: Quo calls and messages onto CRM people.
+
+The receiver stores each verified Quo event in the inbox under the integration's activity
+queue (core.activities.activity_queue). Each tick, `quo_activity_sensor` claims what waits per
+integration and launches one `<crm>_log_activities` run per integration with a run key (an
+integration whose previous run is live waits). The run logs the events
+(activity_logging.log_activities), acknowledges what it logged, and defers what failed with
+its reason and a growing back-off, so a CRM outage heals by itself and a failure is never
+dropped silently. Items of a run that failed or was killed are released by the next tick.
+Each run materializes `<crm>_crm_activities` per integration with its counts and a table of
+failures.
+"""
+
+# No `from __future__ import annotations`: Dagster reads the config class from the annotation.
+
+import json
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from quo_sync_dagster.core.activities import activity_queue
+from quo_sync_dagster.crms.base import CRMConnector
+from quo_sync_dagster.orchestration.activity_logging import ActivityReport, log_activities
+from quo_sync_dagster.orchestration.completion import SENSOR_INTERVAL_SECONDS
+from quo_sync_dagster.orchestration.inbox_runs import (
+    busy_integrations,
+    next_check,
+    release_items_of_failed_runs,
+)
+from quo_sync_dagster.orchestration.planning import open_integration
+from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
+from quo_sync_dagster.orchestration.tags import TAG_CRM, TAG_INTEGRATION
+
+MAX_ITEMS_PER_RUN = 500
+LEASE_MARGIN_SECONDS = 120  # beyond the job's maximum runtime
+RETRY_BASE_SECONDS = 30.0  # a failed item waits 30 s, 60 s, 120 s, ... up to an hour
+RETRY_MAX_SECONDS = 3600.0
+MAX_FAILURES_SHOWN = 50
+
+
+def activity_job_name(crm: str) -> str:
+    return f"{crm}_log_activities"
+
+
+def activities_key(crm: str) -> dg.AssetKey:
+    return dg.AssetKey(f"{crm}_crm_activities")
+
+
+def _op_name(crm: str) -> str:
+    return f"{crm}_log_quo_activities"
+
+
+class LogActivitiesConfig(dg.Config):
+    integration_id: str = Field(description="The integration whose Quo events to log")
+    item_ids: list[str] = Field(description="Inbox items claimed for this run by the sensor")
+
+
+def retry_delay(attempts: int) -> float:
+    """How long an item that failed `attempts` times before waits for its next try."""
+    return min(RETRY_BASE_SECONDS * 2 ** min(attempts, 16), RETRY_MAX_SECONDS)
+
+
+def build_activity_definitions(connectors: Sequence[type[CRMConnector]]) -> dg.Definitions:
+    """Every CRM's `<crm>_log_activities` job and `<crm>_crm_activities` asset, and the one
+    `quo_activity_sensor` that launches them."""
+    built = [_build_activity_job(c) for c in connectors]
+    jobs = [job for job, _ in built]
+    return dg.Definitions(
+        assets=[asset for _, asset in built], jobs=jobs, sensors=[_build_activity_sensor(jobs)]
+    )
+
+
+def _build_activity_job(
+    connector_cls: type[CRMConnector],
+) -> tuple[dg.JobDefinition, dg.AssetSpec]:
+    crm = connector_cls.name
+    key = activities_key(crm)
+    run_tags = {
+        TAG_CRM: crm,
+        "dagster/max_runtime": str(connector_cls.crm_config.queue_config.timeout),
+    }
+
+    @dg.op(
+        name=_op_name(crm),
+        description=f"Log Quo calls and messages on {crm} people, one activity per call",
+    )
+    def log_quo_activities(
+        context: dg.OpExecutionContext,
+        config: LogActivitiesConfig,
+        store: StoreResource,
+        quo: QuoResource,
+    ) -> None:
+        s = store.get()
+        items = s.get_webhooks(config.item_ids)  # acknowledged ones are done already
+        connector, client = open_integration(s, quo, crm, config.integration_id)
+        started = time.perf_counter()
+        try:
+            with client:
+                report = log_activities(s, connector, client, items)
+        finally:
+            connector.close()
+        s.ack_webhooks(report.done)
+        attempts = {item.id: item.attempts for item in items}
+        for item_id, reason in report.retry.items():
+            s.defer_webhooks([item_id], retry_delay(attempts.get(item_id, 0)), reason)
+        seconds = time.perf_counter() - started
+        context.log.info(
+            f"{report.events} Quo events: {report.created} activities created, "
+            f"{report.enriched} enriched, {report.duplicates} duplicates dropped, "
+            f"{report.unmatched} unmatched, {report.waiting} waiting, {report.failed} failed, "
+            f"{len(report.retry)} to retry in {seconds:.1f} s"
+        )
+        context.log_event(
+            dg.AssetMaterialization(
+                asset_key=key,
+                metadata=_metadata(config.integration_id, report, seconds),
+                tags={TAG_INTEGRATION: config.integration_id},
+            )
+        )
+
+    @dg.job(
+        name=activity_job_name(crm),
+        description=f"Log Quo calls and messages on {crm} (launched by quo_activity_sensor)",
+        executor_def=dg.in_process_executor,
+        tags=run_tags,
+    )
+    def log_activities_job() -> None:
+        log_quo_activities()
+
+    asset = dg.AssetSpec(
+        key=key,
+        group_name=crm,
+        kinds={crm, "quo"},
+        description=f"One materialization per {crm}_log_activities run, per integration: "
+        "activities created and enriched, duplicates dropped, unmatched numbers, failures",
+    )
+    return log_activities_job, asset
+
+
+def _build_activity_sensor(jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
+    job_names = [job.name for job in jobs]
+
+    @dg.sensor(
+        name="quo_activity_sensor",
+        jobs=list(jobs),
+        minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Claims Quo call and message events from the inbox and launches "
+        "<crm>_log_activities runs, one per integration at a time",
+    )
+    def quo_activity_sensor(context: dg.SensorEvaluationContext, store: StoreResource):
+        s = store.get()
+        cursor: dict[str, Any] = json.loads(context.cursor or "{}")
+        tick = datetime.now(UTC).timestamp()
+        release_items_of_failed_runs(context.instance, s, job_names, cursor.get("checkedAt"))
+        busy = busy_integrations(context.instance, job_names)
+        integrations = {activity_queue(i.id): i for i in s.list_integrations()}
+        seq, requests = int(cursor.get("seq", 0)), []
+        for queue in s.pending_webhook_integrations():
+            integration = integrations.get(queue)
+            job_name = activity_job_name(integration.crm) if integration else None
+            if integration is None or job_name not in job_names or integration.id in busy:
+                continue
+            timeout = _job_timeout(jobs, job_name)
+            items = s.claim_webhooks(queue, MAX_ITEMS_PER_RUN, timeout + LEASE_MARGIN_SECONDS)
+            if not items:
+                continue
+            seq += 1
+            config = {"integration_id": integration.id, "item_ids": [i.id for i in items]}
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{queue}:{seq}",
+                    job_name=job_name,
+                    run_config={"ops": {_op_name(integration.crm): {"config": config}}},
+                    tags={TAG_CRM: integration.crm, TAG_INTEGRATION: integration.id},
+                )
+            )
+        return dg.SensorResult(
+            run_requests=requests,
+            cursor=json.dumps({"seq": seq, "checkedAt": next_check(tick)}),
+            skip_reason=None if requests else "no Quo events waiting",
+        )
+
+    return quo_activity_sensor
+
+
+def _job_timeout(jobs: Sequence[dg.JobDefinition], job_name: str) -> float:
+    (job,) = [j for j in jobs if j.name == job_name]
+    return float(job.tags.get("dagster/max_runtime", 600))
+
+
+def _metadata(integration_id: str, report: ActivityReport, seconds: float) -> dict[str, Any]:
+    failures = report.failures[:MAX_FAILURES_SHOWN]
+    return {
+        "integration_id": integration_id,
+        **report.metadata(),
+        "duration_s": dg.MetadataValue.float(round(seconds, 3)),
+        "unmatched_numbers": dg.MetadataValue.json(sorted(set(report.unmatched_numbers))[:100]),
+        "failures": dg.MetadataValue.table(
+            records=[dg.TableRecord({"event_id": e, "reason": r}) for e, r in failures],
+            schema=dg.TableSchema(
+                columns=[
+                    dg.TableColumn("event_id", "string"),
+                    dg.TableColumn("reason", "string"),
+                ]
+            ),
+        ),
+        "failures_not_shown": max(len(report.failures) - MAX_FAILURES_SHOWN, 0),
+    }
