@@ -19,6 +19,7 @@ from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.core.process import Process, ProcessState
 from quo_sync_dagster.crms import connector_class, registered_connectors
 from quo_sync_dagster.crms.base import CRMConnector
+from quo_sync_dagster.demo_calls import calls_result, simulate_calls
 from quo_sync_dagster.local_stack import ChangeLog, LocalStack
 from quo_sync_dagster.orchestration.metadata import process_summary
 from quo_sync_dagster.orchestration.resources import default_store_uri
@@ -78,7 +79,7 @@ def demo(args: argparse.Namespace) -> int:
     stack = LocalStack(
         Path(args.home), quo_rate_limit=args.quo_rate_limit or None, ui_port=args.port
     )
-    if args.changes:  # the webhook subscription's secret stays in the demo's home
+    if args.changes or args.calls:  # the webhook subscriptions' secrets stay in its home
         os.environ.setdefault(SECRETS_DIR_ENV, str(stack.home / "secrets"))
     print(f"Starting the Quo sandbox and Dagster (home: {stack.home}) ...", flush=True)
     try:
@@ -86,7 +87,13 @@ def demo(args: argparse.Namespace) -> int:
         source = connector_class(crm).quo_source
         before = stack.sandbox_stats()
         integration_id = f"demo-{crm}"
-        stack.register_integration(integration_id, crm, args.records, webhooks=bool(args.changes))
+        stack.register_integration(
+            integration_id,
+            crm,
+            args.records,
+            webhooks=bool(args.changes),
+            activities=bool(args.calls),
+        )
         print(f"Dagster UI: {stack.ui_url}  (launching {crm}_initial_sync)", flush=True)
         started = time.monotonic()
         process_ids = stack.run_initial_sync(crm, {"integration_id": integration_id})
@@ -118,6 +125,9 @@ def demo(args: argparse.Namespace) -> int:
         result = {**_result(processes, before, after, source, duration), **ongoing}
         if args.changes:
             result.update(stack.differential(integration_id).result())
+        if args.calls:
+            made = simulate_calls(stack, integration_id, args.calls, random.Random(args.seed))
+            result.update(calls_result(stack, integration_id, made))
         if not args.exit_when_done:
             print(f"Sync done. Dagster UI stays up at {stack.ui_url}; Ctrl-C stops everything.")
             try:
@@ -129,7 +139,9 @@ def demo(args: argparse.Namespace) -> int:
         stack.stop()
     print("RESULT " + json.dumps(result, separators=(",", ":")), flush=True)
     states = {result["state"], result.get("pollState", result["state"])}
-    exact = not any(result.get(k) for k in ("missing", "stale", "duplicates", "orphans"))
+    findings = ("missing", "stale", "duplicates", "orphans", "missingActivities")
+    findings += ("duplicateActivities", "unenriched", "wrongOutcome")
+    exact = not any(result.get(k) for k in findings)
     return 0 if states == {ProcessState.COMPLETED} and exact else 1
 
 
@@ -364,6 +376,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="then N random creates/updates/deletes/merges in the CRM (half during the initial "
         "sync), webhooks and one polling cycle, and the differential check of Quo against it",
+    )
+    d.add_argument(
+        "--calls",
+        type=_change_count,
+        default=0,
+        metavar="N",
+        help="then N Quo calls and messages with the synced people (and unknown numbers), "
+        "logged on the CRM as activities, and the check of the CRM's activities against them",
     )
     d.add_argument("--seed", type=int, help="of the random changes (default: a random one)")
     d.set_defaults(func=demo)

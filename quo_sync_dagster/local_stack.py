@@ -25,6 +25,8 @@ from typing import Any, Self
 import httpx
 import yaml
 
+from quo_sync_dagster.activity_check import ActivityCheck, check_activities
+from quo_sync_dagster.core.activities import activity_queue
 from quo_sync_dagster.core.external_ids import crm_id_of, namespaced, quo_external_id
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.core.process import TERMINAL_STATES, Process, ProcessState
@@ -401,8 +403,15 @@ class LocalStack:
 
     def webhook_runs(self, integration: Integration) -> list[dict[str, Any]]:
         """The integration's `<crm>_webhook_sync` runs: runId, status, itemIds."""
+        return self._inbox_runs(f"{integration.crm}_webhook_sync", integration)
+
+    def activity_runs(self, integration: Integration) -> list[dict[str, Any]]:
+        """The integration's `<crm>_log_activities` runs: runId, status, itemIds."""
+        return self._inbox_runs(f"{integration.crm}_log_activities", integration)
+
+    def _inbox_runs(self, job: str, integration: Integration) -> list[dict[str, Any]]:
         filter_ = {
-            "pipelineName": f"{integration.crm}_webhook_sync",
+            "pipelineName": job,
             "tags": [{"key": TAG_INTEGRATION, "value": integration.id}],
         }
         runs = self.graphql(_RUNS, {"filter": filter_})["runsOrError"]["results"]
@@ -414,27 +423,74 @@ class LocalStack:
     def webhooks_applied(self, integration: Integration) -> bool:
         """Every delivery the simulator sent is in the inbox, and every inbox item of the
         integration was applied by a webhook run (none waiting, none in a live run)."""
+        with AdminClient(integration.settings["base_url"]) as simulator:
+            return self._settled(simulator, integration.id, self.webhook_runs(integration))
+
+    def activities_logged(self, integration: Integration) -> bool:
+        """The same for the Quo sandbox's call and message events and the activity runs."""
+        return self._settled(
+            self.quo, activity_queue(integration.id), self.activity_runs(integration)
+        )
+
+    def _settled(self, sender: AdminClient, queue: str, runs: list[dict[str, Any]]) -> bool:
         assert self.store is not None
-        deliveries = AdminClient(integration.settings["base_url"])
-        with deliveries:
-            sent = deliveries.deliveries()
-        if sent["pending"] or sent["held"]:
+        sent = sender.deliveries()
+        if sent["pending"] or sent["held"] or self.store.webhook_backlog(queue):
             return False
-        if self.store.webhook_backlog(integration.id):
-            return False
-        return not any(r["status"] in _LIVE for r in self.webhook_runs(integration))
+        return not any(r["status"] in _LIVE for r in runs)
 
     def wait_webhooks_applied(self, integration: Integration, timeout: float = 300) -> None:
-        """Until webhooks_applied holds twice in a row, a sensor tick apart: items the sensor
-        has just claimed are in no run yet for a moment."""
+        _wait(
+            f"webhooks of {integration.id}",
+            self._twice(self.webhooks_applied, integration),
+            timeout,
+        )
+
+    def wait_activities_logged(self, integration: Integration, timeout: float = 300) -> None:
+        _wait(
+            f"activities of {integration.id}",
+            self._twice(self.activities_logged, integration),
+            timeout,
+        )
+
+    @staticmethod
+    def _twice(
+        check: Callable[[Integration], bool], integration: Integration
+    ) -> Callable[[], bool]:
+        """`check` holding twice in a row, a sensor tick apart: items a sensor has just claimed
+        are in no run yet for a moment."""
 
         def settled() -> bool:
-            if not self.webhooks_applied(integration):
+            if not check(integration):
                 return False
             time.sleep(_SENSOR_TICK_SECONDS)
-            return self.webhooks_applied(integration)
+            return check(integration)
 
-        _wait(f"webhooks of {integration.id}", settled, timeout)
+        return settled
+
+    def crm_activities(self, integration: Integration) -> list[dict[str, Any]]:
+        """What the CRM holds as activities: `{id, kind, person (record key), subject, body}`
+        from the simulator's `GET /_sandbox/activities`, or ScalingTest's activity log."""
+        connector_cls = connector_class(integration.crm)
+        if not connector_cls.simulator:
+            with closing(connector_cls(integration, None)) as connector:
+                return connector.activities()  # type: ignore[attr-defined]
+        with AdminClient(integration.settings["base_url"]) as simulator:
+            return simulator.activities()
+
+    def activity_check(self, integration: Integration) -> ActivityCheck:
+        """The Quo sandbox's simulated calls and messages against the CRM's activities."""
+        assert self.store is not None
+        holders: dict[str, list[str]] = {}
+        for ext, link in self.store.iter_contact_links(integration.id):
+            for phone in link.phones:
+                holders.setdefault(phone, []).append(crm_id_of(integration, ext) or ext)
+        return check_activities(
+            self.quo.simulated_calls(),
+            self.quo.simulated_messages(),
+            holders,
+            self.crm_activities(integration),
+        )
 
 
 _OPEN = [state for state in ProcessState if state not in TERMINAL_STATES]

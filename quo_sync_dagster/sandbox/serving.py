@@ -277,6 +277,11 @@ class AdminClient:
         path = f"people/{person_id}/merge"
         return self._admin_request("POST", path, params=_kind(kind), json={"into": into}).json()
 
+    def activities(self) -> list[dict[str, Any]]:
+        """What was logged on people, one shape for every CRM simulator: `{id, kind, person
+        (the connector's record key), subject, body}` (`GET /_sandbox/activities`)."""
+        return self._admin_request("GET", "activities").json()["activities"]
+
     def webhook_faults(self, **faults: float) -> dict[str, Any]:
         """Replace the delivery faults (sandbox.webhook_delivery.DeliveryFaults, snake_case)."""
         body = {camel(name): value for name, value in faults.items()}
