@@ -295,6 +295,8 @@ class LocalStack:
             credential_ref = f"env:{_crm_token_env(crm)}"
         else:
             settings["records"] = records
+            # Its activities, where every run process (and the demo's check) sees them.
+            settings.setdefault("activity_db", str(self.home / f"{integration_id}-activities.db"))
         integration = Integration(
             id=integration_id,
             crm=crm,

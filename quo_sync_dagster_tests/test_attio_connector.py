@@ -312,12 +312,12 @@ def call_of(rid: str, call_id: str, **changes: Any) -> CallActivity:
 
 
 def call_notes(attio: AttioSandbox, rid: str, call_id: str) -> list[dict[str, Any]]:
-    """The notes of that call on the person, as the sandbox holds them now."""
+    """The notes of that call on the person, as the sandbox's activities show them now."""
     return [
-        n
-        for n in attio.activities()
-        if n["parent_record_id"] == rid
-        and n["content_plaintext"].splitlines()[-1] == call_marker(call_id)
+        a["record"]
+        for a in attio.activities()
+        if (a["kind"], a["person"]) == ("note", rid)
+        and a["body"].splitlines()[-1] == call_marker(call_id)
     ]
 
 

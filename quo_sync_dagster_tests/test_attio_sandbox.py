@@ -270,7 +270,18 @@ def test_notes_are_listed_read_and_deleted(sandbox: AttioSandbox, http: httpx.Cl
     check(ERROR, http.get("/v2/notes/not-a-uuid"), 400)
     listed = check(NOTES_200, http.get("/v2/notes", params={**params, "limit": 50}), 200)
     assert listed["data"] == [n for n in mine if n["id"]["note_id"] != note_id]
-    assert note_id not in [n["id"]["note_id"] for n in sandbox.activities()]
+    assert note_id not in [n["id"]["note_id"] for n in sandbox.notes()]
+    shown = {a["id"]: a for a in sandbox.activities()}  # every simulator's shape
+    assert note_id not in shown
+    kept = mine[4]["id"]["note_id"]
+    assert shown[kept] == {
+        "id": kept,
+        "kind": "note",
+        "person": first,
+        "subject": "mine 4",
+        "body": "mine 4",
+        "record": mine[4],
+    }
     by_kind = sandbox.stats()["byKind"]
     assert (by_kind["get_note"], by_kind["delete_note"]) == (3, 2)
 

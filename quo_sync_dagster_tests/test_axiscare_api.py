@@ -142,7 +142,7 @@ def test_call_log_is_read_and_patched(api: AxisCareApi, sandbox: AxisCareSandbox
     assert {k: patched[k] for k in ("callerName", "dateTime", "tags")} == {
         k: log[k] for k in ("callerName", "dateTime", "tags")
     }
-    assert api.get_call_log(log["id"]) == patched == sandbox.activities()[-1]
+    assert api.get_call_log(log["id"]) == patched == sandbox.call_logs()[-1]
     assert api.get_call_log(999_999) is None
     with pytest.raises(AxisCareApiError) as missing:
         api.update_call_log(999_999, subject="x")

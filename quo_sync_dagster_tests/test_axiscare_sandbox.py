@@ -405,7 +405,16 @@ def test_a_call_log_is_read_and_patched_per_the_spec(
         response = fresh_client.request(method.upper(), f"{CALL_LOGS}/999", json={})
         body = check(response, ONE_LOG, method, 404)
         assert body["errors"] == ["Call log was not found"]
-    assert fresh.activities()[-1] == data
+    assert fresh.call_logs()[-1] == data
+    (shown,) = [a for a in fresh.activities() if a["id"] == str(log["id"])]  # every CRM's shape
+    assert shown == {
+        "id": str(log["id"]),
+        "kind": "call",
+        "person": "client-1",
+        "subject": "Missed call",
+        "body": CALL["notes"],
+        "record": data,
+    }
     stats = fresh.stats()["byKind"]
     assert (stats["get_call_log"], stats["update_call_log"]) == (3, 10)
 
@@ -418,7 +427,7 @@ def test_patched_call_logs_persist(tmp_path: Path) -> None:
         log = http.post(CALL_LOGS, json=CALL).json()["results"]["data"]
         http.patch(f"{CALL_LOGS}/{log['id']}", json={"notes": "later"}).raise_for_status()
     with AxisCareSandbox(tmp_path, records=20, rate_limit=None) as sb:
-        assert [(c["id"], c["notes"]) for c in sb.activities()] == [(log["id"], "later")]
+        assert [(c["id"], c["notes"]) for c in sb.call_logs()] == [(log["id"], "later")]
 
 
 # ---- rate limit, faults, stats, CLI ----------------------------------------------------------

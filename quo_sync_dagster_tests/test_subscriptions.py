@@ -18,6 +18,7 @@ import dagster as dg
 import pytest
 
 from quo_sync_dagster.cli import main
+from quo_sync_dagster.core.activities import activity_queue
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.crms import zoho
 from quo_sync_dagster.crms.base import CRMConnector
@@ -25,8 +26,10 @@ from quo_sync_dagster.crms.pipedrive_api import PipedriveApi
 from quo_sync_dagster.definitions import defs
 from quo_sync_dagster.orchestration.resources import StoreResource
 from quo_sync_dagster.orchestration.sync import open_connector
+from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.sandbox.attio_server import PEOPLE_OBJECT_ID, AttioSandbox
 from quo_sync_dagster.sandbox.pipedrive_server import PipedriveSandbox
+from quo_sync_dagster.sandbox.quo_server import QuoSandbox
 from quo_sync_dagster.sandbox.serving import SandboxServer
 from quo_sync_dagster.sandbox.zoho_server import ZohoSandbox
 from quo_sync_dagster.secrets import BACKEND_ENV, MissingSecret, resolve_secret
@@ -573,42 +576,66 @@ def test_crms_without_webhooks_get_no_subscription_jobs() -> None:
 
 
 # ---- the CLI -----------------------------------------------------------------------------------
-def cli_add(world: World, integration_id: str, *extra: str) -> int:
+QUO_KEY = "quo-subs-key"
+
+
+@pytest.fixture
+def quo_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[QuoSandbox]:
+    """The Quo workspace `integrations add` registers call and message webhooks with."""
+    monkeypatch.setenv("QUO_SUBS_KEY", QUO_KEY)
+    with QuoSandbox(tmp_path / "quo", api_keys=(QUO_KEY,), rate_limit=None) as sandbox:
+        yield sandbox
+
+
+def cli_add(world: World, integration_id: str, *extra: str, quo: str = "") -> int:
     args = ["integrations", "add", "--store", world.store_uri, "--id", integration_id]
-    args += ["--crm", world.crm, "--quo-key-ref", "env:QUO_KEY_UNUSED"]
+    args += ["--crm", world.crm, "--quo-key-ref", "env:QUO_SUBS_KEY"]
+    args += ["--quo-base-url", quo] if quo else []
     args += ["--crm-credential-ref", f"env:{world.crm.upper()}_SUBS_TOKEN"]
     args += ["--setting", f"base_url={world.sim.url}", *extra]
     return main(args)
 
 
 def test_cli_add_subscribes_and_remove_tears_down(
-    pipedrive_world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    pipedrive_world: World,
+    quo_sandbox: QuoSandbox,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    world = pipedrive_world
+    world, quo = pipedrive_world, quo_sandbox.url
     with pytest.raises(SystemExit) as refused:
-        cli_add(world, "cli-1")
+        cli_add(world, "cli-1", quo=quo)
     assert RECEIVER_URL_ENV in str(refused.value) and "--receiver-url" in str(refused.value)
     assert world.store.list_integrations() == []  # not half added
 
-    assert cli_add(world, "cli-1", "--receiver-url", world.receiver) == 0
+    assert cli_add(world, "cli-1", "--receiver-url", world.receiver, quo=quo) == 0
     assert world.store.get_integration("cli-1").settings["receiver_url"] == world.receiver
     subscription = world.store.get_webhook_subscription("cli-1")
     assert subscription is not None and ids_of(subscription) <= world.at_crm()
     person_id = world.change_a_person()
     assert world.delivered("cli-1", person_id)["personId"] == person_id
+    # Quo's call and message webhooks point at the receiver too, their keys kept as secrets.
+    quo_hooks = world.store.get_webhook_subscription(activity_queue("cli-1"))
+    assert quo_hooks is not None
+    with QuoClient(quo, QUO_KEY) as client:
+        at_quo = {w["id"] for w in client.list_webhooks()}
+    assert {w["id"] for w in quo_hooks["details"]["webhooks"]} == at_quo and len(at_quo) == 4
 
     monkeypatch.setenv(RECEIVER_URL_ENV, world.receiver)
-    assert cli_add(world, "cli-2") == 0
+    assert cli_add(world, "cli-2", quo=quo) == 0
     assert world.store.get_webhook_subscription("cli-2") is not None
-    assert cli_add(world, "cli-3", "--no-webhooks") == 0
+    assert cli_add(world, "cli-3", "--no-webhooks", quo=quo) == 0
     assert world.store.get_webhook_subscription("cli-3") is None
+    assert world.store.get_webhook_subscription(activity_queue("cli-3")) is None
     capsys.readouterr()
 
     code = main(["integrations", "remove", "cli-1", "--store", world.store_uri])
     assert code == 0
     out = capsys.readouterr()
     assert "webhooks torn down" in out.out and "removed" in out.out
+    assert "Quo webhooks torn down" in out.out
     assert world.store.get_webhook_subscription("cli-1") is None
+    assert world.store.get_webhook_subscription(activity_queue("cli-1")) is None
     assert "cli-1" not in {i.id for i in world.store.list_integrations()}
     assert not ids_of(subscription) & world.at_crm()
     with pytest.raises(SystemExit, match="no integration 'nope'"):

@@ -937,6 +937,26 @@ async def _admin_notes(request: Request) -> Response:
     return JSONResponse(list(request.app.state.sandbox.notes.values()))
 
 
+def sandbox_activities(state: AttioState) -> list[dict[str, Any]]:
+    """What was logged on people, one shape for every simulator: `person` is the connector's
+    record key (the record id), `body` the note's plain text; Attio's only kind is the note."""
+    return [
+        {
+            "id": note["id"]["note_id"],
+            "kind": "note",
+            "person": note["parent_record_id"],
+            "subject": note["title"],
+            "body": note["content_plaintext"],
+            "record": note,
+        }
+        for note in state.notes.values()
+    ]
+
+
+async def _admin_activities(request: Request) -> Response:
+    return JSONResponse({"activities": sandbox_activities(request.app.state.sandbox)})
+
+
 async def _admin_webhooks(request: Request) -> Response:
     return JSONResponse(list(request.app.state.sandbox.webhooks.values()))
 
@@ -1033,7 +1053,7 @@ def build_app(state: AttioState) -> Starlette:
             Route(WEBHOOKS, api.webhooks, methods=["POST"]),
             Route(WEBHOOK, api.webhook, methods=["GET", "DELETE"]),
             Route("/_sandbox/notes", _admin_notes, methods=["GET"]),
-            Route("/_sandbox/activities", _admin_notes, methods=["GET"]),  # every CRM's name
+            Route("/_sandbox/activities", _admin_activities, methods=["GET"]),
             Route("/_sandbox/webhooks", _admin_webhooks, methods=["GET"]),
             Route("/_sandbox/webhooks/{webhook_id}", _admin_webhook_status, methods=["PATCH"]),
             Route("/_sandbox/webhooks/{webhook_id}/emit", _admin_emit, methods=["POST"]),
@@ -1082,8 +1102,6 @@ class AttioSandbox(SandboxServer):
     def notes(self) -> list[dict[str, Any]]:
         """The notes there are now (deleted ones are gone), oldest first."""
         return self._admin_request("GET", "notes").json()
-
-    activities = notes  # the activities of every CRM's sandbox: here, notes
 
     def webhooks(self) -> list[dict[str, Any]]:
         return self._admin_request("GET", "webhooks").json()

@@ -709,8 +709,36 @@ async def _merge(state: SandboxState, kind: str, request: Request) -> Any:
     raise ApiError(404, "AxisCare has no merges: people cannot be merged")
 
 
-async def _admin_call_logs(request: Request) -> Response:
-    return JSONResponse(request.app.state.sandbox.call_logs)
+_TAGGED_ID = re.compile(r"[?&]id=([0-9]+)$")
+
+
+def sandbox_activities(state: SandboxState) -> list[dict[str, Any]]:
+    """What was logged on people, one shape for every simulator: `person` is the connector's
+    record key ("client-5", from the tag's type and profile link), `body` the notes; a call log
+    tagged with several people is listed once per person (untagged: `person` None)."""
+    found = []
+    for log_entry in state.call_logs:
+        people = [
+            f"{tag['type']}-{match[1]}"
+            for tag in log_entry["tags"]
+            if (match := _TAGGED_ID.search(tag["url"]))
+        ]
+        for person in people or [None]:
+            found.append(
+                {
+                    "id": str(log_entry["id"]),
+                    "kind": "call",
+                    "person": person,
+                    "subject": log_entry["subject"],
+                    "body": log_entry["notes"],
+                    "record": log_entry,
+                }
+            )
+    return found
+
+
+async def _admin_activities(request: Request) -> Response:
+    return JSONResponse({"activities": sandbox_activities(request.app.state.sandbox)})
 
 
 def build_app(state: SandboxState) -> Starlette:
@@ -721,7 +749,7 @@ def build_app(state: SandboxState) -> Starlette:
             *routes,
             Route(CALL_LOGS, api.call_logs, methods=["GET", "POST"]),
             Route(CALL_LOG, api.call_log, methods=["GET", "PATCH"]),
-            Route("/_sandbox/activities", _admin_call_logs, methods=["GET"]),  # every CRM's name
+            Route("/_sandbox/activities", _admin_activities, methods=["GET"]),
             Route("/_sandbox/people", _admin(_list_or_create), methods=["GET", "POST"]),
             Route("/_sandbox/people/{id}", _admin(_update_or_delete), methods=["PATCH", "DELETE"]),
             Route("/_sandbox/people/{id}/merge", _admin(_merge), methods=["POST"]),
@@ -762,9 +790,9 @@ class AxisCareSandbox(SandboxServer):
     def reset_stats(self) -> None:
         self._admin_request("POST", "reset-stats")
 
-    def activities(self) -> list[dict[str, Any]]:
-        """Every call log (the activities of this CRM), oldest first."""
-        return self._admin_request("GET", "activities").json()
+    def call_logs(self) -> list[dict[str, Any]]:
+        """Every call log as the API shows it, oldest first."""
+        return self.stats()["callLogs"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
