@@ -1227,10 +1227,6 @@ class PipedriveSandbox(SandboxServer):
     def reset_stats(self) -> None:
         self._admin_request("POST", "reset-stats")
 
-    def activities(self) -> list[dict[str, Any]]:
-        """Every activity, call log and note written on people (`GET /_sandbox/activities`)."""
-        return self._admin_request("GET", "activities").json()["activities"]
-
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

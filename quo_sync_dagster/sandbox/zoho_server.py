@@ -1241,10 +1241,6 @@ class ZohoSandbox(SandboxServer):
         """What was written through the API: {"calls": [...], "notes": [...], "channels": [...]}"""
         return self._admin_request("GET", "created").json()
 
-    def activities(self) -> list[dict[str, Any]]:
-        """Every call and note written on people (`GET /_sandbox/activities`)."""
-        return self._admin_request("GET", "activities").json()["activities"]
-
     def touch(self, module: str, ids: Sequence[str]) -> int:
         """Set Modified_Time of these records to now; returns how many were found."""
         body = {"module": module, "ids": list(ids)}
