@@ -192,8 +192,12 @@ def _log_object(
             )
             report.created += 1
         elif isinstance(activity, CallActivity):
-            crm_ids[person] = connector.update_call_activity(crm_ids[person], activity)
-            report.enriched += 1
+            try:
+                crm_ids[person] = connector.update_call_activity(crm_ids[person], activity)
+                report.enriched += 1
+            except LookupError:  # deleted in the CRM since: the call is logged again
+                crm_ids[person] = connector.log_call_to_activity(activity)
+                report.created += 1
         save()  # after every CRM write: a redelivery must not write it again
 
 
