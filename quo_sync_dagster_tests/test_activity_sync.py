@@ -49,7 +49,10 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any
         ReceiverServer(create_app(p.store)) as receiver,
     ):
         integration = add_integration(
-            p, CRM, {"base_url": sim.url}, crm_credential_ref="env:PIPEDRIVE_TEST_TOKEN"
+            p,
+            CRM,
+            {"base_url": sim.url, "webhook_linger_seconds": 0},  # each run ends with its items
+            crm_credential_ref="env:PIPEDRIVE_TEST_TOKEN",
         )
         sync_everything(p, CRM, {"integration_id": integration.id})
         with QuoClient(p.quo.url, "test-key") as quo:

@@ -6,7 +6,8 @@ integration and launches one `<crm>_log_activities` run per integration with a r
 integration whose previous run is live waits). The run logs the events
 (activity_logging.log_activities), acknowledges what it logged, and defers what failed with
 its reason and a growing back-off, so a CRM outage heals by itself and a failure is never
-dropped silently. Items of a run that failed or was killed are released by the next tick.
+dropped silently; then it lingers while more arrive (inbox_runs.drain). Items of a run that
+failed or was killed are released by the next tick.
 Each run materializes `<crm>_crm_activities` per integration with its counts and a table of
 failures.
 """
@@ -27,16 +28,20 @@ from quo_sync_dagster.crms.base import CRMConnector
 from quo_sync_dagster.orchestration.activity_logging import ActivityReport, log_activities
 from quo_sync_dagster.orchestration.completion import SENSOR_INTERVAL_SECONDS
 from quo_sync_dagster.orchestration.inbox_runs import (
+    LEASE_MARGIN_SECONDS,
+    MAX_ITEMS_PER_RUN,
     busy_integrations,
+    drain,
+    linger_seconds,
     next_check,
     release_items_of_failed_runs,
 )
 from quo_sync_dagster.orchestration.planning import open_integration
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
 from quo_sync_dagster.orchestration.tags import TAG_CRM, TAG_INTEGRATION
+from quo_sync_dagster.quo.client import QuoClient
+from quo_sync_dagster.store.port import InboxItem, Store
 
-MAX_ITEMS_PER_RUN = 500
-LEASE_MARGIN_SECONDS = 120  # beyond the job's maximum runtime
 RETRY_BASE_SECONDS = 30.0  # a failed item waits 30 s, 60 s, 120 s, ... up to an hour
 RETRY_MAX_SECONDS = 3600.0
 MAX_FAILURES_SHOWN = 50
@@ -57,6 +62,13 @@ def _op_name(crm: str) -> str:
 class LogActivitiesConfig(dg.Config):
     integration_id: str = Field(description="The integration whose Quo events to log")
     item_ids: list[str] = Field(description="Inbox items claimed for this run by the sensor")
+    linger_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="After its items, keep logging the integration's new ones while each "
+        "arrives within this many seconds of the last (the sensor sets it from the "
+        "integration's webhook_linger_seconds)",
+    )
 
 
 def retry_delay(attempts: int) -> float:
@@ -79,10 +91,8 @@ def _build_activity_job(
 ) -> tuple[dg.JobDefinition, dg.AssetSpec]:
     crm = connector_cls.name
     key = activities_key(crm)
-    run_tags = {
-        TAG_CRM: crm,
-        "dagster/max_runtime": str(connector_cls.crm_config.queue_config.timeout),
-    }
+    max_runtime = connector_cls.crm_config.queue_config.timeout
+    run_tags = {TAG_CRM: crm, "dagster/max_runtime": str(max_runtime)}
 
     @dg.op(
         name=_op_name(crm),
@@ -96,13 +106,30 @@ def _build_activity_job(
     ) -> None:
         s = store.get()
         items = s.get_webhooks(config.item_ids)  # acknowledged ones are done already
+        queue = activity_queue(config.integration_id)
         connector, client = open_integration(s, quo, crm, config.integration_id)
-        started = time.perf_counter()
         try:
             with client:
-                report = log_activities(s, connector, client, items)
+                drain(
+                    items,
+                    lambda limit, lease: s.claim_webhooks(queue, limit, lease),
+                    lambda batch: _log_batch(context, s, connector, client, batch, config),
+                    config.linger_seconds,
+                    max_runtime,
+                )
         finally:
             connector.close()
+
+    def _log_batch(
+        context: dg.OpExecutionContext,
+        s: Store,
+        connector: CRMConnector,
+        client: QuoClient,
+        items: list[InboxItem],
+        config: LogActivitiesConfig,
+    ) -> None:
+        started = time.perf_counter()
+        report = log_activities(s, connector, client, items)
         s.ack_webhooks(report.done)
         attempts = {item.id: item.attempts for item in items}
         for item_id, reason in report.retry.items():
@@ -170,7 +197,11 @@ def _build_activity_sensor(jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinit
             if not items:
                 continue
             seq += 1
-            config = {"integration_id": integration.id, "item_ids": [i.id for i in items]}
+            config = {
+                "integration_id": integration.id,
+                "item_ids": [i.id for i in items],
+                "linger_seconds": linger_seconds(integration),
+            }
             requests.append(
                 dg.RunRequest(
                     run_key=f"{queue}:{seq}",

@@ -5,12 +5,10 @@ before it answers the CRM. Each tick, the sensor claims what arrived per integra
 as long as the job's maximum runtime, so nothing else takes it meanwhile) and launches one run
 per integration with a run key; an integration whose previous run is still live waits for the
 next tick, so two runs never write one person at once. The run applies the changes
-(change_sync.py) and only then acknowledges the items. Then it lingers: for as long as new
-items keep arriving (each within `webhook_linger_seconds` of the last, an integration setting)
-it claims and applies them itself, so a steady stream of changes reaches Quo in about a second
-instead of paying a sensor tick and a run start each (5-10 s on the local launcher). Items of
-a run that failed, was canceled or was killed are released by the next tick (or, claimed while
-lingering, when their short lease ends) and delivered again: at-least-once delivery, made
+(change_sync.py) and only then acknowledges the items; then it lingers (inbox_runs.drain)
+while more arrive. Items of a run that failed, was canceled or was killed are released by the
+next tick (or, claimed while lingering, when their short lease ends) and delivered again:
+at-least-once delivery, made
 exactly-once in Quo by re-reading every person by id before writing.
 
 Where the receiver runs apart from Dagster and writes to SQS (QUO_SYNC_WEBHOOK_QUEUE_URL), each
@@ -29,12 +27,15 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.crms.base import CRMConnector
 from quo_sync_dagster.orchestration.change_sync import apply_changes
 from quo_sync_dagster.orchestration.completion import SENSOR_INTERVAL_SECONDS
 from quo_sync_dagster.orchestration.inbox_runs import (
+    LEASE_MARGIN_SECONDS,
+    MAX_ITEMS_PER_RUN,
     busy_integrations,
+    drain,
+    linger_seconds,
     next_check,
     release_items_of_failed_runs,
 )
@@ -47,14 +48,6 @@ from quo_sync_dagster.store.port import InboxItem, Store
 
 QUEUE_URL_ENV = "QUO_SYNC_WEBHOOK_QUEUE_URL"
 MAX_DRAINED_PER_TICK = 5000
-MAX_ITEMS_PER_RUN = 500  # inbox items one run applies; more wait for the next tick
-LEASE_MARGIN_SECONDS = 120  # beyond the job's maximum runtime
-DEFAULT_LINGER_SECONDS = 10.0
-MAX_LINGER_SHARE = 0.5  # of the job's maximum runtime: a lingering run ends, the next takes over
-LINGER_POLL_SECONDS = 0.25
-# A lingering run claims for itself: if it dies, run monitoring fails it within a minute, and by
-# then its items are claimable again.
-LINGER_LEASE_SECONDS = 60.0
 
 
 def webhook_job_name(crm: str) -> str:
@@ -88,7 +81,6 @@ def build_webhook_definitions(
     changes_key = webhook_changes_key(crm)
     max_runtime = connector_cls.crm_config.queue_config.timeout
     lease_seconds = max_runtime + LEASE_MARGIN_SECONDS
-    max_linger = max_runtime * MAX_LINGER_SHARE
 
     @dg.op(
         name=_op_name(crm),
@@ -103,22 +95,16 @@ def build_webhook_definitions(
         s = store.get()
         items = s.get_webhooks(config.item_ids)  # acknowledged ones are done already
         connector, client = open_integration(s, quo, crm, config.integration_id)
-        started = last_applied = time.monotonic()
         try:
             with client:
                 upserter = quo.upserter(client, connector.integration, s)
-                while True:
-                    if items:
-                        _apply(context, s, connector, client, upserter, items, config)
-                        last_applied = time.monotonic()
-                    now = time.monotonic()
-                    if now - last_applied >= config.linger_seconds or now - started >= max_linger:
-                        break
-                    if not items:
-                        time.sleep(LINGER_POLL_SECONDS)
-                    items = s.claim_webhooks(
-                        config.integration_id, MAX_ITEMS_PER_RUN, LINGER_LEASE_SECONDS
-                    )
+                drain(
+                    items,
+                    lambda limit, lease: s.claim_webhooks(config.integration_id, limit, lease),
+                    lambda batch: _apply(context, s, connector, client, upserter, batch, config),
+                    config.linger_seconds,
+                    max_runtime,
+                )
         finally:
             connector.close()
 
@@ -202,7 +188,7 @@ def build_webhook_definitions(
                                 "config": {
                                     "integration_id": integration_id,
                                     "item_ids": [item.id for item in items],
-                                    "linger_seconds": _linger_seconds(mine[integration_id]),
+                                    "linger_seconds": linger_seconds(mine[integration_id]),
                                 }
                             }
                         }
@@ -225,11 +211,3 @@ def build_webhook_definitions(
         "people upserted and deleted, latency from receipt to Quo",
     )
     return dg.Definitions(assets=[changes_asset], jobs=[webhook_sync], sensors=[webhook_sensor])
-
-
-def _linger_seconds(integration: Integration) -> float:
-    value = integration.settings.get("webhook_linger_seconds", DEFAULT_LINGER_SECONDS)
-    try:
-        return max(float(value), 0.0)
-    except (TypeError, ValueError):
-        return DEFAULT_LINGER_SECONDS  # the run must still start: a bad setting costs only speed
