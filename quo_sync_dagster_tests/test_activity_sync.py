@@ -7,6 +7,7 @@ by the recording, summary and transcript. A CRM outage leaves the events for a l
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hmac
 import json
 import time
@@ -31,6 +32,7 @@ from quo_sync_dagster_tests.pipeline import (
     add_integration,
     evaluate_sensor,
     pipeline,
+    poll_everything,
     sync_everything,
 )
 
@@ -229,3 +231,29 @@ def test_a_summary_arriving_after_the_call_was_logged_enriches_the_same_activity
     # The same delivery again (Quo retries): stored once, nothing more to do.
     assert _post_signed(p, integration, "call-summaries", envelope) == 200
     assert _run_all(p, cursor)[0] == []
+
+
+def test_a_shared_number_is_logged_on_every_holder_or_only_the_latest(
+    setup: tuple[Any, ...],
+) -> None:
+    p, sim, integration = setup
+    holders = _holders(p, integration)
+    number, (first, *_) = next((n, keys) for n, keys in holders.items() if len(keys) == 1)
+    second = next(str(person["id"]) for person in sim.people() if str(person["id"]) != first)
+    sim.update_person(second, {"phones": [{"value": number, "primary": True}]})
+    poll_everything(p, CRM, {"integration_id": integration.id})  # the sync re-indexes them
+    assert sorted(_holders(p, integration)[number]) == sorted([first, second])
+
+    p.quo.simulate_message(number, "Hello both")
+    _delivered(p, 1)
+    assert all(r.success for r in _run_all(p)[0])
+    logged = [a["person"] for a in sim.activities() if "Hello both" in a["body"]]
+    assert sorted(logged) == sorted([first, second])
+
+    settings = {**integration.settings, "activity_people": "latest"}
+    p.store.upsert_integration(dataclasses.replace(integration, settings=settings))
+    p.quo.simulate_message(number, "Hello latest")
+    _delivered(p, 2)
+    assert all(r.success for r in _run_all(p)[0])
+    logged = [a["person"] for a in sim.activities() if "Hello latest" in a["body"]]
+    assert logged == [second]  # linked last: its number changed most recently
