@@ -62,7 +62,7 @@ from rate_under_429s import machine
 from quo_sync_dagster.core.activities import activity_queue
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.local_stack import LocalStack
-from quo_sync_dagster.orchestration.activity_logging import log_activities
+from quo_sync_dagster.orchestration.activity_logging import Workspace, log_activities
 from quo_sync_dagster.orchestration.activity_sync import retry_delay
 from quo_sync_dagster.orchestration.resources import QuoResource
 from quo_sync_dagster.orchestration.sync import open_connector
@@ -226,11 +226,12 @@ def baseline(
     stop_activity_sensor(stack)
     connector = open_connector(store, CRM, integration.id)
     client = QuoResource(requests_per_second=QUO_LIMIT).client(integration, store)
+    workspace = Workspace(client)  # as a run keeps it across its batches
 
     def log_waiting() -> bool:
         items = store.claim_webhooks(queue, 500, 600)
         if items:
-            report = log_activities(store, connector, client, items)
+            report = log_activities(store, connector, client, items, workspace)
             store.ack_webhooks(report.done)
             attempts = {item.id: item.attempts for item in items}
             for item_id, reason in report.retry.items():

@@ -73,25 +73,29 @@ class ActivityReport:
         }
 
 
-class _Workspace:
+class Workspace:
     """The workspace's own Quo numbers, read once per run and only when needed."""
 
     def __init__(self, quo: QuoClient) -> None:
-        self._quo, self._numbers = quo, None
+        self.quo, self._numbers = quo, None
 
     @property
     def numbers(self) -> set[str]:
         if self._numbers is None:
-            self._numbers = {n["number"] for n in self._quo.list_phone_numbers() if n.get("number")}
+            self._numbers = {n["number"] for n in self.quo.list_phone_numbers() if n.get("number")}
         return self._numbers
 
 
 def log_activities(
-    store: Store, connector: CRMConnector, quo: QuoClient, items: list[InboxItem]
+    store: Store,
+    connector: CRMConnector,
+    quo: QuoClient,
+    items: list[InboxItem],
+    workspace: Workspace | None = None,
 ) -> ActivityReport:
     """Log what `items` say on the CRM. An object whose CRM or Quo request fails is left for a
     retry (`report.retry`) and fails nothing else; an unreadable event is acknowledged and
-    reported (it can never be applied)."""
+    reported (it can never be applied). `workspace`: the run's, kept across its batches."""
     integration = connector.integration
     report = ActivityReport(events=len(items))
     grouped: dict[str, list[tuple[InboxItem, QuoEvent]]] = defaultdict(list)
@@ -108,7 +112,7 @@ def log_activities(
         else:
             grouped[event.object_id].append((item, event))
     records = store.get_activity_records(integration.id, grouped)
-    workspace = _Workspace(quo)
+    workspace = workspace or Workspace(quo)
     only_latest = integration.settings.get(PEOPLE_SETTING) == "latest"
     for object_id, group in grouped.items():
         ids = [item.id for item, _ in group]
@@ -135,7 +139,7 @@ def _log_object(
     store: Store,
     connector: CRMConnector,
     quo: QuoClient,
-    workspace: _Workspace,
+    workspace: Workspace,
     object_id: str,
     record: ActivityRecord,
     group: list[tuple[InboxItem, QuoEvent]],

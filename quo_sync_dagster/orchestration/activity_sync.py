@@ -25,7 +25,11 @@ from pydantic import Field
 
 from quo_sync_dagster.core.activities import activity_queue
 from quo_sync_dagster.crms.base import CRMConnector
-from quo_sync_dagster.orchestration.activity_logging import ActivityReport, log_activities
+from quo_sync_dagster.orchestration.activity_logging import (
+    ActivityReport,
+    Workspace,
+    log_activities,
+)
 from quo_sync_dagster.orchestration.completion import SENSOR_INTERVAL_SECONDS
 from quo_sync_dagster.orchestration.inbox_runs import (
     LEASE_MARGIN_SECONDS,
@@ -39,7 +43,6 @@ from quo_sync_dagster.orchestration.inbox_runs import (
 from quo_sync_dagster.orchestration.planning import open_integration
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
 from quo_sync_dagster.orchestration.tags import TAG_CRM, TAG_INTEGRATION
-from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.store.port import InboxItem, Store
 
 RETRY_BASE_SECONDS = 30.0  # a failed item waits 30 s, 60 s, 120 s, ... up to an hour
@@ -110,10 +113,11 @@ def _build_activity_job(
         connector, client = open_integration(s, quo, crm, config.integration_id)
         try:
             with client:
+                workspace = Workspace(client)
                 drain(
                     items,
                     lambda limit, lease: s.claim_webhooks(queue, limit, lease),
-                    lambda batch: _log_batch(context, s, connector, client, batch, config),
+                    lambda batch: _log_batch(context, s, connector, workspace, batch, config),
                     config.linger_seconds,
                     max_runtime,
                 )
@@ -124,12 +128,12 @@ def _build_activity_job(
         context: dg.OpExecutionContext,
         s: Store,
         connector: CRMConnector,
-        client: QuoClient,
+        workspace: Workspace,
         items: list[InboxItem],
         config: LogActivitiesConfig,
     ) -> None:
         started = time.perf_counter()
-        report = log_activities(s, connector, client, items)
+        report = log_activities(s, connector, workspace.quo, items, workspace)
         s.ack_webhooks(report.done)
         attempts = {item.id: item.attempts for item in items}
         for item_id, reason in report.retry.items():
