@@ -169,7 +169,7 @@ def _log_object(
         report.waiting += 1
         save()
         return
-    people = list(crm_ids)
+    people: list[str] = state.get("people") or []  # who it is logged on, fixed once found
     if not people:
         number = external_number(state, workspace.numbers)
         found = store.people_by_phone(integration.id, [number]).get(number, []) if number else []
@@ -179,10 +179,9 @@ def _log_object(
             report.unmatched_numbers.append(number or f"(no number on {object_id})")
             save()  # a person synced later is matched by this object's next event
             return
+        state = {**state, "people": people}
     rendered = _fingerprint(_activity(state, "", workspace.numbers))
-    if crm_ids and state.get("rendered") == rendered:
-        return  # nothing the CRM shows has changed
-    state = {**state, "rendered": rendered}
+    shown: dict[str, str] = dict(state.get("shown") or {})  # person -> what their activity shows
     for person in people:
         key = crm_id_of(integration, person)
         if key is None:
@@ -195,14 +194,19 @@ def _log_object(
                 else connector.log_sms_to_activity(activity)
             )
             report.created += 1
-        elif isinstance(activity, CallActivity):
+        elif shown.get(person) != rendered and isinstance(activity, CallActivity):
             try:
                 crm_ids[person] = connector.update_call_activity(crm_ids[person], activity)
                 report.enriched += 1
             except LookupError:  # deleted in the CRM since: the call is logged again
                 crm_ids[person] = connector.log_call_to_activity(activity)
                 report.created += 1
+        else:
+            continue  # logged already, and nothing it shows has changed
+        shown[person] = rendered
+        state = {**state, "shown": shown}
         save()  # after every CRM write: a redelivery must not write it again
+    save()
 
 
 def _activity(state: dict[str, Any], key: str, numbers: set[str]) -> CallActivity | SmsActivity:
