@@ -257,3 +257,29 @@ def test_a_shared_number_is_logged_on_every_holder_or_only_the_latest(
     assert all(r.success for r in _run_all(p)[0])
     logged = [a["person"] for a in sim.activities() if "Hello latest" in a["body"]]
     assert logged == [second]  # linked last: its number changed most recently
+
+
+def test_an_unknown_caller_becomes_one_crm_person_when_the_integration_asks(
+    setup: tuple[Any, ...],
+) -> None:
+    p, sim, integration = setup
+    settings = {**integration.settings, "create_unknown_callers": True}
+    p.store.upsert_integration(dataclasses.replace(integration, settings=settings))
+    before = {str(person["id"]) for person in sim.people()}
+    p.quo.simulate_call(UNKNOWN, summary=True)
+    p.quo.simulate_message(UNKNOWN, "It's me again")
+    _delivered(p, 4)  # ringing, completed, summary; the message
+    results, _ = _run_all(p)
+    assert all(r.success for r in results)
+    (created,) = [person for person in sim.people() if str(person["id"]) not in before]
+    assert UNKNOWN in json.dumps(created)  # the caller's number is on the new person
+    logged = [a for a in sim.activities() if a["person"] == str(created["id"])]
+    assert len(logged) == 2  # the call and the message, both on that one person
+    events = [
+        e for r in results for e in r.asset_materializations_for_node(f"{CRM}_log_quo_activities")
+    ]
+    assert sum(e.metadata["callers_created"].value for e in events) == 1
+    # The next sync takes the new person to Quo; from then on the phone index finds them.
+    poll_everything(p, CRM, {"integration_id": integration.id, "full_scan": True})
+    assert _holders(p, integration)[UNKNOWN] == [str(created["id"])]
+    assert _check(p, sim, integration).exact

@@ -25,7 +25,11 @@ from quo_sync_dagster.core.models import (
 )
 from quo_sync_dagster.core.process import ProcessState
 from quo_sync_dagster.crms.pipedrive import ActivityNotFound, PipedriveConnector
-from quo_sync_dagster.crms.pipedrive_api import PipedriveApi, PipedriveApiError
+from quo_sync_dagster.crms.pipedrive_api import (
+    PipedriveApi,
+    PipedriveApiError,
+    PipedriveOutcomeUnknown,
+)
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.sandbox.pipedrive_server import (
     CUSTOM_FIELD_KEYS,
@@ -387,6 +391,59 @@ def test_failed_webhook_setup_removes_what_it_created(
         assert {h["id"] for h in api.list_webhooks()} == set(fillers)
         for hook_id in fillers:
             api.delete_webhook(hook_id)
+
+
+# ---- a person for an unknown caller --------------------------------------------------------------
+@pytest.fixture
+def own_sim(tmp_path: Path) -> Iterator[PipedriveSandbox]:
+    """A sandbox of its own: these tests add people, which the shared one's paging tests count."""
+    with PipedriveSandbox(tmp_path, records=5, rate_limit=None) as sb:
+        yield sb
+
+
+def test_a_person_is_created_for_an_unknown_caller(own_sim: PipedriveSandbox) -> None:
+    crm = connector(own_sim.url)
+    try:
+        key = crm.create_person_for_caller("+14155550199")
+        assert key == str(FIRST_PERSON_ID + 5)  # the record key: the new person's id
+        (person,) = crm.fetch_persons_by_ids("Person", [key])
+        assert crm.record_key(person, "Person") == key
+        assert person["name"] == "Unknown caller +14155550199"
+        assert person["phones"] == [{"value": "+14155550199", "primary": True, "label": "work"}]
+        assert person["emails"] == []  # nothing made up
+        contact = crm.transform_person_to_quo(person, "Person")
+        assert contact.external_id == key
+        assert contact.phone_numbers == (LabeledValue("work", "+14155550199"),)
+        assert (contact.first_name, contact.last_name) == ("Unknown", "caller +14155550199")
+        assert contact.emails == () and contact.company is None
+        assert own_sim.stats()["byKind"]["create_person"] == 1
+        # Another unknown caller is another person.
+        assert crm.create_person_for_caller("+442079460001") == str(FIRST_PERSON_ID + 6)
+    finally:
+        crm.close()
+
+
+def test_a_caller_create_is_not_sent_twice_once_its_outcome_is_unknown(
+    own_sim: PipedriveSandbox,
+) -> None:
+    crm = connector(own_sim.url)
+    try:
+        own_sim.inject_fault(503)
+        with pytest.raises(PipedriveOutcomeUnknown) as unknown:
+            crm.create_person_for_caller("+14155550199")
+        assert unknown.value.status == 503
+        assert own_sim.stats()["byKind"]["create_person"] == 1  # one POST, no retry
+        own_sim.inject_fault(429, retry_after="0")  # refused before anything was written
+        assert crm.create_person_for_caller("+14155550199") == str(FIRST_PERSON_ID + 5)
+        assert own_sim.stats()["byKind"]["create_person"] == 3
+    finally:
+        crm.close()
+
+
+@pytest.mark.parametrize("number", ["4155550199", "+0123", "tel:+14155550199", ""])
+def test_a_caller_number_must_be_e164(number: str) -> None:
+    with pytest.raises(ValueError, match=r"not an E\.164 number"):
+        connector().create_person_for_caller(number)
 
 
 # ---- the whole pipeline --------------------------------------------------------------------------

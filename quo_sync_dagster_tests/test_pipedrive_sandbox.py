@@ -794,3 +794,133 @@ def test_delivery_faults_and_retries_through_the_sandbox(
         "duplicated": 1,
         "failed": 0,
     }
+
+
+# ---- POST /api/v2/persons: a person created through the API ------------------------------------
+def test_api_create_keeps_only_what_is_given_and_is_read_and_notified_like_the_others(
+    fresh: PipedriveSandbox, fresh_client: httpx.Client, receiver: Receiver
+) -> None:
+    subscribe(fresh_client, f"{receiver.url}/hooks/pd", event_action="create")
+    body = {"name": "Unknown caller +14155550199", "phones": [{"value": "+14155550199"}]}
+    tokens = fresh.stats()["tokensUsed"]
+    response = fresh_client.post(PERSONS, json=body)
+    assert fresh.stats()["tokensUsed"] == tokens + 5  # v2 costs about half of v1's 10
+    assert response.status_code == 200, response.text
+    assert response.json()["success"] is True
+    created = response.json()["data"]
+    assert created["id"] == FIRST + CHANGING  # the next id, as an admin create takes
+    assert (created["name"], created["first_name"], created["last_name"]) == (
+        "Unknown caller +14155550199",
+        "Unknown",
+        "caller +14155550199",
+    )
+    assert created["phones"] == [{"value": "+14155550199", "primary": True, "label": "work"}]
+    assert created["emails"] == [] and created["org_id"] is None and created["label_ids"] == []
+    assert created["owner_id"] == 1111 and created["visible_to"] == 3
+    assert set(created["custom_fields"]) == set(CUSTOM_FIELD_KEYS.values())
+    assert not any(created["custom_fields"].values())  # nothing generated
+    assert created["add_time"] == created["update_time"] and created["is_deleted"] is False
+
+    assert fresh_client.get(f"{PERSONS}/{created['id']}").json()["data"] == created
+    batch = fresh_client.get(PERSONS, params={"ids": f"1001,{created['id']}"}).json()["data"]
+    assert [p["id"] for p in batch] == [1001, created["id"]] and batch[1] == created
+    assert all_persons(fresh_client, limit=7)[-1] == created
+    newest = fresh_client.get(PERSONS, params={"sort_by": "update_time", "sort_direction": "desc"})
+    assert newest.json()["data"][0] == created
+    stats = fresh.stats()
+    assert stats["persons"] == CHANGING + 1 and stats["byKind"]["create_person"] == 1
+
+    (delivery,) = receiver.wait_for(1)
+    event = delivery.json()
+    assert (event["meta"]["action"], event["meta"]["entity_id"]) == ("create", str(created["id"]))
+    assert event["meta"]["change_source"] == "api" and set(event["meta"]) == META_KEYS
+    assert event["data"] == {k: v for k, v in created.items() if k in WEBHOOK_DATA_KEYS}
+    assert event["previous"] is None
+
+    # The admin create still makes a generated person, with the next id again.
+    generated = fresh.create_person()
+    assert generated["id"] == created["id"] + 1 and generated["emails"]
+
+
+def test_api_create_with_every_settable_field(fresh_client: httpx.Client) -> None:
+    body = {
+        "name": "Ada Lovelace",
+        "owner_id": 1112,
+        "org_id": 77,
+        "visible_to": 1,
+        "label_ids": [5],
+        "emails": [{"value": "ada@example.com", "primary": True, "label": "home"}],
+        "phones": [
+            {"value": "+44 20 7946 0001", "label": "mobile"},
+            {"value": "+1 415 555 0100", "primary": True},
+        ],
+        "custom_fields": {CUSTOM_FIELD_KEYS["customer_tier"]: 2},
+    }
+    created = fresh_client.post(PERSONS, json=body).json()["data"]
+    assert (created["owner_id"], created["org_id"], created["visible_to"]) == (1112, 77, 1)
+    assert created["phones"] == [
+        {"value": "+44 20 7946 0001", "primary": False, "label": "mobile"},
+        {"value": "+1 415 555 0100", "primary": True, "label": "work"},
+    ]
+    assert created["custom_fields"][CUSTOM_FIELD_KEYS["customer_tier"]] == 2
+    assert created["custom_fields"][CUSTOM_FIELD_KEYS["lead_source"]] is None
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ({}, "name"),
+        ({"name": ""}, "name"),
+        ({"name": "   "}, "name"),
+        ({"name": 5}, "name"),
+        ({"phones": [{"value": "+14155550199"}]}, "name"),
+        ({"name": "A", "first_name": "A"}, "first_name"),  # not a v2 request field
+        ({"name": "A", "last_name": "B"}, "last_name"),
+        ({"name": "A", "id": 5}, "id"),
+        ({"name": "A", "update_time": "2026-01-01T00:00:00Z"}, "update_time"),
+        ({"name": "A", "phone": ["+14155550199"]}, "phone"),  # the v1 name
+        ({"name": "A", "phones": "+14155550199"}, "phones"),
+        ({"name": "A", "phones": ["+14155550199"]}, "phones"),
+        ({"name": "A", "phones": [{"value": " "}]}, "phones"),
+        ({"name": "A", "phones": [{"value": 14155550199}]}, "phones"),
+        ({"name": "A", "phones": [{"value": "+1", "label": "cell"}]}, "phones"),
+        ({"name": "A", "phones": [{"value": "+1", "primary": "true"}]}, "phones"),
+        ({"name": "A", "phones": [{"value": "+1", "primary": True}] * 2}, "phones"),
+        ({"name": "A", "phones": [{"value": "+1", "type": "mobile"}]}, "phones"),
+        ({"name": "A", "emails": [{"value": "a@example.com", "primary": 1}]}, "emails"),
+        ({"name": "A", "owner_id": "1111"}, "owner_id"),
+        ({"name": "A", "owner_id": 9}, "owner_id"),
+        ({"name": "A", "org_id": "55"}, "org_id"),
+        ({"name": "A", "visible_to": "3"}, "visible_to"),
+        ({"name": "A", "custom_fields": {"tier": 1}}, "custom_fields"),
+    ],
+)
+def test_api_create_refuses_bad_bodies(
+    sandbox: PipedriveSandbox, client: httpx.Client, body: dict[str, Any], problem: str
+) -> None:
+    before = sandbox.stats()
+    assert problem in error_of(client.post(PERSONS, json=body), 400)
+    after = sandbox.stats()
+    assert after["persons"] == before["persons"]
+    assert after["byKind"]["create_person"] == before["byKind"]["create_person"] + 1
+
+
+def test_api_create_refuses_what_is_not_a_json_object(
+    sandbox: PipedriveSandbox, client: httpx.Client
+) -> None:
+    persons = sandbox.stats()["persons"]
+    assert "JSON" in error_of(client.post(PERSONS, content=b"{nope"), 400)
+    assert "JSON object" in error_of(client.post(PERSONS, json=[{"name": "A"}]), 400)
+    unauthenticated = httpx.post(f"{sandbox.url}{PERSONS}", json={"name": "A"})
+    assert unauthenticated.status_code == 401
+    assert client.put(PERSONS, json={"name": "A"}).status_code == 405
+    assert sandbox.stats()["persons"] == persons
+
+
+def test_api_created_person_survives_a_restart(tmp_path: Path) -> None:
+    with PipedriveSandbox(tmp_path, records=5, rate_limit=None) as sb:
+        body = {"name": "Kept", "phones": [{"value": "+14155550199"}]}
+        created = httpx.post(f"{sb.url}{PERSONS}", json=body, headers=AUTH).json()["data"]
+    with PipedriveSandbox(tmp_path, records=5, rate_limit=None) as sb:
+        assert sb.people()[-1] == created and created["id"] == 1006
+        assert sb.create_person()["id"] == 1007

@@ -23,6 +23,7 @@ from quo_sync_dagster.core.models import (
 from quo_sync_dagster.core.process import ProcessState
 from quo_sync_dagster.crms import zoho
 from quo_sync_dagster.crms.zoho import CallNotFound, ZohoConnector
+from quo_sync_dagster.crms.zoho_api import ZohoOutcomeUnknown
 from quo_sync_dagster.sandbox.zoho_server import ZohoSandbox
 from quo_sync_dagster_tests.pipeline import add_integration, pipeline, sync_everything
 
@@ -454,6 +455,67 @@ def test_watch_setup_renew_teardown(
     assert channel(revived) is not None
     crm.teardown_webhooks(revived)
     assert channel(revived) is None
+
+
+# ---- a Lead for an unknown caller ----------------------------------------------------------
+@pytest.fixture
+def own_sim(tmp_path: Path) -> Iterator[ZohoSandbox]:
+    """A sandbox of its own: these tests add people, which the shared one's tests count."""
+    with ZohoSandbox(tmp_path, TOKEN, records={"Contacts": 3, "Leads": 2}, rate_limit=None) as sb:
+        yield sb
+
+
+def test_a_lead_is_created_for_an_unknown_caller(own_sim: ZohoSandbox) -> None:
+    crm = connector(own_sim.url)
+    try:
+        leads = [r["id"] for r in own_sim.people("Leads")]
+        key = crm.create_person_for_caller("+14155550199")
+        module, _, record_id = key.partition("-")
+        assert module == "Leads" and record_id.isdigit() and record_id not in leads
+        (lead,) = crm.fetch_persons_by_ids("Leads", [key])  # the key reads back as it is
+        assert crm.record_key(lead, "Leads") == key
+        assert (lead["Last_Name"], lead["First_Name"], lead["Phone"]) == (
+            "Unknown caller +14155550199",
+            None,
+            "+14155550199",
+        )
+        assert lead["Mobile"] is None and lead["Email"] is None and lead["Company"] is None
+        contact = crm.transform_person_to_quo(lead, "Leads")
+        assert contact.external_id == key
+        assert contact.phone_numbers == (LabeledValue("work", "+14155550199"),)
+        assert (contact.first_name, contact.last_name) == ("Unknown caller +14155550199", None)
+        assert contact.emails == () and contact.company is None
+        assert crm.fetch_persons_by_ids("Contacts", [record_id]) == []  # a Lead, not a Contact
+        assert own_sim.stats()["byKind"]["create_person"] == 1
+        assert crm.create_person_for_caller("+442079460001") != key  # another caller, another
+        assert own_sim.stats()["records"] == {"Contacts": 3, "Leads": 4}
+    finally:
+        crm.close()
+
+
+def test_a_caller_create_is_not_sent_twice_once_its_outcome_is_unknown(
+    own_sim: ZohoSandbox,
+) -> None:
+    crm = connector(own_sim.url)
+    try:
+        own_sim.inject_fault(503)
+        with pytest.raises(ZohoOutcomeUnknown) as unknown:
+            crm.create_person_for_caller("+14155550199")
+        assert unknown.value.status == 503
+        assert own_sim.stats()["byKind"]["create_person"] == 1  # one POST, no retry
+        assert own_sim.stats()["records"]["Leads"] == 2
+        own_sim.inject_fault(429)  # refused before anything was written: retried
+        assert crm.create_person_for_caller("+14155550199").startswith("Leads-")
+        assert own_sim.stats()["byKind"]["create_person"] == 3
+        assert own_sim.stats()["records"]["Leads"] == 3
+    finally:
+        crm.close()
+
+
+@pytest.mark.parametrize("number", ["4155550199", "+0123", "tel:+14155550199", ""])
+def test_a_caller_number_must_be_e164(number: str) -> None:
+    with pytest.raises(ValueError, match=r"not an E\.164 number"):
+        connector().create_person_for_caller(number)
 
 
 # ---- the whole pipeline -------------------------------------------------------------------

@@ -570,3 +570,179 @@ def test_people_changes_persist_across_restarts(tmp_path: Path) -> None:
             [people[1], people[-1]]
         )
         assert int(sb.create_person()["id"]) > int(people[-1])
+
+
+# ---- POST /{module}: people inserted through the API ---------------------------------------
+LEAD = {"Last_Name": "Unknown caller +14155550199", "Phone": "+14155550199"}
+PEOPLE_FIELDS = "First_Name,Last_Name,Full_Name,Phone,Mobile,Email,Modified_Time"
+
+
+def test_insert_is_listed_read_and_notified_like_an_admin_create(live: ZohoSandbox) -> None:
+    leads_before = ids(live.people("Leads"))
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    with Receiver() as rx:
+        watch(live, "1000000068003", ["Leads.create"], f"{rx.url}/leads", token="tok")
+        response = write(live, "POST", "Leads", {"data": [LEAD]})
+        assert response.status_code == 201, response.text
+        (result,) = response.json()["data"]
+        assert (result["code"], result["status"], result["message"]) == (
+            "SUCCESS",
+            "success",
+            "record added",
+        )
+        details = result["details"]
+        assert set(details) == {
+            *("id", "Created_Time", "Modified_Time", "Created_By", "Modified_By"),
+            "$approval_state",
+        }
+        (delivery,) = rx.wait_for(1)
+        settled(live, queued=1)
+    lead_id = details["id"]
+    assert int(lead_id) > max(map(int, leads_before))
+    assert delivery.path == "/leads"
+    assert untimed(delivery.json()) == untimed(
+        {
+            "query_params": {},
+            "module": "Leads",
+            "resource_uri": "https://www.zohoapis.com/crm/v8/Leads",
+            "ids": [lead_id],
+            "affected_fields": [],
+            "operation": "insert",
+            "channel_id": "1000000068003",
+            "token": "tok",
+        }
+    )
+
+    (stored,) = [r for r in live.people("Leads") if r["id"] == lead_id]
+    assert (stored["Last_Name"], stored["Full_Name"], stored["Phone"]) == (
+        LEAD["Last_Name"],
+        LEAD["Last_Name"],
+        LEAD["Phone"],
+    )
+    # Only what was given: nothing generated, as Zoho stores an insert.
+    for name in ("First_Name", "Email", "Mobile", "Company", "City", "Lead_Source", "Title"):
+        assert stored[name] is None, name
+    assert stored["Converted__s"] is False and stored["Owner"]["id"]
+    assert stored["Created_Time"] == stored["Modified_Time"] == details["Created_Time"]
+
+    by_id = get(live, "Leads", params={"fields": PEOPLE_FIELDS, "ids": lead_id}).json()["data"]
+    assert by_id == [{"id": lead_id, **{f: stored[f] for f in PEOPLE_FIELDS.split(",")}}]
+    assert id_order(live, "Leads")[-1] == lead_id
+    newer = get(
+        live,
+        "Leads",
+        params={"fields": FIELDS},
+        headers={"If-Modified-Since": since.isoformat()},
+    )
+    assert ids(newer.json()["data"]) == [lead_id]
+    assert get(live, "Leads/actions/count").json() == {"count": len(leads_before) + 1}
+    stats = live.stats()
+    assert stats["byKind"]["create_person"] == 1 and stats["records"]["Leads"] == 11
+
+
+def test_insert_of_several_records_answers_per_record(live: ZohoSandbox) -> None:
+    contacts = len(live.people())
+    body = {
+        "data": [
+            {"First_Name": "Aroha", "Last_Name": "Ngata", "Mobile": "+64 21 555 0100"},
+            {"First_Name": "No last name"},
+            {"Last_Name": "Account", "Account_Name": {"id": "3652397000000000003"}},
+        ],
+        "trigger": [],
+    }
+    response = write(live, "POST", "Contacts", body)
+    assert response.status_code == 207, response.text
+    first, refused, third = response.json()["data"]
+    assert first["status"] == third["status"] == "success"
+    assert refused == {
+        "code": "MANDATORY_NOT_FOUND",
+        "details": {"api_name": "Last_Name", "json_path": "$.data[1].Last_Name"},
+        "message": "required field not found",
+        "status": "error",
+    }
+    assert int(third["details"]["id"]) > int(first["details"]["id"])
+    stored = {r["id"]: r for r in live.people()}
+    assert len(stored) == contacts + 2
+    assert stored[first["details"]["id"]]["Full_Name"] == "Aroha Ngata"
+    assert stored[third["details"]["id"]]["Account_Name"] == {"id": "3652397000000000003"}
+
+
+@pytest.mark.parametrize(
+    ("module", "record", "code", "api_name"),
+    [
+        ("Leads", {"Phone": "+14155550199"}, "MANDATORY_NOT_FOUND", "Last_Name"),
+        ("Leads", {"Last_Name": ""}, "MANDATORY_NOT_FOUND", "Last_Name"),
+        ("Leads", {"Last_Name": None}, "MANDATORY_NOT_FOUND", "Last_Name"),
+        ("Leads", {"Last_Name": "   "}, "INVALID_DATA", "Last_Name"),
+        ("Leads", {"Last_Name": 5}, "INVALID_DATA", "Last_Name"),
+        ("Leads", {"Last_Name": "x" * 256}, "INVALID_DATA", "Last_Name"),
+        ("Leads", {**LEAD, "Phone": "+1 415 555 0199 0199 0199 0199 0"}, "INVALID_DATA", "Phone"),
+        ("Leads", {**LEAD, "Phone": "call me!"}, "INVALID_DATA", "Phone"),
+        ("Leads", {**LEAD, "Phone": 14155550199}, "INVALID_DATA", "Phone"),
+        ("Leads", {**LEAD, "Email": "not-an-email"}, "INVALID_DATA", "Email"),
+        ("Leads", {**LEAD, "Email_Opt_Out": "yes"}, "INVALID_DATA", "Email_Opt_Out"),
+        ("Leads", {**LEAD, "Owner": "Pat Sandbox"}, "INVALID_DATA", "Owner"),
+        ("Leads", {**LEAD, "Full_Name": "Set By Zoho"}, "INVALID_DATA", "Full_Name"),
+        ("Leads", {**LEAD, "id": "3652397000999999999"}, "INVALID_DATA", "id"),
+        ("Leads", {**LEAD, "Converted__s": True}, "INVALID_DATA", "Converted__s"),
+        ("Leads", {**LEAD, "Account_Name": {"id": "1"}}, "INVALID_DATA", "Account_Name"),
+        ("Leads", {**LEAD, "Nickname": "x"}, "INVALID_DATA", "Nickname"),
+        ("Contacts", {**LEAD, "Company": "Initech"}, "INVALID_DATA", "Company"),  # Leads only
+        ("Contacts", {**LEAD, "Account_Name": "Initech"}, "INVALID_DATA", "Account_Name"),
+    ],
+)
+def test_insert_refuses_what_zoho_refuses(
+    sandbox: ZohoSandbox, module: str, record: dict[str, Any], code: str, api_name: str
+) -> None:
+    before = sandbox.stats()["records"]
+    response = write(sandbox, "POST", module, {"data": [record]})
+    assert response.status_code == 400, response.text
+    (error,) = response.json()["data"]
+    assert (error["status"], error["code"]) == ("error", code)
+    assert error["details"]["api_name"] == api_name
+    assert error["details"]["json_path"] == f"$.data[0].{api_name}"
+    assert sandbox.stats()["records"] == before
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code"),
+    [
+        ("Leads", {"data": []}, "REQUIRED_PARAM_MISSING"),
+        ("Leads", {"data": LEAD}, "REQUIRED_PARAM_MISSING"),  # one record is still a list
+        ("Leads", [LEAD], "REQUIRED_PARAM_MISSING"),
+        ("Leads", {"data": [LEAD] * 101}, "LIMIT_EXCEEDED"),
+        ("Deals", {"data": [{"Deal_Name": "x"}]}, "INVALID_MODULE"),
+    ],
+)
+def test_insert_refuses_bad_envelopes(
+    sandbox: ZohoSandbox, path: str, body: Any, code: str
+) -> None:
+    before = sandbox.stats()["records"]
+    response = write(sandbox, "POST", path, body)
+    assert response.status_code == 400 and response.json()["code"] == code, response.text
+    assert sandbox.stats()["records"] == before
+
+
+def test_insert_needs_json_and_the_token(sandbox: ZohoSandbox) -> None:
+    before = sandbox.stats()["records"]
+    headers = {"Authorization": f"Zoho-oauthtoken {TOKEN}"}
+    not_json = httpx.post(f"{sandbox.url}/crm/v8/Leads", content=b"{nope", headers=headers)
+    assert not_json.status_code == 400 and not_json.json()["code"] == "INVALID_DATA"
+    bearer = httpx.post(
+        f"{sandbox.url}/crm/v8/Leads",
+        json={"data": [LEAD]},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert bearer.status_code == 401 and bearer.json()["code"] == "INVALID_TOKEN"
+    assert sandbox.stats()["records"] == before
+
+
+def test_inserted_people_persist_across_restarts(tmp_path: Path) -> None:
+    records = {"Contacts": 2, "Leads": 2}
+    with ZohoSandbox(tmp_path, records=records, rate_limit=None) as sb:
+        response = write(sb, "POST", "Leads", {"data": [LEAD]})
+        lead_id = response.json()["data"][0]["details"]["id"]
+        leads = sb.people("Leads")
+    with ZohoSandbox(tmp_path, records=records, rate_limit=None) as sb:
+        assert sb.people("Leads") == leads and leads[-1]["id"] == lead_id
+        assert int(sb.create_person(kind="Leads")["id"]) > int(lead_id)

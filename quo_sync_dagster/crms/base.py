@@ -130,6 +130,11 @@ class CRMConnector(ABC):
     def log_call_to_activity(self, activity: CallActivity) -> str:
         """Write the call on the CRM record; return the CRM activity id."""
 
+    def create_person_for_caller(self, number: str) -> str | None:
+        """Create a person holding the E.164 `number` (a caller nobody in the CRM has) and
+        return its record key; None where the CRM's API does not let us create people."""
+        return None
+
     @abstractmethod
     def update_call_activity(self, activity_id: str, activity: CallActivity) -> str:
         """Rewrite the activity `activity_id` (made by log_call_to_activity) with what Quo has

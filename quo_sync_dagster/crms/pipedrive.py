@@ -1,5 +1,6 @@
 """Pipedrive: v2 persons into Quo contacts; SMS as notes and calls as call activities written back
-(and updated in place as Quo sends the call's recording, summary and transcript).
+(and updated in place as Quo sends the call's recording, summary and transcript); a person
+created for a caller nobody in Pipedrive has, where the integration asks for it.
 
 Integration settings: `base_url` (the API base, e.g. https://acme.pipedrive.com) and optionally
 `custom_fields`, a map of Pipedrive person custom field key -> Quo custom field key. The
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import html
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -40,6 +42,12 @@ LIST_LIMIT_MAX = 500  # GET /api/v2/persons
 # v2 webhooks have no `merged`: a merge arrives as `delete` (merged_to_id) plus `change`.
 WEBHOOK_ACTIONS = ("create", "change", "delete")
 WEBHOOK_USER = "quo-sync"
+_E164 = re.compile(r"\+[1-9][0-9]{1,14}")
+
+
+def caller_name(number: str) -> str:
+    """The name of a person created for an unknown caller: Pipedrive needs one."""
+    return f"Unknown caller {number}"
 
 
 class ActivityNotFound(PipedriveApiError, LookupError):
@@ -157,6 +165,15 @@ class PipedriveConnector(CRMConnector):
             ),
             source_url=f"https://app.pipedrive.com/person/{pid}",
         )
+
+    def create_person_for_caller(self, number: str) -> str:
+        """A person named "Unknown caller <number>" holding the E.164 `number` as its primary
+        work phone; its record key (the person id). PipedriveOutcomeUnknown, never a second
+        POST, if Pipedrive's answer is lost."""
+        if not _E164.fullmatch(number):
+            raise ValueError(f"{number!r} is not an E.164 number")
+        created = self.api.create_person(caller_name(number), [number], phone_label="work")
+        return self.record_key(created, "Person")
 
     # ---- activity write-back -----------------------------------------------------------------
     def log_sms_to_activity(self, activity: SmsActivity) -> str:

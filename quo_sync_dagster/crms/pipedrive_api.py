@@ -1,12 +1,13 @@
-"""httpx client for the Pipedrive endpoints the sync uses: v2 persons, v2 activities (create,
-update, read), v1 call logs, notes and webhooks. Governed and retried by GovernedHttp; both of
-Pipedrive's rate-limit answers (a 429, and the Cloudflare 403 HTML page sent to clients that
-keep going) count as one. Creates are not retried once their outcome is unknown.
+"""httpx client for the Pipedrive endpoints the sync uses: v2 persons (list, read, create), v2
+activities (create, update, read), v1 call logs, notes and webhooks. Governed and retried by
+GovernedHttp; both of Pipedrive's rate-limit answers (a 429, and the Cloudflare 403 HTML page
+sent to clients that keep going) count as one. Creates are not retried once their outcome is
+unknown.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -125,6 +126,33 @@ class PipedriveApi(ApiClient):
             params = {"ids": ",".join(map(str, chunk)), "limit": BATCH_READ_MAX}
             found += self._request("GET", "/api/v2/persons", params=params).json()["data"] or []
         return found
+
+    def create_person(
+        self,
+        name: str,
+        phones: Sequence[str] = (),
+        phone_label: str = "work",
+        owner_id: int | None = None,
+    ) -> dict[str, Any]:
+        """POST /api/v2/persons: a person named `name` holding `phones` (the first primary,
+        all labelled `phone_label`: work, home, mobile or other); the person as Pipedrive
+        answers it.
+
+        Not retried once its outcome is unknown (PipedriveOutcomeUnknown): a second POST would
+        be a second person."""
+        body = {
+            "name": name,
+            "owner_id": owner_id,
+            "phones": [
+                {"value": phone, "primary": n == 0, "label": phone_label}
+                for n, phone in enumerate(phones)
+            ]
+            or None,
+        }
+        response = self._request(
+            "POST", "/api/v2/persons", json=_without_none(body), idempotent=False
+        )
+        return response.json()["data"]
 
     # ---- activity write-back ---------------------------------------------------------------
     def create_call_log(

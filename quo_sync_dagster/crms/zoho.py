@@ -1,5 +1,6 @@
 """Zoho CRM: Contacts and Leads into Quo; calls to the Calls module (updated in place as Quo sends
-the call's recording, summary and transcript), SMS as Notes.
+the call's recording, summary and transcript), SMS as Notes; a Lead created for a caller nobody
+in Zoho has, where the integration asks for it (an unknown caller is a prospect).
 
 Integration settings: `base_url`, the data centre's API domain (the OAuth token response's
 `api_domain`, or the simulator's URL), and optionally `org_domain_name` (Zoho's org
@@ -8,6 +9,7 @@ Integration settings: `base_url`, the data centre's API domain (the OAuth token 
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -61,6 +63,13 @@ EMAILS = (("Email", "primary"), ("Secondary_Email", "secondary"))
 # Zoho allows a week and silently turns anything longer into one hour: stay well inside it.
 CHANNEL_TTL = timedelta(days=6)
 MAX_TEXT = 32_000  # a Description (or Note_Content) textarea holds 32,000 characters
+CALLER_MODULE = "Leads"  # where a person created for an unknown caller goes
+_E164 = re.compile(r"\+[1-9][0-9]{1,14}")
+
+
+def caller_name(number: str) -> str:
+    """The Last_Name (Zoho's one mandatory name field) of a Lead made for an unknown caller."""
+    return f"Unknown caller {number}"
 
 
 class CallNotFound(ZohoApiError, LookupError):
@@ -214,6 +223,16 @@ class ZohoConnector(CRMConnector):
             ),
             source_url=self._record_url(module, record_id),
         )
+
+    def create_person_for_caller(self, number: str) -> str:
+        """A Lead whose Last_Name is "Unknown caller <number>" and whose Phone is the E.164
+        `number` (Company, optional unless a layout rule asks for it, is left empty); its
+        record key, "Leads-<id>". ZohoOutcomeUnknown, never a second POST, if Zoho's answer
+        is lost."""
+        if not _E164.fullmatch(number):
+            raise ValueError(f"{number!r} is not an E.164 number")
+        lead = {"Last_Name": caller_name(number), "Phone": number}
+        return self.change_key(CALLER_MODULE, self.api.create_record(CALLER_MODULE, lead))
 
     def _record_url(self, module: str, record_id: str) -> str | None:
         """Zoho's web UI lives at crm.zoho.<dc>/crm/<org domain_name>/tab/<module>/<id>."""

@@ -1,5 +1,5 @@
-"""httpx client for the Zoho CRM v8 API: people listing, batch read, Calls (create, update), Notes,
-watch channels.
+"""httpx client for the Zoho CRM v8 API: people listing, batch read and insert, Calls (create,
+update), Notes, watch channels.
 
 Throttling, the 429 signal (Zoho sends no Retry-After) and retries are GovernedHttp's. Errors
 carry Zoho's `code` (INVALID_TOKEN tells the caller to refresh the 1-hour access token) and
@@ -72,8 +72,8 @@ class ZohoUnavailable(ApiUnavailable):
 
 
 class ZohoOutcomeUnknown(OutcomeUnknown, ZohoUnavailable):
-    """A create (call, note) was sent and its answer lost or a 5xx: Zoho may have written it,
-    so it was not sent again."""
+    """A create (call, note, person) was sent and its answer lost or a 5xx: Zoho may have
+    written it, so it was not sent again."""
 
 
 def _error_of(status: int, item: Any, request: str) -> ZohoApiError:
@@ -230,6 +230,13 @@ class ZohoApi(ApiClient):
             body = self._json("GET", f"/{module}", params=params)
             found.extend(body["data"] if body else [])
         return found
+
+    def create_record(self, module: str, record: dict[str, Any]) -> str:
+        """Insert one record (POST /{module}, `{"data": [record]}`); its id. Zoho checks the
+        module's mandatory fields (Last_Name for Contacts and Leads) and answers a refused
+        record with a per-record error, raised as ZohoApiError. Not retried once its outcome
+        is unknown (ZohoOutcomeUnknown): a second POST would be a second record."""
+        return self._create(f"/{module}", record)
 
     # ---- activities -----------------------------------------------------------------------
     def create_call(

@@ -32,7 +32,7 @@ from quo_sync_dagster.core.activities import (
     with_call,
     with_voicemail,
 )
-from quo_sync_dagster.core.external_ids import crm_id_of
+from quo_sync_dagster.core.external_ids import crm_id_of, quo_external_id
 from quo_sync_dagster.core.models import CallActivity, SmsActivity
 from quo_sync_dagster.core.process import cap_text
 from quo_sync_dagster.crms.base import CRMConnector
@@ -40,6 +40,7 @@ from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.store.port import ActivityRecord, InboxItem, Store
 
 PEOPLE_SETTING = "activity_people"  # "all" (default): everyone with the number; "latest"
+CREATE_CALLERS_SETTING = "create_unknown_callers"  # true: a CRM person for an unknown number
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ActivityReport:
     duplicates: int = 0  # events that changed nothing (duplicated or replayed deliveries)
     waiting: int = 0  # calls still ringing: logged once they end
     unmatched: int = 0  # Quo objects whose number no synced person has
+    callers_created: int = 0  # CRM people created for unknown numbers (create_unknown_callers)
     failed: int = 0
     unmatched_numbers: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (event id, reason)
@@ -66,6 +68,7 @@ class ActivityReport:
             "duplicates_dropped": self.duplicates,
             "waiting": self.waiting,
             "unmatched": self.unmatched,
+            "callers_created": self.callers_created,
             "failed": self.failed,
             "retrying": len(self.retry),
             "latency_p50_s": round(statistics.median(lat), 3) if lat else None,
@@ -174,6 +177,8 @@ def _log_object(
         number = external_number(state, workspace.numbers)
         found = store.people_by_phone(integration.id, [number]).get(number, []) if number else []
         people = found[:1] if only_latest else found
+        if not people and number and integration.settings.get(CREATE_CALLERS_SETTING) is True:
+            people = _caller(store, connector, number, report)
         if not people:
             report.unmatched += 1
             report.unmatched_numbers.append(number or f"(no number on {object_id})")
@@ -207,6 +212,27 @@ def _log_object(
         state = {**state, "shown": shown}
         save()  # after every CRM write: a redelivery must not write it again
     save()
+
+
+def _caller(
+    store: Store, connector: CRMConnector, number: str, report: ActivityReport
+) -> list[str]:
+    """The person this integration created for an unknown `number` (once: remembered in the
+    activity records; once synced, the phone index finds them first), or [] where the CRM
+    cannot create people."""
+    integration = connector.integration
+    remembered = store.get_activity_records(integration.id, [f"caller:{number}"])
+    if record := remembered.get(f"caller:{number}"):
+        return [record.state["person"]]
+    key = connector.create_person_for_caller(number)
+    if key is None:
+        return []
+    person = quo_external_id(integration, key)
+    store.put_activity_record(
+        integration.id, f"caller:{number}", ActivityRecord({"person": person})
+    )
+    report.callers_created += 1
+    return [person]
 
 
 def _activity(state: dict[str, Any], key: str, numbers: set[str]) -> CallActivity | SmsActivity:

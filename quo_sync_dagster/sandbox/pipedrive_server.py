@@ -1,9 +1,10 @@
 """Strict local simulator of the Pipedrive API parts the sync uses.
 
 v2 persons (list with opaque cursors, sorting, `updated_since`, batch read by `ids`, single
-read), v2 activities (create, read, PATCH), v1 call logs, v1 notes and v1 webhooks, per
+read, create), v2 activities (create, read, PATCH), v1 call logs, v1 notes and v1 webhooks, per
 `crm-apis.md` section 1. `GET /_sandbox/activities` lists what was logged on people.
-People can be created, changed, merged and deleted through `/_sandbox/people` while a sync runs;
+People can be created, changed, merged and deleted through `/_sandbox/people` while a sync runs
+(and created through `POST /api/v2/persons`, as the sync does for unknown callers);
 each change is delivered as the documented webhooks v2 payload to every matching v2 subscription
 (HTTP Basic with the subscription's credentials), after the admin answer, through a
 `WebhookDelivery` that can drop, duplicate, delay or reorder deliveries.
@@ -83,6 +84,7 @@ COSTS = {
     "list_persons": 10,
     "batch_persons": 10,
     "get_person": 1,
+    "create_person": 5,
     "create_activity": 5,
     "update_activity": 5,
     "get_activity": 1,
@@ -345,7 +347,8 @@ class PersonEvent:
     data: dict[str, Any] | None
     previous: dict[str, Any] | None
     timestamp: str
-    extra_meta: dict[str, str] = field(default_factory=dict)  # merged_to_id / merged_from_id
+    # merged_to_id / merged_from_id; change_source "api" for a change made through the API
+    extra_meta: dict[str, str] = field(default_factory=dict)
 
     def payload(self, webhook: dict[str, Any], correlation_id: str, host: str) -> dict[str, Any]:
         meta = {
@@ -509,20 +512,29 @@ class PipedriveState:
             raise _not_found(person_id)
         return self.persons[person_id]
 
-    def create_person(self, fields: dict[str, Any]) -> tuple[Person, list[PersonEvent]]:
-        """A new person with the next id; a generated name, phone and email where `fields`
-        give none."""
+    def create_person(
+        self, fields: dict[str, Any], generated: bool = True
+    ) -> tuple[Person, list[PersonEvent]]:
+        """A new person with the next id. `generated` (an admin create, as a user in the app
+        makes one): a generated name, phone and email where `fields` give none. Otherwise
+        (`POST /api/v2/persons`): only what `fields` give, the rest empty, as the API does."""
         now = datetime.now(UTC)
         person_id = self._next_person_id
-        person = seed_person(person_id - FIRST_PERSON_ID) | _generated_identity(self._rng, None)
-        email = f"{_slug(person['name'])}{person_id}@example.com"
-        person |= {"emails": [{"value": email, "primary": True, "label": "work"}]}
+        person = seed_person(person_id - FIRST_PERSON_ID)
+        if generated:
+            person |= _generated_identity(self._rng, None)
+            email = f"{_slug(person['name'])}{person_id}@example.com"
+            person |= {"emails": [{"value": email, "primary": True, "label": "work"}]}
+        else:
+            person |= {"name": "", "first_name": None, "last_name": None, "org_id": None}
+            person |= {"owner_id": ADMIN_USER_ID, "emails": [], "phones": [], "label_ids": []}
+            person |= {"visible_to": 3, "custom_fields": dict.fromkeys(person["custom_fields"])}
         person |= {"add_time": _rfc3339(now), "update_time": _rfc3339(now)}
         person = _with_fields(person, fields)
         self._next_person_id += 1
         self._save_person(person)
-        data = _webhook_person(person)
-        return person, [PersonEvent("create", person_id, data, None, _event_time(now))]
+        data, source = _webhook_person(person), {} if generated else {"change_source": "api"}
+        return person, [PersonEvent("create", person_id, data, None, _event_time(now), source)]
 
     def update_person(
         self, person_id: int, fields: dict[str, Any]
@@ -754,6 +766,8 @@ class _Api:
 
     # ---- persons ----------------------------------------------------------------------------
     async def persons(self, request: Request) -> Response:
+        if request.method == "POST":
+            return await self.serve(request, "create_person", self._create_person)
         kind = "batch_persons" if "ids" in request.query_params else "list_persons"
         return await self.serve(request, kind, self._list_persons)
 
@@ -805,6 +819,22 @@ class _Api:
         if person is None:
             raise ApiError(404, "Person not found", "ERR_NOT_FOUND")
         return _ok(person)
+
+    async def _create_person(self, request: Request) -> Response:
+        """POST /api/v2/persons: `name` is required; `first_name`/`last_name` are not v2
+        request fields (Pipedrive derives them from `name`); every other field is checked as
+        the admin create checks it. The `create` webhook goes out after the answer."""
+        body = await self._json_body(request)
+        _required(body, "name")
+        if not isinstance(body["name"], str) or not body["name"].strip():
+            raise _bad("Field 'name' must be a non-empty string")
+        for name in ("first_name", "last_name"):
+            if name in body:
+                raise _bad(f"Field '{name}' cannot be set; set 'name' instead")
+        person, events = self.state.create_person(body, generated=False)
+        response = _ok(person)
+        response.background = self.state.deliveries_of(events, request.url.netloc)
+        return response
 
     def _person_exists(self, person_id: object, field: str = "person_id") -> None:
         if not _is_int(person_id):
@@ -1168,7 +1198,7 @@ def build_app(state: PipedriveState) -> Starlette:
     api, admin = _Api(state), _PeopleAdmin(state)
     app = Starlette(
         routes=[
-            Route("/api/v2/persons", api.persons, methods=["GET"]),
+            Route("/api/v2/persons", api.persons, methods=["GET", "POST"]),
             Route("/api/v2/persons/{id}", api.person, methods=["GET"]),
             Route("/api/v2/activities", api.activities, methods=["POST"]),
             Route("/api/v2/activities/{id}", api.activity, methods=["GET", "PATCH"]),

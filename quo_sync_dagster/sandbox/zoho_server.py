@@ -3,12 +3,14 @@
 Enforces what real Zoho enforces and a lax fake would let through: the `Zoho-oauthtoken` auth
 form, a mandatory `fields` list, `per_page` <= 200, `page` paging only up to record 2,000 (then
 `page_token`), 204 with no body for an empty result, 429 without Retry-After, v8 body shapes for
-Calls (create, and update by id) and Notes. The people are generated deterministically on first
-start and persisted in the data dir, as are written calls, notes and channels (read them back
-through `GET /_sandbox/activities`). Binds 127.0.0.1 only; `/_sandbox/*` admin endpoints are
-unauthenticated.
+Calls (create, and update by id), Notes and people inserts (`POST /{module}`, the module's
+mandatory Last_Name, field types and lengths checked per record). The people are generated
+deterministically on first start and persisted in the data dir, as are written calls, notes and
+channels (read them back through `GET /_sandbox/activities`). Binds 127.0.0.1 only;
+`/_sandbox/*` admin endpoints are unauthenticated.
 
-People can be created, edited, merged and deleted through `/_sandbox/people` while a sync runs.
+People can be created, edited, merged and deleted through `/_sandbox/people` while a sync runs
+(and inserted through the API, as the sync does for unknown callers).
 Each change is reported, as the Notification API does, to every live watch channel whose events
 cover it (`insert`/`update`/`delete`; a merge is an update of the survivor and a delete of the
 other, which Zoho lists as deleted), after the admin answer, through a `WebhookDelivery` that
@@ -75,6 +77,16 @@ SYSTEM_FIELDS = frozenset(
 WATCH_OPERATION = {"insert": "create", "update": "edit", "delete": "delete"}  # callback -> event
 OWNER = {"name": "Pat Sandbox", "id": "3652397000000080001", "email": "pat@sandbox.example"}
 _DURATION = re.compile(r"^(\d{1,4}):([0-5]\d)$")  # mm:ss, minutes may exceed 59
+# What an insert may set, by field type (Zoho's field limits: a single line holds 255
+# characters, a phone 30); any other settable field is a single line (text or picklist).
+PHONE_FIELDS = frozenset({"Phone", "Mobile", "Home_Phone", "Other_Phone", "Fax"})
+EMAIL_FIELDS = frozenset({"Email", "Secondary_Email"})
+BOOLEAN_FIELDS = frozenset({"Email_Opt_Out"})
+LOOKUP_FIELDS = frozenset({"Owner", "Account_Name"})
+READ_ONLY_FIELDS = frozenset({"Converted__s"})  # Zoho sets it when a lead is converted
+MAX_SINGLE_LINE, MAX_PHONE = 255, 30
+_PHONE = re.compile(r"^\+?[0-9A-Za-z][0-9A-Za-z .()\-]*(?:[#;,][0-9A-Za-z]+)*$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]{2,22}$")
 
 _FIRST = ["Jane", "José", "Zoë", "Łukasz", "Mei", "Oluwaseun", "Siobhán", "Kenji", "Ana", "Björn"]
 _LAST = ["Doe", "García", "Nguyen", "O'Brien", "Müller", "Okafor", "田中", "Silva", "Kowalski"]
@@ -354,13 +366,19 @@ class ZohoState:
         return len(touched), [_notification(module, "update", affected)] if touched else []
 
     def create_person(
-        self, module: str, fields: Mapping[str, Any]
+        self, module: str, fields: Mapping[str, Any], generated: bool = True
     ) -> tuple[Record, list[Notification]]:
-        """A new person with the next (larger) id, generated where `fields` say nothing."""
+        """A new person with the next (larger) id. `generated` (an admin create): generated
+        where `fields` say nothing; otherwise (an API insert) only what `fields` say, the other
+        fields empty, as Zoho stores an inserted record."""
         _check_fields(module, fields)
         now = _iso(datetime.now(UTC))
         # Indexes never repeat (the deleted keep theirs), so neither do the ids they make.
         record = _person(module, len(self.people[module]) + len(self.deleted[module]))
+        if not generated:
+            record |= {name: None for name in MODULE_FIELDS[module] - SYSTEM_FIELDS}
+            record |= {"Owner": OWNER, "Email_Opt_Out": False}
+            record |= {"Converted__s": False} if module == "Leads" else {}
         record["Created_Time"] = now
         self._edit(record, fields, now)
         self.people[module].append(record)
@@ -589,8 +607,45 @@ class _Api:
 
     # ---- people ---------------------------------------------------------------------------
     async def records(self, request: Request) -> Response:
+        if request.method == "POST":
+            return await self.serve(request, "create_person", self._insert)
         kind = "get_by_ids" if "ids" in request.query_params else "list"
         return await self.serve(request, kind, self._list)
+
+    async def _insert(self, request: Request) -> Response:
+        """POST /{module} `{"data": [...]}`: Zoho's insert, checked per record (201 all
+        written, 207 some, 400 none); each new person is listed, read and notified (an
+        `insert`) like one the admin route creates."""
+        module = self._module(request)
+        items = await self._json(request, "data")
+        results, notifications = [], []
+        for n, item in enumerate(items):
+            path = f"$.data[{n}]"
+            try:
+                if not isinstance(item, dict):
+                    raise ZohoError(400, "INVALID_DATA", "invalid data", json_path=path)
+                _check_insert(module, item, path)
+            except ZohoError as exc:
+                results.append(exc.body())
+                continue
+            record, notified = self.state.create_person(module, item, generated=False)
+            notifications += notified
+            details = {
+                "Modified_Time": record["Modified_Time"],
+                "Modified_By": OWNER,
+                "Created_Time": record["Created_Time"],
+                "id": record["id"],
+                "Created_By": OWNER,
+                "$approval_state": "approved",
+            }
+            results.append(
+                {"code": "SUCCESS", "details": details, "message": "record added"}
+                | {"status": "success"}
+            )
+        ok = sum(r["status"] == "success" for r in results)
+        status = 201 if ok == len(results) else 207 if ok else 400
+        tasks = self.state.deliveries_of(notifications)
+        return JSONResponse({"data": results}, status_code=status, background=tasks)
 
     async def count(self, request: Request) -> Response:
         return await self.serve(request, "count", self._count)
@@ -1053,6 +1108,42 @@ def _require(item: dict[str, Any], name: str, path: str) -> None:
         )
 
 
+def _check_insert(module: str, item: dict[str, Any], path: str) -> None:
+    """What Zoho refuses in a record inserted into Contacts or Leads."""
+    _require(item, "Last_Name", path)  # the system-defined mandatory field of both modules
+    for name, value in item.items():
+        settable = MODULE_FIELDS[module] - SYSTEM_FIELDS - READ_ONLY_FIELDS
+        if name not in settable:
+            raise _invalid(name, path, f"a settable {module} field")
+        if value is None:
+            continue
+        if name in BOOLEAN_FIELDS:
+            if not isinstance(value, bool):
+                raise _invalid(name, path, "boolean")
+        elif name in LOOKUP_FIELDS:
+            if not isinstance(value, dict) or not isinstance(value.get("id"), str):
+                raise _invalid(name, path, "lookup {id}")
+        elif not isinstance(value, str):
+            raise _invalid(name, path, "text")
+        elif name in PHONE_FIELDS:
+            if len(value) > MAX_PHONE or not _PHONE.match(value):
+                raise _invalid(name, path, f"phone of at most {MAX_PHONE} characters")
+        elif name in EMAIL_FIELDS:
+            if not _EMAIL.match(value):
+                raise _invalid(name, path, "email")
+        elif len(value) > MAX_SINGLE_LINE:
+            raise ZohoError(
+                400,
+                "INVALID_DATA",
+                "invalid data",
+                api_name=name,
+                json_path=f"{path}.{name}",
+                maximum_length=MAX_SINGLE_LINE,
+            )
+    if not item["Last_Name"].strip():
+        raise _invalid("Last_Name", path, "text")
+
+
 def _invalid(name: str, path: str, expected: str) -> ZohoError:
     return ZohoError(
         400,
@@ -1193,7 +1284,7 @@ def build_app(state: ZohoState) -> Starlette:
             Route(f"{API}/actions/watch", api.watch, methods=["GET", "POST", "PATCH", "DELETE"]),
             Route(f"{API}/{{module}}/actions/count", api.count, methods=["GET"]),
             Route(f"{API}/{{module}}/deleted", api.deleted, methods=["GET"]),
-            Route(f"{API}/{{module}}", api.records, methods=["GET"]),
+            Route(f"{API}/{{module}}", api.records, methods=["GET", "POST"]),
             Route("/_sandbox/created", _admin_created, methods=["GET"]),
             Route("/_sandbox/activities", _admin_activities, methods=["GET"]),
             Route("/_sandbox/touch", _admin_touch, methods=["POST"]),
