@@ -460,6 +460,88 @@ def test_webhook_setup_and_teardown(attio: AttioSandbox, crm: AttioConnector) ->
     crm.teardown_webhooks(subscription)  # already gone: nothing to do, no error
 
 
+# ---- unknown callers -------------------------------------------------------------------------
+CALLER = "+14155550123"
+
+
+@pytest.fixture
+def callers(tmp_path: Path) -> Iterator[tuple[AttioSandbox, AttioConnector]]:
+    """A sandbox of its own: these tests add people, which the module's sandbox must not get."""
+    with AttioSandbox(tmp_path, KEY, records=10, rate_limit=None) as sb:
+        c = connector(sb.url)
+        yield sb, c
+        c.close()
+
+
+def holders(attio: AttioSandbox, number: str) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in attio.people()
+        for v in p["values"]["phone_numbers"]
+        if v["active_until"] is None and v["phone_number"] == number
+    ]
+
+
+def test_an_unknown_caller_becomes_a_person_that_syncs_to_quo(
+    callers: tuple[AttioSandbox, AttioConnector],
+) -> None:
+    attio, crm = callers
+    key = crm.create_person_for_caller(CALLER)
+    [made] = holders(attio, CALLER)
+    assert key == made["id"]["record_id"] == crm.record_key(made, "people")
+    assert attio.stats()["byKind"]["create_record"] == 1
+    # The key reads back as the person holding the number, which Quo takes as a contact.
+    [person] = crm.fetch_persons_by_ids("people", [key])
+    assert person == made
+    contact = crm.transform_person_to_quo(person, "people")
+    assert (contact.external_id, contact.first_name, contact.last_name) == (
+        key,
+        "Unknown",
+        "caller",
+    )
+    assert contact.phone_numbers == (LabeledValue("phone", CALLER),)
+    # An international caller keeps their country.
+    paris = "+33612345678"
+    contact = crm.transform_person_to_quo(
+        crm.fetch_persons_by_ids("people", [crm.create_person_for_caller(paris)])[0], "people"
+    )
+    assert contact.phone_numbers == (LabeledValue("phone", paris),)
+
+
+def test_a_create_whose_answer_is_lost_is_not_sent_again_but_found(
+    callers: tuple[AttioSandbox, AttioConnector],
+) -> None:
+    attio, crm = callers
+    attio.inject_fault(500, kinds=["create_record"], after_write=True)
+    key = crm.create_person_for_caller(CALLER)  # written, then a 500: looked up, not re-sent
+    assert [p["id"]["record_id"] for p in holders(attio, CALLER)] == [key]
+    assert attio.stats()["byKind"]["create_record"] == 1
+
+
+def test_a_create_that_fails_unwritten_is_outcome_unknown_and_not_retried(
+    callers: tuple[AttioSandbox, AttioConnector],
+) -> None:
+    attio, crm = callers
+    attio.inject_fault(503, kinds=["create_record"])  # answered before anything was written
+    with pytest.raises(OutcomeUnknown):
+        crm.create_person_for_caller(CALLER)
+    assert holders(attio, CALLER) == []
+    assert attio.stats()["byKind"]["create_record"] == 1  # a create is never re-sent blindly
+    # The item's retry later creates the person.
+    assert crm.create_person_for_caller(CALLER) == holders(attio, CALLER)[0]["id"]["record_id"]
+
+
+def test_a_number_attio_refuses_is_a_clear_error(
+    callers: tuple[AttioSandbox, AttioConnector],
+) -> None:
+    attio, crm = callers
+    before = attio.stats()["people"]
+    with pytest.raises(AttioApiError) as refused:
+        crm.create_person_for_caller("+1415")
+    assert (refused.value.status, refused.value.code) == (400, "validation_type")
+    assert attio.stats()["people"] == before
+
+
 # ---- the whole pipeline ----------------------------------------------------------------------
 def test_pipeline_syncs_every_person_once_and_a_resync_writes_nothing(
     attio: AttioSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

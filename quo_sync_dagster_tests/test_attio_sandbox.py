@@ -24,6 +24,7 @@ import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 
 from quo_sync_dagster.sandbox.attio_server import (
+    API_TOKEN_ACTOR,
     ATTRIBUTE_IDS,
     MEMBER_ACTOR,
     PEOPLE_FILE,
@@ -768,3 +769,147 @@ def test_a_new_record_comes_after_one_created_in_the_future(tmp_path: Path) -> N
             created["id"]["record_id"],
             merged["id"]["record_id"],
         ]
+
+
+# ---- people created through the API (POST /v2/objects/{object}/records) ------------------
+CREATE = "/v2/objects/{object}/records"
+CREATE_URL = "/v2/objects/people/records"
+CALLER = "+14155550123"
+
+
+def test_api_creates_hold_what_was_sent_and_are_served_like_any_person(tmp_path: Path) -> None:
+    with AttioSandbox(tmp_path, KEY, records=20, rate_limit=None) as sb, Receiver() as rx:
+        webhook = create_webhook(
+            sb, f"{rx.url}/hook", [{"event_type": "record.created", "filter": None}]
+        )
+        before = sb.people()
+        values = {
+            "name": [
+                {"first_name": "Unknown", "last_name": "caller", "full_name": "Unknown caller"}
+            ],
+            "phone_numbers": [{"original_phone_number": CALLER}],
+            "email_addresses": [{"email_address": "Caller@Example.org"}],
+            ATTRIBUTE_IDS["job_title"]: ["Night nurse"],  # by attribute ID, as text
+            "lead_source": [{"value": "Inbound call"}],  # or as {"value": text}
+        }
+        with client(sb) as http:
+            created = check(
+                response_validator(CREATE, "post", 200),
+                http.post(CREATE_URL, json={"data": {"values": values}}),
+                200,
+            )["data"]
+            record_id = created["id"]["record_id"]
+            assert created["created_at"] > max(p["created_at"] for p in before)
+            assert created["web_url"].endswith(f"/person/{record_id}")
+            [phone] = active(created, "phone_numbers")
+            assert (phone["phone_number"], phone["country_code"]) == (CALLER, "US")
+            assert active(created, "name")[0]["full_name"] == "Unknown caller"
+            assert active(created, "email_addresses")[0]["email_address"] == "caller@example.org"
+            assert active(created, "job_title")[0]["value"] == "Night nurse"
+            assert active(created, "lead_source")[0]["value"] == "Inbound call"
+            made_by = {
+                v["created_by_actor"]["type"] for vs in created["values"].values() for v in vs
+            }
+            assert made_by == {"api-token"}  # the token made it, not a workspace member
+            # Nothing generated beside what was sent: every other attribute is empty.
+            assert set(created["values"]) == set(ATTRIBUTE_IDS)
+
+            # Served like any person: read, queried by its phone, listed last oldest first.
+            got = http.get(f"/v2/objects/people/records/{record_id}").json()["data"]
+            assert got == created
+            by_phone = http.post(QUERY_URL, json={"filter": {"phone_numbers": CALLER}})
+            assert ids(by_phone.json()["data"]) == [record_id]
+        assert oldest_first(sb)[-1] == record_id
+        assert sb.people()[-1] == created
+        stats = sb.stats()
+        assert (stats["byKind"]["create_record"], stats["people"]) == (1, len(before) + 1)
+
+        # Delivered as record.created, made by the API token.
+        rx.wait_for(1)
+        settled(sb, queued=1)
+        api_token = {"type": "api-token", "id": API_TOKEN_ACTOR["id"]}
+        assert check_delivery(rx.received[0], webhook) == {
+            "event_type": "record.created",
+            "id": record_ids(record_id),
+            "actor": api_token,
+        }
+    with AttioSandbox(tmp_path, KEY, records=20, rate_limit=None) as sb:  # persisted
+        assert sb.people()[-1] == created
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({}, 400, "validation_type"),
+        ({"data": {}}, 400, "validation_type"),
+        ({"data": {"values": []}}, 400, "validation_type"),
+        ({"data": {"values": {"name": {"full_name": "A"}}}}, 400, "validation_type"),  # no array
+        ({"data": {"values": {"phone_numbers": [CALLER[:6]]}}}, 400, "validation_type"),
+        ({"data": {"values": {"phone_numbers": [{"country_code": "US"}]}}}, 400, "validation_type"),
+        ({"data": {"values": {"name": ["Unknown caller"]}}}, 400, "validation_type"),
+        (
+            {"data": {"values": {"name": [{"first_name": "A"}, {"first_name": "B"}]}}},
+            400,
+            "validation_type",
+        ),
+        ({"data": {"values": {"email_addresses": ["nobody"]}}}, 400, "validation_type"),
+        ({"data": {"values": {"job_title": [7]}}}, 400, "validation_type"),
+        ({"data": {"values": {"shoe_size": ["42"]}}}, 404, "not_found"),
+        (
+            {"data": {"values": {"job_title": ["A"], ATTRIBUTE_IDS["job_title"]: ["B"]}}},
+            400,
+            "validation_type",
+        ),
+    ],
+)
+def test_api_creates_refuse_bad_bodies(
+    live: AttioSandbox, body: dict[str, Any], status: int, code: str
+) -> None:
+    before = live.people()
+    with client(live) as http:
+        error = check(ERROR, http.post(CREATE_URL, json=body), status)
+    assert error["code"] == code
+    if status == 404:  # the spec documents this operation's 404 (and its 400, value_not_found)
+        response_validator(CREATE, "post", 404).validate(error)
+    assert live.people() == before
+
+
+def test_api_creates_refuse_another_object_a_taken_email_and_bad_json(live: AttioSandbox) -> None:
+    taken = next(v["email_address"] for p in live.people() for v in active(p, "email_addresses"))
+    before = live.people()
+    name = {"full_name": "Unknown caller", "first_name": "Unknown", "last_name": "caller"}
+    with client(live) as http:
+        values = {"name": [name], "phone_numbers": [CALLER]}
+        deals = http.post("/v2/objects/deals/records", json={"data": {"values": values}})
+        response_validator(CREATE, "post", 404).validate(check(ERROR, deals, 404))
+        clash = {"data": {"values": {**values, "email_addresses": [taken.upper()]}}}
+        assert check(ERROR, http.post(CREATE_URL, json=clash), 400)["code"] == (
+            "uniqueness_conflict"
+        )
+        raw = http.post(
+            CREATE_URL, content=b"{not json", headers={"Content-Type": "application/json"}
+        )
+        assert check(ERROR, raw, 400)["code"] == "validation_type"
+        unauthorized = httpx.post(live.url + CREATE_URL, json={"data": {"values": values}})
+        check(ERROR, unauthorized, 401)
+    assert live.people() == before
+    assert live.stats()["byKind"]["create_record"] == 4  # the 401 is counted too
+
+
+def test_a_create_whose_answer_fails_is_written_and_announced(live: AttioSandbox) -> None:
+    """An afterWrite fault: the person exists and record.created goes out, but the client
+    sees a 500, as after a real Attio failure between the write and the answer."""
+    with Receiver() as rx:
+        create_webhook(live, f"{rx.url}/hook", [{"event_type": "record.created", "filter": None}])
+        live.inject_fault(500, kinds=["create_record"], after_write=True)
+        with client(live) as http:
+            body = {"data": {"values": {"phone_numbers": [CALLER]}}}
+            check(ERROR, http.post(CREATE_URL, json=body), 500)
+        [made] = [
+            p
+            for p in live.people()
+            if active(p, "phone_numbers")
+            and active(p, "phone_numbers")[0]["phone_number"] == CALLER
+        ]
+        [delivery] = rx.wait_for(1)
+        assert delivery.json()["events"][0]["id"]["record_id"] == made["id"]["record_id"]

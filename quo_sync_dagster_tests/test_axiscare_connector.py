@@ -22,6 +22,8 @@ from quo_sync_dagster.core.models import (
 from quo_sync_dagster.core.process import ProcessState
 from quo_sync_dagster.crms import connector_class
 from quo_sync_dagster.crms.axiscare import AxisCareConnector, CallLogNotFound
+from quo_sync_dagster.crms.axiscare_api import AxisCareApiError
+from quo_sync_dagster.governed_http import OutcomeUnknown
 from quo_sync_dagster.sandbox.axiscare_server import KINDS, AxisCareSandbox, generate_people
 from quo_sync_dagster_tests.pipeline import add_integration, pipeline, sync_everything
 
@@ -416,6 +418,89 @@ def test_registered_with_its_simulator() -> None:
     types = [t.crm_object_name for t in AxisCareConnector.crm_config.person_object_types]
     assert types == list(KINDS)
     assert AxisCareConnector.crm_config.sync_config.lists_oldest_first
+
+
+# ---- unknown callers --------------------------------------------------------------------------
+CALLER = "+14155550123"
+
+
+@pytest.fixture
+def callers(tmp_path: Path) -> Iterator[tuple[AxisCareSandbox, AxisCareConnector]]:
+    """A sandbox of its own: these tests add leads, which the module's sandbox must not get."""
+    with AxisCareSandbox(tmp_path, token=TOKEN, records=40, rate_limit=None) as sb:
+        integration = Integration("it-ax", "axiscare", "env:UNUSED", settings={"base_url": sb.url})
+        c = AxisCareConnector(integration, TOKEN)
+        yield sb, c
+        c.close()
+
+
+def holders(sim: AxisCareSandbox, number: str) -> list[dict[str, Any]]:
+    return [p for p in sim.people("leads") if p["mobilePhone"] == number]
+
+
+def test_an_unknown_caller_becomes_a_lead_that_syncs_to_quo(
+    callers: tuple[AxisCareSandbox, AxisCareConnector],
+) -> None:
+    sim, crm = callers
+    newest = sim.people("leads")[-1]["id"]
+    key = crm.create_person_for_caller(CALLER)
+    [made] = holders(sim, CALLER)
+    assert key == f"lead-{made['id']}" == crm.record_key(made, "leads")
+    assert made["id"] > newest and made["status"] == {"label": "Active", "active": True}
+    assert sim.stats()["byKind"]["create_lead"] == 1
+    # The key reads back as the lead holding the number, which Quo takes as a contact.
+    [lead] = crm.fetch_persons_by_ids("leads", [key])
+    assert lead == made
+    contact = crm.transform_person_to_quo(lead, "leads")
+    assert (contact.external_id, contact.first_name, contact.last_name, contact.role) == (
+        key,
+        "Unknown",
+        "caller",
+        "Lead",
+    )
+    assert contact.phone_numbers == (LabeledValue("mobile", CALLER),)
+    # Listed last, where the next poll's pages find it.
+    assert crm.fetch_person_page("leads", 0, 500).records[-1] == made
+
+
+def test_a_create_whose_answer_is_lost_is_not_sent_again_but_found(
+    callers: tuple[AxisCareSandbox, AxisCareConnector],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sim, crm = callers
+    create = crm.api.create_lead
+
+    def written_then_lost(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        create(*args, **kwargs)
+        raise OutcomeUnknown("POST /api/leads outcome unknown, not retried: ReadTimeout")
+
+    monkeypatch.setattr(crm.api, "create_lead", written_then_lost)
+    key = crm.create_person_for_caller(CALLER)  # found among the leads, not created again
+    assert [f"lead-{p['id']}" for p in holders(sim, CALLER)] == [key]
+    assert sim.stats()["byKind"]["create_lead"] == 1
+
+
+def test_a_create_that_fails_unwritten_is_outcome_unknown_and_not_retried(
+    callers: tuple[AxisCareSandbox, AxisCareConnector],
+) -> None:
+    sim, crm = callers
+    sim.inject_fault(500)  # the create's answer; nothing is written
+    with pytest.raises(OutcomeUnknown):
+        crm.create_person_for_caller(CALLER)
+    assert holders(sim, CALLER) == []
+    assert sim.stats()["byKind"]["create_lead"] == 1  # a create is never re-sent blindly
+    assert crm.create_person_for_caller(CALLER) == f"lead-{holders(sim, CALLER)[0]['id']}"
+
+
+def test_a_lead_axiscare_refuses_is_a_clear_error(
+    callers: tuple[AxisCareSandbox, AxisCareConnector],
+) -> None:
+    sim, crm = callers
+    before = len(sim.people("leads"))
+    with pytest.raises(AxisCareApiError) as refused:
+        crm.api.create_lead("Unknown", " ")  # AxisCare wants a last name
+    assert refused.value.status == 400 and "lastName" in refused.value.message
+    assert len(sim.people("leads")) == before
 
 
 # ---- the whole pipeline ---------------------------------------------------------------------

@@ -646,3 +646,124 @@ def test_start_after_id_misses_nobody_when_earlier_people_are_deleted_between_pa
         rest += [p["id"] for p in envelope[kind]]
         url = envelope.get("nextPage")
     assert rest == everyone[10:]
+
+
+# ---- leads created through the API (POST /api/leads) ----------------------------------------
+LEADS = "/api/leads"
+CALLER = "+14155550123"
+
+
+def test_api_leads_hold_what_was_sent_and_are_listed_and_looked_up(tmp_path: Path) -> None:
+    with AxisCareSandbox(tmp_path, records=40, rate_limit=None) as sb:
+        with httpx.Client(base_url=sb.url, headers=HEADERS) as http:
+            before, _ = walk(http, "leads", 500)
+            region = next(p["region"] for p in before if p.get("region"))
+            minimal = check(
+                http.post(LEADS, json={"firstName": "Unknown", "lastName": "caller"}),
+                LEADS,
+                "post",
+                201,
+            )["results"]
+            assert minimal["id"] == before[-1]["id"] + 1
+            assert minimal["status"] == {"label": "Active", "active": True}  # the spec's default
+            assert (minimal["mobilePhone"], minimal["homePhone"]) == (None, None)
+            body = {
+                "firstName": "Ruth",
+                "lastName": "Núñez",
+                "status": "Inactive",
+                "dateOfBirth": "1941-05-12",
+                "assessmentDate": "2026-04-01",
+                "residentialAddress": {
+                    "name": "Home Address",
+                    "streetAddress1": "12 Oak Ave",
+                    "streetAddress2": None,
+                    "city": "Austin",
+                    "state": "TX",
+                    "postalCode": "78701",
+                },
+                "region": region["name"],
+                "personalEmail": "ruth@example.com",
+                "homePhone": "(512) 555-0147",
+                "mobilePhone": CALLER,
+                "gender": "F",
+                "referredBy": {"type": "other", "name": "Quo call"},
+                "priorityNote": "Called about evening visits",
+            }
+            full = check(http.post(LEADS, json=body), LEADS, "post", 201)["results"]
+            assert full["id"] == minimal["id"] + 1
+            assert full["status"] == {"label": "Inactive", "active": False}
+            assert full["region"]["name"] == region["name"]  # a region AxisCare has
+            address = full["residentialAddress"]
+            assert (address["locality"], address["region"], address["postalCode"]) == (
+                "Austin",
+                "TX",
+                "78701",
+            )
+            for name in ("firstName", "lastName", "dateOfBirth", "personalEmail", "homePhone"):
+                assert full[name] == body[name], name
+            for name in ("mobilePhone", "assessmentDate", "referredBy", "priorityNote"):
+                assert full[name] == body[name], name
+
+            # Listed last (ascending ids), looked up by id, counted.
+            after, _ = walk(http, "leads", 500)
+            assert after == [*before, minimal, full]
+            assert looked_up(http, "leads", [full["id"], minimal["id"]]) == [
+                minimal["id"],
+                full["id"],
+            ]
+        assert sb.stats()["byKind"]["create_lead"] == 2
+    with AxisCareSandbox(tmp_path, records=40, rate_limit=None) as sb:  # persisted
+        assert sb.people("leads")[-2:] == [minimal, full]
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"lastName": None}, "lastName"),
+        ({"firstName": 7}, "firstName"),
+        ({"firstName": "  "}, "firstName is required"),
+        ({"status": "Lost"}, "status must be Active or Inactive"),
+        ({"dateOfBirth": "12/05/1941"}, "date"),
+        ({"personalEmail": "nobody"}, "email"),
+        ({"mobilePhone": 4155550123}, "mobilePhone"),
+        ({"residentialAddress": {"streetAddress1": "12 Oak Ave"}}, "must be complete"),
+        (
+            {
+                "residentialAddress": {
+                    "name": None,
+                    "streetAddress1": "12 Oak Ave",
+                    "streetAddress2": None,
+                    "city": "Austin",
+                    "state": "Texas",
+                    "postalCode": "78701",
+                }
+            },
+            "two character state code",
+        ),
+        ({"region": "Atlantis"}, "region 'Atlantis' not found"),
+        ({"referredBy": {"name": "Dr. Lee"}}, "referredBy needs a type"),
+        ({"referredBy": {"type": "client"}}, "referredBy needs a type"),
+    ],
+)
+def test_invalid_leads_are_400(
+    fresh: AxisCareSandbox, fresh_client: httpx.Client, change: dict[str, Any], fragment: str
+) -> None:
+    before = fresh.people("leads")
+    body = {"firstName": "Unknown", "lastName": "caller", "mobilePhone": CALLER, **change}
+    body = {k: v for k, v in body.items() if v is not None}
+    check_error(fresh_client.post(LEADS, json=body), 400, fragment)
+    assert fresh.people("leads") == before
+
+
+def test_leads_are_created_only_with_the_token_version_and_json(
+    fresh: AxisCareSandbox, fresh_client: httpx.Client
+) -> None:
+    before = fresh.people("leads")
+    body = {"firstName": "Unknown", "lastName": "caller"}
+    check_error(httpx.post(fresh.url + LEADS, json=body, headers={}), 400, "Version")
+    headers = {"X-AxisCare-Api-Version": "2023-10-01"}
+    check_error(httpx.post(fresh.url + LEADS, json=body, headers=headers), 401, "Unauthorized")
+    check_error(fresh_client.post(LEADS, content=b"{"), 400, "valid JSON")
+    check_error(fresh_client.post(LEADS, json=[body]), 400, "body")
+    assert fresh.people("leads") == before
+    assert fresh.stats()["byKind"]["create_lead"] == 4

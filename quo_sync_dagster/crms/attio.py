@@ -1,4 +1,5 @@
 """Attio: the `people` object into Quo contacts, calls and SMS back as notes, record webhooks.
+An unknown caller can be created as a person ("Unknown caller" with the number).
 
 A call's note is replaced (create, then delete) each time Quo tells more about the call: Attio
 has no note update. Its plain-text body ends with "Quo call id: <id>", which finds it again.
@@ -33,8 +34,11 @@ from quo_sync_dagster.crms.base import (
     SyncConfig,
 )
 from quo_sync_dagster.crms.fields import crm_id, emails, items, phones, shown_id, text
+from quo_sync_dagster.governed_http import OutcomeUnknown
 
 DEFAULT_BASE_URL = "https://api.attio.com"
+# The name of a person created for a caller nobody in Attio has (create_person_for_caller).
+UNKNOWN_CALLER = {"first_name": "Unknown", "last_name": "caller", "full_name": "Unknown caller"}
 
 
 class _Subscription(dict[str, Any]):
@@ -199,6 +203,33 @@ class AttioConnector(CRMConnector):
             if value is not None:
                 fields.append(CustomFieldValue(key, value))
         return tuple(fields)
+
+    def create_person_for_caller(self, number: str) -> str:
+        """A person named "Unknown caller" holding the E.164 `number`; returns its record id.
+
+        The create is never re-sent blindly: when its outcome is unknown (a 5xx, a lost
+        answer) the people holding `number` under that name are looked up, and the newest is
+        the one it made; none found (or the lookup failing too) raises OutcomeUnknown."""
+        values = {"name": [UNKNOWN_CALLER], "phone_numbers": [{"original_phone_number": number}]}
+        try:
+            person = self.api.create_person(values)
+        except OutcomeUnknown as unknown:
+            try:
+                made = self.api.query_people(
+                    1,
+                    0,
+                    filter={
+                        "phone_numbers": number,
+                        "name": {"full_name": {"$eq": UNKNOWN_CALLER["full_name"]}},
+                    },
+                )
+            except Exception as failed:
+                unknown.add_note(f"looking for the person it may have made failed too: {failed}")
+                raise unknown from None
+            if not made:
+                raise
+            person = made[0]  # newest created first
+        return self.record_key(person, PEOPLE)
 
     # Attio has no call or message activity: notes are its only write-back path. Plain text,
     # so that markdown characters in a message stay as the person typed them. The title is

@@ -1,6 +1,6 @@
-"""httpx client for Attio's REST API (v2): people queries, notes (create, list, get, delete: the
-spec has no note update) and webhooks, governed and retried through GovernedHttp, errors parsed
-from Attio's `{status_code, type, code, message}`."""
+"""httpx client for Attio's REST API (v2): people queries and creates, notes (create, list, get,
+delete: the spec has no note update) and webhooks, governed and retried through GovernedHttp,
+errors parsed from Attio's `{status_code, type, code, message}`."""
 
 from __future__ import annotations
 
@@ -141,6 +141,15 @@ class AttioApi(ApiClient):
 
     def find_people_by_phone(self, e164: str, limit: int = 10) -> list[dict[str, Any]]:
         return self.query_people(limit, 0, filter={"phone_numbers": e164})
+
+    def create_person(self, values: dict[str, list[Any]]) -> dict[str, Any]:
+        """POST /v2/objects/people/records: the new person. `values` maps attribute slugs to
+        arrays of values in their write form (the spec takes arrays only). Never re-sent when
+        its outcome is unknown (a 5xx, a lost answer): OutcomeUnknown, so that the caller
+        looks for the person before creating another."""
+        body = {"data": {"values": values}}
+        path = f"/v2/objects/{PEOPLE}/records"
+        return self._request("POST", path, json=body, idempotent=False)["data"]
 
     # ---- notes -----------------------------------------------------------------------------
     def create_note(

@@ -18,6 +18,8 @@ is the API token. Paging and freshness follow what the API can do, not what the 
   whose subject says it is an SMS. A missed incoming call says so in its subject and is
   flagged `followUp` (someone should call back).
 * Webhooks exist but are configured by AxisCare support in the admin UI, with no API: polling.
+* An unknown caller becomes a lead (`POST /api/leads`: a prospective client, as AxisCare keeps
+  them) named "Unknown caller", with the number as mobile phone.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from quo_sync_dagster.crms.base import (
     SyncConfig,
 )
 from quo_sync_dagster.crms.fields import aware, crm_id, e164, emails, shown_id, text
+from quo_sync_dagster.governed_http import OutcomeUnknown
 
 MAX_PAGE = 500  # the spec's `limit` maximum (clients, leads); applicants use the server's size
 _SINGULAR = {kind: kind.removesuffix("s") for kind in KINDS}  # "clients" -> "client"
@@ -59,6 +62,8 @@ _PROFILE_PAGE = {"clients": "customers", "caregivers": "caregivers"}
 _PHONES = (("homePhone", "home"), ("mobilePhone", "mobile"), ("otherPhone", "other"))
 _PHONE_FIELD = {label: field for field, label in _PHONES}
 _EMAILS = (("personalEmail", "personal"), ("billingEmail", "billing"))
+# The name of a lead created for a caller nobody in AxisCare has (create_person_for_caller).
+UNKNOWN_CALLER = ("Unknown", "caller")
 
 
 class CallLogNotFound(AxisCareApiError, LookupError):
@@ -190,6 +195,48 @@ class AxisCareConnector(CRMConnector):
             phone_numbers=phones,
             source_url=f"{self._base_url}?{profile}-profile.php&id={pid}" if profile else None,
         )
+
+    def create_person_for_caller(self, number: str) -> str:
+        """A lead named "Unknown caller" whose mobile phone is the E.164 `number` (a caller is
+        a prospective client: AxisCare's leads); returns its key, "lead-<id>".
+
+        The create is never re-sent blindly: when its outcome is unknown (a 5xx, a lost
+        answer) the leads are read (no list filters by phone: a full walk, only then) and the
+        newest "Unknown caller" with `number` is the one it made; none found (or the walk
+        failing too) raises OutcomeUnknown."""
+        first, last = UNKNOWN_CALLER
+        try:
+            lead = self.api.create_lead(first, last, mobilePhone=number)
+        except OutcomeUnknown as unknown:
+            try:
+                made = self._unknown_callers(number)
+            except Exception as failed:
+                unknown.add_note(f"looking for the person it may have made failed too: {failed}")
+                raise unknown from None
+            if not made:
+                raise
+            lead = max(made, key=lambda p: p["id"])  # ids ascend with creation
+        return self.record_key(lead, "leads")
+
+    def _unknown_callers(self, number: str) -> list[dict[str, Any]]:
+        """The leads named "Unknown caller" that hold `number`."""
+        found, cursor = [], None
+        while True:
+            leads, cursor = self.api.list_people("leads", MAX_PAGE, next_page_url=cursor)
+            found += [
+                lead
+                for lead in leads
+                if (lead.get("firstName"), lead.get("lastName")) == UNKNOWN_CALLER
+                and self._holds(lead, number)
+            ]
+            if cursor is None:
+                return found
+
+    def _holds(self, person: dict[str, Any], number: str) -> bool:
+        try:
+            return number in {phone.value for phone in self._phones(person)[0]}
+        except InvalidRecord:
+            return False
 
     def _log(self, activity: CallActivity | SmsActivity, lines: list[str], follow_up: bool) -> str:
         """A call log tagged with the person: subject = the first line, notes = the others.

@@ -1,6 +1,7 @@
 """httpx client for AxisCare's API: Bearer token plus the required version header, governed,
 retried, errors parsed. People are read per kind (clients, leads, caregivers, applicants) by
-following `nextPage`; ids overlap across kinds, so callers must key people by (kind, id)."""
+following `nextPage`; ids overlap across kinds, so callers must key people by (kind, id). Leads
+can be created (`POST /api/leads`)."""
 
 from __future__ import annotations
 
@@ -145,6 +146,19 @@ class AxisCareApi(ApiClient):
                     break
                 response = self._get(self._page_url(next_page))
         return found
+
+    def create_lead(self, first_name: str, last_name: str, **fields: Any) -> dict[str, Any]:
+        """POST /api/leads: the new lead (AxisCare makes it Active). `fields` are the spec's
+        other camelCase keys (mobilePhone, homePhone, personalEmail, priorityNote, ...). Never
+        re-sent when its outcome is unknown (a 5xx, a lost answer): OutcomeUnknown, so that
+        the caller looks for the lead before creating another."""
+        body = {"firstName": first_name, "lastName": last_name, **fields}
+        response = self._http.request("POST", "/api/leads", json=body, idempotent=False)
+        if response.status_code not in (200, 201):  # the spec says 201
+            raise AxisCareApiError(response.status_code, _describe(response))
+        results = response.json()["results"]
+        # The spec's `results` is the lead; call-log answers nest theirs in `data`.
+        return results["data"] if "id" not in results and "data" in results else results
 
     def create_call_log(
         self,

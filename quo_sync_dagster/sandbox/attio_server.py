@@ -3,7 +3,9 @@
 Request bodies are validated against schemas extracted from Attio's OpenAPI spec
 (`specs/attio-subset.json`); every error uses Attio's `{status_code, type, code, message}`
 envelope. People are generated deterministically and persisted in the data dir, as are notes
-(created, listed, read and deleted: Attio has no note update) and webhooks. The server only
+(created, listed, read and deleted: Attio has no note update) and webhooks. People can also be
+created through the API (`POST /v2/objects/people/records`): such a record holds only the values
+sent, made by the API token, and sends `record.created` like an admin create. The server only
 binds 127.0.0.1; `/_sandbox/*` admin endpoints are open.
 
 People can be created, updated, merged and deleted through `/_sandbox/people` while a sync runs.
@@ -62,7 +64,7 @@ from quo_sync_dagster.sandbox.webhook_delivery import WebhookDelivery, delivery_
 log = logging.getLogger(__name__)
 
 SPEC_PATH = Path(__file__).parent / "specs" / "attio-subset.json"
-QUERY = "/v2/objects/{object}/records/query"
+RECORDS, QUERY = "/v2/objects/{object}/records", "/v2/objects/{object}/records/query"
 RECORD = "/v2/objects/{object}/records/{record_id}"
 NOTES, NOTE = "/v2/notes", "/v2/notes/{note_id}"
 WEBHOOKS, WEBHOOK = "/v2/webhooks", "/v2/webhooks/{webhook_id}"
@@ -77,6 +79,7 @@ WRITE_SHARE = 0.25  # Attio allows 25 writes/s against 100 reads/s
 KINDS = (
     "query",
     "get",
+    "create_record",
     "create_note",
     "list_notes",
     "get_note",
@@ -114,6 +117,7 @@ def _request_validator(path: str, method: str) -> Draft202012Validator:
     return Draft202012Validator(body, format_checker=FormatChecker(("uuid",)))
 
 
+_RECORD_VALIDATOR = _request_validator(RECORDS, "post")
 _QUERY_VALIDATOR = _request_validator(QUERY, "post")
 _NOTE_VALIDATOR = _request_validator(NOTES, "post")
 _WEBHOOK_VALIDATOR = _request_validator(WEBHOOKS, "post")
@@ -434,16 +438,21 @@ def _holds(condition: dict[str, str], event: dict[str, Any]) -> bool:
 
 
 def _event(
-    event_type: str, record_id: str, attribute: str | None = None, duplicate: str | None = None
+    event_type: str,
+    record_id: str,
+    attribute: str | None = None,
+    duplicate: str | None = None,
+    actor: dict[str, str] = MEMBER_ACTOR,
 ) -> dict[str, Any]:
-    """A `record.*` event as Attio sends it: ids only, made by a workspace member."""
+    """A `record.*` event as Attio sends it: ids only, made by `actor` (a workspace member,
+    unless the API token made the change)."""
     ids = {"workspace_id": WORKSPACE_ID, "object_id": PEOPLE_OBJECT_ID, "record_id": record_id}
     if attribute is not None:
         ids["attribute_id"] = ATTRIBUTE_IDS[attribute]
     event: dict[str, Any] = {"event_type": event_type, "id": ids}
     if duplicate is not None:
         event |= {"duplicate_object_id": PEOPLE_OBJECT_ID, "duplicate_record_id": duplicate}
-    return {**event, "actor": dict(MEMBER_ACTOR)}
+    return {**event, "actor": dict(actor)}
 
 
 # ---- people changes ------------------------------------------------------------------------
@@ -451,7 +460,9 @@ def _invalid(message: str) -> AttioError:
     return AttioError(400, "validation_type", message)
 
 
-def _written(fields: object, at: datetime) -> dict[str, list[dict[str, Any]]]:
+def _written(
+    fields: object, at: datetime, actor: dict[str, str] = MEMBER_ACTOR
+) -> dict[str, list[dict[str, Any]]]:
     """The active values a change writes, per attribute slug. A field is one value or a list of
     them: `name` {first_name, last_name, full_name?}, `email_addresses` strings,
     `phone_numbers` strings or {original_phone_number, country_code}, `job_title` and
@@ -465,29 +476,29 @@ def _written(fields: object, at: datetime) -> dict[str, list[dict[str, Any]]]:
         items = raw if isinstance(raw, list) else [] if raw is None else [raw]
         if len(items) > 1 and slug not in MULTI_VALUED:
             raise _invalid(f'"{slug}" takes a single value.')
-        written[slug] = [_written_value(slug, item, at) for item in items]
+        written[slug] = [_written_value(slug, item, at, actor) for item in items]
     return written
 
 
-def _written_value(slug: str, item: object, at: datetime) -> dict[str, Any]:
+def _written_value(
+    slug: str, item: object, at: datetime, actor: dict[str, str] = MEMBER_ACTOR
+) -> dict[str, Any]:
     if slug == "name":
         parts = item if isinstance(item, dict) else {}
         first, last = parts.get("first_name", ""), parts.get("last_name", "")
         full = parts.get("full_name") or f"{first} {last}".strip()
         if not all(isinstance(p, str) for p in (first, last, full)) or not full:
             raise _invalid("A name is {first_name, last_name, full_name?} with some text.")
-        return _value(
-            "personal-name", at, MEMBER_ACTOR, first_name=first, last_name=last, full_name=full
-        )
+        return _value("personal-name", at, actor, first_name=first, last_name=last, full_name=full)
     if slug == "email_addresses":
         if not isinstance(item, str) or "@" not in item.strip("@"):
             raise _invalid(f"{item!r} is not an email address.")
-        return _value("email-address", at, MEMBER_ACTOR, **_email(item))
+        return _value("email-address", at, actor, **_email(item))
     if slug == "phone_numbers":
-        return _value("phone-number", at, MEMBER_ACTOR, **_written_phone(item))
+        return _value("phone-number", at, actor, **_written_phone(item))
     if not isinstance(item, str):
         raise _invalid(f'"{slug}" is text.')
-    return _value("text", at, MEMBER_ACTOR, value=item)
+    return _value("text", at, actor, value=item)
 
 
 def _written_phone(item: object) -> dict[str, str]:
@@ -507,6 +518,30 @@ def _written_phone(item: object) -> dict[str, str]:
         "country_code": phonenumbers.region_code_for_number(number),
         "phone_number": phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164),
     }
+
+
+# The API's write forms that the admin `fields` take unwrapped: a text value may be sent as
+# {"value": text}, an email address as {"email_address": address}.
+_WRAPPED_AS = {"email_addresses": "email_address", "job_title": "value", "lead_source": "value"}
+_SLUG_OF = {attribute_id: slug for slug, attribute_id in ATTRIBUTE_IDS.items()}
+
+
+def _api_fields(values: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """A record create's `values` (keyed by attribute slug or ID, each an array of values in
+    the attribute type's write form) as `_written` takes them, keyed by slug."""
+    fields: dict[str, list[Any]] = {}
+    for key, items in values.items():
+        slug = _SLUG_OF.get(key, key)
+        if slug not in ATTRIBUTES:
+            raise AttioError(404, "not_found", f'Cannot find attribute with slug/ID "{key}".')
+        if slug in fields:
+            raise _invalid(f'Attribute "{slug}" is given twice (by slug and by ID).')
+        wrapped = _WRAPPED_AS.get(slug)
+        fields[slug] = [
+            item[wrapped] if isinstance(item, dict) and wrapped and set(item) == {wrapped} else item
+            for item in items
+        ]
+    return fields
 
 
 def _content(value: dict[str, Any]) -> dict[str, Any]:
@@ -592,14 +627,35 @@ class AttioState:
     def _next_created_at(self) -> datetime:
         return max(datetime.now(UTC), self._newest + timedelta(microseconds=1))
 
-    def create_person(self, fields: object) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """A new record created after every other, generated where `fields` say nothing."""
+    def create_person(
+        self, fields: object, by_api_token: bool = False
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """A new record created after every other. An admin create (a workspace member's) is
+        generated where `fields` say nothing; one `by_api_token` (`POST .../records`) holds
+        only `fields`, made by the token, and is refused when an email address in it is
+        another person's (email_addresses is unique on people)."""
         at = self._next_created_at()
-        written = _written(fields, at)
-        person = _generated_person(self._rng, len(self.people), at, history=False)
+        actor = API_TOKEN_ACTOR if by_api_token else MEMBER_ACTOR
+        written = _written(fields, at, actor)
+        if by_api_token:
+            person = _record(str(uuid.uuid4()), at, {slug: [] for slug in ATTRIBUTES})
+            self._check_unique_emails(written.get("email_addresses", []))
+        else:
+            person = _generated_person(self._rng, len(self.people), at, history=False)
         person["values"].update(written)
         self.record({"person": person})
-        return person, [_event("record.created", person["id"]["record_id"])]
+        return person, [_event("record.created", person["id"]["record_id"], actor=actor)]
+
+    def _check_unique_emails(self, values: list[dict[str, Any]]) -> None:
+        wanted = {v["email_address"] for v in values}
+        for other in self.people.values():
+            taken = wanted & {v["email_address"] for v in _active(other, "email_addresses")}
+            if taken:
+                message = (
+                    f'Uniqueness violation: email_addresses "{min(taken)}" is already held by '
+                    f'record "{other["id"]["record_id"]}".'
+                )
+                raise AttioError(400, "uniqueness_conflict", message)
 
     def update_person(
         self, record_id: str, fields: object
@@ -726,6 +782,8 @@ class _Dropped(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(b"content-type", b"application/json"), (b"content-length", b"1024")]
         await send({"type": "http.response.start", "status": 500, "headers": headers})
+        if self.background is not None:  # e.g. the webhooks of a create whose answer is lost
+            await self.background()
         # Returning with the body unsent makes uvicorn close the connection.
 
 
@@ -750,7 +808,10 @@ class _Api:
         if response is None:
             response = await self._guarded(request, kind, handler)
             if fault is not None and fault.after_write:
-                response = await _faulty(fault) or response
+                served = response
+                response = await _faulty(fault) or served
+                # What the served request set off (a create's webhooks) still happens.
+                response.background = served.background
         self.state.by_kind[kind] += 1
         self.state.by_status[response.status_code] += 1
         return response
@@ -817,6 +878,17 @@ class _Api:
             people = [p for p in people if _matches(p, body["filter"])]
         people = _sorted(people, body.get("sorts", []))
         return JSONResponse({"data": people[int(offset) : int(offset) + int(limit)]})
+
+    async def records(self, request: Request) -> Response:
+        return await self.serve(request, "create_record", self._create_record)
+
+    async def _create_record(self, request: Request) -> Response:
+        """POST /v2/objects/people/records: a person holding the values sent, delivered as
+        `record.created` once the answer is out, as an admin create is."""
+        self._object(request)
+        values = (await self._body(request, _RECORD_VALIDATOR))["data"]["values"]
+        person, events = self.state.create_person(_api_fields(values), by_api_token=True)
+        return JSONResponse({"data": person}, background=self.state.deliveries_of(events))
 
     async def get_record(self, request: Request) -> Response:
         return await self.serve(request, "get", self._get_record)
@@ -1046,6 +1118,7 @@ def build_app(state: AttioState) -> Starlette:
     api = _Api(state)
     app = Starlette(
         routes=[
+            Route(RECORDS, api.records, methods=["POST"]),
             Route(QUERY, api.query, methods=["POST"]),
             Route(RECORD, api.get_record, methods=["GET"]),
             Route(NOTES, api.notes, methods=["GET", "POST"]),

@@ -1,4 +1,5 @@
-"""Strict local simulator of AxisCare's API: people lists (clients, leads, caregivers, applicants)
+"""Strict local simulator of AxisCare's API: people lists (clients, leads, caregivers, applicants),
+lead creation (`POST /api/leads`: the lead holds what was sent, Active unless told otherwise)
 and call logs (add, list, get, and PATCH: only the keys sent change, comments are appended).
 
 Parameters, limits, version header and envelopes follow the official OpenAPI spec copy, including
@@ -30,7 +31,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import yaml
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, FormatChecker
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -61,6 +62,7 @@ _SINGULAR = {
 # Kinds whose list answer is the spec's bare `{<kind>: [...], nextPage, <kind>NotFound}` shape.
 _BARE_KINDS = frozenset({"caregivers", "applicants"})
 CALL_LOGS, CALL_LOG = "/api/call-logs", "/api/call-logs/{callLogId}"
+LEADS = "/api/leads"
 DEFAULT_PAGE_SIZE = 100  # the spec's `limit` default; also applicants' fixed page size
 PEOPLE_FILE, CALL_LOGS_FILE = "axiscare_people.json", "axiscare_call_logs.json"
 FAULT_STATUSES = frozenset({429, 500, 502, 503})
@@ -90,14 +92,27 @@ def _supported_versions() -> frozenset[str]:
 SUPPORTED_VERSIONS = _supported_versions()
 
 
-def _body_validator(path: str, method: str) -> Draft202012Validator:
+def _body_validator(
+    path: str, method: str, formats: Sequence[str] | None = None
+) -> Draft202012Validator:
     return Draft202012Validator(
-        _SPEC["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
+        _SPEC["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"],
+        format_checker=FormatChecker(formats) if formats else None,
     )
 
 
 _CALL_LOG_VALIDATOR = _body_validator(CALL_LOGS, "post")
 _PATCH_VALIDATOR = _body_validator(CALL_LOG, "patch")
+# The lead's `format: date` (dateOfBirth, assessmentDate) and `format: email` are checked.
+_LEAD_VALIDATOR = _body_validator(LEADS, "post", ("date", "email"))
+_LEAD_SCHEMA = _LEAD_VALIDATOR.schema["properties"]
+# The spec's example of `status` ("Active | Inactive": a new lead is Active) and of the
+# referrer's type ("client | caregiver | contact | organization | other").
+LEAD_STATUSES = frozenset(_LEAD_SCHEMA["status"]["example"].split(" | "))
+REFERRER_TYPES = frozenset(
+    _LEAD_SCHEMA["referredBy"]["properties"]["type"]["examples"][0].split(" | ")
+)
+_ADDRESS_KEYS = tuple(_LEAD_SCHEMA["residentialAddress"]["properties"])
 _CALL_LOG_LIMIT = next(
     p["schema"] for p in _SPEC["paths"][CALL_LOGS]["get"]["parameters"] if p["name"] == "limit"
 )
@@ -348,12 +363,26 @@ class SandboxState:
         local = re.sub(r"[^a-z]", "", person["firstName"].lower()) or "person"
         person["personalEmail"] = f"{local}.{person_id}@example.com"
         person["createdDate"] = datetime.now(UTC).date().isoformat()
-        person = _with_fields(kind, person, fields)
+        return self.add_person(kind, _with_fields(kind, person, fields))
+
+    def add_person(self, kind: str, person: dict[str, Any]) -> dict[str, Any]:
+        """Store `person`, which carries the kind's next id (an admin or API create)."""
+        if person["id"] != self.next_ids[kind]:
+            raise ValueError(f"a new {_SINGULAR[kind]} takes id {self.next_ids[kind]}")
         self.next_ids[kind] += 1
         self.people[kind].append(person)
-        self.by_id[kind][person_id] = person
+        self.by_id[kind][person["id"]] = person
         self._save_people()
         return person
+
+    def regions(self) -> dict[str, dict[str, Any]]:
+        """The regions people are in, by name (the API names a lead's region by its name)."""
+        return {
+            p["region"]["name"]: p["region"]
+            for rows in self.people.values()
+            for p in rows
+            if isinstance(p.get("region"), dict)
+        }
 
     def update_person(self, kind: str, person_id: int, fields: dict[str, Any]) -> dict[str, Any]:
         """`fields` set; none: a generated new name and mobile phone."""
@@ -471,6 +500,53 @@ class _Api:
             return await self.serve(request, op, lambda r: self._list(kind, r))
 
         return route
+
+    async def leads(self, request: Request) -> Response:
+        if request.method == "GET":
+            return await self.people_route("leads")(request)
+        return await self.serve(request, "create_lead", self._create_lead)
+
+    async def _create_lead(self, request: Request) -> Response:
+        """POST /api/leads: 201 with the lead as the list shows it. Beyond the body's schema:
+        names must not be blank, `status` is Active or Inactive, an address is given whole
+        (with a two-letter state), the region is one AxisCare has, a referrer has a type."""
+        body = await _valid_body(request, _LEAD_VALIDATOR)
+        for name in ("firstName", "lastName"):
+            if not body[name].strip():
+                raise ApiError(400, f"{name} is required")
+        status = body.get("status", "Active")
+        if status not in LEAD_STATUSES:
+            allowed = " or ".join(sorted(LEAD_STATUSES))
+            raise ApiError(400, f"status must be {allowed}, not {status!r}")
+        lead: dict[str, Any] = {
+            "id": self.state.next_ids["leads"],
+            "firstName": body["firstName"],
+            "lastName": body["lastName"],
+            "status": {"label": status, "active": status == "Active"},
+            "dateOfBirth": body.get("dateOfBirth"),
+            "createdDate": datetime.now(UTC).date().isoformat(),
+            "personalEmail": body.get("personalEmail"),
+            "homePhone": body.get("homePhone"),
+            "mobilePhone": body.get("mobilePhone"),
+            "residentialAddress": _lead_address(body.get("residentialAddress")),
+            "region": None,
+        }
+        if "region" in body:
+            lead["region"] = self.state.regions().get(body["region"])
+            if lead["region"] is None:
+                raise ApiError(400, f"region {body['region']!r} not found")
+        referrer = body.get("referredBy")
+        if referrer is not None and (
+            referrer.get("type") not in REFERRER_TYPES
+            or not (referrer.get("id") or referrer.get("name"))
+        ):
+            types = ", ".join(sorted(REFERRER_TYPES))
+            raise ApiError(400, f"referredBy needs a type ({types}) and an id or a name")
+        for optional in ("assessmentDate", "gender", "referredBy", "priorityNote"):
+            if optional in body:
+                lead[optional] = body[optional]
+        self.state.add_person("leads", lead)
+        return JSONResponse({"results": lead, "errors": []}, status_code=201)
 
     async def call_logs(self, request: Request) -> Response:
         if request.method == "GET":
@@ -645,6 +721,28 @@ async def _valid_body(request: Request, validator: Draft202012Validator) -> dict
     return body
 
 
+def _lead_address(address: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A lead's residentialAddress as AxisCare shows it (city as locality, state as region);
+    the spec wants the whole object when one is given."""
+    if address is None:
+        return None
+    missing = [key for key in _ADDRESS_KEYS if key not in address]
+    if missing:
+        raise ApiError(400, f"residentialAddress must be complete: {', '.join(missing)} missing")
+    if not re.fullmatch(r"[A-Z]{2}", address["state"]):
+        raise ApiError(400, "residentialAddress.state must be a two character state code")
+    return {
+        "name": address["name"],
+        "streetAddress1": address["streetAddress1"],
+        "streetAddress2": address["streetAddress2"],
+        "locality": address["city"],
+        "region": address["state"],
+        "postalCode": address["postalCode"],
+        "latitude": None,
+        "longitude": None,
+    }
+
+
 def _date_time(value: str, error: str = _DATETIME_ERROR) -> datetime:
     """An ISO 8601 time with an offset, as AxisCare requires; else 400 with `error` (the
     spec's message for the field)."""
@@ -743,10 +841,15 @@ async def _admin_activities(request: Request) -> Response:
 
 def build_app(state: SandboxState) -> Starlette:
     api = _Api(state)
-    routes = [Route(f"/api/{kind}", api.people_route(kind), methods=["GET"]) for kind in KINDS]
+    routes = [
+        Route(f"/api/{kind}", api.people_route(kind), methods=["GET"])
+        for kind in KINDS
+        if kind != "leads"
+    ]
     app = Starlette(
         routes=[
             *routes,
+            Route(LEADS, api.leads, methods=["GET", "POST"]),
             Route(CALL_LOGS, api.call_logs, methods=["GET", "POST"]),
             Route(CALL_LOG, api.call_log, methods=["GET", "PATCH"]),
             Route("/_sandbox/activities", _admin_activities, methods=["GET"]),
