@@ -56,9 +56,7 @@ def webhook_keys(store: Store, integration_id: str) -> tuple[bytes, ...]:
         raise Rejected(404, "no Quo webhook subscription for this integration")
     try:
         return tuple(decode_key(resolve_secret(ref)) for ref in refs)
-    except MissingSecret as exc:  # its text names the reference only
-        log.error("Quo webhooks of %r cannot be verified: %s", integration_id, exc)
-    except ValueError as exc:  # decode_key's text names nothing of the key
+    except (MissingSecret, ValueError) as exc:  # texts name the reference only, never a key
         log.error("Quo webhooks of %r cannot be verified: %s", integration_id, exc)
     except Exception as exc:  # a secret backend failing otherwise: only the kind
         log.error("Quo webhook keys of %r unreadable: %s", integration_id, type(exc).__name__)
