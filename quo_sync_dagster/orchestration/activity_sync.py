@@ -14,14 +14,11 @@ failures.
 
 # No `from __future__ import annotations`: Dagster reads the config class from the annotation.
 
-import json
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
-from pydantic import Field
 
 from quo_sync_dagster.core.activities import activity_queue
 from quo_sync_dagster.crms.base import CRMConnector
@@ -33,16 +30,14 @@ from quo_sync_dagster.orchestration.activity_logging import (
 from quo_sync_dagster.orchestration.completion import SENSOR_INTERVAL_SECONDS
 from quo_sync_dagster.orchestration.inbox_runs import (
     LEASE_MARGIN_SECONDS,
-    MAX_ITEMS_PER_RUN,
-    busy_integrations,
-    drain,
-    linger_seconds,
-    next_check,
-    release_items_of_failed_runs,
+    InboxRunConfig,
+    InboxTarget,
+    inbox_tick,
+    run_claimed,
 )
-from quo_sync_dagster.orchestration.planning import open_integration
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
 from quo_sync_dagster.orchestration.tags import TAG_CRM, TAG_INTEGRATION
+from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.store.port import InboxItem, Store
 
 RETRY_BASE_SECONDS = 30.0  # a failed item waits 30 s, 60 s, 120 s, ... up to an hour
@@ -60,18 +55,6 @@ def activities_key(crm: str) -> dg.AssetKey:
 
 def _op_name(crm: str) -> str:
     return f"{crm}_log_quo_activities"
-
-
-class LogActivitiesConfig(dg.Config):
-    integration_id: str = Field(description="The integration whose Quo events to log")
-    item_ids: list[str] = Field(description="Inbox items claimed for this run by the sensor")
-    linger_seconds: float = Field(
-        0.0,
-        ge=0,
-        description="After its items, keep logging the integration's new ones while each "
-        "arrives within this many seconds of the last (the sensor sets it from the "
-        "integration's webhook_linger_seconds)",
-    )
 
 
 def retry_delay(attempts: int) -> float:
@@ -103,26 +86,18 @@ def _build_activity_job(
     )
     def log_quo_activities(
         context: dg.OpExecutionContext,
-        config: LogActivitiesConfig,
+        config: InboxRunConfig,
         store: StoreResource,
         quo: QuoResource,
     ) -> None:
         s = store.get()
-        items = s.get_webhooks(config.item_ids)  # acknowledged ones are done already
+
+        def applier(connector: CRMConnector, client: QuoClient) -> Any:
+            workspace = Workspace(client)  # the numbers are read once per run
+            return lambda batch: _log_batch(context, s, connector, workspace, batch, config)
+
         queue = activity_queue(config.integration_id)
-        connector, client = open_integration(s, quo, crm, config.integration_id)
-        try:
-            with client:
-                workspace = Workspace(client)
-                drain(
-                    items,
-                    lambda limit, lease: s.claim_webhooks(queue, limit, lease),
-                    lambda batch: _log_batch(context, s, connector, workspace, batch, config),
-                    config.linger_seconds,
-                    max_runtime,
-                )
-        finally:
-            connector.close()
+        run_claimed(s, quo, crm, config, queue, max_runtime, applier)
 
     def _log_batch(
         context: dg.OpExecutionContext,
@@ -130,7 +105,7 @@ def _build_activity_job(
         connector: CRMConnector,
         workspace: Workspace,
         items: list[InboxItem],
-        config: LogActivitiesConfig,
+        config: InboxRunConfig,
     ) -> None:
         started = time.perf_counter()
         report = log_activities(s, connector, workspace.quo, items, workspace)
@@ -173,7 +148,8 @@ def _build_activity_job(
 
 
 def _build_activity_sensor(jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
-    job_names = [job.name for job in jobs]
+    # Each job's maximum runtime: the lease of what the sensor claims for it.
+    timeouts = {job.name: float(job.tags["dagster/max_runtime"]) for job in jobs}
 
     @dg.sensor(
         name="quo_activity_sensor",
@@ -185,47 +161,26 @@ def _build_activity_sensor(jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinit
     )
     def quo_activity_sensor(context: dg.SensorEvaluationContext, store: StoreResource):
         s = store.get()
-        cursor: dict[str, Any] = json.loads(context.cursor or "{}")
-        tick = datetime.now(UTC).timestamp()
-        release_items_of_failed_runs(context.instance, s, job_names, cursor.get("checkedAt"))
-        busy = busy_integrations(context.instance, job_names)
-        integrations = {activity_queue(i.id): i for i in s.list_integrations()}
-        seq, requests = int(cursor.get("seq", 0)), []
-        for queue in s.pending_webhook_integrations():
-            integration = integrations.get(queue)
-            job_name = activity_job_name(integration.crm) if integration else None
-            if integration is None or job_name not in job_names or integration.id in busy:
-                continue
-            timeout = _job_timeout(jobs, job_name)
-            items = s.claim_webhooks(queue, MAX_ITEMS_PER_RUN, timeout + LEASE_MARGIN_SECONDS)
-            if not items:
-                continue
-            seq += 1
-            config = {
-                "integration_id": integration.id,
-                "item_ids": [i.id for i in items],
-                "linger_seconds": linger_seconds(integration),
-            }
-            requests.append(
-                dg.RunRequest(
-                    run_key=f"{queue}:{seq}",
-                    job_name=job_name,
-                    run_config={"ops": {_op_name(integration.crm): {"config": config}}},
-                    tags={TAG_CRM: integration.crm, TAG_INTEGRATION: integration.id},
+
+        def targets() -> list[InboxTarget]:
+            pending = set(s.pending_webhook_integrations())
+            return [
+                InboxTarget(
+                    queue,
+                    integration,
+                    activity_job_name(integration.crm),
+                    _op_name(integration.crm),
+                    timeouts[activity_job_name(integration.crm)] + LEASE_MARGIN_SECONDS,
+                    {TAG_CRM: integration.crm},
                 )
-            )
-        return dg.SensorResult(
-            run_requests=requests,
-            cursor=json.dumps({"seq": seq, "checkedAt": next_check(tick)}),
-            skip_reason=None if requests else "no Quo events waiting",
-        )
+                for integration in s.list_integrations()
+                if (queue := activity_queue(integration.id)) in pending
+                and activity_job_name(integration.crm) in timeouts
+            ]
+
+        return inbox_tick(context, s, list(timeouts), targets, "no Quo events waiting")
 
     return quo_activity_sensor
-
-
-def _job_timeout(jobs: Sequence[dg.JobDefinition], job_name: str) -> float:
-    (job,) = [j for j in jobs if j.name == job_name]
-    return float(job.tags.get("dagster/max_runtime", 600))
 
 
 def _metadata(integration_id: str, report: ActivityReport, seconds: float) -> dict[str, Any]:

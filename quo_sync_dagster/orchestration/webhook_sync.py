@@ -18,28 +18,22 @@ the store has it).
 
 # No `from __future__ import annotations`: Dagster reads the config class from the annotation.
 
-import json
 import os
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
-from pydantic import Field
 
 from quo_sync_dagster.crms.base import CRMConnector
 from quo_sync_dagster.orchestration.change_sync import apply_changes
 from quo_sync_dagster.orchestration.completion import SENSOR_INTERVAL_SECONDS
 from quo_sync_dagster.orchestration.inbox_runs import (
     LEASE_MARGIN_SECONDS,
-    MAX_ITEMS_PER_RUN,
-    busy_integrations,
-    drain,
-    linger_seconds,
-    next_check,
-    release_items_of_failed_runs,
+    InboxRunConfig,
+    InboxTarget,
+    inbox_tick,
+    run_claimed,
 )
-from quo_sync_dagster.orchestration.planning import open_integration
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
 from quo_sync_dagster.orchestration.tags import TAG_INTEGRATION
 from quo_sync_dagster.quo.client import QuoClient
@@ -62,18 +56,6 @@ def _op_name(crm: str) -> str:
     return f"{crm}_apply_webhook_changes"
 
 
-class WebhookSyncConfig(dg.Config):
-    integration_id: str = Field(description="The integration whose inbox items to apply")
-    item_ids: list[str] = Field(description="Inbox items claimed for this run by the sensor")
-    linger_seconds: float = Field(
-        0.0,
-        ge=0,
-        description="After its items, keep applying the integration's new ones while each "
-        "arrives within this many seconds of the last (the sensor sets it from the "
-        "integration's webhook_linger_seconds)",
-    )
-
-
 def build_webhook_definitions(
     connector_cls: type[CRMConnector], run_tags: dict[str, str]
 ) -> dg.Definitions:
@@ -88,25 +70,17 @@ def build_webhook_definitions(
     )
     def apply_webhook_changes(
         context: dg.OpExecutionContext,
-        config: WebhookSyncConfig,
+        config: InboxRunConfig,
         store: StoreResource,
         quo: QuoResource,
     ) -> None:
         s = store.get()
-        items = s.get_webhooks(config.item_ids)  # acknowledged ones are done already
-        connector, client = open_integration(s, quo, crm, config.integration_id)
-        try:
-            with client:
-                upserter = quo.upserter(client, connector.integration, s)
-                drain(
-                    items,
-                    lambda limit, lease: s.claim_webhooks(config.integration_id, limit, lease),
-                    lambda batch: _apply(context, s, connector, client, upserter, batch, config),
-                    config.linger_seconds,
-                    max_runtime,
-                )
-        finally:
-            connector.close()
+
+        def applier(connector: CRMConnector, client: QuoClient) -> Any:
+            upserter = quo.upserter(client, connector.integration, s)
+            return lambda batch: _apply(context, s, connector, client, upserter, batch, config)
+
+        run_claimed(s, quo, crm, config, config.integration_id, max_runtime, applier)
 
     @dg.job(
         name=webhook_job_name(crm),
@@ -124,7 +98,7 @@ def build_webhook_definitions(
         client: QuoClient,
         upserter: ContactUpserter,
         items: list[InboxItem],
-        config: WebhookSyncConfig,
+        config: InboxRunConfig,
     ) -> None:
         started = time.perf_counter()
         report = apply_changes(s, connector, client, upserter, items, context.run.run_id)
@@ -165,43 +139,17 @@ def build_webhook_definitions(
 
             if moved := drain_sqs(queue_url, s, max_messages=MAX_DRAINED_PER_TICK):
                 context.log.info(f"moved {moved} deliveries from SQS into the inbox")
-        cursor: dict[str, Any] = json.loads(context.cursor or "{}")
-        tick = datetime.now(UTC).timestamp()
-        jobs = [webhook_job_name(crm)]
-        release_items_of_failed_runs(context.instance, s, jobs, cursor.get("checkedAt"))
-        mine = {i.id: i for i in s.list_integrations(crm=crm)}
-        busy = busy_integrations(context.instance, jobs)
-        seq, requests = int(cursor.get("seq", 0)), []
-        for integration_id in s.pending_webhook_integrations():
-            if integration_id not in mine or integration_id in busy:
-                continue
-            items = s.claim_webhooks(integration_id, MAX_ITEMS_PER_RUN, lease_seconds)
-            if not items:
-                continue
-            seq += 1
-            requests.append(
-                dg.RunRequest(
-                    run_key=f"{integration_id}:{seq}",
-                    run_config={
-                        "ops": {
-                            _op_name(crm): {
-                                "config": {
-                                    "integration_id": integration_id,
-                                    "item_ids": [item.id for item in items],
-                                    "linger_seconds": linger_seconds(mine[integration_id]),
-                                }
-                            }
-                        }
-                    },
-                    tags={**run_tags, TAG_INTEGRATION: integration_id},
-                )
-            )
-        new_cursor = json.dumps({"seq": seq, "checkedAt": next_check(tick)})
-        return dg.SensorResult(
-            run_requests=requests,
-            cursor=new_cursor,
-            skip_reason=None if requests else "no webhook changes waiting",
-        )
+        job = webhook_job_name(crm)
+
+        def targets() -> list[InboxTarget]:
+            pending = set(s.pending_webhook_integrations())
+            return [
+                InboxTarget(i.id, i, job, _op_name(crm), lease_seconds, run_tags)
+                for i in s.list_integrations(crm=crm)
+                if i.id in pending
+            ]
+
+        return inbox_tick(context, s, [job], targets, "no webhook changes waiting")
 
     changes_asset = dg.AssetSpec(
         key=changes_key,
