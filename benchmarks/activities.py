@@ -57,13 +57,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from ongoing_sync import quantiles
 from rate_under_429s import machine
 
 from quo_sync_dagster.core.activities import activity_queue
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.local_stack import LocalStack
 from quo_sync_dagster.orchestration.activity_logging import Workspace, log_activities
-from quo_sync_dagster.orchestration.activity_sync import retry_delay
+from quo_sync_dagster.orchestration.activity_sync import settle
 from quo_sync_dagster.orchestration.resources import QuoResource
 from quo_sync_dagster.orchestration.sync import open_connector
 from quo_sync_dagster.sandbox.serving import AdminClient
@@ -92,10 +93,6 @@ MIX: list[tuple[str, dict[str, Any]]] = [
     ("call", {"direction": "outgoing", "empty_participants": True, **_FULL}),
     ("call", {"outcome": "missed"}),
 ]
-_SENSOR = """
-query($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) {
-  __typename ... on Sensor { id } } }"""
-_STOP = "mutation($id: String!) { stopSensor(id: $id) { __typename } }"
 
 Emitted = tuple[float, str, list[str]]  # (start, Quo object id, one marker per event)
 
@@ -202,18 +199,6 @@ def counts(stack: LocalStack, crm: AdminClient) -> tuple[Counter[str], int]:
     return by_kind, stack.quo.stats()["byApiKey"][stack.sandbox_key]["requests"]
 
 
-def stop_activity_sensor(stack: LocalStack) -> None:
-    selector = {
-        "repositoryLocationName": "quo_sync_dagster",
-        "repositoryName": "__repository__",
-        "sensorName": "quo_activity_sensor",
-    }
-    sensor = stack.graphql(_SENSOR, {"selector": selector})["sensorOrError"]
-    stopped = stack.graphql(_STOP, {"id": sensor["id"]})["stopSensor"]["__typename"]
-    if stopped != "StopSensorMutationResult":
-        raise RuntimeError(f"could not stop quo_activity_sensor: {stopped}")
-
-
 def baseline(
     stack: LocalStack,
     integration: Integration,
@@ -223,7 +208,7 @@ def baseline(
     """The same kind of events logged without Dagster (see the module docstring)."""
     assert stack.store is not None
     store, queue = stack.store, activity_queue(integration.id)
-    stop_activity_sensor(stack)
+    stack.stop_sensor("quo_activity_sensor")
     connector = open_connector(store, CRM, integration.id)
     client = QuoResource(requests_per_second=QUO_LIMIT).client(integration, store)
     workspace = Workspace(client)  # as a run keeps it across its batches
@@ -231,11 +216,7 @@ def baseline(
     def log_waiting() -> bool:
         items = store.claim_webhooks(queue, 500, 600)
         if items:
-            report = log_activities(store, connector, client, items, workspace)
-            store.ack_webhooks(report.done)
-            attempts = {item.id: item.attempts for item in items}
-            for item_id, reason in report.retry.items():
-                store.defer_webhooks([item_id], retry_delay(attempts[item_id]), reason)
+            settle(store, items, log_activities(store, connector, client, items, workspace))
         return bool(items)
 
     try:
@@ -252,11 +233,6 @@ def baseline(
     finally:
         client.close()
         connector.close()
-
-
-def quantiles(values: list[float]) -> dict[str, float]:
-    cuts = statistics.quantiles(values, n=100, method="inclusive")
-    return {"p50": round(cuts[49], 2), "p95": round(cuts[94], 2), "max": round(max(values), 2)}
 
 
 def main() -> None:

@@ -52,10 +52,6 @@ OBJECT = "Person"
 QUO_LIMIT = 10.0
 TARGET_P95 = 10.0  # seconds, the issue's target
 RECEIVER_BENCH = Path(__file__).with_name("receiver_throughput.py")
-_SENSOR = """
-query($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) {
-  __typename ... on Sensor { id } } }"""
-_STOP = "mutation($id: String!) { stopSensor(id: $id) { __typename } }"
 
 Change = tuple[float, str, str]  # (started at, expected Quo write kind, externalId)
 
@@ -124,23 +120,11 @@ def quantiles(values: list[float]) -> dict[str, float]:
     return {"p50": round(cuts[49], 2), "p95": round(cuts[94], 2), "max": round(max(values), 2)}
 
 
-def stop_webhook_sensor(stack: LocalStack) -> None:
-    selector = {
-        "repositoryLocationName": "quo_sync_dagster",
-        "repositoryName": "__repository__",
-        "sensorName": f"{CRM}_webhook_sensor",
-    }
-    sensor = stack.graphql(_SENSOR, {"selector": selector})["sensorOrError"]
-    stopped = stack.graphql(_STOP, {"id": sensor["id"]})["stopSensor"]["__typename"]
-    if stopped != "StopSensorMutationResult":
-        raise RuntimeError(f"could not stop the webhook sensor: {stopped}")
-
-
 def baseline(stack: LocalStack, integration: Integration, args: argparse.Namespace) -> list[float]:
     """The same kind of changes applied without Dagster (see the module docstring)."""
     assert stack.store is not None
     store = stack.store
-    stop_webhook_sensor(stack)
+    stack.stop_sensor(f"{CRM}_webhook_sensor")
     quo = QuoResource(requests_per_second=QUO_LIMIT)
     connector = open_connector(store, CRM, integration.id)
     client = quo.client(integration, store)

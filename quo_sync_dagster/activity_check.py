@@ -16,6 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from quo_sync_dagster.core.external_ids import crm_id_of
+from quo_sync_dagster.core.models import Integration
+from quo_sync_dagster.store.port import Store
+
 SAMPLE = 10
 _QUO_ID = re.compile(r"Quo (?:call|message) id: (AC[0-9A-Za-z]+)")
 
@@ -101,3 +105,12 @@ def _check_call(call: Mapping[str, Any], text: str, label: str, check: ActivityC
         check.unenriched.append(label)
     if call.get("outcome") in ("missed", "voicemail") and "missed" not in text.lower():
         check.wrong_outcome.append(label)
+
+
+def phone_holders(store: Store, integration: Integration) -> dict[str, list[str]]:
+    """E.164 number -> the record keys of the integration's linked people holding it."""
+    holders: dict[str, list[str]] = {}
+    for ext, link in store.iter_contact_links(integration.id):
+        for phone in link.phones:
+            holders.setdefault(phone, []).append(crm_id_of(integration, ext) or ext)
+    return holders

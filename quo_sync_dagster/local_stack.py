@@ -25,7 +25,7 @@ from typing import Any, Self
 import httpx
 import yaml
 
-from quo_sync_dagster.activity_check import ActivityCheck, check_activities
+from quo_sync_dagster.activity_check import ActivityCheck, check_activities, phone_holders
 from quo_sync_dagster.core.activities import activity_queue
 from quo_sync_dagster.core.external_ids import crm_id_of, namespaced, quo_external_id
 from quo_sync_dagster.core.models import Integration
@@ -241,6 +241,18 @@ class LocalStack:
                     raise RuntimeError(f"code location failed to load: {loaded['message']}")
                 return True
         return False
+
+    def stop_sensor(self, name: str) -> None:
+        """Turn a sensor off, as its toggle in the UI does (benchmarks measure without it)."""
+        selector = {
+            "repositoryLocationName": "quo_sync_dagster",
+            "repositoryName": "__repository__",
+            "sensorName": name,
+        }
+        sensor = self.graphql(_SENSOR, {"selector": selector})["sensorOrError"]
+        stopped = self.graphql(_STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]["__typename"]
+        if stopped != "StopSensorMutationResult":
+            raise RuntimeError(f"could not stop {name}: {stopped}")
 
     def launch(self, job: str, run_config: dict[str, Any]) -> str:
         params = {
@@ -483,19 +495,19 @@ class LocalStack:
     def activity_check(self, integration: Integration) -> ActivityCheck:
         """The Quo sandbox's simulated calls and messages against the CRM's activities."""
         assert self.store is not None
-        holders: dict[str, list[str]] = {}
-        for ext, link in self.store.iter_contact_links(integration.id):
-            for phone in link.phones:
-                holders.setdefault(phone, []).append(crm_id_of(integration, ext) or ext)
         return check_activities(
             self.quo.simulated_calls(),
             self.quo.simulated_messages(),
-            holders,
+            phone_holders(self.store, integration),
             self.crm_activities(integration),
         )
 
 
 _OPEN = [state for state in ProcessState if state not in TERMINAL_STATES]
+_SENSOR = """
+query($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) {
+  __typename ... on Sensor { id } } }"""
+_STOP_SENSOR = "mutation($id: String!) { stopSensor(id: $id) { __typename } }"
 _SENSOR_TICK_SECONDS = 6  # the daemon evaluates a sensor about every 5 s
 
 

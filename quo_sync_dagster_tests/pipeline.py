@@ -153,11 +153,17 @@ def close_processes(p: Pipeline, crm: str) -> Any:
     if not closing:
         return result
     for request in closing:
-        defs.get_job_def(request.job_name).execute_in_process(
-            run_config=request.run_config,
-            instance=p.instance,
-            resources=p.resources,
-            tags=request.tags,
-            raise_on_error=False,
-        )
+        run_request(p, request)
     return evaluate_sensor(p, f"{crm}_completion_sensor")
+
+
+def run_request(p: Pipeline, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+    """Run what a sensor asked for, in process, as the daemon would launch it."""
+    assert request.job_name, "a sensor's run request names its job here"
+    return defs.get_job_def(request.job_name).execute_in_process(
+        run_config=request.run_config,
+        instance=p.instance,
+        resources=p.resources,
+        tags=request.tags,
+        raise_on_error=False,
+    )

@@ -18,10 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from quo_sync_dagster.activity_check import ActivityCheck, check_activities
+from quo_sync_dagster.activity_check import ActivityCheck, check_activities, phone_holders
 from quo_sync_dagster.core.activities import activity_queue
-from quo_sync_dagster.core.external_ids import crm_id_of
-from quo_sync_dagster.definitions import defs
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.sandbox.pipedrive_server import DEFAULT_TOKEN, PipedriveSandbox
 from quo_sync_dagster.secrets import resolve_secret
@@ -33,6 +31,7 @@ from quo_sync_dagster_tests.pipeline import (
     evaluate_sensor,
     pipeline,
     poll_everything,
+    run_request,
     sync_everything,
 )
 
@@ -63,12 +62,7 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any
 
 
 def _holders(p: Pipeline, integration: Any) -> dict[str, list[str]]:
-    """Number -> record keys of the people holding it, from the contact links."""
-    holders: dict[str, list[str]] = {}
-    for ext, link in p.store.iter_contact_links(integration.id):
-        for phone in link.phones:
-            holders.setdefault(phone, []).append(crm_id_of(integration, ext) or ext)
-    return holders
+    return phone_holders(p.store, integration)
 
 
 def _delivered(p: Pipeline, count: int) -> None:
@@ -90,16 +84,7 @@ def _run_all(p: Pipeline, cursor: str | None = None) -> tuple[list[Any], str | N
         cursor = tick.cursor
         if not tick.run_requests:
             return results, cursor
-        for request in tick.run_requests:
-            results.append(
-                defs.get_job_def(request.job_name).execute_in_process(
-                    run_config=request.run_config,
-                    instance=p.instance,
-                    resources=p.resources,
-                    tags=request.tags,
-                    raise_on_error=False,
-                )
-            )
+        results += [run_request(p, request) for request in tick.run_requests]
 
 
 def _check(p: Pipeline, sim: PipedriveSandbox, integration: Any) -> ActivityCheck:

@@ -21,7 +21,6 @@ import pytest
 from quo_sync_dagster.core.changes import ChangeKind, PersonChange
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.crms.pipedrive import PipedriveConnector
-from quo_sync_dagster.definitions import defs
 from quo_sync_dagster.differential import Differential, differential
 from quo_sync_dagster.orchestration.sync import now_iso
 from quo_sync_dagster.orchestration.webhook_sync import QUEUE_URL_ENV
@@ -36,6 +35,7 @@ from quo_sync_dagster_tests.pipeline import (
     evaluate_sensor,
     pipeline,
     poll_everything,
+    run_request,
     sync_everything,
 )
 
@@ -93,16 +93,6 @@ def _delivered(sim: PipedriveSandbox, count: int) -> None:
     pytest.fail(f"deliveries did not arrive: {sim.deliveries()}")
 
 
-def _run(p: Pipeline, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
-    return defs.get_job_def(request.job_name or f"{CRM}_webhook_sync").execute_in_process(
-        run_config=request.run_config,
-        instance=p.instance,
-        resources=p.resources,
-        tags=request.tags,
-        raise_on_error=False,
-    )
-
-
 def _config(request: dg.RunRequest) -> dict[str, Any]:
     return request.run_config["ops"][f"{CRM}_apply_webhook_changes"]["config"]
 
@@ -123,7 +113,7 @@ def test_crm_changes_reach_quo_once_whatever_the_deliveries_do(setup: tuple[Any,
     (request,) = result.run_requests
     assert request.tags["quo_sync/integration"] == integration.id
     assert _config(request)["linger_seconds"] == 0  # the integration's setting
-    assert _run(p, request).success
+    assert run_request(p, request).success
     diff = _diff(p, sim, integration)
     assert diff.exact, diff.result()
     assert diff.crm_people == initial.crm_people + 1 - 2  # created; deleted and merged away
@@ -140,14 +130,14 @@ def test_a_failed_webhook_run_is_applied_again_by_a_later_run(setup: tuple[Any, 
     first = evaluate_sensor(p, SENSOR)
     (request,) = first.run_requests
     p.quo.inject_fault(status=503, count=10_000)  # Quo down for the whole run
-    assert not _run(p, request).success
+    assert not run_request(p, request).success
     p.quo.clear_faults()
     assert _diff(p, sim, integration).stale  # the change is not in Quo yet
 
     second = evaluate_sensor(p, SENSOR, cursor=first.cursor)  # releases the failed run's items
     (retry,) = second.run_requests
     assert retry.run_key != request.run_key
-    assert _run(p, retry).success
+    assert run_request(p, retry).success
     assert _diff(p, sim, integration).exact
 
 
@@ -167,7 +157,7 @@ def test_deliveries_a_separate_receiver_put_in_sqs_reach_quo(
     inbox.close()
     result = evaluate_sensor(p, SENSOR)  # drains the queue into the store, then claims
     (request,) = result.run_requests
-    assert _run(p, request).success
+    assert run_request(p, request).success
     assert _diff(p, sim, integration).exact
 
 
@@ -209,7 +199,7 @@ def test_a_lingering_run_applies_changes_that_arrive_while_it_runs(
 
     changer = threading.Thread(target=change_once_the_first_is_applied)
     changer.start()
-    result = _run(p, lingering)
+    result = run_request(p, lingering)
     changer.join()
     assert result.success
     batches = [
@@ -230,13 +220,13 @@ def test_a_person_who_loses_every_phone_leaves_quo_and_comes_back_with_one(
     sim.update_person(person, {"phones": []})
     _delivered(sim, 1)
     (request,) = evaluate_sensor(p, SENSOR).run_requests
-    assert _run(p, request).success
+    assert run_request(p, request).success
     diff = _diff(p, sim, integration)
     assert diff.exact, diff.result()  # no stale contact left behind under the old number
     assert diff.quo_contacts == before - 1
     sim.update_person(person, {"phones": [{"value": "+1 415 555 0134", "primary": True}]})
     _delivered(sim, 2)
     (request,) = evaluate_sensor(p, SENSOR).run_requests
-    assert _run(p, request).success
+    assert run_request(p, request).success
     assert _diff(p, sim, integration).quo_contacts == before
     assert _diff(p, sim, integration).exact

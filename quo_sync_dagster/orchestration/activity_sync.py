@@ -62,6 +62,14 @@ def retry_delay(attempts: int) -> float:
     return min(RETRY_BASE_SECONDS * 2 ** min(attempts, 16), RETRY_MAX_SECONDS)
 
 
+def settle(store: Store, items: list[InboxItem], report: ActivityReport) -> None:
+    """Acknowledge what a batch logged; defer what failed, with its reason and back-off."""
+    store.ack_webhooks(report.done)
+    attempts = {item.id: item.attempts for item in items}
+    for item_id, reason in report.retry.items():
+        store.defer_webhooks([item_id], retry_delay(attempts.get(item_id, 0)), reason)
+
+
 def build_activity_definitions(connectors: Sequence[type[CRMConnector]]) -> dg.Definitions:
     """Every CRM's `<crm>_log_activities` job and `<crm>_crm_activities` asset, and the one
     `quo_activity_sensor` that launches them."""
@@ -109,10 +117,7 @@ def _build_activity_job(
     ) -> None:
         started = time.perf_counter()
         report = log_activities(s, connector, workspace.quo, items, workspace)
-        s.ack_webhooks(report.done)
-        attempts = {item.id: item.attempts for item in items}
-        for item_id, reason in report.retry.items():
-            s.defer_webhooks([item_id], retry_delay(attempts.get(item_id, 0)), reason)
+        settle(s, items, report)
         seconds = time.perf_counter() - started
         context.log.info(
             f"{report.events} Quo events: {report.created} activities created, "
