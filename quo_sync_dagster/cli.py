@@ -15,12 +15,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from quo_sync_dagster.core.adoption import AdoptionRules
 from quo_sync_dagster.core.models import Integration
+from quo_sync_dagster.core.phones import PhoneRules
 from quo_sync_dagster.core.process import Process, ProcessState
 from quo_sync_dagster.crms import connector_class, registered_connectors
 from quo_sync_dagster.crms.base import CRMConnector
 from quo_sync_dagster.demo_calls import calls_result, simulate_calls
-from quo_sync_dagster.local_stack import ChangeLog, LocalStack
+from quo_sync_dagster.local_stack import ChangeLog, LocalStack, legacy_source
 from quo_sync_dagster.orchestration.metadata import process_summary
 from quo_sync_dagster.orchestration.resources import default_store_uri
 from quo_sync_dagster.orchestration.sync import open_connector
@@ -87,13 +89,22 @@ def demo(args: argparse.Namespace) -> int:
         source = connector_class(crm).quo_source
         before = stack.sandbox_stats()
         integration_id = f"demo-{crm}"
+        # The earlier sync's contacts are found under its source and ids (CRM id as is).
+        legacy = {"legacy_sources": [legacy_source(crm)]} if args.legacy_contacts else {}
         stack.register_integration(
             integration_id,
             crm,
             args.records,
+            settings=legacy,
             webhooks=bool(args.changes),
             activities=bool(args.calls),
         )
+        prefilled = 0  # an earlier sync left contacts only in a workspace nothing else wrote
+        if args.legacy_contacts and not before["contacts"]:
+            prefilled = stack.prefill_legacy(
+                integration_id, args.legacy_contacts, args.legacy_changed
+            )
+            print(f"Quo prefilled as an earlier sync left it: {prefilled} contacts", flush=True)
         print(f"Dagster UI: {stack.ui_url}  (launching {crm}_initial_sync)", flush=True)
         started = time.monotonic()
         process_ids = stack.run_initial_sync(crm, {"integration_id": integration_id})
@@ -123,7 +134,10 @@ def demo(args: argparse.Namespace) -> int:
         ongoing = changes.after()
         after = stack.sandbox_stats()
         result = {**_result(processes, before, after, source, duration), **ongoing}
-        if args.changes:
+        if args.legacy_contacts:
+            result["legacyContacts"] = prefilled
+            result["quoLegacyContacts"] = after["contactsBySource"].get(legacy_source(crm), 0)
+        if args.changes or args.legacy_contacts:
             result.update(stack.differential(integration_id).result())
         if args.calls:
             made = simulate_calls(stack, integration_id, args.calls, random.Random(args.seed))
@@ -222,7 +236,10 @@ def _result(
         "totalRecords": sum(p.context.get("totalRecords") or 0 for p in processes),
         "totalSynced": sum(p.counters["synced"] for p in processes),
         "totalFailed": sum(p.counters["failed"] for p in processes),
+        "totalSkipped": sum(p.counters["skipped"] for p in processes),
         "skippedUnchanged": sum(p.counters["unchanged"] for p in processes),
+        "adopted": sum(p.counters["adopted"] for p in processes),
+        "adoptionCandidates": sum(p.counters["adoption_candidates"] for p in processes),
         "quoContacts": after["contactsBySource"].get(source, 0),
         "quoDuplicateExternalIds": after["duplicateExternalIds"],
         "quoWriteRequests": delta("create", "patch"),
@@ -247,7 +264,14 @@ def integrations(args: argparse.Namespace) -> int:
             crm_credential_ref=args.crm_credential_ref,
             settings=settings,
         )
-        webhooks = connector_class(args.crm).crm_config.sync_config.supports_webhooks
+        connector_cls = connector_class(args.crm)
+        try:  # settings every run reads, refused now rather than by the first run
+            PhoneRules.from_settings(integration.default_region, settings)
+            AdoptionRules.from_settings(settings)
+            connector_cls.object_types_for(settings)
+        except ValueError as exc:
+            raise SystemExit(f"integration {args.id!r}: {exc}") from None
+        webhooks = connector_cls.crm_config.sync_config.supports_webhooks
         webhooks = webhooks and not args.no_webhooks
         base_url = None
         try:  # before saving: an integration that cannot be subscribed is not half added
@@ -385,6 +409,21 @@ def main(argv: list[str] | None = None) -> int:
         help="then N Quo calls and messages with the synced people (and unknown numbers), "
         "logged on the CRM as activities, and the check of the CRM's activities against them",
     )
+    d.add_argument(
+        "--legacy-contacts",
+        type=_change_count,
+        default=0,
+        metavar="N",
+        help="first fill Quo as an earlier sync left it (its source and ids) for the CRM's first "
+        "N people, and let the sync adopt them",
+    )
+    d.add_argument(
+        "--legacy-changed",
+        type=_change_count,
+        default=0,
+        metavar="M",
+        help="of those, M with values the CRM has changed since (default %(default)s)",
+    )
     d.add_argument("--seed", type=int, help="of the random changes (default: a random one)")
     d.set_defaults(func=demo)
     i = sub.add_parser("integrations", help="add, list or remove integrations in the store")
@@ -420,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.set_defaults(func=receiver)
     args = parser.parse_args(argv)
+    if args.command == "demo" and args.legacy_changed > args.legacy_contacts:
+        parser.error("--legacy-changed M counts some of the --legacy-contacts N: M <= N")
     if args.command == "integrations" and args.action == "add":
         missing = [
             f"--{n.replace('_', '-')}" for n in ("id", "crm", "quo_key_ref") if not getattr(args, n)

@@ -68,6 +68,12 @@ def differential(
     integration = connector.integration
     diff = Differential()
     expected: dict[str, dict[str, Any]] = {}
+    people = list(people)
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for object_type, record in people:
+        by_type.setdefault(object_type, []).append(record)
+    for object_type, records in by_type.items():  # what the sync reads beside each page
+        connector.prepare_page(records, object_type)
     for object_type, record in people:
         try:
             contact = namespaced(

@@ -27,6 +27,7 @@ import yaml
 
 from quo_sync_dagster.activity_check import ActivityCheck, check_activities, phone_holders
 from quo_sync_dagster.core.activities import activity_queue
+from quo_sync_dagster.core.adoption import AdoptionRules
 from quo_sync_dagster.core.external_ids import crm_id_of, namespaced, quo_external_id
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.core.process import TERMINAL_STATES, Process, ProcessState
@@ -71,6 +72,11 @@ query($filter: RunsFilter) {
   runsOrError(filter: $filter) { ... on Runs { results { runId status runConfigYaml } } }
 }"""
 _LIVE = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING")
+
+
+def legacy_source(crm: str) -> str:
+    """The `source` the earlier production sync wrote for `crm`'s contacts."""
+    return "axiscare" if crm == "axiscare" else f"openphone-{crm}"
 
 
 def _crm_token_env(crm: str) -> str:
@@ -326,6 +332,36 @@ class LocalStack:
                 quo_webhooks.subscribe(self.store, integration, quo, self.receiver_url)
         return integration
 
+    def prefill_legacy(self, integration_id: str, count: int, stale: int = 0) -> int:
+        """Fill the Quo sandbox as an earlier sync left it: the contact it wrote for each of
+        the integration's first `count` people Quo can take, under the integration's first
+        `legacy_sources` and its `legacy_external_id`; `stale` of them, spread evenly, with
+        values the CRM has changed since. Returns how many contacts were put in."""
+        assert self.store is not None
+        rules = AdoptionRules.from_settings(self.store.get_integration(integration_id).settings)
+        bodies: list[dict[str, Any]] = []
+        with self.crm_people(integration_id) as people, closing(people.connector()) as connector:
+            for object_type, record in people.people():
+                if len(bodies) == count:
+                    break
+                try:  # its transform is the CRM id scheme the earlier sync used too
+                    contact = connector.transform_person_to_quo(record, object_type)
+                except Exception:  # a person the earlier sync could not write either
+                    continue
+                external_id = rules.legacy_id(connector.earlier_key(contact.external_id))
+                if external_id is not None:
+                    source = rules.legacy_sources[0]
+                    bodies.append(
+                        contact.to_api_body() | {"source": source, "externalId": external_id}
+                    )
+        step = max(len(bodies) // stale, 1) if stale else 1
+        for body in bodies[::step][:stale]:  # spread over the people
+            fields = body["defaultFields"]
+            fields["lastName"] = f"{fields['lastName'] or ''} (before)".strip()
+            fields["company"] = "Earlier Co"
+        self.quo.prefill_contacts(bodies)
+        return len(bodies)
+
     def run_initial_sync(self, crm: str, config: dict[str, Any]) -> list[str]:
         """Launch the initial-sync job and return the ids of the Processes it planned."""
         run_id = self.launch(
@@ -413,7 +449,8 @@ class LocalStack:
         """Quo against the CRM now (the CRM read first: a change in between shows as stale)."""
         with self.crm_people(integration_id) as people:
             crm_now = people.people()
-            return differential(people.connector(), crm_now, self.quo_contacts(people.integration))
+            with closing(people.connector()) as connector:
+                return differential(connector, crm_now, self.quo_contacts(people.integration))
 
     def webhook_runs(self, integration: Integration) -> list[dict[str, Any]]:
         """The integration's `<crm>_webhook_sync` runs: runId, status, itemIds."""
@@ -542,10 +579,8 @@ class CrmPeople(ABC):
 
     def __init__(self, store: Store, integration_id: str) -> None:
         self.store, self.integration_id = store, integration_id
-        self.object_types = [
-            o.crm_object_name
-            for o in connector_class(self.integration.crm).crm_config.person_object_types
-        ]
+        integration = self.integration
+        self.object_types = connector_class(integration.crm).object_types_for(integration.settings)
 
     @property
     def integration(self) -> Integration:
@@ -561,9 +596,11 @@ class CrmPeople(ABC):
         self.close()
 
     def connector(self) -> CRMConnector:
-        """A connector for transforms and ids only (no credential: it calls no API)."""
+        """A connector for transforms and ids, with the simulator's credential: a page's
+        transforms read what they need beside it (prepare_page). The caller closes it."""
         integration = self.integration
-        return connector_class(integration.crm)(integration)
+        cls = connector_class(integration.crm)
+        return cls(integration, _crm_token(cls.name) if cls.simulator else None)
 
     def external_id(self, object_type: str, record: dict[str, Any]) -> str:
         key = self.connector().record_key(record, object_type)
@@ -576,7 +613,7 @@ class CrmPeople(ABC):
         for object_type, record in self.people() if people is None else people:
             try:
                 contact = connector.transform_person_to_quo(record, object_type)
-            except Exception:  # refused: the sync counts the person as failed
+            except Exception:  # refused: the sync counts the person as failed or skipped
                 continue
             found.add(namespaced(contact, connector.integration).external_id)
         return found

@@ -24,7 +24,7 @@ from quo_sync_dagster.crms.attio_api import (
 )
 from quo_sync_dagster.governed_http import OutcomeUnknown
 from quo_sync_dagster.quo.governor import RateGovernor
-from quo_sync_dagster.sandbox.attio_server import AttioSandbox
+from quo_sync_dagster.sandbox.attio_server import COMPANIES, AttioSandbox
 from quo_sync_dagster.store import open_store
 
 KEY = "attio-client-key"
@@ -61,6 +61,16 @@ def test_batch_get_returns_exactly_the_existing_people(api: AttioApi) -> None:
     assert sorted(p["id"]["record_id"] for p in found) == sorted(wanted)
     assert api.get_person(wanted[0])["id"]["record_id"] == wanted[0]
     assert api.get_person(MISSING) is None
+
+
+def test_companies_are_read_by_id_500_per_query(sandbox: AttioSandbox, api: AttioApi) -> None:
+    known = sorted(COMPANIES)
+    unknown = [f"00000000-0000-4000-8000-{n:012d}" for n in range(500)]
+    before = sandbox.stats()["byKind"]["query_companies"]
+    found = api.get_companies([*known, *unknown, known[0]])  # 516 distinct ids
+    assert sandbox.stats()["byKind"]["query_companies"] == before + 2
+    assert sorted(c["id"]["record_id"] for c in found) == known
+    assert found[0]["values"]["name"][0]["value"]
 
 
 def test_phone_lookup_uses_the_normalised_number(api: AttioApi) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from quo_sync_dagster.core.activity_text import call_lines
+from quo_sync_dagster.core.external_ids import quo_external_id
 from quo_sync_dagster.core.models import (
     CallActivity,
     CallOutcome,
@@ -19,6 +20,7 @@ from quo_sync_dagster.core.models import (
     Integration,
     InvalidRecord,
     LabeledValue,
+    NoPhone,
     QuoContact,
     SmsActivity,
 )
@@ -26,7 +28,8 @@ from quo_sync_dagster.core.process import ProcessState
 from quo_sync_dagster.crms.attio import AttioConnector, NoteNotFound, NoteNotReplaced, call_marker
 from quo_sync_dagster.crms.attio_api import AttioApi, AttioApiError
 from quo_sync_dagster.governed_http import OutcomeUnknown
-from quo_sync_dagster.sandbox.attio_server import AttioSandbox, generate_people
+from quo_sync_dagster.quo.client import QuoClient
+from quo_sync_dagster.sandbox.attio_server import COMPANIES, AttioSandbox, generate_people
 from quo_sync_dagster_tests.pipeline import add_integration, pipeline, sync_everything
 
 KEY, SECRET, RECORDS = "attio-connector-key", "whsec-attio-test", 120
@@ -90,12 +93,15 @@ def person(
     phones: list[dict[str, Any]] | None = None,
     emails: list[dict[str, Any]] | None = None,
     title: str | None = "Director of Operations",
+    company: str | None = None,
+    record_id: str = RID,
 ) -> dict[str, Any]:
-    """A person in Attio's record shape (crm-apis.md §3.7)."""
+    """A person in Attio's record shape (crm-apis.md §3.7); `company` a companies record id."""
     name = value("personal-name", first_name=first, last_name=last)
     name["full_name"] = f"{first} {last}".strip() if full is None else full
+    reference = {"target_object": "companies", "target_record_id": company}
     return {
-        "id": {"workspace_id": "14beef7a", "object_id": "97052eb9", "record_id": RID},
+        "id": {"workspace_id": "14beef7a", "object_id": "97052eb9", "record_id": record_id},
         "created_at": "2022-11-21T13:22:49.061281000Z",
         "web_url": f"https://app.attio.com/acme/person/{RID}",
         "values": {
@@ -106,6 +112,7 @@ def person(
             else phones,
             "job_title": [value("text", value=title)] if title else [],
             "lead_source": [value("text", value="Referral")],
+            "company": [value("record-reference", **reference)] if company else [],
         },
     }
 
@@ -154,9 +161,10 @@ def test_transform_maps_every_field() -> None:
     ("first", "last", "full", "expected"),
     [
         ("Ada", "", "Ada", ("Ada", None)),
-        ("", "Lovelace", "Lovelace", (None, "Lovelace")),
+        ("", "Lovelace", "Lovelace", ("Lovelace", None)),
         ("", "", "Ngọc Ólafsdóttir Smith", ("Ngọc", "Ólafsdóttir Smith")),
         ("", "", "Prince", ("Prince", None)),
+        ("", "", "", ("zoe", None)),  # the e-mail's local part
     ],
 )
 def test_transform_name_fallbacks(
@@ -164,6 +172,11 @@ def test_transform_name_fallbacks(
 ) -> None:
     contact = connector().transform_person_to_quo(person(first, last, full, title=None), "people")
     assert (contact.first_name, contact.last_name, contact.role) == (*expected, None)
+
+
+def test_without_names_or_e_mail_the_phone_number_names_the_person() -> None:
+    contact = connector().transform_person_to_quo(person("", "", "", emails=[]), "people")
+    assert (contact.first_name, contact.last_name) == ("+14155550123", None)
 
 
 def test_transform_drops_an_invalid_phone_while_a_valid_one_remains() -> None:
@@ -178,13 +191,80 @@ def test_transform_drops_an_invalid_phone_while_a_valid_one_remains() -> None:
         (person(phones=[]), "no phone number"),
         (person(phones=[phone("+14155550123", "US", "+14155550123", False)]), "no phone number"),
         (person(phones=[phone("555-01", "US", None), phone("12", None, None)]), "'555-01'"),
-        (person("", "", ""), "no name"),
-        ({**person(), "values": {**person()["values"], "name": []}}, "no name"),
     ],
 )
-def test_transform_rejects_records_quo_cannot_take(record: dict[str, Any], message: str) -> None:
-    with pytest.raises(InvalidRecord, match=message):
+def test_a_person_without_a_phone_is_no_phone(record: dict[str, Any], message: str) -> None:
+    with pytest.raises(NoPhone, match=message):
         connector().transform_person_to_quo(record, "people")
+
+
+def test_people_without_a_phone_are_synced_when_the_integration_says_so() -> None:
+    crm = connector(sync_people_without_phone=True)
+    contact = crm.transform_person_to_quo(person(phones=[]), "people")
+    assert (contact.first_name, contact.phone_numbers) == ("Zoë", ())
+    nothing = {**person(), "values": {"name": [], "phone_numbers": []}}
+    with pytest.raises(InvalidRecord, match="no name"):  # nothing at all to show
+        crm.transform_person_to_quo(nothing, "people")
+
+
+def test_fictional_555_numbers_are_kept() -> None:
+    numbers = [phone("5558675309", "US", "+15558675309"), phone("(555) 010-0123", "US", None)]
+    contact = connector().transform_person_to_quo(person(phones=numbers), "people")
+    assert [p.value for p in contact.phone_numbers] == ["+15558675309", "+15550100123"]
+
+
+# ---- companies -------------------------------------------------------------------------------
+def company_name(record_id: str | None) -> str | None:
+    return None if record_id is None else COMPANIES[record_id]["values"]["name"][0]["value"]
+
+
+def company_of(record: dict[str, Any]) -> str | None:
+    """The record id the generated person's `company` references (None: no company)."""
+    return next((v["target_record_id"] for v in record["values"]["company"]), None)
+
+
+def company_reads(attio: AttioSandbox) -> int:
+    """POST /v2/objects/companies/records/query requests the simulator has served."""
+    return attio.stats()["byKind"]["query_companies"]
+
+
+def test_companies_are_read_once_per_page_and_cached_for_the_run(
+    attio: AttioSandbox, crm: AttioConnector
+) -> None:
+    before = company_reads(attio)
+    page = crm.fetch_person_page("people", 0, 200).records  # the default page size
+    assert len(page) == RECORDS
+    crm.prepare_page(page, "people")
+    assert company_reads(attio) == before + 1
+    named = set()
+    for record in page:
+        if any(v["active_until"] is None for v in record["values"]["phone_numbers"]):
+            contact = crm.transform_person_to_quo(record, "people")
+            assert contact.company == company_name(company_of(record))
+            named.add(contact.company)
+    assert None in named and len(named) > 5  # people with and without a company
+    for later in walk(crm, 50):  # later pages name the same companies: no query
+        crm.prepare_page(later, "people")
+    assert company_reads(attio) == before + 1
+
+
+def test_a_company_names_a_person_without_a_name_and_a_missing_one_is_none(
+    attio: AttioSandbox, crm: AttioConnector
+) -> None:
+    acme = next(iter(COMPANIES))
+    gone = "00000000-0000-4000-8000-0000000000c0"
+    other_id = "00000000-0000-4000-8000-0000000000a1"
+    people = [person("", "", "", company=acme), person(company=gone, record_id=other_id)]
+    before = company_reads(attio)
+    crm.prepare_page(people, "people")
+    assert company_reads(attio) == before + 1
+    nameless, other = (crm.transform_person_to_quo(p, "people") for p in people)
+    assert (nameless.first_name, nameless.last_name) == (company_name(acme), None)
+    assert nameless.company == company_name(acme) and other.company is None
+    crm.prepare_page(people, "people")  # what Attio lacks is not asked for again
+    assert company_reads(attio) == before + 1
+    # Without prepare_page (another run's connector) there is no company, and no error.
+    assert connector().transform_person_to_quo(people[0], "people").first_name == "zoe"
 
 
 def test_transform_of_every_generated_person() -> None:
@@ -551,20 +631,29 @@ def test_pipeline_syncs_every_person_once_and_a_resync_writes_nothing(
     # loads one partition as a bare frame, not a dict): a framework bug, avoided and reported.
     config = {"integration_id": "it-1", "page_size": 20, "pages_per_run": 2}
     with pipeline(tmp_path, monkeypatch) as p:
-        add_integration(
+        integration = add_integration(
             p, "attio", {"base_url": attio.url}, crm_credential_ref="env:QUO_SYNC_TEST_ATTIO_KEY"
         )
         processes = sync_everything(p, "attio", config)
         assert [q.state for q in processes] == [ProcessState.COMPLETED]
-        synced = sum(q.counters["synced"] for q in processes)
-        failed = sum(q.counters["failed"] for q in processes)
+        counted = {k: sum(q.counters[k] for q in processes) for k in ("synced", "skipped")}
         no_phone = sum(
             not any(v["active_until"] is None for v in r["values"]["phone_numbers"]) for r in PEOPLE
         )
-        assert (synced + failed, failed) == (RECORDS, no_phone)
+        assert sum(q.counters["failed"] for q in processes) == 0
+        assert counted == {"synced": RECORDS - no_phone, "skipped": no_phone}
+        synced = counted["synced"]
         stats = p.quo.stats()
         assert stats["contactsBySource"]["attio"] == synced
         assert stats["duplicateExternalIds"] == 0
+        # Each contact's company is the name of the company its person references.
+        ext_ids = {quo_external_id(integration, r["id"]["record_id"]): r for r in PEOPLE}
+        with QuoClient(p.quo.url, "test-key") as quo:
+            found = quo.find_by_external_ids(ext_ids, "attio")
+        assert len(found) == synced
+        for ext_id, contact in found.items():
+            wanted = company_name(company_of(ext_ids[ext_id]))
+            assert contact["defaultFields"]["company"] == wanted
 
         again = sync_everything(p, "attio", config)
         assert [q.state for q in again] == [ProcessState.COMPLETED]

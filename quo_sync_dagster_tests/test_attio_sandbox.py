@@ -26,6 +26,8 @@ from jsonschema import Draft202012Validator, FormatChecker
 from quo_sync_dagster.sandbox.attio_server import (
     API_TOKEN_ACTOR,
     ATTRIBUTE_IDS,
+    COMPANIES,
+    COMPANIES_OBJECT_ID,
     MEMBER_ACTOR,
     PEOPLE_FILE,
     PEOPLE_OBJECT_ID,
@@ -41,6 +43,7 @@ KEY = "attio-test-key"
 RECORDS = 500
 SPEC = json.loads(SPEC_PATH.read_text())
 QUERY_URL = "/v2/objects/people/records/query"
+COMPANIES_URL = "/v2/objects/companies/records/query"
 
 
 def response_validator(path: str, method: str, status: int) -> Draft202012Validator:
@@ -171,6 +174,49 @@ def test_filters(http: httpx.Client) -> None:
     email = person["values"]["email_addresses"][0]["email_address"]
     by_email = query(http, filter={"email_addresses": email.upper()})
     assert ids(by_email) == [person["id"]["record_id"]]
+
+
+def test_the_companies_people_reference_are_read_by_record_id(
+    sandbox: AttioSandbox, http: httpx.Client
+) -> None:
+    people = query(http, limit=RECORDS)
+    references = [v for p in people for v in active(p, "company")]
+    assert any(not active(p, "company") for p in people)  # some people have no company
+    assert {(v["target_object"], v["attribute_type"]) for v in references} == {
+        ("companies", "record-reference")
+    }
+    referenced = {v["target_record_id"] for v in references}
+    wanted = [*sorted(referenced), str(uuid.uuid4())]  # and an id no company has
+    before = sandbox.stats()["byKind"]
+    body = {"filter": {"record_id": {"$in": wanted}}, "limit": len(wanted)}
+    companies = check(QUERY_200, http.post(COMPANIES_URL, json=body), 200)["data"]
+    after = sandbox.stats()["byKind"]
+    assert (after["query_companies"], after["query"]) == (
+        before["query_companies"] + 1,
+        before["query"],
+    )
+    assert sorted(c["id"]["record_id"] for c in companies) == sorted(referenced)
+    for company in companies:
+        assert company["id"]["object_id"] == COMPANIES_OBJECT_ID
+        assert company["web_url"].endswith(f"/company/{company['id']['record_id']}")
+        [name] = active(company, "name")
+        assert name["attribute_type"] == "text" and name["value"].strip()
+
+
+def test_companies_are_filtered_and_sorted_by_their_own_attributes(http: httpx.Client) -> None:
+    by_id = f"/v2/objects/{COMPANIES_OBJECT_ID}/records/query"  # the object's ID works too
+    sorts = [{"attribute": "name", "direction": "asc"}]
+    everyone = check(QUERY_200, http.post(by_id, json={"sorts": sorts}), 200)["data"]
+    names = [active(c, "name")[0]["value"] for c in everyone]
+    assert len(everyone) == len(COMPANIES) and names == sorted(names)
+    found = http.post(COMPANIES_URL, json={"filter": {"name": names[3]}}).json()["data"]
+    assert [active(c, "name")[0]["value"] for c in found] == [names[3]]
+    for body in (
+        {"filter": {"email_addresses": "a@b.example"}},  # a people attribute
+        {"sorts": [{"attribute": "phone_numbers", "direction": "asc"}]},
+    ):
+        assert check(ERROR, http.post(COMPANIES_URL, json=body), 400)["code"] == "filter_error"
+    check(ERROR, http.post(COMPANIES_URL, json={"limit": "10"}), 400)
 
 
 def test_get_record_and_not_found(sandbox: AttioSandbox, http: httpx.Client) -> None:
@@ -539,6 +585,17 @@ def test_admin_changes_are_what_the_api_serves(live: AttioSandbox) -> None:
     assert live.stats()["people"] == len(before)
 
 
+def test_a_persons_company_can_be_changed(live: AttioSandbox) -> None:
+    person = next(p for p in live.people() if active(p, "company"))
+    [old] = active(person, "company")
+    new = next(c for c in COMPANIES if c != old["target_record_id"])
+    reference = {"target_object": "companies", "target_record_id": new}
+    changed = live.update_person(person["id"]["record_id"], {"company": reference})
+    assert [v["target_record_id"] for v in active(changed, "company")] == [new]
+    cleared = live.update_person(person["id"]["record_id"], {"company": None})
+    assert active(cleared, "company") == []
+
+
 @pytest.mark.parametrize(
     ("call", "status"),
     [
@@ -549,6 +606,14 @@ def test_admin_changes_are_what_the_api_serves(live: AttioSandbox) -> None:
         (lambda sb, pid: sb.create_person({"phone_numbers": [{"country_code": "US"}]}), 400),
         (lambda sb, pid: sb.create_person({"email_addresses": ["not-an-address@"]}), 400),
         (lambda sb, pid: sb.create_person({"job_title": 7}), 400),
+        (lambda sb, pid: sb.update_person(pid, {"company": str(uuid.uuid4())}), 400),
+        (
+            lambda sb, pid: sb.update_person(
+                pid,
+                {"company": {"target_object": "deals", "target_record_id": next(iter(COMPANIES))}},
+            ),
+            400,
+        ),
         (lambda sb, pid: sb.create_person(kind="companies"), 400),
         (lambda sb, pid: sb.update_person("00000000-0000-4000-8000-000000000000"), 404),
         (lambda sb, pid: sb.merge_people(pid, into=pid), 400),
@@ -681,6 +746,10 @@ def test_merge_makes_a_new_record_and_two_merged_events(live: AttioSandbox) -> N
     ]
     assert active(merged, "name") == active(primary, "name")  # the primary's value wins
     assert active(merged, "job_title") == active(primary, "job_title")
+    company = active(primary, "company") or active(secondary, "company")
+    assert [v["target_record_id"] for v in active(merged, "company")] == [
+        v["target_record_id"] for v in company
+    ]
     emails = {v["email_address"] for v in active(merged, "email_addresses")}
     assert emails == {
         v["email_address"]

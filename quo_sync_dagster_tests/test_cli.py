@@ -53,6 +53,26 @@ def test_a_malformed_setting_is_named(tmp_path: Path) -> None:
         main(args)
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("phone_policy=strict", "phone_policy must be one of"),
+        ("sync_people_without_phone=1", "sync_people_without_phone must be true or false"),
+        ('legacy_sources="openphone-zoho"', "legacy_sources must be a list"),
+        ('object_types=["Planets"]', "object_types must be a non-empty list of"),
+    ],
+)
+def test_a_setting_every_run_would_refuse_is_refused_when_added(
+    tmp_path: Path, setting: str, message: str
+) -> None:
+    uri = f"sqlite:///{tmp_path}/s.sqlite"
+    args = ["integrations", "add", "--store", uri, "--id", "a", "--crm", "scalingtest"]
+    args += ["--quo-key-ref", "env:K", "--setting", setting]
+    with pytest.raises(SystemExit, match=f"integration 'a': setting {message}"):
+        main(args)
+    assert open_store(uri).list_integrations() == []
+
+
 def test_demo_with_changes_ends_with_quo_equal_to_the_crm(tmp_path: Path) -> None:
     """`demo --changes`: Attio (webhooks, merges) changed during and after the initial sync;
     webhooks and one polling cycle; the RESULT line's differential is exact."""

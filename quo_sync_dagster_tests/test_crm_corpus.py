@@ -1,9 +1,10 @@
 """Every connector's transform on the CRM corpus (fixtures/crm_corpus: person records shaped as
 each CRM's documentation shows them, awkward cases included, sources in its README).
 
-What must hold whatever the phone and name policy: a record becomes a Quo contact or is refused
-with an InvalidRecord that says why, never another error; a contact holds only E.164 numbers,
-all of them numbers the record holds, and a first name; every record has a readable id.
+What must hold: a record becomes a Quo contact or is skipped with a reason (NoPhone: no number
+that can be one; Excluded: a marker the connector filters on), never failed; a contact holds
+only E.164 numbers, all of them numbers the record holds, and a non-empty first name; every
+record has a readable id.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import phonenumbers
 import pytest
 
-from quo_sync_dagster.core.models import Integration, InvalidRecord
+from quo_sync_dagster.core.models import Excluded, Integration, InvalidRecord, NoPhone
 from quo_sync_dagster.crms import connector_class
 
 CORPUS = Path(__file__).with_name("fixtures") / "crm_corpus"
@@ -53,9 +54,11 @@ def test_a_corpus_record_becomes_a_contact_or_a_reasoned_refusal(
     assert connector.record_key(record, object_type)
     try:
         contact = connector.transform_person_to_quo(record, object_type)
-    except InvalidRecord as refused:
-        assert str(refused).strip(), entry["case"]
+    except (NoPhone, Excluded) as skipped:
+        assert str(skipped).strip(), entry["case"]
         return
+    except InvalidRecord as refused:
+        pytest.fail(f"{entry['case']}: failed: {refused}")
     finally:
         connector.close()
     assert contact.first_name and contact.first_name.strip(), entry["case"]

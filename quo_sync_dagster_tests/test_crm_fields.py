@@ -7,9 +7,12 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from quo_sync_dagster.core.models import Integration, InvalidRecord, LabeledValue
+from quo_sync_dagster.core.models import Integration, InvalidRecord, LabeledValue, NoPhone
+from quo_sync_dagster.core.phones import PhoneRules
 from quo_sync_dagster.crms import fields
 from quo_sync_dagster.crms.scalingtest import ScalingTestConnector
+
+US = PhoneRules("US")
 
 
 @pytest.mark.parametrize(
@@ -44,7 +47,7 @@ def test_phones_normalise_deduplicate_and_drop_invalid_while_one_is_valid() -> N
         ("other", " "),
         ("uk", "020 7946 0018", "GB"),  # read in its own region
     ]
-    assert fields.phones(pairs, "US") == (
+    assert fields.phones(pairs, US) == (
         LabeledValue("work", "+14155552671"),
         LabeledValue("uk", "+442079460018"),
     )
@@ -52,17 +55,40 @@ def test_phones_normalise_deduplicate_and_drop_invalid_while_one_is_valid() -> N
 
 def test_phones_with_none_valid_name_the_bad_numbers() -> None:
     with pytest.raises(InvalidRecord, match=r"'555-01'.*; .*'12'"):
-        fields.phones([("work", "555-01"), ("mobile", "12")], "US")
+        fields.phones([("work", "555-01"), ("mobile", "12")], US)
     with pytest.raises(InvalidRecord, match=r"^no phone number$"):
-        fields.phones([("work", None), ("mobile", "")], "US")
+        fields.phones([("work", None), ("mobile", "")], US)
     with pytest.raises(InvalidRecord, match=r"^mobile 555-01$"):
         fields.phones(
-            [("mobile", "555-01")], "US", lambda ps: "; ".join(f"{p.label} {p.raw}" for p in ps)
+            [("mobile", "555-01")], US, lambda ps: "; ".join(f"{p.label} {p.raw}" for p in ps)
         )
 
 
+def test_possible_numbers_are_kept_and_only_the_valid_policy_drops_them() -> None:
+    fictional = [("work", "(555) 123-4567"), ("home", "+1 212 055 0100")]  # not assigned
+    kept = (LabeledValue("work", "+15551234567"), LabeledValue("home", "+12120550100"))
+    assert fields.phones(fictional, US) == kept
+    with pytest.raises(NoPhone, match="for region US"):
+        fields.phones(fictional, PhoneRules("US", require_valid=True))
+    assert fields.phones([("work", None)], PhoneRules("US", allow_none=True)) == ()
+
+
+def test_display_name_falls_back_along_the_chain() -> None:
+    mail = (LabeledValue("work", "j.doe@acme.example"),)
+    tel = (LabeledValue("mobile", "+14155552671"),)
+    assert fields.display_name("Jo", "Doe") == ("Jo", "Doe")
+    assert fields.display_name(None, "Doe", full="Jo Doe") == ("Doe", None)
+    assert fields.display_name(None, None, full="Jo van Doe") == ("Jo", "van Doe")
+    assert fields.display_name(None, None, full="Cher", company="Acme") == ("Cher", None)
+    assert fields.display_name(None, None, company="Acme", addresses=mail) == ("Acme", None)
+    assert fields.display_name(None, None, addresses=mail, numbers=tel) == ("j.doe", None)
+    assert fields.display_name(None, None, numbers=tel) == ("+14155552671", None)
+    with pytest.raises(InvalidRecord, match="no name"):
+        fields.display_name(None, None)
+
+
 def test_e164_returns_the_problems_without_raising() -> None:
-    found, problems = fields.e164([("work", "555-01"), ("home", "4155552671")], "US")
+    found, problems = fields.e164([("work", "555-01"), ("home", "4155552671")], US)
     assert found == (LabeledValue("home", "+14155552671"),)
     assert [(p.label, p.raw) for p in problems] == [("work", "555-01")]
     assert "invalid phone number '555-01'" in str(problems[0])

@@ -6,8 +6,8 @@ A deterministic generator (fixed seed) mixes good people with what CRMs really s
 strings, lone surrogates, NUL, bidi overrides, zero-width and combining characters, NaN and
 Infinity, lists and objects where text belongs, text where a list belongs, nulls everywhere,
 ids of every type, repeated ids and absurd phone numbers. Every case knows its fate: it syncs
-with known (cleaned) content, or it fails alone with a reason naming the person and the field.
-Random damage ("chaos") may do either, but nothing else.
+with known (cleaned) content, it is skipped for having no phone number, or it fails alone with a
+reason naming the person and the field. Random damage ("chaos") may do any, but nothing else.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from quo_sync_dagster.core.phones import to_e164
 from quo_sync_dagster.core.process import PageResult, ProcessState
 from quo_sync_dagster.crms import connector_class
 from quo_sync_dagster.crms.base import CRMConnector
-from quo_sync_dagster.crms.scalingtest import HOSTILE, ScalingTestConnector, bad_record_count
+from quo_sync_dagster.crms.scalingtest import HOSTILE, ScalingTestConnector, skipped_record_count
 from quo_sync_dagster.orchestration.sync import sync_records
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.quo.upsert import ContactUpserter
@@ -116,8 +116,8 @@ class Expected:
 
 @dataclass
 class Case:
-    """A record and its fate: it syncs as `expected`, or fails with `needle` in the reason;
-    neither (chaos): either fate."""
+    """A record and its fate: it syncs as `expected`, fails with `needle` in the reason, or is
+    `skipped` (no phone number); none of them (chaos): any fate."""
 
     kind: str
     record: dict[str, Any]
@@ -125,6 +125,7 @@ class Case:
     spec: Spec | None = None
     expected: Expected | None = None
     needle: str | None = None
+    skipped: bool = False
 
 
 # ---- the five CRM shapes ----------------------------------------------------------------------
@@ -170,17 +171,18 @@ class Shape:
     def lone_phone(self, record: dict[str, Any], raw: str) -> str | None:
         raise NotImplementedError
 
-    def expected(self, s: Spec) -> Expected | str:
-        """What Quo must show, or the needle of the reason it fails. A value of a wrong type
-        fails naming its field; connectors read the names first, then the rest in their own
-        order (the generator breaks one field beyond the names)."""
+    def expected(self, s: Spec) -> Expected | str | None:
+        """What Quo must show, the needle of the reason it fails, or None: skipped for having
+        no phone number. A value of a wrong type fails naming its field (the generator breaks
+        one field, so the order connectors read them in does not matter); a person without a
+        name is shown by their company, else their e-mail's local part, else their number."""
         names = self.names
         for attr in ("first", "last"):
             if _wrong(getattr(s, attr)[0]):
                 return f"{names[attr]} must"
         first, last = s.first[1], s.last[1]
-        if first is None and last is None:
-            return f"{names['full']} must" if names["full"] and _wrong(s.full) else "no name"
+        if first is None and last is None and names["full"] and _wrong(s.full):
+            return f"{names['full']} must"
         for attr in ("company", "role"):
             if names[attr] and _wrong(getattr(s, attr)[0]):
                 return f"{names[attr]} must"
@@ -190,13 +192,18 @@ class Shape:
                 return f"{name(wrong[0])} must"
         numbers = [e for _, e in phones if e is not None]
         if not numbers:
-            return "phone"
+            return None
+        company = s.company[1] if names["company"] else None
+        addresses = [e for _, e in emails if e is not None]
+        if first is None:  # Quo shows a contact by its first name: the fallback chain
+            fallback = company or (addresses[0].partition("@")[0] if addresses else numbers[0])
+            first, last = (last, None) if last else (fallback, None)
         return Expected(
             first=first,
             last=last,
-            company=s.company[1] if names["company"] else None,
+            company=company,
             role=s.role[1] if names["role"] else None,
-            emails=[e for _, e in emails if e is not None][:MAX_ITEMS],
+            emails=addresses[:MAX_ITEMS],
             phones=numbers[:MAX_ITEMS],
         )
 
@@ -348,12 +355,6 @@ class SlotShape(Shape):
             for k, name in enumerate(self.slots[kind])
         }
 
-    def expected(self, s: Spec) -> Expected | str:
-        out = super().expected(s)
-        if isinstance(out, Expected) and out.first is None:  # a lone last name is the name shown
-            out.first, out.last = out.last, None
-        return out
-
     def lone_email(self, record: dict[str, Any], raw: str) -> str | None:
         record[self.slots["emails"][1]] = [raw]
         return f"{self.slots['emails'][1]} must"
@@ -402,7 +403,7 @@ class AxisCareShape(SlotShape):
         record = {"id": s.id, "firstName": s.first[0], "lastName": s.last[0], "goesBy": None}
         return record | self.slot_values(s)
 
-    def expected(self, s: Spec) -> Expected | str:
+    def expected(self, s: Spec) -> Expected | str | None:
         out = super().expected(s)
         if isinstance(out, Expected):
             out.role = "Client"  # the role towards the agency, whatever the CRM says
@@ -486,6 +487,8 @@ class Generator:
         case = Case(kind, record, self.shape.prefix + str(spec.id), spec)
         if isinstance(out, str):
             case.needle = out
+        elif out is None:
+            case.skipped = True
         else:
             case.expected = out
         return case
@@ -600,8 +603,8 @@ class Generator:
         return Case("chaos", case.record, case.ext)
 
     def repeats(self, page: list[Case]) -> list[Case]:
-        """Some good people again, later in the page: a new version (it is the one synced) or a
-        broken one (it fails, and the earlier good one is synced)."""
+        """Some good people again, later in the page: a new version (it is the one synced) or
+        one without a phone (it is skipped, and the earlier good one is synced)."""
         out = list(page)
         goods = [c for c in page if c.kind == "good"]
         for original in self.rng.sample(goods, min(len(goods), 6)):
@@ -761,39 +764,46 @@ def test_hostile_records_fail_alone_and_good_ones_land_once(
         assert got == want, ext
 
     # Every error is the failure of a record that must (or, chaos, may) fail, named and with
-    # the field in the reason, or the skip of a repeated person's earlier version.
+    # the field in the reason; every skip is a person without a phone number (or, chaos, one
+    # who lost it to junk) or a repeated person's earlier version.
     errors: dict[str, list[str]] = {}
+    skips: Counter[tuple[str, str]] = Counter()
     for result in results:
         for error in result.errors:
-            errors.setdefault(error.external_id or "", []).append(error.error)
-    skips = Counter(name for name, msgs in errors.items() for m in msgs if m.startswith("skipped:"))
+            if error.skipped:
+                skips[(error.external_id or "", error.skipped)] += 1
+            else:
+                errors.setdefault(error.external_id or "", []).append(error.error)
     repeated = Counter(
-        who(shape, connector, earlier)
+        (who(shape, connector, earlier), "duplicate in page")
         for page in pages
         for k, earlier in enumerate(page)
         if earlier.expected
         and any(later.ext == earlier.ext and later.expected for later in page[k + 1 :])
     )
-    assert skips == repeated and sum(r.skipped for r in results) == repeated.total()
+    phoneless = Counter((who(shape, connector, c), "no phone") for c in cases if c.skipped)
+    chaos = [c for c in cases if c.kind == "chaos"]
+    chaos_names = {who(shape, connector, c) for c in chaos}
+    chaos_skips = Counter({k: n for k, n in skips.items() if k[0] in chaos_names})
+    assert skips - chaos_skips == repeated + phoneless
+    assert sum(r.skipped for r in results) == skips.total()
     must_fail = [c for c in cases if c.needle is not None]
     for case in must_fail:
         name = who(shape, connector, case)
         reasons = [m for m in errors.get(name, []) if case.needle in m]
         assert reasons, (case.kind, name, case.needle, errors.get(name))
         errors[name].remove(reasons[0])
-    chaos = [c for c in cases if c.kind == "chaos"]
-    for case in chaos:
+    for case in chaos:  # exactly one fate each
         name = who(shape, connector, case)
-        failed = [m for m in errors.get(name, []) if not m.startswith("skipped:")]
-        assert len(failed) == (case.ext not in by_ext), (name, failed)
-        for message in failed:
-            errors[name].remove(message)
-    assert [
-        (n, m) for n, msgs in errors.items() for m in msgs if not m.startswith("skipped:")
-    ] == []
+        failed = errors.pop(name, [])
+        skipped = chaos_skips[(name, "no phone")]
+        assert len(failed) + skipped == (case.ext not in by_ext), (name, failed, skipped)
+    assert [(n, m) for n, msgs in errors.items() for m in msgs] == []
     chaos_synced = {c.ext for c in chaos} & set(by_ext)
     assert set(by_ext) == set(must_sync) | chaos_synced
-    assert sum(r.failed for r in results) == len(must_fail) + len(chaos) - len(chaos_synced)
+    assert sum(r.failed for r in results) == (
+        len(must_fail) + len(chaos) - len(chaos_synced) - chaos_skips.total()
+    )
 
 
 def test_hostile_scalingtest_people_through_the_dagster_page_path(
@@ -806,17 +816,19 @@ def test_hostile_scalingtest_people_through_the_dagster_page_path(
     kinds = {i: crm.hostile_kind(i) for i in range(records)}
     assert set(kinds.values()) == {None, *HOSTILE}
     assert sum(k is not None for k in kinds.values()) > records * share * 0.8
-    # The kinds that fail, with what the reason must name.
+    # The kinds that fail, with what the reason must name; an absurd phone leaves no phone.
     failing = {
-        "absurd_phone": "phone number",
         "list_id": "id must be",
         "bool_id": "id must be",
         "name_as_object": "last_name must be text",
         "email_as_list": "emails must hold text",
     }
     must_fail = {i: failing[kind] for i, kind in kinds.items() if kind in failing}
-    expect_failed = bad_record_count(records) + len(must_fail)
-    assert expect_failed <= 100  # the Process keeps the last 100 errors: all of them here
+    phoneless = {i for i, kind in kinds.items() if kind == "absurd_phone"}
+    expect_failed = len(must_fail)
+    expect_skipped = skipped_record_count(records) + len(phoneless)
+    # The Process keeps the last 100 failures and skips: all of them here.
+    assert expect_failed + expect_skipped <= 100
     config = {"integration_id": "it-1", "page_size": 70, "pages_per_run": 3}
     with pipeline(tmp_path, monkeypatch) as p:
         integration = add_integration(p, "scalingtest", settings)
@@ -828,15 +840,20 @@ def test_hostile_scalingtest_people_through_the_dagster_page_path(
     assert process.state is ProcessState.COMPLETED
     counters = process.counters
     assert (counters["pages_failed"], counters["processed"]) == (0, records)
-    assert (counters["failed"], counters["skipped"]) == (expect_failed, 0)
-    assert counters["synced"] == counters["created"] == records - expect_failed
-    assert len(stored) == records - expect_failed
+    assert (counters["failed"], counters["skipped"]) == (expect_failed, expect_skipped)
+    assert counters["synced"] == counters["created"] == records - expect_failed - expect_skipped
+    assert len(stored) == counters["synced"]
     for contact in stored.values():
         assert_clean(contact)
 
     # Each hostile person that must fail failed alone, named, with the field in the reason.
-    reasons = [(e.external_id, e.error) for e in errors]
+    reasons = [(e.external_id, e.error) for e in errors if e.skipped is None]
     assert len(reasons) == expect_failed
+    skips = {e.external_id: e for e in errors if e.skipped is not None}
+    assert len(skips) == expect_skipped
+    for i in phoneless:
+        skip = skips[crm.person_id(crm.person(i))]
+        assert skip.skipped == "no phone" and "phone number" in skip.error
     for i, needle in must_fail.items():
         name = crm.person_id(crm.person(i))
         match = next((r for r in reasons if r[0] == name and needle in r[1]), None)
@@ -845,7 +862,7 @@ def test_hostile_scalingtest_people_through_the_dagster_page_path(
 
     # The hostile people that sync land cleaned, under their namespaced id.
     for i, kind in kinds.items():
-        if kind is None or kind in failing:
+        if kind is None or kind in failing or i in phoneless:
             continue
         person, good = crm.person(i), plain.person(i)
         fields = stored[quo_external_id(integration, str(person["id"]))]["defaultFields"]

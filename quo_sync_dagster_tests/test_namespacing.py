@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from quo_sync_dagster.core.external_ids import crm_id_of, namespace
 from quo_sync_dagster.core.process import ProcessState
-from quo_sync_dagster.crms.scalingtest import ScalingTestConnector, bad_record_count
+from quo_sync_dagster.crms.scalingtest import ScalingTestConnector, skipped_record_count
 from quo_sync_dagster.orchestration.sync import open_connector
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.quo.upsert import ContactUpserter
@@ -29,7 +29,7 @@ def test_two_integrations_with_overlapping_ids_each_keep_their_own_contacts(
     # Same generator settings: both CRM accounts hold the very same ids.
     first = add_integration(p, CRM, {"records": RECORDS}, integration_id="acct-a")
     second = add_integration(p, CRM, {"records": RECORDS}, integration_id="acct-b")
-    good = RECORDS - bad_record_count(RECORDS)
+    good = RECORDS - skipped_record_count(RECORDS)
     for integration in (first, second):
         [process] = sync_everything(p, CRM, {"integration_id": integration.id})
         assert process.state is ProcessState.COMPLETED

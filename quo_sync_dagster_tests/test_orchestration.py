@@ -17,7 +17,7 @@ import yaml
 
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.core.process import ProcessState
-from quo_sync_dagster.crms.scalingtest import ScalingTestConnector, bad_record_count
+from quo_sync_dagster.crms.scalingtest import ScalingTestConnector, skipped_record_count
 from quo_sync_dagster.definitions import defs
 from quo_sync_dagster.orchestration.instance import render_instance_yaml
 from quo_sync_dagster.orchestration.sync import frame_records, page_key, sync_records
@@ -105,9 +105,10 @@ def test_ranged_runs_sync_everything_and_the_completion_sensor_closes_the_proces
     (event,) = [e for e in closed.asset_events if isinstance(e, dg.AssetMaterialization)]
     assert event.metadata["process_state"].value == "COMPLETED"
     process = env.store.get_process(process_id)
-    bad = bad_record_count(records)
+    bad = skipped_record_count(records)
     assert process.state is ProcessState.COMPLETED
-    assert process.counters["synced"] == records - bad and process.counters["failed"] == bad
+    assert process.counters["synced"] == records - bad and process.counters["skipped"] == bad
+    assert process.counters["failed"] == 0
     assert process.counters["pages_processed"] == 5
     stats = env.quo.stats()
     assert stats["contactsBySource"]["scalingtest"] == records - bad
@@ -122,7 +123,7 @@ def test_ranged_runs_sync_everything_and_the_completion_sensor_closes_the_proces
     ).records
     meta = mats[0].asset_materialization.metadata
     assert meta["records"].value == page_size
-    assert meta["synced"].value + meta["failed"].value == page_size
+    assert meta["synced"].value + meta["skipped"].value == page_size
 
 
 def _fail_pages_3_to_5(p: Pipeline, records: int, **settings: Any) -> str:
@@ -140,11 +141,11 @@ def _fail_pages_3_to_5(p: Pipeline, records: int, **settings: Any) -> str:
 
 def _assert_exactly_once(p: Pipeline, process_id: str, records: int) -> None:
     process = p.store.get_process(process_id)
-    bad = bad_record_count(records)
+    bad = skipped_record_count(records)
     assert process.state is ProcessState.COMPLETED
     assert process.counters["processed"] == records
-    assert process.counters["synced"] + process.counters["failed"] == records
-    assert process.counters["failed"] == bad
+    assert process.counters["synced"] + process.counters["skipped"] == records
+    assert process.counters["skipped"] == bad and process.counters["failed"] == 0
     assert process.counters["pages_failed"] == 0 and process.counters["pages_processed"] == 6
     stats = p.quo.stats()
     assert stats["duplicateExternalIds"] == 0
@@ -180,7 +181,7 @@ def test_failed_pages_are_retried_by_the_completion_sensor_after_a_backoff(
     assert _sync_range(env, process_id, 3, 5).success
     after = env.quo.stats()["byKind"]
     # Only the failed pages' contacts were written; the good pages cost nothing again.
-    assert after["create"] - before["create"] == 300 - bad_record_count(300)
+    assert after["create"] - before["create"] == 300 - skipped_record_count(300)
     closed = close_processes(env, "scalingtest")
     assert closed.asset_events[0].metadata["process_state"].value == "COMPLETED"
     _assert_exactly_once(env, process_id, records)
@@ -279,9 +280,10 @@ def test_a_crm_without_a_total_is_walked_once_then_synced_by_cursor(env: Pipelin
     assert _sync_range(env, process.id, 0, 4).success
     close_processes(env, "scalingtest")
     process = env.store.get_process(process.id)
-    bad = bad_record_count(records)
+    bad = skipped_record_count(records)
     assert process.state is ProcessState.COMPLETED
-    assert process.counters["synced"] == records - bad and process.counters["failed"] == bad
+    assert process.counters["synced"] == records - bad and process.counters["skipped"] == bad
+    assert process.counters["failed"] == 0
     assert env.quo.stats()["contactsBySource"]["scalingtest"] == records - bad
 
 

@@ -16,9 +16,11 @@ from quo_sync_dagster.core.models import (
     CallActivity,
     CallOutcome,
     CustomFieldValue,
+    Excluded,
     Integration,
     InvalidRecord,
     LabeledValue,
+    NoPhone,
     PersonPage,
     QuoContact,
     SmsActivity,
@@ -34,14 +36,17 @@ from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.sandbox.pipedrive_server import (
     CUSTOM_FIELD_KEYS,
     DEFAULT_TOKEN,
+    FIRST_ORG_ID,
     FIRST_PERSON_ID,
     PipedriveSandbox,
+    seed_organization,
     seed_person,
 )
 from quo_sync_dagster_tests.pipeline import add_integration, pipeline, sync_everything
 
 RECORDS = 60
-BAD = {FIRST_PERSON_ID + i for i in (7, 57)} | {FIRST_PERSON_ID + 13}  # no phone; no name
+NO_PHONE = {FIRST_PERSON_ID + i for i in (7, 57)}
+NAMELESS = FIRST_PERSON_ID + 13  # no name and no e-mail: named by their organization
 LEAD_SOURCE, TIER = CUSTOM_FIELD_KEYS["lead_source"], CUSTOM_FIELD_KEYS["customer_tier"]
 
 
@@ -143,16 +148,27 @@ def test_transform_of_a_simulator_record_and_the_v1_org_object() -> None:
     assert v1.company == "Acme"
 
 
+NO_NAME = {"first_name": None, "last_name": None, "name": ""}
+
+
 @pytest.mark.parametrize(
-    ("names", "expected"),
+    ("fields", "expected"),
     [
         ({"first_name": "Mei", "last_name": None}, ("Mei", None)),
-        ({"first_name": "", "last_name": "Tanaka"}, (None, "Tanaka")),
-        ({"first_name": None, "last_name": None, "name": "李 王"}, ("李 王", None)),
+        ({"first_name": "", "last_name": "Tanaka"}, ("Tanaka", None)),
+        (
+            {"first_name": None, "last_name": None, "name": "Ada King Lovelace"},
+            ("Ada", "King Lovelace"),
+        ),
+        ({**NO_NAME, "org_id": {"value": 55, "name": "Acme GmbH"}}, ("Acme GmbH", None)),
+        (NO_NAME, ("zoe", None)),  # the primary e-mail's local part
+        ({**NO_NAME, "emails": []}, ("+493090181234", None)),  # the primary phone number
     ],
 )
-def test_missing_name_parts(names: dict[str, Any], expected: tuple[str | None, str | None]) -> None:
-    contact = connector().transform_person_to_quo(person(**names), "Person")
+def test_the_name_falls_back_to_name_company_email_then_phone(
+    fields: dict[str, Any], expected: tuple[str, str | None]
+) -> None:
+    contact = connector().transform_person_to_quo(person(**fields), "Person")
     assert (contact.first_name, contact.last_name) == expected
 
 
@@ -165,12 +181,99 @@ def test_missing_name_parts(names: dict[str, Any], expected: tuple[str | None, s
             {"phones": [{"value": "555-01", "primary": True, "label": "work"}]},
             "invalid phone number '555-01'",
         ),
-        ({"first_name": None, "last_name": " ", "name": ""}, "no name"),
     ],
 )
-def test_invalid_records(fields: dict[str, Any], problem: str) -> None:
-    with pytest.raises(InvalidRecord, match=problem):
+def test_a_person_without_a_phone_is_no_phone(fields: dict[str, Any], problem: str) -> None:
+    with pytest.raises(NoPhone, match=problem):
         connector().transform_person_to_quo(person(**fields), "Person")
+
+
+def test_people_without_a_phone_are_synced_when_the_integration_says_so() -> None:
+    crm = connector(sync_people_without_phone=True)
+    contact = crm.transform_person_to_quo(person(phones=[]), "Person")
+    assert contact.phone_numbers == ()
+    assert (contact.first_name, contact.emails[0].value) == ("Zoë", "zoe@home.example")
+    with pytest.raises(InvalidRecord, match="no name"):  # nothing at all to show
+        crm.transform_person_to_quo(person(**NO_NAME, emails=[], phones=[]), "Person")
+
+
+def test_fictional_555_numbers_are_kept() -> None:
+    phones = [
+        {"value": "(555) 123-4567", "primary": True, "label": "mobile"},
+        {"value": "+1 555 123 9999", "primary": False, "label": "work"},
+    ]
+    contact = connector().transform_person_to_quo(person(phones=phones), "Person")
+    assert contact.phone_numbers == (
+        LabeledValue("mobile", "+15551234567"),
+        LabeledValue("work", "+15551239999"),
+    )
+
+
+def test_a_person_pipedrive_marks_deleted_is_excluded() -> None:
+    with pytest.raises(Excluded, match="deleted"):
+        connector().transform_person_to_quo(person(is_deleted=True), "Person")
+
+
+# ---- organizations -----------------------------------------------------------------------------
+def org_name(org_id: int | None) -> str | None:
+    return None if org_id is None else seed_organization(org_id - FIRST_ORG_ID)["name"]
+
+
+def org_reads(sim: PipedriveSandbox) -> int:
+    """GET /api/v2/organizations?ids= requests the simulator has served."""
+    return sim.stats()["byKind"]["batch_organizations"]
+
+
+def test_companies_are_read_once_per_page_and_cached_for_the_run(
+    sim: PipedriveSandbox, crm: PipedriveConnector
+) -> None:
+    before = org_reads(sim)
+    everyone = crm.fetch_person_page("Person", 0, 500).records
+    crm.prepare_page(everyone, "Person")
+    assert org_reads(sim) == before + 1  # one request for the page's organizations
+    companies = {}
+    for record in everyone:
+        if record["id"] not in NO_PHONE:
+            contact = crm.transform_person_to_quo(record, "Person")
+            assert contact.company == org_name(record["org_id"])
+            companies[record["org_id"]] = contact.company
+    assert None in companies and len(companies) > 10  # with and without an organization
+    # Later pages name the same organizations: no request.
+    for page in walk(crm, 7):
+        crm.prepare_page(page.records, "Person")
+    assert org_reads(sim) == before + 1
+    raw = seed_person(NAMELESS - FIRST_PERSON_ID)  # no name, no e-mail
+    nameless = crm.transform_person_to_quo(raw, "Person")
+    assert (nameless.first_name, nameless.last_name) == (org_name(raw["org_id"]), None)
+
+
+def test_organizations_are_read_100_at_a_time_and_missing_ones_are_no_company(
+    sim: PipedriveSandbox, crm: PipedriveConnector
+) -> None:
+    known = [FIRST_ORG_ID + n for n in range(3)]
+    people = [person(id=2000 + n, org_id=org) for n, org in enumerate([*known, *range(1, 151)])]
+    before = org_reads(sim)
+    crm.prepare_page(people, "Person")
+    assert org_reads(sim) == before + 2  # 153 organizations: 100 per request
+    companies = [crm.transform_person_to_quo(p, "Person").company for p in people]
+    assert companies == [*map(org_name, known), *[None] * 150]  # 1..150: Pipedrive has none
+    crm.prepare_page(people, "Person")  # what Pipedrive lacks is not asked for again
+    assert org_reads(sim) == before + 2
+
+
+def test_v1_payloads_carry_their_organization_name_and_need_no_request(
+    sim: PipedriveSandbox, crm: PipedriveConnector
+) -> None:
+    people = [
+        person(org_id={"value": 7, "name": "Acme Ltd", "people_count": 3}),
+        person(org_id=None, org_name="Globex GmbH"),
+        person(org_id=None),
+    ]
+    before = org_reads(sim)
+    crm.prepare_page(people, "Person")
+    assert org_reads(sim) == before
+    companies = [crm.transform_person_to_quo(p, "Person").company for p in people]
+    assert companies == ["Acme Ltd", "Globex GmbH", None]
 
 
 # ---- paging -------------------------------------------------------------------------------------
@@ -459,9 +562,10 @@ def test_pipeline_syncs_every_person_once(
         )
         processes = sync_everything(p, "pipedrive", config)
         assert [q.state for q in processes] == [ProcessState.COMPLETED]
-        synced = sum(q.counters["synced"] for q in processes)
-        assert synced + sum(q.counters["failed"] for q in processes) == sim.stats()["persons"]
-        assert synced == RECORDS - len(BAD)
+        counted = {k: sum(q.counters[k] for q in processes) for k in ("synced", "skipped")}
+        assert sum(q.counters["failed"] for q in processes) == 0
+        assert counted == {"synced": RECORDS - len(NO_PHONE), "skipped": len(NO_PHONE)}
+        synced = counted["synced"]
         stats = p.quo.stats()
         assert stats["contactsBySource"]["pipedrive"] == synced
         assert stats["duplicateExternalIds"] == 0
@@ -471,13 +575,16 @@ def test_pipeline_syncs_every_person_once(
         after = p.quo.stats()["byKind"]
         assert (after["create"], after["patch"]) == (before["create"], before["patch"])
 
-        ext = quo_external_id(integration, "1002")
+        ext, nameless = (quo_external_id(integration, str(i)) for i in (1002, NAMELESS))
         with QuoClient(p.quo.url, "test-key") as quo:
-            wanted = [quo_external_id(integration, str(i)) for i in (1002, *BAD)]
+            wanted = [quo_external_id(integration, str(i)) for i in (1002, NAMELESS, *NO_PHONE)]
             found = quo.find_by_external_ids(wanted, "pipedrive")
-        assert set(found) == {ext}
+        assert set(found) == {ext, nameless}
         fields = found[ext]["defaultFields"]
         assert fields["firstName"] == seed_person(1)["first_name"]
+        assert fields["company"] == org_name(seed_person(1)["org_id"])
+        company = org_name(seed_person(NAMELESS - FIRST_PERSON_ID)["org_id"])
+        assert found[nameless]["defaultFields"]["firstName"] == company
         assert fields["phoneNumbers"][0]["value"].startswith("+")
         assert [(c["key"], c["value"]) for c in found[ext]["customFields"]] == [
             ("inbound-lead", "Website")

@@ -21,13 +21,14 @@ from quo_sync_dagster.sandbox import webhook_delivery
 from quo_sync_dagster.sandbox.pipedrive_server import (
     CUSTOM_FIELD_KEYS,
     DEFAULT_TOKEN,
+    FIRST_ORG_ID,
     PipedriveSandbox,
 )
 from quo_sync_dagster_tests.test_webhook_delivery import Received, Receiver, settled
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECORDS = 500
-PERSONS = "/api/v2/persons"
+PERSONS, ORGANIZATIONS = "/api/v2/persons", "/api/v2/organizations"
 AUTH = {"x-api-token": DEFAULT_TOKEN}
 CALL = {
     "person_id": 1001,
@@ -66,18 +67,20 @@ def error_of(response: httpx.Response, status: int) -> str:
     return body["error"]
 
 
-def all_persons(client: httpx.Client, **params: Any) -> list[dict[str, Any]]:
-    persons, cursor = [], None
+def all_listed(client: httpx.Client, path: str = PERSONS, **params: Any) -> list[dict[str, Any]]:
+    """Everything a v2 list endpoint (persons unless `path` says otherwise) serves, cursor by
+    cursor."""
+    records, cursor = [], None
     while True:
         query = {**params, **({"cursor": cursor} if cursor else {})}
-        response = client.get(PERSONS, params=query)
+        response = client.get(path, params=query)
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["success"] is True and set(body["additional_data"]) == {"next_cursor"}
-        persons += body["data"]
+        records += body["data"]
         cursor = body["additional_data"]["next_cursor"]
         if cursor is None:
-            return persons
+            return records
 
 
 # ---- auth -----------------------------------------------------------------------------------
@@ -122,9 +125,12 @@ def test_legacy_api_token_query_is_accepted(sandbox: PipedriveSandbox) -> None:
         {"cursor": "not-a-cursor"},
     ],
 )
-def test_invalid_list_parameters_are_400(client: httpx.Client, params: dict[str, Any]) -> None:
+@pytest.mark.parametrize("path", [PERSONS, ORGANIZATIONS])
+def test_invalid_list_parameters_are_400(
+    client: httpx.Client, path: str, params: dict[str, Any]
+) -> None:
     name = next(iter(params))
-    assert name in error_of(client.get(PERSONS, params=params), 400)
+    assert name in error_of(client.get(path, params=params), 400)
 
 
 def test_cursor_of_another_sort_is_400(client: httpx.Client) -> None:
@@ -146,7 +152,7 @@ def test_limit_defaults_to_100_and_allows_500(client: httpx.Client) -> None:
 def test_cursor_paging_returns_every_person_once_in_order(
     client: httpx.Client, sort_by: str, direction: str
 ) -> None:
-    persons = all_persons(client, limit=37, sort_by=sort_by, sort_direction=direction)
+    persons = all_listed(client, limit=37, sort_by=sort_by, sort_direction=direction)
     ids = [p["id"] for p in persons]
     assert sorted(ids) == list(range(1001, 1001 + RECORDS))
     keys = [(p[sort_by], p["id"]) for p in persons]
@@ -160,7 +166,7 @@ def test_default_order_is_id_ascending(client: httpx.Client) -> None:
 
 def test_update_time_ties_are_paged_without_loss(client: httpx.Client) -> None:
     """A bulk edit gives many persons one update_time; page boundaries fall inside the tie."""
-    persons = all_persons(client, limit=3, sort_by="update_time", sort_direction="desc")
+    persons = all_listed(client, limit=3, sort_by="update_time", sort_direction="desc")
     newest = [p for p in persons if p["update_time"] == persons[0]["update_time"]]
     assert len(newest) > 3
     assert len({p["id"] for p in persons}) == RECORDS
@@ -170,12 +176,12 @@ def test_update_time_ties_are_paged_without_loss(client: httpx.Client) -> None:
 def test_updated_since_keeps_persons_updated_at_or_after_it(
     client: httpx.Client, suffix: str
 ) -> None:
-    everyone = all_persons(client, limit=500)
+    everyone = all_listed(client, limit=500)
     times = sorted(datetime.fromisoformat(p["update_time"]) for p in everyone)
     since = times[len(times) // 2]
     stamp = since.astimezone(datetime.fromisoformat(f"2026-01-01T00:00:00{suffix}").tzinfo)
     text = stamp.strftime("%Y-%m-%dT%H:%M:%S") + suffix
-    kept = all_persons(client, limit=100, updated_since=text, sort_by="update_time")
+    kept = all_listed(client, limit=100, updated_since=text, sort_by="update_time")
     expected = {p["id"] for p in everyone if datetime.fromisoformat(p["update_time"]) >= since}
     assert {p["id"] for p in kept} == expected
     assert 0 < len(expected) < RECORDS
@@ -198,7 +204,7 @@ def test_single_read_and_its_errors(client: httpx.Client) -> None:
 
 
 def test_seeded_persons_look_like_real_pipedrive_data(client: httpx.Client) -> None:
-    persons = all_persons(client, limit=500)
+    persons = all_listed(client, limit=500)
     assert any(len(p["phones"]) > 1 for p in persons)
     assert any(len(p["emails"]) > 1 for p in persons)
     assert any(ph["value"].startswith("+44") for p in persons for ph in p["phones"])
@@ -226,6 +232,43 @@ def test_seed_is_deterministic_and_persists(tmp_path: Path) -> None:
     with PipedriveSandbox(tmp_path / "a", records=5, rate_limit=None) as again:
         assert len(httpx.get(f"{again.url}{PERSONS}", headers=AUTH).json()["data"]) == 20
         assert [w["name"] for w in again.stats()["created"]["webhooks"]] == ["kept"]
+
+
+# ---- organizations --------------------------------------------------------------------------
+ORGANIZATION_KEYS = {"id", "name", "owner_id", "add_time", "update_time", "is_deleted"}
+ORGANIZATION_KEYS |= {"visible_to", "address", "label_ids", "custom_fields"}
+
+
+def test_every_organization_a_person_names_is_served(
+    sandbox: PipedriveSandbox, client: httpx.Client
+) -> None:
+    organizations = all_listed(client, ORGANIZATIONS, limit=7, sort_by="update_time")
+    by_id = {o["id"]: o for o in organizations}
+    assert len(by_id) == len(organizations) == sandbox.stats()["organizations"]
+    named = {p["org_id"] for p in all_listed(client, limit=500)}
+    assert None in named  # some people have no organization
+    assert named - {None} <= set(by_id)
+    for org in organizations:
+        assert set(org) == ORGANIZATION_KEYS and org["is_deleted"] is False
+        assert org["name"].strip() and org["add_time"] <= org["update_time"]
+    assert len({o["name"] for o in organizations}) == len(organizations)
+    assert any(not o["name"].isascii() for o in organizations)
+
+
+def test_organizations_are_read_by_ids_leaving_out_unknown_ones(
+    sandbox: PipedriveSandbox, client: httpx.Client
+) -> None:
+    before = sandbox.stats()["byKind"]
+    wanted = [FIRST_ORG_ID + 3, FIRST_ORG_ID, 99999]
+    response = client.get(ORGANIZATIONS, params={"ids": ",".join(map(str, wanted))})
+    assert response.status_code == 200, response.text
+    assert [o["id"] for o in response.json()["data"]] == [FIRST_ORG_ID, FIRST_ORG_ID + 3]
+    after = sandbox.stats()["byKind"]
+    assert after["batch_organizations"] == before["batch_organizations"] + 1
+    assert after["list_organizations"] == before["list_organizations"]
+    owner = response.json()["data"][0]["owner_id"]
+    owned = all_listed(client, ORGANIZATIONS, owner_id=owner)
+    assert owned and {o["owner_id"] for o in owned} == {owner}
 
 
 # ---- writes ---------------------------------------------------------------------------------
@@ -538,7 +581,7 @@ def test_created_person_is_listed_and_read_like_the_others(
     assert given["id"] == generated["id"] + 1
     assert (given["first_name"], given["last_name"]) == ("Ada", "Lovelace")
     assert given["phones"] == [{"value": "+44 20 7946 0001", "primary": True, "label": "work"}]
-    listed = all_persons(fresh_client, limit=7)
+    listed = all_listed(fresh_client, limit=7)
     assert listed[-2:] == [generated, given] and fresh.people() == listed
     assert fresh_client.get(f"{PERSONS}/{given['id']}").json()["data"] == given
     batch = fresh_client.get(PERSONS, params={"ids": f"{generated['id']},{given['id']}"})
@@ -560,7 +603,7 @@ def test_update_sets_fields_and_moves_update_time(
     assert after["phones"] == before["phones"] and after["add_time"] == before["add_time"]
     now = datetime.now(UTC)
     assert now - timedelta(seconds=5) < datetime.fromisoformat(after["update_time"]) <= now
-    changed = all_persons(fresh_client, updated_since=after["update_time"])
+    changed = all_listed(fresh_client, updated_since=after["update_time"])
     assert [p["id"] for p in changed] == [1002]
     assert fresh_client.get(f"{PERSONS}/1002").json()["data"] == after
 
@@ -580,7 +623,7 @@ def test_deleted_person_is_gone_from_every_read(
 ) -> None:
     fresh.delete_person("1005")
     assert error_of(fresh_client.get(f"{PERSONS}/1005"), 404) == "Person not found"
-    assert 1005 not in [p["id"] for p in all_persons(fresh_client)]
+    assert 1005 not in [p["id"] for p in all_listed(fresh_client)]
     batch = fresh_client.get(PERSONS, params={"ids": "1004,1005,1006"}).json()["data"]
     assert [p["id"] for p in batch] == [1004, 1006]
     assert 1005 not in [p["id"] for p in fresh.people()]
@@ -659,12 +702,12 @@ def test_changes_survive_a_restart_and_ids_are_not_reused(tmp_path: Path) -> Non
 def test_cursor_misses_nobody_when_earlier_people_are_deleted_between_pages(
     fresh: PipedriveSandbox, fresh_client: httpx.Client, sort_by: str
 ) -> None:
-    everyone = [p["id"] for p in all_persons(fresh_client, sort_by=sort_by)]
+    everyone = [p["id"] for p in all_listed(fresh_client, sort_by=sort_by)]
     first = fresh_client.get(PERSONS, params={"limit": 10, "sort_by": sort_by}).json()
     assert [p["id"] for p in first["data"]] == everyone[:10]
     for person in first["data"]:  # the whole page, the cursor's own person too
         fresh.delete_person(str(person["id"]))
-    rest = all_persons(
+    rest = all_listed(
         fresh_client, limit=10, sort_by=sort_by, cursor=first["additional_data"]["next_cursor"]
     )
     assert [p["id"] for p in rest] == everyone[10:]
@@ -824,7 +867,7 @@ def test_api_create_keeps_only_what_is_given_and_is_read_and_notified_like_the_o
     assert fresh_client.get(f"{PERSONS}/{created['id']}").json()["data"] == created
     batch = fresh_client.get(PERSONS, params={"ids": f"1001,{created['id']}"}).json()["data"]
     assert [p["id"] for p in batch] == [1001, created["id"]] and batch[1] == created
-    assert all_persons(fresh_client, limit=7)[-1] == created
+    assert all_listed(fresh_client, limit=7)[-1] == created
     newest = fresh_client.get(PERSONS, params={"sort_by": "update_time", "sort_direction": "desc"})
     assert newest.json()["data"][0] == created
     stats = fresh.stats()

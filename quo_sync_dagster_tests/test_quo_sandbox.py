@@ -598,3 +598,61 @@ def test_bad_write_faults_are_400(sandbox: QuoSandbox, fault: dict[str, Any]) ->
     response = httpx.post(f"{sandbox.url}/_sandbox/faults", json=fault)
     assert response.status_code == 400, response.text
     assert sandbox.stats()["pendingFaults"] == 0
+
+
+def test_prefill_puts_an_earlier_systems_contacts_in_with_reserved_sources(
+    sandbox: QuoSandbox, client: httpx.Client
+) -> None:
+    source, ids = f"openphone-{uid('crm')}", [uid(), uid()]
+    bodies = [
+        {"externalId": i, "source": source, "defaultFields": {"firstName": "Old"}} for i in ids
+    ]
+    create(client, 400, **bodies[0])  # the public API refuses the earlier system's source
+    before, last_write = sandbox.stats(), (sandbox.writes() or [{"n": 0}])[-1]["n"]
+    made = sandbox.prefill_contacts(bodies)
+    after = sandbox.stats()
+    assert [c["externalId"] for c in made] == ids
+    # Neither requests nor writes of the product: its counts stay its own.
+    assert after["requests"] == before["requests"]
+    assert sandbox.writes(after=last_write) == []
+    assert after["contactsBySource"][source] == 2
+    found = lookup(client, maxResults=50, externalIds=ids, sources=[source])
+    assert [c["id"] for c in found["data"]] == [c["id"] for c in made]
+    for contact in found["data"]:  # the same shape as a contact the public API made
+        _validator(CONTACT, "get", 200).validate({"data": contact})
+    # The product may then move it to its own source; PATCH still refuses a reserved one.
+    url = f"{CONTACTS}/{made[0]['id']}"
+    check(client.patch(url, json={"source": "my-crm", "externalId": uid()}), CONTACT, "patch", 200)
+    check(client.patch(url, json={"source": source}), CONTACT, "patch", 400)
+
+
+@pytest.mark.parametrize(
+    "bodies",
+    [
+        {"defaultFields": {"firstName": "Not a list"}},
+        [{"externalId": "x"}],  # no defaultFields
+        [{"defaultFields": {"firstName": "Ada"}, "customFields": [{"key": "nope", "value": 1}]}],
+    ],
+)
+def test_prefill_refuses_invalid_bodies_and_makes_nothing(sandbox: QuoSandbox, bodies: Any) -> None:
+    contacts = sandbox.stats()["contacts"]
+    valid = {"externalId": uid(), "source": "openphone-x", "defaultFields": {"firstName": "A"}}
+    batch = [valid, *bodies] if isinstance(bodies, list) else bodies
+    response = httpx.post(f"{sandbox.url}/_sandbox/contacts", json=batch)
+    assert response.status_code == 400, response.text
+    assert sandbox.stats()["contacts"] == contacts
+
+
+def test_prefill_keeps_source_and_external_id_unique(sandbox: QuoSandbox) -> None:
+    key = {"externalId": uid(), "source": "openphone-pipedrive"}
+    sandbox.prefill_contacts([{**key, "defaultFields": {"firstName": "A"}}])
+    contacts = sandbox.stats()["contacts"]
+    fresh = {
+        "externalId": uid(),
+        "source": "openphone-pipedrive",
+        "defaultFields": {"firstName": "B"},
+    }
+    for batch in ([fresh, {**key, "defaultFields": {"firstName": "C"}}], [fresh, fresh]):
+        response = httpx.post(f"{sandbox.url}/_sandbox/contacts", json=batch)
+        assert response.status_code == 409
+    assert sandbox.stats()["contacts"] == contacts

@@ -197,3 +197,32 @@ def test_schedule_launches_a_run_per_integration_when_due(p: Pipeline) -> None:
     assert due(1) == {"no-key"}  # its run failed: tried again at the next tick
     assert due(3) == {"two-hourly", "no-key"}
     assert due(25) == {"daily", "two-hourly", "no-key"}
+
+
+def test_contacts_adopted_under_their_earlier_ids_keep_their_links(
+    p: Pipeline, quo: QuoClient
+) -> None:
+    """With `adopt_rewrites_ids` off, adopted contacts stay under the earlier system's source:
+    reconcile must count them as present, not drop their links as deleted in Quo."""
+    legacy = "openphone-scalingtest"
+    settings = {"records": 120, "legacy_sources": [legacy], "adopt_rewrites_ids": False}
+    integration = add_integration(p, CRM, settings)
+    connector = ScalingTestConnector(integration)
+    bodies = []
+    for i in range(0, 120, 4):
+        try:
+            contact = connector.transform_person_to_quo(connector.person(i), "MockPerson")
+        except ValueError:  # a person without a phone: the earlier sync skipped them too
+            continue
+        bodies.append(contact.to_api_body() | {"source": legacy})  # its id was the CRM's own
+    p.quo.prefill_contacts(bodies)
+    counters = sync(p, integration)
+    assert counters["adopted"] == len(bodies)
+    assert p.quo.stats()["contactsBySource"][legacy] == len(bodies)  # ids left as they were
+
+    report = report_of(run_reconcile(p, integration.id))
+    assert (report["missing_in_quo"], report["restored_links_dropped"]) == (0, 0)
+    assert p.store.count_contact_links(integration.id) == counters["synced"]
+    p.quo.reset_stats()
+    again = sync(p, integration)
+    assert again["unchanged"] == counters["synced"] and p.quo.stats()["byKind"]["patch"] == 0

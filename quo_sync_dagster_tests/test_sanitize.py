@@ -15,6 +15,7 @@ from quo_sync_dagster.core.models import (
     LabeledValue,
     QuoContact,
 )
+from quo_sync_dagster.core.phones import PhoneRules
 from quo_sync_dagster.core.sanitize import clean, clean_or_none, finite, has_unsafe
 from quo_sync_dagster.crms import fields
 
@@ -294,7 +295,7 @@ def test_phone_and_email_helpers_take_hostile_text() -> None:
             ("uk", "020 7946 0018", None),  # no region of its own: the default one
             ("other", "\x00(415)\u202e 555-2671"),
         ],
-        "GB",
+        PhoneRules("GB"),
     )
     assert found == (LabeledValue("uk", "+442079460018"),)
     assert [p.label for p in problems] == ["work", "other"]  # (415) is no GB number

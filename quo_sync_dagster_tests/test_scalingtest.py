@@ -14,7 +14,7 @@ from quo_sync_dagster.core.models import (
     CallActivity,
     CallOutcome,
     Integration,
-    InvalidRecord,
+    NoPhone,
     PersonPage,
     SmsActivity,
 )
@@ -22,15 +22,18 @@ from quo_sync_dagster.core.phones import to_e164
 from quo_sync_dagster.crms.scalingtest import (
     ActivityNotFound,
     ScalingTestConnector,
-    bad_record_count,
+    skipped_record_count,
 )
 
 OBJ = "MockPerson"
 BAD = {13: "no phone", 47: "invalid phone", 81: "no name"}  # index % 100 -> problem
+SKIPPED = {13: "no phone", 47: "invalid phone"}  # the problems that leave no contact
 
 
-def connector(records: int, revision: int = 0, region: str = "US") -> ScalingTestConnector:
-    settings = {"records": records, "revision": revision}
+def connector(
+    records: int, revision: int = 0, region: str = "US", **more: Any
+) -> ScalingTestConnector:
+    settings = {"records": records, "revision": revision, **more}
     return ScalingTestConnector(
         Integration(
             "int-st", "scalingtest", "env:QUO_KEY", default_region=region, settings=settings
@@ -187,32 +190,42 @@ def test_transform_uses_the_integration_region() -> None:
     assert contact.phone_numbers[0].value == "+442079460123"
 
 
-@pytest.mark.parametrize(
-    ("i", "needle"), [(13, "no phone"), (47, "555-01"), (81, "no name"), (113, "no phone")]
-)
-def test_bad_records_raise_naming_the_problem(i: int, needle: str) -> None:
+@pytest.mark.parametrize(("i", "needle"), [(13, "no phone"), (47, "555-01"), (113, "no phone")])
+def test_people_without_a_phone_raise_no_phone_naming_the_problem(i: int, needle: str) -> None:
     crm = connector(200)
-    with pytest.raises(InvalidRecord) as info:
+    with pytest.raises(NoPhone) as info:
         crm.transform_person_to_quo(crm.person(i), OBJ)
     assert needle in str(info.value)
 
 
+def test_a_person_without_a_name_is_shown_by_company_else_email_else_phone() -> None:
+    crm = connector(200)
+    person = crm.person(181)  # 81 has no company
+    assert person["first_name"] == person["last_name"] == "" and person["company"]
+    by_company = crm.transform_person_to_quo(person, OBJ)
+    assert (by_company.first_name, by_company.last_name) == (person["company"], None)
+    by_email = crm.transform_person_to_quo({**person, "company": None}, OBJ)
+    assert by_email.first_name == person["emails"][0].partition("@")[0]
+    by_phone = crm.transform_person_to_quo({**person, "company": None, "emails": []}, OBJ)
+    assert by_phone.first_name == by_phone.phone_numbers[0].value
+
+
 @pytest.mark.parametrize("total", [0, 13, 14, 99, 100, 250, 2000])
-def test_bad_record_count_matches_the_pages(total: int) -> None:
+def test_skipped_record_count_matches_the_pages(total: int) -> None:
     crm = connector(total)
     problems: Counter[str] = Counter()
     for person in records(all_pages(crm, 200)):
         try:
             crm.transform_person_to_quo(person, OBJ)
-        except InvalidRecord:
-            problems[BAD.get(index(person) % 100, "unexpected")] += 1
+        except NoPhone:
+            problems[SKIPPED.get(index(person) % 100, "unexpected")] += 1
     assert "unexpected" not in problems
-    assert sum(problems.values()) == bad_record_count(total)
+    assert sum(problems.values()) == skipped_record_count(total)
 
 
-def test_bad_record_count_grows_by_three_per_hundred() -> None:
-    assert bad_record_count(0) == 0
-    assert bad_record_count(10_000) - bad_record_count(9_900) == len(BAD)
+def test_skipped_record_count_grows_by_two_per_hundred() -> None:
+    assert skipped_record_count(0) == 0
+    assert skipped_record_count(10_000) - skipped_record_count(9_900) == len(SKIPPED)
 
 
 def test_fetch_by_ids_returns_the_same_people() -> None:
@@ -326,3 +339,18 @@ def test_without_a_file_the_timeline_is_the_process_s_own() -> None:
     )
     assert [r["id"] for r in again.activities()] == [activity_id]
     assert b.activities() == []  # another integration's timeline
+
+
+def test_the_content_hash_does_not_follow_libphonenumbers_validity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A metadata release that stops calling a range valid (here: every range) changes no
+    contact under the default `possible` policy, so nothing is rewritten; `valid` drops them."""
+    crm = connector(200)
+    people = [crm.person(i) for i in range(60) if i % 100 not in BAD]
+    before = [crm.transform_person_to_quo(p, OBJ).content_hash() for p in people]
+    monkeypatch.setattr("phonenumbers.is_valid_number", lambda number: False)
+    assert [crm.transform_person_to_quo(p, OBJ).content_hash() for p in people] == before
+    strict = connector(200, phone_policy="valid")
+    with pytest.raises(NoPhone, match="for region US"):
+        strict.transform_person_to_quo(people[0], OBJ)

@@ -7,14 +7,17 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from quo_sync_dagster.core.adoption import Adoption
 from quo_sync_dagster.core.models import (
     CustomFieldValue,
+    Integration,
     LabeledValue,
     QuoContact,
     UpsertAction,
@@ -558,3 +561,211 @@ def test_quo_refusing_connections_is_unavailable_and_fails_the_page(
                     make(source, 3), assume_absent=assume_absent
                 )
     assert store.count_contact_links(INTEGRATION) == 0
+
+
+# ---- cutover: adopting what an earlier system left in Quo (core/adoption.py) ------------------
+OURS, LEGACY = "pipedrive", "openphone-pipedrive"  # this product's source, the earlier one's
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Iterator[QuoSandbox]:
+    """A Quo workspace of its own: phone matching lists every contact in it."""
+    with QuoSandbox(tmp_path / "quo", rate_limit=None) as sb:
+        yield sb
+        assert sb.stats()["duplicateExternalIds"] == 0
+
+
+@pytest.fixture
+def wclient(workspace: QuoSandbox) -> Iterator[QuoClient]:
+    with QuoClient(workspace.url, workspace.api_key, max_attempts=2) as c:
+        yield c
+
+
+def adopting(client: QuoClient, store: Store, **settings: Any) -> ContactUpserter:
+    integration = Integration("int-adopt", "pipedrive", "env:KEY", settings=settings)
+    return ContactUpserter(client, store, integration.id, adoption=Adoption.of(integration, [OURS]))
+
+
+def people(n: int, version: int = 0, start: int = 0) -> list[QuoContact]:
+    """CRM people 100+i as this integration writes them: namespaced ids, one phone each."""
+    return [
+        QuoContact(
+            external_id=f"int-adopt:{100 + i}",
+            source=OURS,
+            first_name=f"Person{i}",
+            last_name=f"V{version}",
+            phone_numbers=(LabeledValue("mobile", f"+1415555{i:04d}"),),
+        )
+        for i in range(start, start + n)
+    ]
+
+
+def earlier(
+    contact: QuoContact, source: str | None = LEGACY, external_id: str | None = None, **fields: Any
+) -> dict[str, Any]:
+    """The create body an earlier system wrote for `contact` (by default: its CRM id under the
+    legacy source, with a stale last name)."""
+    body = contact.to_api_body()
+    body["defaultFields"] |= {"lastName": "Stale", **fields}
+    body["externalId"] = external_id or contact.external_id.removeprefix("int-adopt:")
+    if source is None:
+        del body["source"], body["externalId"]
+    else:
+        body["source"] = source
+    return body
+
+
+def test_legacy_contacts_are_adopted_rewritten_and_then_unchanged(
+    workspace: QuoSandbox, wclient: QuoClient, store: Store
+) -> None:
+    persons = people(46)  # 45 the earlier system wrote, one new since
+    legacy = workspace.prefill_contacts([earlier(c) for c in persons[:45]])
+    upserter = adopting(wclient, store, legacy_sources=["openphone-zoho", LEGACY])
+    before = workspace.stats()
+    outcomes = upserter.upsert(persons, match_phones=True)
+    after = workspace.stats()
+    d = delta(before, after)
+    assert actions(outcomes) == [UpsertAction.ADOPTED] * 45 + [UpsertAction.CREATED]
+    assert all(o.candidate is None for o in outcomes)
+    assert (d["patch"], d["create"]) == (45, 1)
+    # ≤20 ids per lookup: under ours (46), the first legacy source (46), the second (46).
+    assert d["lookup"] == 3 * math.ceil(46 / LOOKUP_CHUNK)
+    assert after["contactsBySource"] == {OURS: 46}  # moved over, none twice
+    links = store.get_contact_links("int-adopt", [c.external_id for c in persons])
+    assert [links[c.external_id].quo_id for c in persons[:45]] == [c["id"] for c in legacy]
+    adopted = wclient.get_contact(legacy[7]["id"])
+    assert (adopted["source"], adopted["externalId"]) == (OURS, persons[7].external_id)
+    assert adopted["defaultFields"]["lastName"] == "V0"  # the stale value replaced
+
+    before = workspace.stats()
+    again = upserter.upsert(persons, match_phones=True)
+    assert actions(again) == [UpsertAction.UNCHANGED] * 46
+    assert workspace.stats()["requests"] == before["requests"]
+
+
+def test_without_rewrite_adopted_contacts_keep_legacy_ids_through_later_patches(
+    workspace: QuoSandbox, wclient: QuoClient, store: Store
+) -> None:
+    persons = people(3)
+    template = "pd-{id}"
+    legacy = workspace.prefill_contacts(
+        [earlier(c, external_id=f"pd-{c.external_id.removeprefix('int-adopt:')}") for c in persons]
+    )
+    settings = {
+        "legacy_sources": [LEGACY],
+        "legacy_external_id": template,
+        "adopt_rewrites_ids": False,
+    }
+    upserter = adopting(wclient, store, **settings)
+    assert actions(upserter.upsert(persons, match_phones=True)) == [UpsertAction.ADOPTED] * 3
+    changed = people(3, version=1)
+    # A later run (a new upserter) PATCHes a changed person, and creates a new one as usual.
+    later = adopting(wclient, store, **settings)
+    outcomes = later.upsert([*changed, *people(1, start=3)])  # as a polling cycle does
+    assert actions(outcomes) == [UpsertAction.UPDATED] * 3 + [UpsertAction.CREATED]
+    for contact in legacy:
+        now = wclient.get_contact(contact["id"])
+        assert (now["source"], now["externalId"]) == (LEGACY, contact["externalId"])
+        assert now["defaultFields"]["lastName"] == "V1"
+    assert workspace.stats()["contactsBySource"] == {LEGACY: 3, OURS: 1}
+    assert {w["kind"] for w in workspace.writes()} == {"patch", "create"}
+
+
+def test_phone_only_match_is_a_candidate_unless_adopt_by_phone(
+    workspace: QuoSandbox, wclient: QuoClient, store: Store
+) -> None:
+    a, b = people(2)
+    # Saved by hand in Quo, unformatted, no externalId: it matches only by number.
+    [by_hand_a, by_hand_b] = workspace.prefill_contacts(
+        [
+            earlier(a, source=None, phoneNumbers=[{"name": "m", "value": "(415) 555-0000"}]),
+            earlier(b, source=None),
+        ]
+    )
+    outcomes = adopting(wclient, store, legacy_sources=[LEGACY]).upsert([a], match_phones=True)
+    assert [(o.action, o.candidate) for o in outcomes] == [(UpsertAction.CREATED, by_hand_a["id"])]
+    assert wclient.get_contact(by_hand_a["id"])["defaultFields"]["lastName"] == "Stale"
+
+    before = workspace.stats()
+    outcomes = adopting(wclient, store, adopt_by_phone=True).upsert([b], match_phones=True)
+    d = delta(before, workspace.stats())
+    assert [(o.action, o.candidate) for o in outcomes] == [(UpsertAction.ADOPTED, None)]
+    assert (
+        store.get_contact_links("int-adopt", [b.external_id])[b.external_id].quo_id
+        == (by_hand_b["id"])
+    )
+    adopted = wclient.get_contact(by_hand_b["id"])
+    assert (adopted["externalId"], adopted["defaultFields"]["lastName"]) == (b.external_id, "V0")
+    assert (d["list"], d["get"], d["patch"], d["create"]) == (1, 1, 1, 0)
+    assert workspace.stats()["contacts"] == 3
+
+
+def test_ambiguous_phone_matches_are_not_adopted(
+    workspace: QuoSandbox, wclient: QuoClient, store: Store
+) -> None:
+    a, b, c, d, e, f = people(6)
+    c = replace(c, phone_numbers=b.phone_numbers)  # b and c share a number
+    # A person of the integration, linked earlier, already holds e's number in Quo.
+    linked = replace(d, external_id="int-adopt:999", phone_numbers=e.phone_numbers)
+    ContactUpserter(wclient, store, "int-adopt").upsert([linked])
+    [twin, _, shared, lone, e_match, _] = workspace.prefill_contacts(
+        [
+            earlier(a, source=None),  # two contacts hold a's number
+            earlier(a, source=None),
+            earlier(b, source="csv-import"),  # one contact, but two people of the run
+            earlier(d, source=None),  # d's alone: adopted
+            earlier(e, source=None),
+            # The earlier system's contact of someone else (by its externalId): never f's.
+            earlier(f, external_id="555"),
+        ]
+    )
+    upserter = adopting(wclient, store, legacy_sources=[LEGACY], adopt_by_phone=True)
+    outcomes = upserter.upsert([a, b, c, d, e, f], match_phones=True)
+    assert [(o.action, o.candidate) for o in outcomes] == [
+        (UpsertAction.CREATED, twin["id"]),
+        (UpsertAction.CREATED, shared["id"]),
+        (UpsertAction.CREATED, shared["id"]),
+        (UpsertAction.ADOPTED, None),
+        (UpsertAction.CREATED, e_match["id"]),
+        (UpsertAction.CREATED, None),
+    ]
+    link = store.get_contact_links("int-adopt", [d.external_id])[d.external_id]
+    assert link.quo_id == lone["id"]
+    # The contacts not adopted are as they were.
+    assert wclient.get_contact(shared["id"])["defaultFields"]["lastName"] == "Stale"
+    assert workspace.stats()["contactsBySource"] == {
+        "public-api": 3,
+        "csv-import": 1,
+        LEGACY: 1,
+        OURS: 7,  # the linked person, five created, d's adopted
+    }
+
+
+def test_phone_match_taken_since_the_listing_is_not_adopted_twice(
+    workspace: QuoSandbox, wclient: QuoClient, store: Store
+) -> None:
+    a, b = people(2)
+    [by_hand] = workspace.prefill_contacts([earlier(b, source=None)])
+    upserter = adopting(wclient, store, adopt_by_phone=True)
+    upserter.upsert([a], match_phones=True)  # lists the workspace
+    # Another run adopts the contact meanwhile: it is then that run's person's.
+    wclient.patch_contact(by_hand["id"], {"source": OURS, "externalId": "int-adopt:777"})
+    outcomes = upserter.upsert([b], match_phones=True)
+    assert [(o.action, o.candidate) for o in outcomes] == [(UpsertAction.CREATED, by_hand["id"])]
+    assert wclient.get_contact(by_hand["id"])["externalId"] == "int-adopt:777"
+
+
+def test_only_an_initial_sync_lists_the_workspace_to_match_phones(
+    workspace: QuoSandbox, wclient: QuoClient, store: Store
+) -> None:
+    """Webhook runs and polling cycles meet people made since the cutover: they look for an
+    earlier system's contact by id (cheap), never by listing the whole workspace."""
+    a, b = people(2)
+    workspace.prefill_contacts([earlier(a), earlier(b, source=None)])
+    upserter = adopting(wclient, store, legacy_sources=[LEGACY], adopt_by_phone=True)
+    before = workspace.stats()
+    outcomes = upserter.upsert([a, b])
+    d = delta(before, workspace.stats())
+    assert actions(outcomes) == [UpsertAction.ADOPTED, UpsertAction.CREATED]
+    assert outcomes[1].candidate is None  # not matched: nothing listed
+    assert (d["list"], d["lookup"]) == (0, 2)  # ours, then the legacy source

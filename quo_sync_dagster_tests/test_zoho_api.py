@@ -12,6 +12,7 @@ import pytest
 
 from quo_sync_dagster.core.ratelimit import DEFAULT_RETRY_AFTER
 from quo_sync_dagster.crms.zoho_api import (
+    DEFAULT_FIELDS,
     ZohoApi,
     ZohoApiError,
     ZohoOutcomeUnknown,
@@ -23,7 +24,7 @@ from quo_sync_dagster.store import open_store
 from quo_sync_dagster_tests.governing import RecordingGovernor
 
 TOKEN = "zoho-sandbox-token"
-CONTACTS, LEADS = 2600, 150
+CONTACTS, LEADS, ACCOUNTS = 2600, 150, 210
 
 
 class RecordingTransport(httpx.HTTPTransport):
@@ -40,7 +41,7 @@ class RecordingTransport(httpx.HTTPTransport):
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZohoSandbox]:
-    records = {"Contacts": CONTACTS, "Leads": LEADS}
+    records = {"Contacts": CONTACTS, "Leads": LEADS, "Accounts": ACCOUNTS}
     with ZohoSandbox(tmp_path_factory.mktemp("zoho"), records=records, rate_limit=None) as sb:
         yield sb
 
@@ -52,7 +53,9 @@ def api(sandbox: ZohoSandbox) -> Iterator[ZohoApi]:
         yield client
 
 
-@pytest.mark.parametrize(("module", "total"), [("Contacts", CONTACTS), ("Leads", LEADS)])
+@pytest.mark.parametrize(
+    ("module", "total"), [("Contacts", CONTACTS), ("Leads", LEADS), ("Accounts", ACCOUNTS)]
+)
 def test_lists_every_record_newest_first(sandbox: ZohoSandbox, module: str, total: int) -> None:
     transport = RecordingTransport()
     with ZohoApi(sandbox.url, TOKEN, transport=transport) as api:
@@ -67,6 +70,17 @@ def test_lists_every_record_newest_first(sandbox: ZohoSandbox, module: str, tota
     past_2000 = pages[10:]
     assert len(past_2000) == max(0, -(-total // 200) - 10)
     assert all("page_token" in q and "page" not in q for q in past_2000)
+    assert set(records[0]) == {"id", *DEFAULT_FIELDS[module]}  # the module's own fields
+
+
+def test_accounts_are_read_by_id_with_their_own_fields(api: ZohoApi) -> None:
+    ids = [r["id"] for r in api.iter_records("Accounts")][:3]
+    found = api.get_records("Accounts", [*ids, "3652397000999999999"])
+    assert [r["id"] for r in found] == ids
+    assert all(isinstance(r["Account_Name"], str) and "Last_Name" not in r for r in found)
+    with pytest.raises(ZohoApiError) as refused:  # a person's field is not an Account's
+        api.get_records("Accounts", ids, fields=DEFAULT_FIELDS["Contacts"])
+    assert refused.value.code == "INVALID_DATA"
 
 
 def test_empty_result_is_an_empty_page(sandbox: ZohoSandbox, api: ZohoApi) -> None:
@@ -100,6 +114,8 @@ def test_call_and_note_are_written(sandbox: ZohoSandbox, api: ZohoApi) -> None:
     call_id = api.create_call("Contacts", contact, "Outbound call via Quo", "Outbound", start, 205)
     lead_call = api.create_call("Leads", lead, "Inbound call via Quo", "Inbound", start, 61, "Hi")
     note_id = api.create_note("Leads", lead, "Message from +1 212 555 0100", title="SMS")
+    account = next(api.iter_records("Accounts"))["id"]
+    account_call = api.create_call("Accounts", account, "Inbound call", "Inbound", start, 30)
 
     created = sandbox.created()
     calls = {c["id"]: c for c in created["calls"]}
@@ -108,6 +124,10 @@ def test_call_and_note_are_written(sandbox: ZohoSandbox, api: ZohoApi) -> None:
     assert calls[call_id]["Call_Start_Time"] == "2026-03-01T10:00:00+00:00"
     assert (calls[lead_call]["$se_module"], calls[lead_call]["What_Id"]) == ("Leads", {"id": lead})
     assert "Who_Id" not in calls[lead_call]
+    assert (calls[account_call]["$se_module"], calls[account_call]["What_Id"]) == (
+        "Accounts",
+        {"id": account},
+    )
     note = {n["id"]: n for n in created["notes"]}[note_id]
     assert note["Parent_Id"] == {"module": {"api_name": "Leads"}, "id": lead}
     assert note["Note_Title"] == "SMS"

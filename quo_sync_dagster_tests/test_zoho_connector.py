@@ -1,8 +1,10 @@
-"""The Zoho CRM connector: transform, paging past Zoho's 2,000-record `page` cap, activities and
-watch channels against the Zoho simulator over real HTTP, and the whole Dagster pipeline."""
+"""The Zoho CRM connector: transform (Contacts, Leads, Accounts), paging past Zoho's 2,000-record
+`page` cap, activities and watch channels against the Zoho simulator over real HTTP, and the
+whole Dagster pipeline."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -11,24 +13,30 @@ from typing import Any
 
 import pytest
 
+from quo_sync_dagster.core.external_ids import quo_external_id
 from quo_sync_dagster.core.models import (
     CallActivity,
     CallOutcome,
+    Excluded,
     Integration,
     InvalidRecord,
     LabeledValue,
+    NoPhone,
     PersonPage,
     SmsActivity,
 )
+from quo_sync_dagster.core.phones import to_e164
 from quo_sync_dagster.core.process import ProcessState
 from quo_sync_dagster.crms import zoho
 from quo_sync_dagster.crms.zoho import CallNotFound, ZohoConnector
 from quo_sync_dagster.crms.zoho_api import ZohoOutcomeUnknown
+from quo_sync_dagster.crms.zoho_webhooks import ZohoWebhooks
 from quo_sync_dagster.sandbox.zoho_server import ZohoSandbox
+from quo_sync_dagster.webhooks.handler import Delivery, WebhookContext
 from quo_sync_dagster_tests.pipeline import add_integration, pipeline, sync_everything
 
 TOKEN = "zoho-test-token"
-CONTACTS, LEADS = 2150, 45  # Contacts cross the 2,000-record `page` limit
+CONTACTS, LEADS, ACCOUNTS = 2150, 45, 230  # Contacts cross the 2,000-record `page` limit
 
 CONTACT: dict[str, Any] = {
     "id": "3652397000100000008",
@@ -56,13 +64,27 @@ LEAD: dict[str, Any] = {
     "Email": None,
     "Secondary_Email": None,
     "Phone": "+81 3-1234-5678",
-    "Mobile": "555-123-4567",  # no such US area code
+    "Mobile": "555-123-4567",  # a fictional 555 number: possible, never assigned
     "Home_Phone": None,
     "Title": None,
     "Company": "Initech",
+    "Converted__s": False,
     "Created_Time": "2024-01-01T05:43:00+05:30",
     "Modified_Time": "2024-02-01T10:00:00+05:30",
 }
+# Shaped as the simulator serves an Account (v8 field API names), Fax and Website included.
+ACCOUNT: dict[str, Any] = {
+    "id": "3652397000300000022",
+    "Account_Name": "Globex GmbH",
+    "Phone": "+49 30 1234820",
+    "Fax": "+49 30 1234821",
+    "Website": "https://globex.example",
+    "Parent_Account": {"name": "Acme", "id": "3652397000300000001"},
+    "Created_Time": "2023-06-01T05:30:00+05:30",
+    "Modified_Time": "2024-03-01T10:00:00+05:30",
+}
+NO_PHONES = {"Phone": None, "Mobile": None, "Home_Phone": None, "Other_Phone": None}
+NO_NAMES = {"First_Name": None, "Last_Name": None, "Full_Name": None}
 
 
 def connector(url: str = "https://www.zohoapis.com", **settings: Any) -> ZohoConnector:
@@ -72,7 +94,7 @@ def connector(url: str = "https://www.zohoapis.com", **settings: Any) -> ZohoCon
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZohoSandbox]:
-    records = {"Contacts": CONTACTS, "Leads": LEADS}
+    records = {"Contacts": CONTACTS, "Leads": LEADS, "Accounts": ACCOUNTS}
     with ZohoSandbox(
         tmp_path_factory.mktemp("zoho"), TOKEN, records=records, rate_limit=None
     ) as sb:
@@ -108,14 +130,107 @@ def test_contact_maps_every_field() -> None:
     assert contact.source_url is None  # no org domain_name, no record link
 
 
-def test_lead_without_first_name_drops_invalid_phone() -> None:
+def test_lead_with_a_lone_last_name_keeps_its_555_number() -> None:
     contact = connector().transform_person_to_quo(LEAD, "Leads")
     assert contact.external_id == "Leads-3652397000200000036"
     assert (contact.first_name, contact.last_name) == ("田中", None)  # not duplicated
     assert contact.company == "Initech"
     assert contact.role is None
     assert contact.emails == ()
+    assert contact.phone_numbers == (
+        LabeledValue("work", "+81312345678"),
+        LabeledValue("mobile", "+15551234567"),
+    )
+
+
+CORPUS = Path(__file__).with_name("fixtures") / "crm_corpus" / "zoho.json"
+JANE = ("Jane", "Doe")
+WORK, MOBILE = ("work", "+15551230001"), ("mobile", "+15551230002")
+PRIMARY = (("primary", "jane@acme.example"),)
+# corpus id -> (first, last, company, emails, phones) as (label, value) pairs, or the skip.
+CORPUS_EXPECTED: dict[str, tuple[Any, ...] | type[Exception]] = {
+    "zoho-contact-base": (*JANE, "Acme", PRIMARY, (WORK, MOBILE)),
+    "zoho-contact-no-phone": NoPhone,
+    "zoho-contact-only-mobile": (*JANE, "Acme", PRIMARY, (MOBILE,)),
+    "zoho-contact-extension": (*JANE, "Acme", PRIMARY, (("work", "+12125550134"),)),
+    "zoho-contact-intl": (
+        *JANE,
+        "Acme",
+        PRIMARY,
+        (("work", "+919876543210"), ("mobile", "+447700900123")),
+    ),
+    "zoho-contact-full-name-only": (*JANE, "Acme", PRIMARY, (WORK, MOBILE)),
+    "zoho-contact-last-name-only": ("Doe", None, "Acme", PRIMARY, (WORK, MOBILE)),
+    "zoho-contact-unicode": ("José", "Muñoz Ñúñez", "Acme", PRIMARY, (WORK, MOBILE)),
+    "zoho-contact-multi": (  # Asst_Phone and Fax are not the person's lines
+        *JANE,
+        "Acme",
+        (*PRIMARY, ("secondary", "jane.doe@home.example")),
+        (WORK, MOBILE, ("home", "+15551230003"), ("other", "+15551230004")),
+    ),
+    "zoho-contact-555-bare": (*JANE, None, PRIMARY, (WORK,)),
+    "zoho-contact-no-name-email": ("jane", None, None, PRIMARY, (WORK, MOBILE)),
+    "zoho-lead-base": (*JANE, "Acme", PRIMARY, (WORK, MOBILE)),
+    "zoho-lead-no-phone": NoPhone,
+    "zoho-lead-company-only": ("Acme", None, "Acme", (), (WORK, MOBILE)),
+    "zoho-lead-converted": Excluded,
+    "zoho-lead-only-mobile-intl": (*JANE, "Acme", PRIMARY, (("mobile", "+61412345678"),)),
+}
+
+
+@pytest.mark.parametrize(
+    "entry", json.loads(CORPUS.read_text())["records"], ids=lambda entry: entry["id"]
+)
+def test_the_corpus_field_by_field(entry: dict[str, Any]) -> None:
+    expected = CORPUS_EXPECTED[entry["id"]]
+    crm = connector()
+    if isinstance(expected, type):
+        with pytest.raises(expected):
+            crm.transform_person_to_quo(entry["record"], entry["objectType"])
+        return
+    contact = crm.transform_person_to_quo(entry["record"], entry["objectType"])
+    first, last, company, addresses, numbers = expected
+    assert contact.external_id == f"{entry['objectType']}-{entry['record']['id']}"
+    assert (contact.first_name, contact.last_name, contact.company) == (first, last, company)
+    assert contact.emails == tuple(LabeledValue(*e) for e in addresses)
+    assert contact.phone_numbers == tuple(LabeledValue(*n) for n in numbers)
+
+
+def test_the_valid_phone_policy_drops_555_numbers() -> None:
+    crm = connector(phone_policy="valid")
+    contact = crm.transform_person_to_quo(LEAD, "Leads")
     assert contact.phone_numbers == (LabeledValue("work", "+81312345678"),)
+    with pytest.raises(NoPhone, match=re.escape("Mobile: invalid phone number '555-123-4567'")):
+        crm.transform_person_to_quo({**LEAD, "Phone": None}, "Leads")
+
+
+@pytest.mark.parametrize(
+    ("change", "names"),
+    [
+        ({}, ("Zoë", "Müller")),
+        ({"First_Name": None}, ("Müller", None)),  # Zoho's mandatory Last_Name alone
+        ({"First_Name": None, "Last_Name": ""}, ("Zoë", "Müller")),  # Full_Name split
+        ({**NO_NAMES, "Full_Name": "Jean-Luc de la Tour"}, ("Jean-Luc", "de la Tour")),
+        (NO_NAMES, ("Société Générale Démo", None)),  # the Account_Name lookup's name
+        ({**NO_NAMES, "Account_Name": None}, ("zoe.1", None)),  # Email's local part
+        ({**NO_NAMES, "Account_Name": None, "Email": None}, ("Zoe.Work", None)),
+        (
+            {**NO_NAMES, "Account_Name": None, "Email": None, "Secondary_Email": None},
+            ("+14155550132", None),  # the first phone number kept
+        ),
+    ],
+)
+def test_a_contact_is_named_by_the_first_of_the_fallbacks_it_has(
+    change: dict[str, Any], names: tuple[str, str | None]
+) -> None:
+    contact = connector().transform_person_to_quo({**CONTACT, **change}, "Contacts")
+    assert (contact.first_name, contact.last_name) == names
+    assert contact.phone_numbers[0] == LabeledValue("work", "+14155550132")
+
+
+def test_a_lead_without_names_is_named_by_its_company() -> None:
+    contact = connector().transform_person_to_quo({**LEAD, **NO_NAMES}, "Leads")
+    assert (contact.first_name, contact.last_name, contact.company) == ("Initech", None, "Initech")
 
 
 def test_duplicates_and_missing_values_collapse() -> None:
@@ -151,22 +266,71 @@ def test_source_url_links_the_crm_record(url: str, web: str) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"Phone": None, "Mobile": None, "Home_Phone": None}, "no valid phone number (none"),
+        (NO_PHONES, "no phone number (none given)"),
         (
-            {"Phone": "555-01", "Mobile": "+1 555 123 0001", "Home_Phone": None},
-            "only invalid numbers: Phone '555-01', Mobile '+1 555 123 0001'",
+            {**NO_PHONES, "Phone": "555-01", "Home_Phone": "+1 055 123 0001"},
+            "no phone number (Phone: invalid phone number '555-01': it is too short; "
+            "Home_Phone: invalid phone number '+1 055 123 0001': ",
         ),
-        ({"First_Name": None, "Last_Name": " "}, "no name"),
     ],
 )
-def test_invalid_records(change: dict[str, Any], message: str) -> None:
-    with pytest.raises(InvalidRecord, match=re.escape(message)):
-        connector().transform_person_to_quo({**LEAD, **change}, "Leads")
+def test_a_person_without_a_phone_number_is_no_phone(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(NoPhone, match=re.escape(message)):
+        connector().transform_person_to_quo({**CONTACT, **change}, "Contacts")
+
+
+def test_people_without_a_phone_are_contacts_when_the_integration_syncs_them() -> None:
+    crm = connector(sync_people_without_phone=True)
+    contact = crm.transform_person_to_quo({**CONTACT, **NO_PHONES}, "Contacts")
+    assert contact.phone_numbers == ()
+    assert (contact.first_name, contact.last_name) == ("Zoë", "Müller")
+    assert contact.emails[0] == LabeledValue("primary", "zoe.1@contacts.example")
+    assert contact.company == "Société Générale Démo"
+    empty = {**CONTACT, **NO_PHONES, **NO_NAMES, "Account_Name": None}
+    with pytest.raises(InvalidRecord, match="no name") as nameless:  # nothing left to show
+        crm.transform_person_to_quo({**empty, "Email": None, "Secondary_Email": None}, "Contacts")
+    assert not isinstance(nameless.value, NoPhone)
+
+
+def test_a_converted_lead_is_excluded_and_an_unconverted_one_synced() -> None:
+    with pytest.raises(Excluded, match="converted lead"):
+        connector().transform_person_to_quo({**LEAD, "Converted__s": True}, "Leads")
+    assert connector().transform_person_to_quo(LEAD, "Leads").external_id.startswith("Leads-")
+
+
+def test_an_account_is_a_company_contact() -> None:
+    crm = connector("https://www.zohoapis.eu", org_domain_name="org771")
+    contact = crm.transform_person_to_quo(ACCOUNT, "Accounts")
+    assert contact.external_id == "Accounts-3652397000300000022"
+    assert contact.source == "zoho"
+    assert (contact.first_name, contact.last_name) == ("Globex GmbH", None)
+    assert contact.company == "Globex GmbH"  # its own name, not the parent account's
+    assert contact.role is None
+    assert contact.emails == ()
+    assert contact.phone_numbers == (LabeledValue("work", "+49301234820"),)  # no Fax
+    assert contact.source_url == ("https://crm.zoho.eu/crm/org771/tab/Accounts/3652397000300000022")
+
+
+def test_an_account_without_phone_or_name() -> None:
+    only_fax = {**ACCOUNT, "Phone": None}
+    with pytest.raises(NoPhone, match=re.escape("no phone number (none given)")):
+        connector().transform_person_to_quo(only_fax, "Accounts")
+    kept = connector(sync_people_without_phone=True).transform_person_to_quo(only_fax, "Accounts")
+    assert (kept.first_name, kept.phone_numbers) == ("Globex GmbH", ())
+    nameless = connector().transform_person_to_quo({**ACCOUNT, "Account_Name": " "}, "Accounts")
+    assert (nameless.first_name, nameless.company) == ("+49301234820", None)
+
+
+def test_accounts_are_synced_only_where_named() -> None:
+    assert ZohoConnector.object_types_for({}) == ["Contacts", "Leads"]
+    named = {"object_types": ["Contacts", "Accounts"]}
+    assert ZohoConnector.object_types_for(named) == ["Contacts", "Accounts"]
+    assert connector(**named).object_types == ["Contacts", "Accounts"]
 
 
 def test_unknown_module_is_refused() -> None:
-    with pytest.raises(ValueError, match="no person module 'Accounts'"):
-        connector().transform_person_to_quo(CONTACT, "Accounts")
+    with pytest.raises(ValueError, match="no person module 'Deals'"):
+        connector().transform_person_to_quo(CONTACT, "Deals")
 
 
 # ---- paging -------------------------------------------------------------------------------
@@ -183,7 +347,9 @@ def modified(record: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(record["Modified_Time"])
 
 
-@pytest.mark.parametrize(("module", "total"), [("Contacts", CONTACTS), ("Leads", LEADS)])
+@pytest.mark.parametrize(
+    ("module", "total"), [("Contacts", CONTACTS), ("Leads", LEADS), ("Accounts", ACCOUNTS)]
+)
 def test_walk_returns_everyone_once_newest_first(
     crm: ZohoConnector, module: str, total: int
 ) -> None:
@@ -236,19 +402,54 @@ def test_fetch_persons_by_ids(crm: ZohoConnector) -> None:
     assert found[0]["Other_Phone"] is None and "Account_Name" in found[0]
 
 
-def test_generated_people_transform_or_name_their_problem(crm: ZohoConnector) -> None:
-    for module in ("Contacts", "Leads"):
+def test_fetch_by_ids_reads_accounts_and_leaves_other_modules_keys_out(
+    sim: ZohoSandbox, crm: ZohoConnector
+) -> None:
+    """What a sweep asks every module: each key is looked up only in its own module."""
+    (account,) = crm.fetch_person_page("Accounts", 0, 1).records
+    (contact,) = crm.fetch_person_page("Contacts", 0, 1).records
+    key = crm.record_key(account, "Accounts")
+    assert key == f"Accounts-{account['id']}"
+    reads = sim.stats()["byKind"]["get_by_ids"]
+    found = crm.fetch_persons_by_ids("Accounts", [key, f"Contacts-{contact['id']}"])
+    assert found == [account]
+    assert crm.fetch_persons_by_ids("Accounts", [f"Contacts-{contact['id']}"]) == []
+    assert crm.fetch_persons_by_ids("Contacts", [key]) == []
+    assert sim.stats()["byKind"]["get_by_ids"] == reads + 1  # none sent for other modules
+
+
+def test_generated_records_transform_or_are_skipped_without_a_phone(crm: ZohoConnector) -> None:
+    for module in zoho.MODULES:
         ok, records = 0, crm.fetch_person_page(module, 0, 200).records
         for record in records:
             try:
                 contact = crm.transform_person_to_quo(record, module)
-            except InvalidRecord as exc:
-                assert "phone" in str(exc)  # every generated person has a Last_Name
+            except NoPhone:
                 continue
             ok += 1
             assert contact.external_id == f"{module}-{record['id']}"
+            assert contact.first_name
             assert all(p.value.startswith("+") for p in contact.phone_numbers)
         assert ok > len(records) // 2
+
+
+def test_an_account_as_served_over_http(sim: ZohoSandbox, crm: ZohoConnector) -> None:
+    """Every account the simulator has, read by the connector and checked field by field
+    against the simulator's own record."""
+    served = {r["id"]: r for p in walk(crm, "Accounts", 100) for r in p.records}
+    everyone = {r["id"]: r for r in sim.people("Accounts")}
+    assert served.keys() == everyone.keys() and len(served) == ACCOUNTS
+    for record_id, record in served.items():
+        assert set(record) == {"id", *zoho.FIELDS["Accounts"]}  # only the fields asked for
+        truth = everyone[record_id]
+        try:
+            contact = crm.transform_person_to_quo(record, "Accounts")
+        except NoPhone:
+            assert truth["Phone"] is None
+            continue
+        assert (contact.first_name, contact.company) == (truth["Account_Name"],) * 2
+        assert contact.phone_numbers == (LabeledValue("work", to_e164(truth["Phone"])),)
+        assert contact.emails == () and contact.last_name is None
 
 
 # ---- activities and watch channels --------------------------------------------------------
@@ -301,6 +502,22 @@ def test_sms_and_calls_land_on_the_right_person(sim: ZohoSandbox, crm: ZohoConne
         "Incoming call (Quo)",
     )
     assert "Who_Id" not in inc and "Outbound_Call_Status" not in inc
+
+
+def test_calls_and_sms_of_an_account_are_related_to_it(
+    sim: ZohoSandbox, crm: ZohoConnector
+) -> None:
+    account = f"Accounts-{crm.fetch_person_page('Accounts', 0, 1).records[0]['id']}"
+    call_id = crm.log_call_to_activity(quo_call("AC-ACC", account))
+    note_id = crm.log_sms_to_activity(
+        SmsActivity("MSG-ACC", "incoming", "Invoice?", account, "2026-03-01T10:00Z")
+    )
+    by_id = {a["id"]: a for a in sim.activities()}
+    assert (by_id[call_id]["kind"], by_id[call_id]["person"]) == ("call", account)
+    call = by_id[call_id]["record"]
+    assert (call["$se_module"], call["What_Id"]["id"]) == ("Accounts", account.split("-")[1])
+    assert "Who_Id" not in call
+    assert (by_id[note_id]["kind"], by_id[note_id]["person"]) == ("note", account)
 
 
 def quo_call(quo_id: str, person: str, **fields: Any) -> CallActivity:
@@ -457,6 +674,49 @@ def test_watch_setup_renew_teardown(
     assert channel(revived) is None
 
 
+def test_the_channel_watches_accounts_once_the_integration_syncs_them(
+    sim: ZohoSandbox, crm: ZohoConnector
+) -> None:
+    def events(sub: dict[str, Any]) -> list[str]:
+        live = {c["channel_id"]: c for c in sim.created()["channels"]}
+        return live[sub["channel_id"]]["events"]
+
+    sub = crm.setup_webhooks("https://hooks.example/zoho")
+    assert sub["events"] == events(sub) == ["Contacts.all", "Leads.all"]
+    syncing = connector(sim.url, object_types=["Contacts", "Leads", "Accounts"])
+    try:
+        renewed = syncing.renew_webhooks(sub)  # the setting changed: the renewal follows it
+        assert renewed["events"] == events(renewed) == ["Contacts.all", "Leads.all", "Accounts.all"]
+        syncing.teardown_webhooks(renewed)
+    finally:
+        syncing.close()
+
+
+@pytest.mark.parametrize(
+    ("object_types", "expected"),
+    [(None, []), (["Contacts", "Accounts"], ["Accounts-11", "Accounts-12"])],
+)
+def test_an_accounts_notification_is_a_change_only_where_accounts_are_synced(
+    object_types: list[str] | None, expected: list[str]
+) -> None:
+    settings = {} if object_types is None else {"object_types": object_types}
+    crm = connector(**settings)
+    subscription = {"details": {"channel_id": "1000000068001"}}
+    context = WebhookContext(crm.integration, crm, subscription, "tok")
+    now = datetime.now(UTC)
+    body = {
+        "server_time": int(now.timestamp() * 1000),
+        "module": "Accounts",
+        "ids": ["11", "12"],
+        "operation": "update",
+        "channel_id": "1000000068001",
+        "token": "tok",
+    }
+    delivery = Delivery(json.dumps(body).encode(), {}, {}, now)
+    changes = ZohoWebhooks().changes(delivery, context)
+    assert [crm.change_key(c.object_type, c.person_id) for c in changes] == expected
+
+
 # ---- a Lead for an unknown caller ----------------------------------------------------------
 @pytest.fixture
 def own_sim(tmp_path: Path) -> Iterator[ZohoSandbox]:
@@ -488,7 +748,7 @@ def test_a_lead_is_created_for_an_unknown_caller(own_sim: ZohoSandbox) -> None:
         assert crm.fetch_persons_by_ids("Contacts", [record_id]) == []  # a Lead, not a Contact
         assert own_sim.stats()["byKind"]["create_person"] == 1
         assert crm.create_person_for_caller("+442079460001") != key  # another caller, another
-        assert own_sim.stats()["records"] == {"Contacts": 3, "Leads": 4}
+        assert own_sim.stats()["records"] == {"Contacts": 3, "Leads": 4, "Accounts": 0}
     finally:
         crm.close()
 
@@ -519,26 +779,37 @@ def test_a_caller_number_must_be_e164(number: str) -> None:
 
 
 # ---- the whole pipeline -------------------------------------------------------------------
-def test_pipeline_syncs_contacts_and_leads_then_writes_nothing(
+def test_pipeline_syncs_contacts_leads_and_accounts_then_writes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ZOHO_TEST_TOKEN", TOKEN)
-    records = {"Contacts": 34, "Leads": 16}  # 5 and 3 pages: each ends with a one-page run
+    # 5, 3 and 2 pages: each ends with a one-page run.
+    records = {"Contacts": 34, "Leads": 16, "Accounts": 10}
     config = {"integration_id": "it-1", "page_size": 7, "pages_per_run": 2}
     with (
         ZohoSandbox(tmp_path / "zoho", TOKEN, records=records) as sim,
         pipeline(tmp_path, monkeypatch) as p,
     ):
-        add_integration(p, "zoho", {"base_url": sim.url}, crm_credential_ref="env:ZOHO_TEST_TOKEN")
+        settings = {"base_url": sim.url, "object_types": list(zoho.MODULES)}
+        integration = add_integration(p, "zoho", settings, crm_credential_ref="env:ZOHO_TEST_TOKEN")
         processes = sync_everything(p, "zoho", config)
-        assert sorted(q.context["personObjectType"] for q in processes) == ["Contacts", "Leads"]
+        by_type = {q.context["personObjectType"]: q for q in processes}
+        assert sorted(by_type) == ["Accounts", "Contacts", "Leads"]
         assert all(q.state is ProcessState.COMPLETED for q in processes)
-        synced = sum(q.counters["synced"] for q in processes)
-        failed = sum(q.counters["failed"] for q in processes)
-        assert synced + failed == sum(records.values()) and synced > 0 and failed > 0
+        # Every generated person has a name and a phone; the account without one is skipped.
+        phoned = [a for a in sim.people("Accounts") if a["Phone"]]
+        assert len(phoned) == 9
+        assert {t: (q.counters["synced"], q.counters["skipped"]) for t, q in by_type.items()} == {
+            "Contacts": (34, 0),
+            "Leads": (16, 0),
+            "Accounts": (9, 1),
+        }
+        assert sum(q.counters["failed"] for q in processes) == 0
         stats = p.quo.stats()
-        assert stats["contactsBySource"]["zoho"] == synced
+        assert stats["contactsBySource"]["zoho"] == 34 + 16 + 9
         assert stats["duplicateExternalIds"] == 0
+        keys = [quo_external_id(integration, f"Accounts-{a['id']}") for a in phoned]
+        assert len(p.store.get_contact_links(integration.id, keys)) == len(phoned)
 
         before = stats["byKind"]
         again = sync_everything(p, "zoho", config)

@@ -1,4 +1,5 @@
-"""The Zoho CRM sandbox over real HTTP: the rules a lax fake would let through."""
+"""The Zoho CRM sandbox over real HTTP: the rules a lax fake would let through, for Contacts,
+Leads and Accounts alike."""
 
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from quo_sync_dagster.sandbox.zoho_server import SYSTEM_FIELDS, ZohoSandbox
 from quo_sync_dagster_tests.test_attio_sandbox import Receiver, settled
 
 TOKEN = "zoho-sandbox-token"
-CONTACTS, LEADS = 2300, 120
+CONTACTS, LEADS, ACCOUNTS = 2300, 120, 2050  # Accounts past the 2,000-record `page` limit too
 FIELDS = "Last_Name,Modified_Time"
+ACCOUNT_FIELDS = "Account_Name,Modified_Time"  # an Account has no Last_Name
+FIELDS_OF = {"Contacts": FIELDS, "Leads": FIELDS, "Accounts": ACCOUNT_FIELDS}
 
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZohoSandbox]:
-    records = {"Contacts": CONTACTS, "Leads": LEADS}
+    records = {"Contacts": CONTACTS, "Leads": LEADS, "Accounts": ACCOUNTS}
     with ZohoSandbox(tmp_path_factory.mktemp("zoho"), records=records, rate_limit=None) as sb:
         yield sb
 
@@ -38,7 +41,7 @@ def walk(sb: ZohoSandbox, module: str, **params: Any) -> list[dict[str, Any]]:
     """Every record by `page` up to 2,000, then by `page_token`, 200 per page."""
     records, page, token = [], 1, None
     while True:
-        query = {"fields": FIELDS, "per_page": 200, **params}
+        query = {"fields": FIELDS_OF[module], "per_page": 200, **params}
         query |= {"page_token": token} if token else {"page": page}
         body = get(sb, module, params=query).json()
         records += body["data"]
@@ -69,6 +72,7 @@ def test_rejects_wrong_auth_form_or_token(sandbox: ZohoSandbox, auth: str) -> No
         ({"fields": FIELDS, "sort_by": "Last_Name"}, "INVALID_DATA"),
         ({"fields": FIELDS, "sort_order": "newest"}, "INVALID_DATA"),
         ({"fields": "Last_Name,Company"}, "INVALID_DATA"),  # a Leads field asked of Contacts
+        ({"fields": "Last_Name,Account_Type"}, "INVALID_DATA"),  # an Accounts field
         ({"fields": FIELDS, "ids": ",".join(str(i) for i in range(101))}, "LIMIT_EXCEEDED"),
     ],
 )
@@ -79,6 +83,26 @@ def test_rejects_what_zoho_rejects(sandbox: ZohoSandbox, params: dict[str, Any],
     assert response.json()["status"] == "error"
 
 
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ({"fields": FIELDS}, "INVALID_DATA"),  # Last_Name is a person's
+        ({"fields": "Account_Name,First_Name"}, "INVALID_DATA"),
+        ({"per_page": 10}, "REQUIRED_PARAM_MISSING"),
+        (
+            {"fields": ACCOUNT_FIELDS, "per_page": 200, "page": 11},
+            "DISCRETE_PAGINATION_LIMIT_EXCEEDED",
+        ),
+    ],
+)
+def test_accounts_reject_what_zoho_rejects(
+    sandbox: ZohoSandbox, params: dict[str, Any], code: str
+) -> None:
+    response = get(sandbox, "Accounts", params=params)
+    assert response.status_code == 400
+    assert response.json()["code"] == code
+
+
 def test_last_page_reachable_by_page_is_record_2000(sandbox: ZohoSandbox) -> None:
     response = get(sandbox, "Contacts", params={"fields": FIELDS, "per_page": 200, "page": 10})
     assert response.status_code == 200
@@ -86,14 +110,18 @@ def test_last_page_reachable_by_page_is_record_2000(sandbox: ZohoSandbox) -> Non
     assert (info["page"], info["count"], info["more_records"]) == (10, 200, True)
 
 
-def test_page_then_page_token_covers_every_record_once(sandbox: ZohoSandbox) -> None:
-    records = walk(sandbox, "Contacts", sort_by="Modified_Time", sort_order="desc")
+@pytest.mark.parametrize(("module", "total"), [("Contacts", CONTACTS), ("Accounts", ACCOUNTS)])
+def test_page_then_page_token_covers_every_record_once(
+    sandbox: ZohoSandbox, module: str, total: int
+) -> None:
+    records = walk(sandbox, module, sort_by="Modified_Time", sort_order="desc")
     ids = [r["id"] for r in records]
-    assert len(ids) == CONTACTS
-    assert len(set(ids)) == CONTACTS
+    assert len(ids) == total
+    assert len(set(ids)) == total
     times = [datetime.fromisoformat(r["Modified_Time"]) for r in records]
     assert times == sorted(times, reverse=True)
-    assert set(records[0]) == {"id", "Last_Name", "Modified_Time"}  # only the asked fields
+    # only the asked fields
+    assert set(records[0]) == {"id", *FIELDS_OF[module].split(",")}
 
 
 def test_default_sort_is_id_descending(sandbox: ZohoSandbox) -> None:
@@ -142,7 +170,7 @@ def test_if_modified_since_needs_an_offset(sandbox: ZohoSandbox) -> None:
 
 
 def test_count_matches_the_listing(sandbox: ZohoSandbox) -> None:
-    for module, expected in (("Contacts", CONTACTS), ("Leads", LEADS)):
+    for module, expected in (("Contacts", CONTACTS), ("Leads", LEADS), ("Accounts", ACCOUNTS)):
         response = get(sandbox, f"{module}/actions/count")
         assert response.json() == {"count": expected}
     assert sandbox.stats()["byKind"]["count"] >= 2
@@ -166,6 +194,43 @@ def test_people_have_realistic_shapes(sandbox: ZohoSandbox) -> None:
     assert any((r["Phone"] or "").startswith("+44") for r in records)
     assert any(set(r["Account_Name"] or {}) == {"name", "id"} for r in records)
     assert all(datetime.fromisoformat(r["Created_Time"]).utcoffset() is not None for r in records)
+
+
+def test_accounts_have_realistic_shapes_and_contacts_look_them_up(sandbox: ZohoSandbox) -> None:
+    fields = "Account_Name,Phone,Fax,Parent_Account,Billing_City,Created_Time"
+    accounts = walk(sandbox, "Accounts", fields=fields)
+    by_id = {a["id"]: a for a in accounts}
+    assert all(len(i) == 19 and i.isdigit() for i in by_id)
+    assert not by_id.keys() & {r["id"] for r in walk(sandbox, "Contacts")}  # ids never shared
+    assert all(isinstance(a["Account_Name"], str) and a["Account_Name"] for a in accounts)
+    assert any(not a["Account_Name"].isascii() for a in accounts)
+    assert any(a["Phone"] is None for a in accounts) and any(a["Fax"] for a in accounts)
+    parents = [a["Parent_Account"] for a in accounts if a["Parent_Account"]]
+    assert parents and all(by_id[p["id"]]["Account_Name"] == p["name"] for p in parents)
+    # A Contact's Account_Name is a lookup of an Account the module holds.
+    contacts = get(sandbox, "Contacts", params={"fields": "Account_Name"}).json()["data"]
+    lookups = [c["Account_Name"] for c in contacts if c["Account_Name"]]
+    assert lookups and all(by_id[a["id"]]["Account_Name"] == a["name"] for a in lookups)
+
+
+def test_an_int_record_count_makes_an_account_per_ten_people(tmp_path: Path) -> None:
+    with ZohoSandbox(tmp_path, records=50, rate_limit=None) as sb:
+        assert sb.stats()["records"] == {"Contacts": 34, "Leads": 16, "Accounts": 5}
+
+
+def test_a_data_dir_from_before_accounts_serves_none_then_takes_them(tmp_path: Path) -> None:
+    with ZohoSandbox(tmp_path, records={"Contacts": 2, "Leads": 1}, rate_limit=None):
+        pass
+    for name in ("zoho_records.json", "zoho_deleted.json"):  # as an older sandbox wrote them
+        path = tmp_path / name
+        path.write_text(
+            json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "Accounts"})
+        )
+    with ZohoSandbox(tmp_path, rate_limit=None) as sb:
+        assert get(sb, "Accounts", params={"fields": ACCOUNT_FIELDS}).status_code == 204
+        created = sb.create_person({"Account_Name": "Initech"}, kind="Accounts")
+        assert ids(walk(sb, "Accounts")) == [created["id"]]
+        assert sb.stats()["records"] == {"Contacts": 2, "Leads": 1, "Accounts": 1}
 
 
 def test_429_has_zoho_body_and_no_retry_after(tmp_path: Any) -> None:
@@ -273,6 +338,52 @@ def test_put_of_an_unknown_id_or_several_records(sandbox: ZohoSandbox) -> None:
     assert write(sandbox, "POST", f"Calls/{created['id']}", {"data": []}).status_code == 405
 
 
+def test_calls_and_notes_relate_to_an_account(sandbox: ZohoSandbox) -> None:
+    account = get(sandbox, "Accounts", params={"fields": ACCOUNT_FIELDS}).json()["data"][0]
+    contact = get(sandbox, "Contacts", params={"fields": FIELDS}).json()["data"][0]
+    call = {"Subject": "Call", "Call_Type": "Missed", "Call_Start_Time": "2026-03-01T10:00:00Z"}
+    related = {"$se_module": "Accounts", "What_Id": {"id": account["id"]}}
+    # A contact may be named beside the account (unlike beside a lead).
+    both = {**call, **related, "Who_Id": {"id": contact["id"]}}
+    response = write(sandbox, "POST", "Calls", {"data": [{**call, **related}, both]})
+    assert response.status_code == 201, response.text
+    made = {r["details"]["id"] for r in response.json()["data"]}
+    people = {a["id"]: a["person"] for a in sandbox.activities() if a["id"] in made}
+    assert sorted(people.values()) == sorted(
+        [f"Accounts-{account['id']}", f"Contacts-{contact['id']}"]
+    )
+    note = {
+        "Note_Content": "hi",
+        "Parent_Id": {"module": {"api_name": "Accounts"}, "id": account["id"]},
+    }
+    response = write(sandbox, "POST", "Notes", {"data": [note]})
+    assert response.status_code == 201, response.text
+
+
+@pytest.mark.parametrize(
+    ("related", "api_name"),
+    [
+        ({"$se_module": "Deals", "What_Id": {"id": "3652397000300000001"}}, "$se_module"),
+        (
+            {"$se_module": "Leads", "What_Id": {"id": "3652397000300000001"}},
+            "What_Id",
+        ),  # an Account
+        (
+            {"$se_module": "Accounts", "What_Id": {"id": "3652397000100000001"}},
+            "What_Id",
+        ),  # a Contact
+    ],
+)
+def test_a_call_related_to_a_record_of_another_module_is_refused(
+    sandbox: ZohoSandbox, related: dict[str, Any], api_name: str
+) -> None:
+    call = {"Subject": "Call", "Call_Type": "Missed", "Call_Start_Time": "2026-03-01T10:00:00Z"}
+    response = write(sandbox, "POST", "Calls", {"data": [{**call, **related}]})
+    assert response.status_code == 400, response.text
+    (error,) = response.json()["data"]
+    assert (error["code"], error["details"]["api_name"]) == ("INVALID_DATA", api_name)
+
+
 def test_updated_calls_persist_across_restarts(tmp_path: Path) -> None:
     with ZohoSandbox(tmp_path, records=5, rate_limit=None) as sb:
         created = a_call(sb)
@@ -286,7 +397,8 @@ def test_updated_calls_persist_across_restarts(tmp_path: Path) -> None:
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[ZohoSandbox]:
     """A small sandbox of its own: these tests change its people."""
-    with ZohoSandbox(tmp_path, records={"Contacts": 30, "Leads": 10}, rate_limit=None) as sb:
+    records = {"Contacts": 30, "Leads": 10, "Accounts": 4}
+    with ZohoSandbox(tmp_path, records=records, rate_limit=None) as sb:
         yield sb
 
 
@@ -355,10 +467,48 @@ def test_admin_changes_are_what_the_api_serves(live: ZohoSandbox) -> None:
     assert live.update_person(lead["id"], {"Last_Name": "Bolton"})["Full_Name"].endswith("Bolton")
 
 
+def test_admin_changes_of_accounts_are_served_and_notified(live: ZohoSandbox) -> None:
+    accounts = live.people("Accounts")
+    assert ids(accounts) == id_order(live, "Accounts") and len(accounts) == 4
+    with Receiver() as rx:
+        watch(live, "1000000068004", ["Accounts.all"], f"{rx.url}/accounts", token="t")
+        watch(live, "1000000068005", ["Contacts.all"], f"{rx.url}/contacts", token="t")
+        created = live.create_person(
+            {"Account_Name": "Hooli", "Phone": "+1 650 555 0100"}, kind="Accounts"
+        )
+        updated = live.update_person(accounts[0]["id"], kind="Accounts")  # a generated change
+        merged = live.merge_people(accounts[1]["id"], into=accounts[2]["id"], kind="Accounts")
+        rx.wait_for(4)
+        settled(live, queued=4)
+    assert (created["Account_Name"], created["Phone"]) == ("Hooli", "+1 650 555 0100")
+    assert "Full_Name" not in created and "Last_Name" not in created
+    assert created["Billing_City"]  # generated where not given
+    for name in ("Account_Name", "Phone"):
+        assert updated[name] != accounts[0][name]
+    assert merged["id"] == accounts[2]["id"]
+    assert [(d.path, d.json()["module"], d.json()["operation"]) for d in rx.received] == [
+        ("/accounts", "Accounts", "insert"),
+        ("/accounts", "Accounts", "update"),
+        ("/accounts", "Accounts", "update"),
+        ("/accounts", "Accounts", "delete"),
+    ]
+    assert id_order(live, "Accounts") == [
+        accounts[0]["id"],
+        accounts[2]["id"],
+        accounts[3]["id"],
+        created["id"],
+    ]
+    [gone] = get(live, "Accounts/deleted").json()["data"]
+    assert (gone["id"], gone["display_name"]) == (accounts[1]["id"], accounts[1]["Account_Name"])
+    assert ids(live.people()) == ids(live.people("Contacts"))  # untouched by all of it
+
+
 @pytest.mark.parametrize(
     ("change", "status"),
     [
         (lambda sb, cid, lid: sb.create_person({"Company": "Initech"}), 400),  # a Leads field
+        (lambda sb, cid, lid: sb.create_person({"Account_Name": ""}, kind="Accounts"), 400),
+        (lambda sb, cid, lid: sb.create_person({"Last_Name": "X"}, kind="Accounts"), 400),
         (lambda sb, cid, lid: sb.create_person({"Full_Name": "Set By Zoho"}), 400),
         (lambda sb, cid, lid: sb.create_person({"Last_Name": ""}), 400),
         (lambda sb, cid, lid: sb.create_person(kind="Deals"), 400),
@@ -574,6 +724,7 @@ def test_people_changes_persist_across_restarts(tmp_path: Path) -> None:
 
 # ---- POST /{module}: people inserted through the API ---------------------------------------
 LEAD = {"Last_Name": "Unknown caller +14155550199", "Phone": "+14155550199"}
+ACCOUNT = {"Account_Name": "Initech", "Phone": "+1 512 555 0100"}
 PEOPLE_FIELDS = "First_Name,Last_Name,Full_Name,Phone,Mobile,Email,Modified_Time"
 
 
@@ -689,6 +840,12 @@ def test_insert_of_several_records_answers_per_record(live: ZohoSandbox) -> None
         ("Leads", {**LEAD, "Nickname": "x"}, "INVALID_DATA", "Nickname"),
         ("Contacts", {**LEAD, "Company": "Initech"}, "INVALID_DATA", "Company"),  # Leads only
         ("Contacts", {**LEAD, "Account_Name": "Initech"}, "INVALID_DATA", "Account_Name"),
+        ("Accounts", {"Phone": "+14155550199"}, "MANDATORY_NOT_FOUND", "Account_Name"),
+        ("Accounts", {"Account_Name": "  "}, "INVALID_DATA", "Account_Name"),
+        ("Accounts", {"Account_Name": {"id": "1"}}, "INVALID_DATA", "Account_Name"),  # text here
+        ("Accounts", {**ACCOUNT, "Last_Name": "Doe"}, "INVALID_DATA", "Last_Name"),
+        ("Accounts", {**ACCOUNT, "Parent_Account": "Acme"}, "INVALID_DATA", "Parent_Account"),
+        ("Accounts", {**ACCOUNT, "Fax": "fax: 0199"}, "INVALID_DATA", "Fax"),
     ],
 )
 def test_insert_refuses_what_zoho_refuses(
@@ -721,6 +878,23 @@ def test_insert_refuses_bad_envelopes(
     response = write(sandbox, "POST", path, body)
     assert response.status_code == 400 and response.json()["code"] == code, response.text
     assert sandbox.stats()["records"] == before
+
+
+def test_an_account_insert_stores_only_what_was_given(live: ZohoSandbox) -> None:
+    parent = live.people("Accounts")[0]
+    body = {"data": [{**ACCOUNT, "Parent_Account": {"id": parent["id"]}}]}
+    response = write(live, "POST", "Accounts", body)
+    assert response.status_code == 201, response.text
+    account_id = response.json()["data"][0]["details"]["id"]
+    (stored,) = [a for a in live.people("Accounts") if a["id"] == account_id]
+    assert (stored["Account_Name"], stored["Phone"]) == (ACCOUNT["Account_Name"], ACCOUNT["Phone"])
+    assert stored["Parent_Account"] == {"id": parent["id"]}
+    assert stored["Fax"] is None and stored["Billing_City"] is None and stored["Owner"]["id"]
+    assert "Email_Opt_Out" not in stored and "Converted__s" not in stored
+    params = {"fields": "Account_Name,Phone,Fax", "ids": account_id}
+    assert get(live, "Accounts", params=params).json()["data"] == [
+        {"id": account_id, "Account_Name": "Initech", "Phone": ACCOUNT["Phone"], "Fax": None}
+    ]
 
 
 def test_insert_needs_json_and_the_token(sandbox: ZohoSandbox) -> None:

@@ -35,9 +35,13 @@ def summarize(
         "aggregateData": {
             "totalSynced": c["synced"],
             "totalFailed": c["failed"],
+            "totalSkipped": c["skipped"],
             "created": c["created"],
             "updated": c["updated"],
             "skippedUnchanged": c["unchanged"],
+            "adopted": c["adopted"],
+            "adoptionCandidates": c["adoption_candidates"],
+            "unverifiedPhones": c["unverified_phones"],
             "duration": round(elapsed * 1000),
             "recordsPerSecond": round(rate, 3),
             "errors": [
@@ -48,6 +52,13 @@ def summarize(
                     "page": e.page,
                 }
                 for e in errors
+                if e.skipped is None
+            ],
+            # The records skipped on purpose, each with its reason (a SkipReason) and details.
+            "skipped": [
+                {"contactId": e.external_id, "reason": e.skipped, "detail": e.error, "page": e.page}
+                for e in errors
+                if e.skipped is not None
             ],
         },
         "pages": {

@@ -38,8 +38,14 @@ class InvalidRecord(ValueError):
 
 
 class NoPhone(InvalidRecord):
-    """A readable person without a phone number Quo can hold: not a contact (a person who had
-    one and lost it is withdrawn from Quo, see ContactUpserter.withdraw)."""
+    """A readable person without a phone number Quo can hold: skipped, not a contact, unless
+    the integration syncs people without a phone (a person who had one and lost it is
+    withdrawn from Quo, see ContactUpserter.withdraw)."""
+
+
+class Excluded(InvalidRecord):
+    """A record a connector leaves out on purpose (a filter: e.g. a CRM's deleted or merged-away
+    marker on a record it still lists): skipped with the message as the reason."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,7 @@ class UpsertAction(StrEnum):
     CREATED = "created"
     UPDATED = "updated"
     UNCHANGED = "unchanged"
+    ADOPTED = "adopted"  # an earlier system's contact, found and linked instead of a new one
     FAILED = "failed"
 
 
@@ -217,6 +224,9 @@ class RecordOutcome:
     external_id: str
     action: UpsertAction
     error: str | None = None
+    # A Quo contact that shares a phone number with this person but no externalId scheme
+    # (the adoption's `adopt_by_phone` candidate), when it was not adopted.
+    candidate: str | None = None
 
 
 @dataclass(frozen=True)

@@ -51,10 +51,22 @@ COUNTER_NAMES = (
     "created",
     "updated",
     "unchanged",  # same content hash as last sync, zero requests
-    "skipped",  # not sent on purpose, with a reason (a repeated id in the same page)
+    "skipped",  # not sent on purpose, with a reason (SkipReason)
+    "adopted",  # synced by linking an earlier system's contact (counted in synced too)
+    "adoption_candidates",  # created, though a contact not ours shares a phone number
+    "unverified_phones",  # numbers kept as possible that libphonenumber does not call valid
     "pages_processed",
     "pages_failed",
 )
+
+
+class SkipReason(StrEnum):
+    """Why a record was not sent to Quo on purpose (skipped, neither synced nor failed)."""
+
+    NO_PHONE = "no phone"
+    DUPLICATE = "duplicate in page"
+    FILTERED = "excluded by a filter"
+    DELETED = "deleted in the CRM"
 
 
 MAX_ERROR_CHARS = 500  # one error text, stored and shown; a CRM can echo megabytes back
@@ -70,10 +82,13 @@ def cap_text(value: str, limit: int = MAX_ERROR_CHARS) -> str:
 
 @dataclass(frozen=True)
 class ErrorDetail:
+    """One record's failure, or its skip (`skipped` holds the SkipReason), with the text why."""
+
     external_id: str | None
     error: str
     timestamp: str
     page: str | None = None
+    skipped: str | None = None
 
     def __post_init__(self) -> None:
         # Errors quote CRM data and API answers: capped here, so no store or metadata grows
@@ -94,6 +109,9 @@ class PageResult:
     updated: int = 0
     unchanged: int = 0
     skipped: int = 0
+    adopted: int = 0
+    adoption_candidates: int = 0
+    unverified_phones: int = 0
     ok: bool = True  # False: the page as a whole failed (fetch error, Quo unreachable)
     errors: tuple[ErrorDetail, ...] = ()
 
@@ -106,6 +124,9 @@ class PageResult:
             "updated": self.updated,
             "unchanged": self.unchanged,
             "skipped": self.skipped,
+            "adopted": self.adopted,
+            "adoption_candidates": self.adoption_candidates,
+            "unverified_phones": self.unverified_phones,
             "pages_processed": int(self.ok),
             "pages_failed": int(not self.ok),
         }

@@ -1,6 +1,10 @@
 """Attio: the `people` object into Quo contacts, calls and SMS back as notes, record webhooks.
 An unknown caller can be created as a person ("Unknown caller" with the number).
 
+A person's `company` is a reference to a companies record: `prepare_page` reads the names of a
+page's companies in one query and keeps them for the run. Attio records carry no deleted or
+merged marker (such a record is gone: 404), so nothing is excluded here.
+
 A call's note is replaced (create, then delete) each time Quo tells more about the call: Attio
 has no note update. Its plain-text body ends with "Quo call id: <id>", which finds it again.
 
@@ -11,6 +15,7 @@ mapped attributes are sent, since Quo rejects keys its workspace does not define
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -19,13 +24,15 @@ from quo_sync_dagster.core.activity_text import call_lines, sms_lines
 from quo_sync_dagster.core.models import (
     CallActivity,
     CustomFieldValue,
+    Integration,
     InvalidRecord,
     LabeledValue,
     PersonPage,
     QuoContact,
     SmsActivity,
 )
-from quo_sync_dagster.crms.attio_api import PEOPLE, AttioApi, AttioApiError
+from quo_sync_dagster.core.ratelimit import Throttle
+from quo_sync_dagster.crms.attio_api import COMPANIES, PEOPLE, AttioApi, AttioApiError
 from quo_sync_dagster.crms.base import (
     CRMConfig,
     CRMConnector,
@@ -33,7 +40,7 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
-from quo_sync_dagster.crms.fields import crm_id, emails, items, phones, shown_id, text
+from quo_sync_dagster.crms.fields import crm_id, display_name, emails, items, phones, shown_id, text
 from quo_sync_dagster.governed_http import OutcomeUnknown
 
 DEFAULT_BASE_URL = "https://api.attio.com"
@@ -64,6 +71,22 @@ def _active(person: dict[str, Any], attribute: str) -> list[dict[str, Any]]:
 def _text(value: dict[str, Any], attribute: str, key: str) -> str | None:
     """The text of `key` in a value of `attribute`; errors name it attribute.key."""
     return text(value.get(key), f"{attribute}.{key}")
+
+
+def _company_id(person: dict[str, Any]) -> str | None:
+    """The record id of the company the person's current `company` value points at."""
+    for value in _active(person, "company"):
+        target = value.get("target_record_id")
+        if value.get("target_object") == COMPANIES and isinstance(target, str):
+            return target
+    return None
+
+
+def _company_name(company: dict[str, Any]) -> Any:
+    """A company's current name as Attio sent it; the transform that shows it checks it."""
+    with contextlib.suppress(InvalidRecord):
+        return next(iter(_active(company, "name")), {}).get("value")
+    return None
 
 
 class NoteNotFound(AttioApiError, LookupError):
@@ -121,6 +144,17 @@ class AttioConnector(CRMConnector):
         requests_per_second=20.0,
     )
 
+    def __init__(
+        self,
+        integration: Integration,
+        credential: str | None = None,
+        throttle: Throttle | None = None,
+    ) -> None:
+        super().__init__(integration, credential, throttle)
+        # Company record id -> name (None: Attio did not return it), for this run: a run is
+        # short, and a renamed company is read again by the next one.
+        self._company_names: dict[str, str | None] = {}
+
     def make_api(self) -> AttioApi:
         if not self.credential:
             raise ValueError(f"integration {self.integration.id!r} has no Attio credential")
@@ -151,37 +185,62 @@ class AttioConnector(CRMConnector):
     def record_key(self, record: dict[str, Any], object_type: str) -> str:
         return crm_id(_record_id(record), "id.record_id")
 
+    def prepare_page(self, records: Sequence[dict[str, Any]], object_type: str) -> None:
+        """Read the names of the companies the page's people belong to that this run has not
+        read yet: one `record_id $in` query per 500 of them (a page holds at most 200 people).
+        Ones Attio does not return are remembered as nameless, so they are not asked for
+        again."""
+        wanted: set[str] = set()
+        for record in records:
+            with contextlib.suppress(InvalidRecord):  # its transform names what is wrong
+                company = _company_id(record)
+                if company is not None and company not in self._company_names:
+                    wanted.add(company)
+        if not wanted:
+            return
+        found = {
+            company["id"]["record_id"]: _company_name(company)
+            for company in self.api.get_companies(sorted(wanted))
+        }
+        self._company_names |= {rid: found.get(rid) for rid in wanted}
+
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
         # A merge gives the surviving record a new record_id, so it arrives here as a new
         # contact; the webhook pipeline will delete the originals' contacts on record.merged.
         record_id = self.record_key(person, object_type)
+        addresses = emails(
+            ("email", _text(v, "email_addresses", "email_address"))
+            for v in _active(person, "email_addresses")
+        )
+        numbers = self._phones(person)
+        # Named by what prepare_page read: nothing when it was not read or is gone.
+        company = text(self._company_names.get(_company_id(person)), "company name")
         name = next(iter(_active(person, "name")), {})
-        first, last = _text(name, "name", "first_name"), _text(name, "name", "last_name")
-        if first is None and last is None:
-            first, _, rest = (_text(name, "name", "full_name") or "").partition(" ")
-            first, last = first or None, rest or None
-        if first is None and last is None:
-            raise InvalidRecord("no name: name has no first, last or full name")
+        first, last = display_name(
+            _text(name, "name", "first_name"),
+            _text(name, "name", "last_name"),
+            full=_text(name, "name", "full_name"),
+            company=company,
+            addresses=addresses,
+            numbers=numbers,
+        )
         title = _text(next(iter(_active(person, "job_title")), {}), "job_title", "value")
-        # No company: it is a reference to a companies record, which the client cannot read yet.
         return QuoContact(
             external_id=record_id,
             source=self.quo_source,
             first_name=first,
             last_name=last,
+            company=company,
             role=title,
-            emails=emails(
-                ("email", _text(v, "email_addresses", "email_address"))
-                for v in _active(person, "email_addresses")
-            ),
-            phone_numbers=self._phones(person),
+            emails=addresses,
+            phone_numbers=numbers,
             custom_fields=self._custom_fields(person),
             source_url=text(person.get("web_url"), "web_url", None),
         )
 
     def _phones(self, person: dict[str, Any]) -> tuple[LabeledValue, ...]:
-        """E.164 numbers; invalid ones are dropped while one valid number remains. Attio's
-        stored phone_number is E.164 already; a number is read in its own country_code."""
+        """E.164 numbers the phone rules keep; the others are dropped. Attio's stored
+        phone_number is E.164 already; a number is read in its own country_code."""
         return phones(
             (
                 (
@@ -192,7 +251,7 @@ class AttioConnector(CRMConnector):
                 )
                 for value in _active(person, "phone_numbers")
             ),
-            self.integration.default_region,
+            self.phone_rules,
         )
 
     def _custom_fields(self, person: dict[str, Any]) -> tuple[CustomFieldValue, ...]:

@@ -1,6 +1,6 @@
-"""httpx client for Attio's REST API (v2): people queries and creates, notes (create, list, get,
-delete: the spec has no note update) and webhooks, governed and retried through GovernedHttp,
-errors parsed from Attio's `{status_code, type, code, message}`."""
+"""httpx client for Attio's REST API (v2): people queries and creates, companies read by id,
+notes (create, list, get, delete: the spec has no note update) and webhooks, governed and
+retried through GovernedHttp, errors parsed from Attio's `{status_code, type, code, message}`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from quo_sync_dagster.governed_http import ApiClient, ApiUnavailable, GovernedHt
 
 __all__ = ["AttioApi", "AttioApiError", "AttioUnavailable", "parse_error", "verify_signature"]
 
-PEOPLE = "people"
+PEOPLE, COMPANIES = "people", "companies"
 MAX_PAGE = 500  # Attio's default limit; the spec gives no maximum, so stay at the default
 MAX_NOTES_PAGE = 50  # the spec's maximum `limit` of GET /v2/notes
 PERSON_EVENTS = ("record.created", "record.updated", "record.deleted", "record.merged")
@@ -104,7 +104,7 @@ class AttioApi(ApiClient):
         }
         if filter is not None:
             body["filter"] = filter
-        return self._request("POST", f"/v2/objects/{PEOPLE}/records/query", json=body)["data"]
+        return self._query(PEOPLE, body)
 
     def iter_people(self, page_size: int = MAX_PAGE, sort_desc: bool = True) -> Iterator[dict]:
         offset = 0
@@ -117,12 +117,23 @@ class AttioApi(ApiClient):
 
     def get_people(self, record_ids: Iterable[str]) -> list[dict[str, Any]]:
         """The people that exist among `record_ids` (no batch GET: a `record_id $in` query)."""
+        return self._by_ids(PEOPLE, record_ids)
+
+    def get_companies(self, record_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The companies that exist among `record_ids`: one query per 500 of them."""
+        return self._by_ids(COMPANIES, record_ids)
+
+    def _by_ids(self, object_slug: str, record_ids: Iterable[str]) -> list[dict[str, Any]]:
         ids = list(dict.fromkeys(record_ids))
         found: list[dict[str, Any]] = []
         for start in range(0, len(ids), MAX_PAGE):
             chunk = ids[start : start + MAX_PAGE]
-            found += self.query_people(len(chunk), 0, filter={"record_id": {"$in": chunk}})
+            body = {"filter": {"record_id": {"$in": chunk}}, "limit": len(chunk), "offset": 0}
+            found += self._query(object_slug, body)
         return found
+
+    def _query(self, object_slug: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        return self._request("POST", f"/v2/objects/{object_slug}/records/query", json=body)["data"]
 
     def get_person(self, record_id: str) -> dict[str, Any] | None:
         """None when the person is gone (deleted or merged away)."""

@@ -13,6 +13,8 @@ is the API token. Paging and freshness follow what the API can do, not what the 
   time), so it is ignored: every poll is a full scan, and the store's content hashes keep
   unchanged people from being written to Quo again.
 * Ids overlap across kinds, so externalIds are "<type>-<id>" ("client-625").
+* No record marks a deletion: an inactive `status` (Discharged, Deceased, a lost lead) is the
+  person's state, and their family or they may still call, so everyone listed is synced.
 * Activities: `POST /api/call-logs` tagged with the person, later versions of the call through
   `PATCH /api/call-logs/{id}` (same id). AxisCare has no SMS activity, so an SMS is a call log
   whose subject says it is an SMS. A missed incoming call says so in its subject and is
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,8 +39,6 @@ from quo_sync_dagster.core.models import (
     CallActivity,
     CallOutcome,
     InvalidRecord,
-    LabeledValue,
-    NoPhone,
     PersonPage,
     QuoContact,
     SmsActivity,
@@ -50,7 +52,18 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
-from quo_sync_dagster.crms.fields import aware, crm_id, e164, emails, shown_id, text
+from quo_sync_dagster.crms.fields import (
+    PhonePair,
+    PhoneProblem,
+    aware,
+    crm_id,
+    display_name,
+    e164,
+    emails,
+    phones,
+    shown_id,
+    text,
+)
 from quo_sync_dagster.governed_http import OutcomeUnknown
 
 MAX_PAGE = 500  # the spec's `limit` maximum (clients, leads); applicants use the server's size
@@ -61,6 +74,7 @@ _EXTERNAL_ID = re.compile(r"(client|lead|caregiver|applicant)-([1-9][0-9]*)")
 _PROFILE_PAGE = {"clients": "customers", "caregivers": "caregivers"}
 _PHONES = (("homePhone", "home"), ("mobilePhone", "mobile"), ("otherPhone", "other"))
 _PHONE_FIELD = {label: field for field, label in _PHONES}
+_ALL_EMPTY = "homePhone, mobilePhone, otherPhone are empty"
 _EMAILS = (("personalEmail", "personal"), ("billingEmail", "billing"))
 # The name of a lead created for a caller nobody in AxisCare has (create_person_for_caller).
 UNKNOWN_CALLER = ("Unknown", "caller")
@@ -78,6 +92,17 @@ def _needs_call_back(call: CallActivity) -> bool:
     has no status, so this flag, with the subject, is how a missed call shows."""
     missed = call.outcome in (CallOutcome.MISSED, CallOutcome.VOICEMAIL)
     return missed and call.direction == "incoming"
+
+
+def _phone_pairs(person: dict[str, Any]) -> list[PhonePair]:
+    return [(label, text(person.get(field), field)) for field, label in _PHONES]
+
+
+def _no_phone(external_id: str, problems: Sequence[PhoneProblem]) -> str:
+    """The NoPhone reason: the fields whose numbers cannot be phone numbers, or that all are
+    empty."""
+    why = "; ".join(f"{_PHONE_FIELD[p.label]}: {p}" for p in problems) or _ALL_EMPTY
+    return f"{external_id}: no phone number ({why})"
 
 
 def parse_external_id(external_id: str) -> tuple[str, int]:
@@ -148,15 +173,6 @@ class AxisCareConnector(CRMConnector):
             return []
         return self.api.get_people(object_type, numbers)
 
-    def _phones(self, person: dict[str, Any]) -> tuple[tuple[LabeledValue, ...], list[str]]:
-        """The person's valid phones in E.164 (first label wins for a repeated number) and
-        the problems with the others."""
-        found, problems = e164(
-            ((label, text(person.get(field), field)) for field, label in _PHONES),
-            self.integration.default_region,
-        )
-        return found, [f"{_PHONE_FIELD[p.label]}: {p}" for p in problems]
-
     def person_id(self, person: dict[str, Any]) -> str:
         return shown_id(person.get("id"))
 
@@ -172,14 +188,9 @@ class AxisCareConnector(CRMConnector):
         # The name people use on the phone; AxisCare keeps it in goesBy (clients, caregivers).
         first = text(person.get("goesBy"), "goesBy") or text(person.get("firstName"), "firstName")
         last = text(person.get("lastName"), "lastName")
-        if first is None and last is None:
-            raise InvalidRecord(f"{external_id}: no name (firstName, goesBy, lastName are empty)")
-        if first is None:  # Quo shows contacts by first name: a lone last name goes there
-            first, last = last, None
-        phones, problems = self._phones(person)
-        if not phones:  # invalid phones are dropped only while a valid one remains
-            why = "; ".join(problems) or "homePhone, mobilePhone, otherPhone are empty"
-            raise NoPhone(f"{external_id}: no valid phone number ({why})")
+        addresses = emails((label, text(person.get(field), field)) for field, label in _EMAILS)
+        numbers = phones(_phone_pairs(person), self.phone_rules, partial(_no_phone, external_id))
+        first, last = display_name(first, last, addresses=addresses, numbers=numbers)
         # Profile pages exist only on a real AxisCare site (a simulator has none, and a new port
         # per start would change every link, so every contact, on each restart).
         site = urlsplit(self._base_url).hostname or ""
@@ -191,8 +202,8 @@ class AxisCareConnector(CRMConnector):
             last_name=last,
             company=None,  # people of a care agency have no employer field
             role=_SINGULAR[object_type].capitalize(),  # their role towards the agency
-            emails=emails((label, text(person.get(field), field)) for field, label in _EMAILS),
-            phone_numbers=phones,
+            emails=addresses,
+            phone_numbers=numbers,
             source_url=f"{self._base_url}?{profile}-profile.php&id={pid}" if profile else None,
         )
 
@@ -233,8 +244,10 @@ class AxisCareConnector(CRMConnector):
                 return found
 
     def _holds(self, person: dict[str, Any], number: str) -> bool:
+        # The number as it was written, whatever the integration's policy keeps for syncing.
+        possible = replace(self.phone_rules, require_valid=False)
         try:
-            return number in {phone.value for phone in self._phones(person)[0]}
+            return number in {phone.value for phone in e164(_phone_pairs(person), possible)[0]}
         except InvalidRecord:
             return False
 
@@ -251,9 +264,9 @@ class AxisCareConnector(CRMConnector):
             name = " ".join(
                 n for f in ("firstName", "lastName") if (n := clean_or_none(person.get(f)))
             )
-            phones, _ = self._phones(person)
+            numbers, _ = e164(_phone_pairs(person), self.phone_rules)
             caller_name = name or activity.contact_external_id
-            caller_phone = activity.external_number or (phones[0].value if phones else "")
+            caller_phone = activity.external_number or (numbers[0].value if numbers else "")
         else:
             caller_name = f"{activity.quo_user} (Quo)" if activity.quo_user else "Quo"
             caller_phone = activity.quo_number or ""

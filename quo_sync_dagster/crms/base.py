@@ -21,6 +21,7 @@ from quo_sync_dagster.core.models import (
     QuoContact,
     SmsActivity,
 )
+from quo_sync_dagster.core.phones import PhoneRules
 from quo_sync_dagster.core.ratelimit import Throttle
 from quo_sync_dagster.crms.fields import crm_id
 
@@ -28,6 +29,9 @@ from quo_sync_dagster.crms.fields import crm_id
 class PersonObjectType(BaseModel):
     crm_object_name: str  # e.g. "Contact", "Lead"; one sync Process each
     quo_contact_type: str = "contact"
+    # Synced by an integration whose `object_types` setting does not name its types (off:
+    # only when named there or in an initial sync's launchpad config).
+    default: bool = True
 
 
 class SyncConfig(BaseModel):
@@ -99,6 +103,10 @@ class CRMConnector(ABC):
         self.integration = integration
         self.credential = credential
         self.throttle = throttle
+        # Read once: a bad setting fails the run that opens the integration, naming the setting.
+        self.phone_rules = PhoneRules.from_settings(
+            integration.default_region, integration.settings
+        )
 
     # ---- the five methods of the seed -----------------------------------------------------
     @abstractmethod
@@ -145,7 +153,31 @@ class CRMConnector(ABC):
     def setup_webhooks(self, receiver_url: str) -> dict[str, Any]:
         """Subscribe the CRM's person events to `receiver_url`; return what teardown needs."""
 
+    @classmethod
+    def object_types_for(cls, settings: dict[str, Any]) -> list[str]:
+        """The object types an integration with `settings` syncs (initial syncs without a
+        list of their own, polling, webhooks, deletes): its `object_types` setting, else the
+        types that are on by default. ValueError names a type the CRM does not have."""
+        known = [o.crm_object_name for o in cls.crm_config.person_object_types]
+        named = settings.get("object_types")
+        if named is None:
+            return [o.crm_object_name for o in cls.crm_config.person_object_types if o.default]
+        if not isinstance(named, list) or not named or set(named) - set(known):
+            raise ValueError(
+                f"setting object_types must be a non-empty list of {known}, not {named!r}"
+            )
+        return named
+
+    @property
+    def object_types(self) -> list[str]:
+        return self.object_types_for(self.integration.settings)
+
     # ---- optional -------------------------------------------------------------------------
+    def prepare_page(self, records: Sequence[dict[str, Any]], object_type: str) -> None:
+        """Read what the page's transforms need from elsewhere in the CRM in one go (e.g. the
+        names of the organizations its people belong to), before transform_person_to_quo is
+        called on each record. A failure here is the CRM's, so it fails the page."""
+
     def person_id(self, person: dict[str, Any]) -> str:
         """How errors name a CRM person: its id as people see it in the CRM."""
         return str(person.get("id"))
@@ -158,6 +190,12 @@ class CRMConnector(ABC):
     def change_key(self, object_type: str, person_id: str) -> str:
         """The same, for the id of a person a webhook reports."""
         return person_id
+
+    @classmethod
+    def earlier_key(cls, key: str) -> str:
+        """The CRM id the earlier production sync wrote as externalId for the record key `key`
+        (what an integration's `legacy_external_id` template is filled with at cutover)."""
+        return key
 
     def fetch_persons_by_ids(self, object_type: str, ids: Sequence[str]) -> list[dict[str, Any]]:
         """The people among `ids` (CRM ids, as in their externalIds) that the CRM has now;

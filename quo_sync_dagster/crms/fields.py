@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from quo_sync_dagster.core.models import MAX_EXTERNAL_ID, InvalidRecord, LabeledValue, NoPhone
-from quo_sync_dagster.core.phones import to_e164
+from quo_sync_dagster.core.phones import PhoneRules, to_e164
 from quo_sync_dagster.core.sanitize import MAX_TEXT, clean, clean_or_none, finite
 
 # (label, text) or (label, text, region): a region of None means the default one.
@@ -92,7 +92,7 @@ def emails(pairs: Iterable[tuple[str, str | None]]) -> tuple[LabeledValue, ...]:
 
 @dataclass(frozen=True)
 class PhoneProblem:
-    """A number that is not valid: its label, the raw text, and why (to_e164's message)."""
+    """A number that is not kept: its label, the raw text, and why (to_e164's message)."""
 
     label: str
     raw: str
@@ -103,10 +103,10 @@ class PhoneProblem:
 
 
 def e164(
-    pairs: Iterable[PhonePair], region: str
+    pairs: Iterable[PhonePair], rules: PhoneRules
 ) -> tuple[tuple[LabeledValue, ...], list[PhoneProblem]]:
-    """The valid numbers in E.164, once each (the first label wins), and the invalid ones.
-    Blank values are skipped; `region` reads numbers without a country code."""
+    """The numbers `rules` keep, in E.164, once each (the first label wins), and the others.
+    Blank values are skipped; `rules.region` reads numbers without a country code."""
     phones: dict[str, LabeledValue] = {}
     problems: list[PhoneProblem] = []
     for pair in pairs:
@@ -115,7 +115,7 @@ def e164(
         if (raw := clean_or_none(value)) is None:
             continue
         try:
-            number = to_e164(raw, own or region)
+            number = to_e164(raw, own or rules.region, rules.require_valid)
         except InvalidRecord as exc:
             problems.append(PhoneProblem(label, raw, str(exc)))
             continue
@@ -129,13 +129,41 @@ def _joined(problems: Sequence[PhoneProblem]) -> str:
 
 def phones(
     pairs: Iterable[PhonePair],
-    region: str,
+    rules: PhoneRules,
     explain: Callable[[Sequence[PhoneProblem]], str] = _joined,
 ) -> tuple[LabeledValue, ...]:
-    """e164's valid numbers: invalid ones are dropped while at least one valid one remains.
-    None valid raises NoPhone with `explain(problems)` (by default the problems, joined,
-    or "no phone number" when there were none)."""
-    found, problems = e164(pairs, region)
-    if not found:
+    """e164's kept numbers; the others are dropped. None kept raises NoPhone with
+    `explain(problems)` (by default the problems, joined, or "no phone number" when there
+    were none), unless the rules allow people without a phone."""
+    found, problems = e164(pairs, rules)
+    if not found and not rules.allow_none:
         raise NoPhone(explain(problems))
     return found
+
+
+def display_name(
+    first: str | None,
+    last: str | None,
+    *,
+    full: str | None = None,
+    company: str | None = None,
+    addresses: Sequence[LabeledValue] = (),
+    numbers: Sequence[LabeledValue] = (),
+) -> tuple[str, str | None]:
+    """(firstName, lastName) for Quo, which shows contacts by a first name it requires: the
+    person's own names (a lone last name moves to first); else `full` split at its first space;
+    else the company; else the first e-mail's local part; else the first phone number.
+    InvalidRecord when the record holds none of these."""
+    if first:
+        return first, last
+    if last:
+        return last, None
+    if full:
+        given, _, family = full.partition(" ")
+        return given, family.strip() or None
+    for fallback in (company, *(a.value.partition("@")[0] for a in addresses)):
+        if fallback:
+            return fallback, None
+    if numbers:
+        return numbers[0].value, None
+    raise InvalidRecord("no name: no name, full name, company, e-mail or phone number to show")

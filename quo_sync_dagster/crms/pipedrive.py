@@ -2,6 +2,11 @@
 (and updated in place as Quo sends the call's recording, summary and transcript); a person
 created for a caller nobody in Pipedrive has, where the integration asks for it.
 
+A v2 person names its organization by id only: `prepare_page` reads the names of a page's
+organizations in one request (per 100 new ones) and keeps them for the run, so a contact's
+company costs at most one extra request per page. A person Pipedrive lists as deleted
+(`is_deleted`) is skipped, not synced.
+
 Integration settings: `base_url` (the API base, e.g. https://acme.pipedrive.com) and optionally
 `custom_fields`, a map of Pipedrive person custom field key -> Quo custom field key. The
 credential is the API token. Webhooks use HTTP Basic auth (Pipedrive signs nothing) with a
@@ -23,11 +28,13 @@ from quo_sync_dagster.core.models import (
     CallActivity,
     CallOutcome,
     CustomFieldValue,
-    InvalidRecord,
+    Excluded,
+    Integration,
     PersonPage,
     QuoContact,
     SmsActivity,
 )
+from quo_sync_dagster.core.ratelimit import Throttle
 from quo_sync_dagster.crms.base import (
     CRMConfig,
     CRMConnector,
@@ -35,7 +42,7 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
-from quo_sync_dagster.crms.fields import aware, emails, items, phones, shown_id, text
+from quo_sync_dagster.crms.fields import aware, display_name, emails, items, phones, shown_id, text
 from quo_sync_dagster.crms.pipedrive_api import PipedriveApi, PipedriveApiError
 
 LIST_LIMIT_MAX = 500  # GET /api/v2/persons
@@ -71,6 +78,11 @@ def _talk_seconds(call: CallActivity) -> int | None:
     return call.duration_seconds if call.outcome is CallOutcome.ANSWERED else None
 
 
+def _org_id(value: Any) -> int | None:
+    """A v2 `org_id` (an integer); None for none, and for v1's object, which holds the name."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _labeled(person: dict[str, Any], field: str) -> list[tuple[str, str]]:
     """(label, value) of the non-blank items of `field` (emails, phones), primary first:
     Pipedrive's is not always first. A bare string is an item without a label."""
@@ -100,6 +112,17 @@ class PipedriveConnector(CRMConnector):
         # Lite plan API-token burst: 20 per 2 s; half of it leaves room for other token users.
         requests_per_second=5.0,
     )
+
+    def __init__(
+        self,
+        integration: Integration,
+        credential: str | None = None,
+        throttle: Throttle | None = None,
+    ) -> None:
+        super().__init__(integration, credential, throttle)
+        # Organization id -> name (None: Pipedrive did not return it), for this run: a run is
+        # short, and a renamed organization is read again by the next one.
+        self._org_names: dict[int, str | None] = {}
 
     def make_api(self) -> PipedriveApi:
         if not self.credential:
@@ -133,17 +156,32 @@ class PipedriveConnector(CRMConnector):
     def person_id(self, person: dict[str, Any]) -> str:
         return shown_id(person.get("id"))
 
+    def prepare_page(self, records: Sequence[dict[str, Any]], object_type: str) -> None:
+        """Read the names of the organizations the page's people belong to that this run has
+        not read yet: one request for up to 100 of them (a full page of 500 people of more than
+        100 new organizations takes more). Ones Pipedrive does not return are remembered as
+        nameless, so they are not asked for again."""
+        wanted = {_org_id(r.get("org_id")) for r in records} - {None} - self._org_names.keys()
+        if not wanted:
+            return
+        found = {org["id"]: org.get("name") for org in self.api.get_organizations(wanted)}
+        self._org_names |= {org: found.get(org) for org in wanted}
+
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
         pid = self.record_key(person, object_type)
-        first = text(person.get("first_name"), "first_name")
-        last = text(person.get("last_name"), "last_name")
-        if first is None and last is None:
-            first = text(person.get("name"), "name")  # a person created with a name only
-        if first is None and last is None:
-            raise InvalidRecord("no name: first_name, last_name and name are empty")
-        org = person.get("org_id")  # an object, with the name, in v1-shaped payloads only
-        company = text(person.get("org_name"), "org_name") or (
-            text(org.get("name"), "org_id.name") if isinstance(org, dict) else None
+        if person.get("is_deleted") is True:  # soft-deleted, still listed until purged
+            raise Excluded("deleted in Pipedrive (is_deleted)")
+        addresses = emails(_labeled(person, "emails"))
+        # Possible numbers in E.164, once each; the others are dropped.
+        numbers = phones(_labeled(person, "phones"), self.phone_rules)
+        company = self._company(person)
+        first, last = display_name(
+            text(person.get("first_name"), "first_name"),
+            text(person.get("last_name"), "last_name"),
+            full=text(person.get("name"), "name"),  # a person created with a name only
+            company=company,
+            addresses=addresses,
+            numbers=numbers,
         )
         mapping = self.integration.settings.get("custom_fields") or {}
         values = person.get("custom_fields")
@@ -155,9 +193,8 @@ class PipedriveConnector(CRMConnector):
             last_name=last,
             company=company,
             role=text(person.get("job_title"), "job_title"),  # present with Contact Sync only
-            emails=emails(_labeled(person, "emails")),
-            # Valid numbers in E.164, once each; invalid ones are dropped while a valid one is left.
-            phone_numbers=phones(_labeled(person, "phones"), self.integration.default_region),
+            emails=addresses,
+            phone_numbers=numbers,
             custom_fields=tuple(
                 CustomFieldValue(quo_key, values[key])
                 for key, quo_key in mapping.items()
@@ -165,6 +202,16 @@ class PipedriveConnector(CRMConnector):
             ),
             source_url=f"https://app.pipedrive.com/person/{pid}",
         )
+
+    def _company(self, person: dict[str, Any]) -> str | None:
+        """v1-shaped payloads name the organization (`org_name`, or `org_id` as an object); a
+        v2 person only has its id, named by what prepare_page read (nothing when it was not
+        read, or Pipedrive no longer has it)."""
+        org = person.get("org_id")
+        if isinstance(org, dict):
+            return text(org.get("name"), "org_id.name")
+        named = text(person.get("org_name"), "org_name")
+        return named or text(self._org_names.get(_org_id(org)), "organization name")
 
     def create_person_for_caller(self, number: str) -> str:
         """A person named "Unknown caller <number>" holding the E.164 `number` as its primary

@@ -1,5 +1,6 @@
 """httpx client for the Pipedrive endpoints the sync uses: v2 persons (list, read, create), v2
-activities (create, update, read), v1 call logs, notes and webhooks. Governed and retried by
+organizations (read by ids), v2 activities (create, update, read), v1 call logs, notes and
+webhooks. Governed and retried by
 GovernedHttp; both of Pipedrive's rate-limit answers (a 429, and the Cloudflare 403 HTML page
 sent to clients that keep going) count as one. Creates are not retried once their outcome is
 unknown.
@@ -24,7 +25,7 @@ __all__ = [
     "PipedriveUnavailable",
 ]
 
-BATCH_READ_MAX = 100  # ids per GET /api/v2/persons?ids=
+BATCH_READ_MAX = 100  # ids per GET /api/v2/persons?ids= and /api/v2/organizations?ids=
 _V1_TIME = "%Y-%m-%d %H:%M:%S"
 
 
@@ -121,10 +122,19 @@ class PipedriveApi(ApiClient):
 
     def get_persons(self, ids: Iterable[int]) -> list[dict[str, Any]]:
         """The persons that exist among `ids` (missing or invisible ones are left out)."""
+        return self._by_ids("/api/v2/persons", ids)
+
+    def get_organizations(self, ids: Iterable[int]) -> list[dict[str, Any]]:
+        """The organizations that exist among `ids` (deleted or invisible ones are left out):
+        one request per 100 ids."""
+        return self._by_ids("/api/v2/organizations", ids)
+
+    def _by_ids(self, path: str, ids: Iterable[int]) -> list[dict[str, Any]]:
+        """A v2 list endpoint's batch read: `ids` takes at most 100 per request."""
         found: list[dict[str, Any]] = []
         for chunk in _chunks(sorted(set(ids)), BATCH_READ_MAX):
             params = {"ids": ",".join(map(str, chunk)), "limit": BATCH_READ_MAX}
-            found += self._request("GET", "/api/v2/persons", params=params).json()["data"] or []
+            found += self._request("GET", path, params=params).json()["data"] or []
         return found
 
     def create_person(

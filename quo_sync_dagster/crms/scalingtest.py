@@ -5,7 +5,8 @@ every record whose index ends in r % 10 and makes it the newest) and `paging` ("
 default, with a total; or "cursor": no total, each page reached through the previous one's
 cursor, as most real CRMs page). The same settings always give
 the same people, so a second sync of an unchanged CRM writes nothing. Three records in every
-hundred are bad on purpose (no phone, an invalid phone, no name): `bad_record_count` says how many.
+hundred are awkward on purpose: no phone and an impossible phone, which the sync skips
+(`skipped_record_count` says how many), and no name, synced under a fallback name.
 `hostile_share` (default 0) makes that share of the other records hostile in one of the ways of
 HOSTILE, as real CRMs send them: `hostile_kind(i)` says which.
 `changes` (default none) is the CRM changing while it is synced: a list of
@@ -34,7 +35,6 @@ from typing import Any
 from quo_sync_dagster.core.activity_text import call_lines, sms_lines
 from quo_sync_dagster.core.models import (
     CallActivity,
-    InvalidRecord,
     PersonPage,
     QuoContact,
     SmsActivity,
@@ -46,7 +46,7 @@ from quo_sync_dagster.crms.base import (
     QueueConfig,
     SyncConfig,
 )
-from quo_sync_dagster.crms.fields import emails, items, phones, shown_id, text
+from quo_sync_dagster.crms.fields import display_name, emails, items, phones, shown_id, text
 
 _BASE_TIME = datetime(2026, 1, 1, tzinfo=UTC)
 _FIRST = ["Ana", "José", "Zoë", "Łukasz", "Mei", "Oluwaseun", "Siobhán", "Kenji", "Amara", "Björn"]
@@ -165,8 +165,9 @@ def change(settings: dict[str, Any], op: str, i: int) -> dict[str, Any]:
     return {**settings, "changes": [*(settings.get("changes") or ()), entry]}
 
 
-def bad_record_count(records: int) -> int:
-    return sum(records // 100 + (records % 100 > k) for k in (_NO_PHONE, _BAD_PHONE, _NO_NAME))
+def skipped_record_count(records: int) -> int:
+    """The people without a phone number among the first `records` (skipped by a sync)."""
+    return sum(records // 100 + (records % 100 > k) for k in (_NO_PHONE, _BAD_PHONE))
 
 
 def _phone(i: int) -> str:
@@ -309,30 +310,36 @@ class ScalingTestConnector(CRMConnector):
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
         # Every field read with .get: a page frame leaves out a field that held NaN.
         external_id = self.record_key(person, object_type)
-        first = text(person.get("first_name"), "first_name")
-        last = text(person.get("last_name"), "last_name")
-        if first is None and last is None:
-            raise InvalidRecord("no name: first_name and last_name are empty")
+        company = text(person.get("company"), "company")
+        addresses = emails(
+            ("email", text(e, "emails")) for e in items(person.get("emails"), "emails")
+        )
+        numbers = phones(
+            (
+                (
+                    text(p.get("type"), "phones.type") or "phone",
+                    text(p.get("number"), "phones.number"),
+                )
+                for p in items(person.get("phones"), "phones", dict)
+            ),
+            self.phone_rules,
+        )
+        first, last = display_name(
+            text(person.get("first_name"), "first_name"),
+            text(person.get("last_name"), "last_name"),
+            company=company,
+            addresses=addresses,
+            numbers=numbers,
+        )
         return QuoContact(
             external_id=external_id,
             source=self.quo_source,
             first_name=first,
             last_name=last,
-            company=text(person.get("company"), "company"),
+            company=company,
             role=text(person.get("title"), "title"),
-            emails=emails(
-                ("email", text(e, "emails")) for e in items(person.get("emails"), "emails")
-            ),
-            phone_numbers=phones(
-                (
-                    (
-                        text(p.get("type"), "phones.type") or "phone",
-                        text(p.get("number"), "phones.number"),
-                    )
-                    for p in items(person.get("phones"), "phones", dict)
-                ),
-                self.integration.default_region,
-            ),
+            emails=addresses,
+            phone_numbers=numbers,
         )
 
     # ---- activities: the synthetic timeline (ActivityLog) -----------------------------------

@@ -1,10 +1,14 @@
-"""Zoho CRM: Contacts and Leads into Quo; calls to the Calls module (updated in place as Quo sends
-the call's recording, summary and transcript), SMS as Notes; a Lead created for a caller nobody
-in Zoho has, where the integration asks for it (an unknown caller is a prospect).
+"""Zoho CRM: Contacts and Leads into Quo, and Accounts (companies, which Quo users call too) where
+an integration's `object_types` names them; calls to the Calls module (updated in place as Quo
+sends the call's recording, summary and transcript), SMS as Notes; a Lead created for a caller
+nobody in Zoho has, where the integration asks for it (an unknown caller is a prospect).
 
 Integration settings: `base_url`, the data centre's API domain (the OAuth token response's
 `api_domain`, or the simulator's URL), and optionally `org_domain_name` (Zoho's org
 `domain_name`) so that contacts link back to their CRM record.
+
+Record keys are "<module>-<id>" ("Accounts-3652397000000123001"): the module tells activities
+where a call or note goes, whether or not Zoho's ids are unique across modules.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from quo_sync_dagster.core.activity_text import call_lines, call_subject, sms_li
 from quo_sync_dagster.core.models import (
     CallActivity,
     CallOutcome,
-    InvalidRecord,
+    Excluded,
+    LabeledValue,
     PersonPage,
     QuoContact,
     SmsActivity,
@@ -36,6 +41,7 @@ from quo_sync_dagster.crms.fields import (
     PhoneProblem,
     aware,
     crm_id,
+    display_name,
     emails,
     items,
     phones,
@@ -50,13 +56,14 @@ from quo_sync_dagster.crms.zoho_api import (
     ZohoApiError,
 )
 
-MODULES = ("Contacts", "Leads")
+MODULES = ("Contacts", "Leads", "Accounts")
 # Other_Phone is documented for Contacts only, and Zoho refuses fields a module lacks.
 FIELDS = {
     "Contacts": (*DEFAULT_FIELDS["Contacts"], "Other_Phone"),
-    "Leads": DEFAULT_FIELDS["Leads"],
+    "Leads": (*DEFAULT_FIELDS["Leads"], "Converted__s"),
+    "Accounts": DEFAULT_FIELDS["Accounts"],
 }
-EVENTS = [f"{m}.all" for m in MODULES]
+# An Account's Fax is left out as a Contact's is: Quo would offer a fax line for calls and texts.
 PHONES = (("Phone", "work"), ("Mobile", "mobile"), ("Home_Phone", "home"), ("Other_Phone", "other"))
 _PHONE_FIELD = {label: field for field, label in PHONES}
 EMAILS = (("Email", "primary"), ("Secondary_Email", "secondary"))
@@ -100,11 +107,14 @@ def _text(lines: list[str]) -> str:
     return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
 
 
-def _no_valid_phone(problems: Sequence[PhoneProblem]) -> str:
-    """Zoho's message names the fields of the invalid numbers."""
-    invalid = ", ".join(f"{_PHONE_FIELD[p.label]} {p.raw!r}" for p in problems)
-    found = f"only invalid numbers: {invalid}" if invalid else "none given"
-    return f"no valid phone number ({found})"
+def _no_phone(problems: Sequence[PhoneProblem]) -> str:
+    """Zoho's message names the fields of the numbers that cannot be phone numbers."""
+    why = "; ".join(f"{_PHONE_FIELD[p.label]}: {p}" for p in problems) or "none given"
+    return f"no phone number ({why})"
+
+
+def _events(modules: Sequence[str]) -> list[str]:
+    return [f"{module}.all" for module in modules]
 
 
 class ZohoConnector(CRMConnector):
@@ -115,7 +125,11 @@ class ZohoConnector(CRMConnector):
     max_offset = PAGE_LIMIT  # then only page_token, which is forward-only
     webhook_secret_key = "token"  # what setup_webhooks returns that Zoho echoes in callbacks
     crm_config = CRMConfig(
-        person_object_types=[PersonObjectType(crm_object_name=m) for m in MODULES],
+        person_object_types=[
+            PersonObjectType(crm_object_name="Contacts"),
+            PersonObjectType(crm_object_name="Leads"),
+            PersonObjectType(crm_object_name="Accounts", default=False),
+        ],
         # A list call costs one API credit whatever its size, so read Zoho's maximum page.
         sync_config=SyncConfig(
             initial_batch_size=MAX_PER_PAGE,
@@ -176,9 +190,17 @@ class ZohoConnector(CRMConnector):
         return PersonPage(records, None, has_more=more, next_cursor=next_cursor)
 
     def fetch_persons_by_ids(self, object_type: str, ids: Sequence[str]) -> list[dict[str, Any]]:
-        """Zoho ids or this connector's external ids ("Contacts-<id>")."""
+        """Zoho ids or this connector's record keys ("Contacts-<id>"). A key of another module
+        names no record of this one (a sweep asks every module about every key), so it is
+        left out, not sent as an id; none left, no request."""
         module = self._module(object_type)
-        raw = [i.removeprefix(f"{module}-") for i in ids]
+        raw = []
+        for i in ids:
+            prefix, dash, record_id = i.rpartition("-")
+            if not dash:
+                raw.append(i)
+            elif prefix == module:
+                raw.append(record_id)
         return self.api.get_records(module, raw, fields=FIELDS[module])
 
     def person_id(self, person: dict[str, Any]) -> str:
@@ -190,16 +212,23 @@ class ZohoConnector(CRMConnector):
     def change_key(self, object_type: str, person_id: str) -> str:
         return f"{self._module(object_type)}-{person_id}"
 
+    @classmethod
+    def earlier_key(cls, key: str) -> str:
+        return key.partition("-")[2] or key  # the earlier sync wrote the bare record id
+
     def transform_person_to_quo(self, person: dict[str, Any], object_type: str) -> QuoContact:
         module = self._module(object_type)
         record_id = crm_id(person.get("id"), "id")
-        external_id = self.change_key(object_type, record_id)
+        if module == "Accounts":
+            return self._account(person, record_id)
+        if module == "Leads" and person.get("Converted__s") is True:
+            # Zoho made a Contact of this lead (and keeps its data there): syncing the lead
+            # too would give the person a second Quo contact.
+            raise Excluded("a converted lead (Converted__s): the person is a Zoho Contact now")
+        # Every field is read before the phones: a malformed record fails, whatever its phones.
         first = text(person.get("First_Name"), "First_Name")
         last = text(person.get("Last_Name"), "Last_Name")
-        if first is None and last is None:
-            raise InvalidRecord("no name: First_Name and Last_Name are empty")
-        if first is None:  # Last_Name is Zoho's mandatory field; a lone one is the name shown
-            first, last = last, None
+        full = text(person.get("Full_Name"), "Full_Name")
         # Contacts name their company in a lookup (an object); Leads in the text field Company.
         account = items(person.get("Account_Name"), "Account_Name", dict)
         company = (
@@ -207,20 +236,50 @@ class ZohoConnector(CRMConnector):
             if account
             else text(person.get("Company"), "Company")
         )
+        role = text(person.get("Title"), "Title")
+        addresses = emails((label, text(person.get(field), field)) for field, label in EMAILS)
+        # Phone == Mobile: the number once, as work.
+        numbers = phones(
+            ((label, text(person.get(field), field)) for field, label in PHONES),
+            self.phone_rules,
+            _no_phone,
+        )
+        names = display_name(
+            first, last, full=full, company=company, addresses=addresses, numbers=numbers
+        )
+        return self._contact(
+            module, record_id, names, company, numbers, role=role, addresses=addresses
+        )
+
+    def _account(self, account: dict[str, Any], record_id: str) -> QuoContact:
+        """A company as a contact: its name shown as the first name and as the company, its
+        Phone as work (Accounts hold no e-mail)."""
+        name = text(account.get("Account_Name"), "Account_Name")
+        numbers = phones(
+            [("work", text(account.get("Phone"), "Phone"))], self.phone_rules, _no_phone
+        )
+        names = display_name(None, None, company=name, numbers=numbers)
+        return self._contact("Accounts", record_id, names, name, numbers)
+
+    def _contact(
+        self,
+        module: str,
+        record_id: str,
+        names: tuple[str, str | None],
+        company: str | None,
+        numbers: tuple[LabeledValue, ...],
+        role: str | None = None,
+        addresses: tuple[LabeledValue, ...] = (),
+    ) -> QuoContact:
         return QuoContact(
-            external_id=external_id,
+            external_id=self.change_key(module, record_id),
             source=self.quo_source,
-            first_name=first,
-            last_name=last,
+            first_name=names[0],
+            last_name=names[1],
             company=company,
-            role=text(person.get("Title"), "Title"),
-            emails=emails((label, text(person.get(field), field)) for field, label in EMAILS),
-            # Phone == Mobile: the number once, as work.
-            phone_numbers=phones(
-                ((label, text(person.get(field), field)) for field, label in PHONES),
-                self.integration.default_region,
-                _no_valid_phone,
-            ),
+            role=role,
+            emails=addresses,
+            phone_numbers=numbers,
             source_url=self._record_url(module, record_id),
         )
 
@@ -285,32 +344,37 @@ class ZohoConnector(CRMConnector):
 
     # ---- notifications --------------------------------------------------------------------
     def setup_webhooks(self, receiver_url: str) -> dict[str, Any]:
-        """A watch channel; Zoho echoes `token` in every notification (it signs nothing)."""
+        """A watch channel on the modules the integration syncs (Accounts only when it syncs
+        them: every notification costs a read by id, and the token may lack the Accounts
+        scope); Zoho echoes `token` in every notification (it signs nothing)."""
         # A random channel id per integration: a shared constant lets installs replace each other.
         channel_id, token = str(10**12 + secrets.randbelow(9 * 10**12)), secrets.token_hex(20)
+        events = _events(self.object_types)
         granted = self.api.watch(
-            channel_id, EVENTS, receiver_url, token, datetime.now(UTC) + CHANNEL_TTL
+            channel_id, events, receiver_url, token, datetime.now(UTC) + CHANNEL_TTL
         )
         return {
             "channel_id": channel_id,
             "token": token,
             "notify_url": receiver_url,
-            "events": list(EVENTS),
+            "events": events,
             "expires_at": granted[0]["channel_expiry"],
         }
 
     def renew_webhooks(self, subscription: dict[str, Any]) -> dict[str, Any]:
-        """Move the channel's expiry; a channel that already lapsed is subscribed again."""
+        """Move the channel's expiry; a channel that already lapsed is subscribed again. The
+        events follow the integration's modules now, so a module added to (or dropped from)
+        its `object_types` is watched (or not) from the next renewal on."""
         expires = datetime.now(UTC) + CHANNEL_TTL
         channel_id, token = subscription["channel_id"], subscription["token"]
-        url, events = subscription["notify_url"], subscription["events"]
+        url, events = subscription["notify_url"], _events(self.object_types)
         try:
             granted = self.api.renew_watch(channel_id, events, expires, token, url)
         except ZohoApiError as exc:
             if exc.code != "NOT_SUBSCRIBED":
                 raise
             granted = self.api.watch(channel_id, events, url, token, expires)
-        return {**subscription, "expires_at": granted[0]["channel_expiry"]}
+        return {**subscription, "events": events, "expires_at": granted[0]["channel_expiry"]}
 
     def webhooks_gone(self, subscription: dict[str, Any]) -> bool:
         """Whether Zoho no longer lists the channel as live (lapsed or unsubscribed)."""

@@ -1,5 +1,5 @@
-"""httpx client for the Zoho CRM v8 API: people listing, batch read and insert, Calls (create,
-update), Notes, watch channels.
+"""httpx client for the Zoho CRM v8 API: listing and batch read of people (Contacts, Leads) and
+Accounts, insert, Calls (create, update), Notes, watch channels.
 
 Throttling, the 429 signal (Zoho sends no Retry-After) and retries are GovernedHttp's. Errors
 carry Zoho's `code` (INVALID_TOKEN tells the caller to refresh the 1-hour access token) and
@@ -38,8 +38,9 @@ _PERSON = (
     "Modified_Time",
 )
 DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
-    "Contacts": (*_PERSON, "Account_Name"),
+    "Contacts": (*_PERSON, "Account_Name"),  # on Contacts a lookup: {name, id}
     "Leads": (*_PERSON, "Company"),
+    "Accounts": ("Account_Name", "Phone", "Created_Time", "Modified_Time"),  # here the name
 }
 
 
@@ -249,7 +250,7 @@ class ZohoApi(ApiClient):
         duration_seconds: int,
         description: str | None = None,
     ) -> str:
-        """Log a call on a Contact or Lead; returns the Calls record id.
+        """Log a call on a Contact, Lead or Account; returns the Calls record id.
 
         Zoho refuses a zero Call_Duration for Inbound/Outbound calls; that is the caller's call.
         Not retried once its outcome is unknown (ZohoOutcomeUnknown): a second POST would log
@@ -259,7 +260,7 @@ class ZohoApi(ApiClient):
         call["Call_Start_Time"] = _zoho_time(start_time)
         if person_module == "Contacts":
             call["Who_Id"] = {"id": person_id}
-        else:  # Who_Id only takes Contacts; other records are the call's "Related To"
+        else:  # Who_Id only takes Contacts; a Lead or Account is the call's "Related To"
             call["$se_module"], call["What_Id"] = person_module, {"id": person_id}
         return self._create("/Calls", call)
 

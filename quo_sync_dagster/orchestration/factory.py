@@ -93,10 +93,13 @@ def _initial_sync_config(connector_cls: type[CRMConnector]) -> type[dg.Config]:
             Field(description="Id of the integration to sync (quo-sync integrations)"),
         ),
         object_types=(
-            list[str],
+            list[str] | None,
             Field(
-                default=[o.crm_object_name for o in cfg.person_object_types],
-                description="CRM object types to sync; one Process each",
+                default=None,
+                description="CRM object types to sync, one Process each; empty: the "
+                "integration's object_types setting, else "
+                f"{connector_cls.object_types_for({})} (all: "
+                f"{[o.crm_object_name for o in cfg.person_object_types]})",
             ),
         ),
         page_size=(
@@ -146,7 +149,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         store: StoreResource,
         quo: QuoResource,
     ) -> None:
-        unknown = set(config.object_types) - set(known_types)
+        unknown = set(config.object_types or ()) - set(known_types)
         if unknown:
             raise dg.Failure(
                 f"unknown object types {sorted(unknown)}; {crm} has {known_types}",
@@ -157,9 +160,15 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         connector, client = open_integration(s, quo, crm, config.integration_id)
         planned = []
         try:
+            try:
+                object_types = config.object_types or connector.object_types
+            except ValueError as exc:
+                raise dg.Failure(
+                    f"integration {config.integration_id!r}: {exc}", allow_retries=False
+                ) from None
             if renamed := namespace_links(s, connector.integration):
                 context.log.info(f"{renamed} contact links moved to namespaced externalIds")
-            for object_type in config.object_types:
+            for object_type in object_types:
                 process = plan_sync(
                     s,
                     connector,
@@ -285,6 +294,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
                         key,
                         assume_absent=first_try(process) and key not in tried[process_id],
                         store=s,
+                        match_phones=process.context.get("syncType") == "INITIAL",
                     )
                     unavailable_in_a_row = 0
                 except QuoUnavailable as exc:

@@ -26,6 +26,9 @@ def page_metadata(result: PageResult, duration_s: float | None) -> dict[str, Any
         "updated": result.updated,
         "skipped_unchanged": result.unchanged,
         "skipped": result.skipped,
+        "adopted": result.adopted,
+        "adoption_candidates": result.adoption_candidates,
+        "unverified_phones": result.unverified_phones,
         "page_ok": result.ok,
         **timing,
     }
@@ -66,6 +69,8 @@ def process_metadata(summary: dict[str, Any], process: Process | None = None) ->
         "process_total_records": summary["totalRecords"] or 0,
         "process_total_synced": agg["totalSynced"],
         "process_total_failed": agg["totalFailed"],
+        "process_total_skipped": agg["totalSkipped"],
+        "process_adopted": agg["adopted"],
         "process_records_per_second": dg.MetadataValue.float(agg["recordsPerSecond"]),
         "process_pages": dg.MetadataValue.json(summary["pages"]),
         "process_summary": dg.MetadataValue.json(summary),

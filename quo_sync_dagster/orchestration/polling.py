@@ -26,7 +26,7 @@ from pydantic import Field
 
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.core.process import Process, ProcessState
-from quo_sync_dagster.crms.base import CRMConnector
+from quo_sync_dagster.crms.base import CRMConnector, connector_class
 from quo_sync_dagster.orchestration.closing_run import CONFIRM_DELETES_KEY
 from quo_sync_dagster.orchestration.planning import (
     PLAN_RETRY,
@@ -121,7 +121,6 @@ def build_polling_definitions(
 ) -> dg.Definitions:
     crm = connector_cls.name
     cfg = connector_cls.crm_config
-    object_types = [o.crm_object_name for o in cfg.person_object_types]
 
     @dg.op(
         name=_op_name(crm),
@@ -147,6 +146,7 @@ def build_polling_definitions(
                     integration.settings, "poll_overlap_minutes", DEFAULT_OVERLAP_MINUTES
                 )
             )
+            object_types = connector.object_types
         except ValueError as exc:
             connector.close()
             client.close()
@@ -220,7 +220,7 @@ def build_polling_definitions(
         requests = []
         for integration in s.list_integrations(crm=crm):
             try:
-                if not _due(s, integration, object_types, minutes, now):
+                if not _due(s, integration, minutes, now):
                     continue
             except ValueError as exc:  # one bad setting must not stop the other integrations
                 context.log.warning(f"integration {integration.id!r}: {exc}")
@@ -239,13 +239,12 @@ def build_polling_definitions(
     return dg.Definitions(jobs=[poll_job], schedules=[ongoing_sync])
 
 
-def _due(
-    store: Store, integration: Integration, object_types: list[str], minutes: int, now: datetime
-) -> bool:
+def _due(store: Store, integration: Integration, minutes: int, now: datetime) -> bool:
     settings = integration.settings
     if settings.get("polling") is False:
         return False
-    if all(store.get_watermark(integration.id, t) is None for t in object_types):
+    types = connector_class(integration.crm).object_types_for(settings)
+    if all(store.get_watermark(integration.id, t) is None for t in types):
         return False  # the initial sync has not completed: it comes first
     if store.get_webhook_subscription(integration.id) is not None:
         interval = _number(settings, "gap_fill_interval_minutes", DEFAULT_GAP_FILL_MINUTES)

@@ -22,6 +22,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from quo_sync_dagster.core.adoption import AdoptionRules
 from quo_sync_dagster.core.external_ids import crm_id_of
 from quo_sync_dagster.core.models import ContactLink, Integration
 from quo_sync_dagster.crms.base import CRMConnector
@@ -114,6 +115,10 @@ def reconcile(
         if len(batch) >= _LINK_CHECK_BATCH:
             find_strays()
     find_strays()
+    rules = AdoptionRules.from_settings(integration.settings)
+    if not rules.rewrite_ids:  # adopted contacts kept the earlier system's source and ids
+        for legacy in rules.legacy_sources:
+            seen_quo_ids.update(contact["id"] for contact in client.iter_contacts(legacy))
 
     missing: list[str] = []
     for external_id, link in store.iter_contact_links(integration.id):

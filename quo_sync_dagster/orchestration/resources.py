@@ -11,7 +11,9 @@ import dagster as dg
 from dagster._core.storage.fs_io_manager import PickledObjectFilesystemIOManager
 from dagster._core.storage.upath_io_manager import UPathIOManager
 
+from quo_sync_dagster.core.adoption import Adoption
 from quo_sync_dagster.core.models import Integration
+from quo_sync_dagster.crms import registered_connectors
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.quo.governor import RateGovernor
 from quo_sync_dagster.quo.upsert import ContactUpserter
@@ -63,7 +65,12 @@ class QuoResource(dg.ConfigurableResource):
     def upserter(
         self, client: QuoClient, integration: Integration, store: Store
     ) -> ContactUpserter:
-        return ContactUpserter(client, store, integration.id, self.concurrency)
+        """The integration's upserter, with its adoption settings (core/adoption.py); a bad
+        setting is a ValueError naming it."""
+        sources = (connector.quo_source for connector in registered_connectors().values())
+        earlier_key = registered_connectors()[integration.crm].earlier_key
+        adoption = Adoption.of(integration, sources, earlier_key)
+        return ContactUpserter(client, store, integration.id, self.concurrency, adoption=adoption)
 
 
 class _RangedFrames(UPathIOManager):

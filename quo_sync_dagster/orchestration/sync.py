@@ -16,15 +16,25 @@ from typing import Any
 
 import pandas as pd
 
+from quo_sync_dagster.core.adoption import AdoptionRules
 from quo_sync_dagster.core.external_ids import namespaced, quo_external_id
 from quo_sync_dagster.core.models import (
+    Excluded,
     InvalidRecord,
     NoPhone,
     PersonPage,
     QuoContact,
     UpsertAction,
 )
-from quo_sync_dagster.core.process import ErrorDetail, PageResult, Process, ProcessState, cap_text
+from quo_sync_dagster.core.phones import is_valid
+from quo_sync_dagster.core.process import (
+    ErrorDetail,
+    PageResult,
+    Process,
+    ProcessState,
+    SkipReason,
+    cap_text,
+)
 from quo_sync_dagster.core.sanitize import clean
 from quo_sync_dagster.crms import connector_class
 from quo_sync_dagster.crms.base import CRMConnector
@@ -99,9 +109,11 @@ def plan_sync(
             ProcessState.QUEUING_PAGES,
             {
                 **_count_pages(store, connector, process, modified_since),
-                # Nobody else writes this source, so unmapped contacts can skip the lookup.
-                # A polling cycle follows a completed sync: no request to ask.
+                # Nobody else writes this source, so unmapped contacts can skip the lookup,
+                # unless an earlier system's contacts are to be adopted. A polling cycle
+                # follows a completed sync: no request to ask.
                 "quoSourceEmptyAtStart": sync_type == "INITIAL"
+                and not AdoptionRules.from_settings(integration.settings).configured
                 and not quo.has_contacts_from(connector.quo_source),
             },
         )
@@ -243,23 +255,33 @@ def sync_records(
     page: str,
     assume_absent: bool,
     store: Store | None = None,
+    match_phones: bool = False,
 ) -> PageResult:
     """Transform and upsert one page, each record on its own: whatever a record holds fails
     only that record, with an error naming the person (and, from the transform, the field).
-    A person repeated in the page is synced once, as its last occurrence (as the upserter
-    would), and its earlier occurrences are skipped. With `store`, people with a tombstone
-    (deleted in the CRM after this page was fetched) are skipped too, so a stale page cannot
-    bring a deleted person back. records == synced + failed + skipped.
-    QuoUnavailable propagates so the caller can fail the page as a whole."""
+    Records not sent on purpose are skipped with a SkipReason: a person without a phone
+    (NoPhone), one a connector's filter leaves out (Excluded), the earlier occurrences of a
+    person repeated in the page (its last one is synced, as the upserter would) and, with
+    `store`, people with a tombstone (deleted in the CRM after this page was fetched, so a
+    stale page cannot bring them back). A skipped person whose contact Quo holds from an
+    earlier sync is withdrawn from Quo. records == synced + failed + skipped.
+    `match_phones`: an initial sync's page, whose people may match an earlier system's
+    contacts by phone number (quo/upsert.py).
+    The connector's prepare_page runs first; its failure, like QuoUnavailable, propagates so
+    the caller can fail the page as a whole."""
     errors: list[ErrorDetail] = []
 
-    def note(person: str, message: str) -> None:
+    def note(person: str, message: str, skipped: SkipReason | None = None) -> None:
         # Errors quote CRM data, which may hold lone surrogates that no store can encode.
-        errors.append(ErrorDetail(clean(person, None), clean(message, None), now_iso(), page))
+        errors.append(
+            ErrorDetail(clean(person, None), clean(message, None), now_iso(), page, skipped)
+        )
 
+    connector.prepare_page(records, object_type)
     latest: dict[str, QuoContact] = {}  # Quo externalId -> the contact of its last occurrence
     names: dict[str, str] = {}  # Quo externalId -> how errors name that occurrence
-    phoneless: dict[str, str] = {}  # Quo externalId -> person, refused for having no phone
+    # (Quo externalId or None when unreadable, person, why, reason) of people left out of Quo
+    left_out: list[tuple[str | None, str, str, SkipReason]] = []
     failed = skipped = 0
     for n, record in enumerate(records):
         try:
@@ -274,42 +296,56 @@ def sync_records(
             # either fails here, as this record's failure, or is one Quo can be sent.
             json.dumps(contact.to_api_body(), ensure_ascii=False, allow_nan=False).encode()
             contact.content_hash()
+        except (NoPhone, Excluded) as exc:
+            skipped += 1
+            ext_id = None
+            with contextlib.suppress(InvalidRecord):
+                key = connector.record_key(record, object_type)
+                ext_id = quo_external_id(connector.integration, key)
+            why = SkipReason.NO_PHONE if isinstance(exc, NoPhone) else SkipReason.FILTERED
+            left_out.append((ext_id, person, str(exc), why))
+            continue
         except Exception as exc:  # one odd record must not fail the page of good ones
             message = str(exc) if isinstance(exc, InvalidRecord) else f"{type(exc).__name__}: {exc}"
             note(person, message)
             failed += 1
-            if isinstance(exc, NoPhone):
-                with contextlib.suppress(InvalidRecord):
-                    key = connector.record_key(record, object_type)
-                    phoneless[quo_external_id(connector.integration, key)] = person
             continue
         if (ext_id := contact.external_id) in latest:
-            note(names[ext_id], "skipped: duplicate id in the same page; its last one is synced")
+            note(names[ext_id], "its last occurrence in the page is synced", SkipReason.DUPLICATE)
             skipped += 1
         latest[ext_id], names[ext_id] = contact, person
     if store is not None:
         for ext_id in store.get_tombstones(connector.integration.id, list(latest)):
-            note(names[ext_id], "skipped: deleted in the CRM after this page was read")
+            note(names[ext_id], "deleted after this page was read", SkipReason.DELETED)
             skipped += 1
             del latest[ext_id]
-    outcomes = upserter.upsert(list(latest.values()), assume_absent=assume_absent)
-    if store is not None:  # a person whose last number is gone leaves Quo too
-        for ext_id in upserter.withdraw([e for e in phoneless if e not in latest]):
-            note(phoneless[ext_id], "its Quo contact was deleted: the person has no phone now")
+    outcomes = upserter.upsert(
+        list(latest.values()), assume_absent=assume_absent, match_phones=match_phones
+    )
+    # A person who lost their last number, or whom a filter now leaves out, leaves Quo too
+    # (unless an earlier occurrence in this page was just synced).
+    leaving = [e for e, _, _, _ in left_out if e is not None and e not in latest]
+    gone = set(upserter.withdraw(leaving)) if store else set()
+    for ext_id, person, why, reason in left_out:
+        withdrawn = "; their Quo contact was deleted" if ext_id in gone else ""
+        note(person, why + withdrawn, reason)
     counts = Counter(outcome.action for outcome in outcomes)
     for outcome in outcomes:
         if outcome.action is UpsertAction.FAILED:
             note(names.get(outcome.external_id, outcome.external_id), outcome.error or "failed")
+    kept = [latest[o.external_id] for o in outcomes if o.action is not UpsertAction.FAILED]
     return PageResult(
         records=len(records),
-        synced=counts[UpsertAction.CREATED]
-        + counts[UpsertAction.UPDATED]
-        + counts[UpsertAction.UNCHANGED],
+        synced=len(outcomes) - counts[UpsertAction.FAILED],
         failed=failed + counts[UpsertAction.FAILED],
         created=counts[UpsertAction.CREATED],
         updated=counts[UpsertAction.UPDATED],
         unchanged=counts[UpsertAction.UNCHANGED],
         skipped=skipped,
+        adopted=counts[UpsertAction.ADOPTED],
+        adoption_candidates=sum(o.candidate is not None for o in outcomes),
+        # Kept as possible, not valid today: a warning, never part of the hash.
+        unverified_phones=sum(not is_valid(p.value) for c in kept for p in c.phone_numbers),
         errors=tuple(errors),
     )
 

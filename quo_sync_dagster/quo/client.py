@@ -154,9 +154,13 @@ class QuoClient(ApiClient):
                     found[contact["externalId"]] = contact
         return found
 
-    def iter_contacts(self, source: str) -> Iterator[dict[str, Any]]:
-        """Every contact of `source`, paged by nextPageToken (totalItems is unreliable)."""
-        yield from self._list({"sources": [source], "maxResults": LIST_PAGE_MAX})
+    def iter_contacts(self, source: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every contact of `source` (None: of the workspace, whatever wrote it), paged by
+        nextPageToken (totalItems is unreliable)."""
+        params: dict[str, Any] = {"maxResults": LIST_PAGE_MAX}
+        if source is not None:
+            params["sources"] = [source]
+        yield from self._list(params)
 
     def has_contacts_from(self, source: str) -> bool:
         body = self._request("GET", "/v1/contacts", params={"sources": [source], "maxResults": 1})

@@ -1,4 +1,5 @@
-"""Strict local simulator of the Attio REST API (v2): people records, notes and webhooks.
+"""Strict local simulator of the Attio REST API (v2): people records, notes and webhooks, and the
+companies the people belong to (a fixed, generated set, queried like people).
 
 Request bodies are validated against schemas extracted from Attio's OpenAPI spec
 (`specs/attio-subset.json`); every error uses Attio's `{status_code, type, code, message}`
@@ -71,6 +72,14 @@ WEBHOOKS, WEBHOOK = "/v2/webhooks", "/v2/webhooks/{webhook_id}"
 PEOPLE_FILE, LOG_FILE = "attio_people.json", "attio_writes.jsonl"
 WORKSPACE_ID = "5c1d2e3f-0a1b-4c2d-8e3f-a0b1c2d3e4f5"
 PEOPLE_OBJECT_ID = "97052eb9-e65e-443f-a297-f2d9a4a7f795"
+COMPANIES_OBJECT_ID = "3f1e9c2a-5b7d-4e8f-9a0b-1c2d3e4f5a6b"
+# A path's object slug or ID -> the object it names.
+OBJECTS = {
+    "people": "people",
+    PEOPLE_OBJECT_ID: "people",
+    "companies": "companies",
+    COMPANIES_OBJECT_ID: "companies",
+}
 WORKSPACE_SLUG = "sandbox"
 API_TOKEN_ACTOR = {"type": "api-token", "id": "0b7e1a52-3c4d-4e5f-8a9b-0c1d2e3f4a5b"}
 MEMBER_ACTOR = {"type": "workspace-member", "id": "50cf242c-7fa3-4cad-87d0-75b1af71c57b"}
@@ -78,6 +87,7 @@ FAULT_STATUSES = frozenset({429, 500, 502, 503})
 WRITE_SHARE = 0.25  # Attio allows 25 writes/s against 100 reads/s
 KINDS = (
     "query",
+    "query_companies",
     "get",
     "create_record",
     "create_note",
@@ -88,25 +98,28 @@ KINDS = (
     "get_webhook",
     "delete_webhook",
 )
-READ_KINDS = frozenset({"query", "get", "list_notes", "get_note"})
+READ_KINDS = frozenset({"query", "query_companies", "get", "list_notes", "get_note"})
 MAX_NOTES_LIMIT, DEFAULT_NOTES_LIMIT = 50, 10  # GET /v2/notes `limit` (spec)
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
-ATTRIBUTES = ("name", "email_addresses", "phone_numbers", "job_title", "lead_source")
+ATTRIBUTES = ("name", "email_addresses", "phone_numbers", "job_title", "lead_source", "company")
 MULTI_VALUED = frozenset({"email_addresses", "phone_numbers"})
 # Stable made-up attribute ids: a record.updated event names the attribute that changed.
 ATTRIBUTE_IDS = {a: str(uuid.uuid5(uuid.UUID(PEOPLE_OBJECT_ID), a)) for a in ATTRIBUTES}
 _LOOPBACK_HTTP = re.compile(r"^http://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?(/|$)")
 
-# Attributes a people query may sort or filter on, and the value field each compares by default.
-# Attio has no updated_at: created_at is the only time a record carries.
-SORT_FIELDS = {
-    "record_id": None,
-    "created_at": None,
-    "name": "last_name",
-    "email_addresses": "email_address",
-    "phone_numbers": "phone_number",
-    "job_title": "value",
-    "lead_source": "value",
+# Per object, the attributes a query may sort or filter on, and the value field each compares by
+# default. Attio has no updated_at: created_at is the only time a record carries.
+QUERY_FIELDS: dict[str, dict[str, str | None]] = {
+    "people": {
+        "record_id": None,
+        "created_at": None,
+        "name": "full_name",
+        "email_addresses": "email_address",
+        "phone_numbers": "phone_number",
+        "job_title": "value",
+        "lead_source": "value",
+    },
+    "companies": {"record_id": None, "created_at": None, "name": "value", "domains": "domain"},
 }
 
 _SPEC: dict[str, Any] = json.loads(SPEC_PATH.read_text())
@@ -171,6 +184,11 @@ _DOMAINS = ("acme.example", "globex.example", "initech.example", "mail.example",
 _TITLES = ("Office Manager", "CEO", "Sales Lead", "Nurse", "Director of Operations", "Founder")
 _SOURCES = ("Referral", "Website", "Trade show", "Cold call")
 _REGIONS = ("US", "US", "US", "CA", "GB", "DE", "FR", "BR", "JP", "IN", "AU", "MX")
+_COMPANY_NAMES = (
+    "Acme", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay Industries", "Stark Industries",
+    "Wayne Enterprises", "Tyrell", "Nakatomi Trading", "Müller & Söhne", "Øresund Logistik",
+    "Café Crème SARL", "Pied Piper", "Soylent", "Oceanic Airlines",
+)  # fmt: skip
 
 
 def _uuid(rng: random.Random) -> str:
@@ -244,6 +262,8 @@ def _generated_person(
     record_id, actor = _uuid(rng), rng.choice((API_TOKEN_ACTOR, MEMBER_ACTOR))
     first, last = rng.choice(_FIRST), ("" if i % 23 == 5 else rng.choice(_LAST))
     full = f"{first} {last}".strip()
+    # From the index, not the generator: the values drawn after stay what they were.
+    company = {"target_object": "companies", "target_record_id": _COMPANY_IDS[i % len(COMPANIES)]}
     values: dict[str, list[dict[str, Any]]] = {
         "name": [
             _value("personal-name", at, actor, first_name=first, last_name=last, full_name=full)
@@ -252,6 +272,7 @@ def _generated_person(
         "phone_numbers": [],
         "job_title": [_value("text", at, actor, value=rng.choice(_TITLES))] if i % 3 else [],
         "lead_source": [_value("text", at, actor, value=rng.choice(_SOURCES))],
+        "company": [] if i % 6 == 5 else [_value("record-reference", at, actor, **company)],
     }
     slug = re.sub(r"[^a-z]", "", first.lower().encode("ascii", "ignore").decode()) or "person"
     n_emails = 0 if i % 17 == 3 else rng.choice((1, 1, 1, 2, 3))
@@ -268,18 +289,42 @@ def _generated_person(
     return _record(record_id, at, values)
 
 
-def _record(record_id: str, at: datetime, values: dict[str, list[dict[str, Any]]]) -> dict:
+def _record(
+    record_id: str,
+    at: datetime,
+    values: dict[str, list[dict[str, Any]]],
+    object_id: str = PEOPLE_OBJECT_ID,
+    kind: str = "person",
+) -> dict:
     return {
-        "id": {"workspace_id": WORKSPACE_ID, "object_id": PEOPLE_OBJECT_ID, "record_id": record_id},
+        "id": {"workspace_id": WORKSPACE_ID, "object_id": object_id, "record_id": record_id},
         "created_at": _timestamp(at),
-        "web_url": f"https://app.attio.com/{WORKSPACE_SLUG}/person/{record_id}",
+        "web_url": f"https://app.attio.com/{WORKSPACE_SLUG}/{kind}/{record_id}",
         "values": values,
     }
 
 
+def _company(n: int) -> dict[str, Any]:
+    """Company number n: a name and a domain, created before every generated person."""
+    name = _COMPANY_NAMES[n]
+    record_id = str(uuid.uuid5(uuid.UUID(COMPANIES_OBJECT_ID), name))
+    at = datetime(2020, 6, 1, 9, 0, tzinfo=UTC) + timedelta(days=n)
+    domain = f"{re.sub(r'[^a-z0-9]+', '', name.lower()) or f'company{n}'}.example"
+    values = {
+        "name": [_value("text", at, MEMBER_ACTOR, value=name)],
+        "domains": [_value("domain", at, MEMBER_ACTOR, domain=domain, root_domain=domain)],
+    }
+    return _record(record_id, at, values, COMPANIES_OBJECT_ID, "company")
+
+
+# Never changed through the API, so the same on every start.
+COMPANIES = {c["id"]["record_id"]: c for c in map(_company, range(len(_COMPANY_NAMES)))}
+_COMPANY_IDS = list(COMPANIES)
+
+
 # ---- queries -------------------------------------------------------------------------------
-def _active(person: dict[str, Any], attribute: str) -> list[dict[str, Any]]:
-    return [v for v in person["values"].get(attribute, []) if v["active_until"] is None]
+def _active(record: dict[str, Any], attribute: str) -> list[dict[str, Any]]:
+    return [v for v in record["values"].get(attribute, []) if v["active_until"] is None]
 
 
 def _normalize(attribute: str, value: object) -> object:
@@ -296,16 +341,16 @@ def _normalize(attribute: str, value: object) -> object:
     return value
 
 
-def _compared(person: dict[str, Any], attribute: str, field: str | None = None) -> list[object]:
+def _compared(
+    record: dict[str, Any], object_slug: str, attribute: str, field: str | None = None
+) -> list[object]:
     """The values a filter or sort on `attribute` sees (active values only)."""
     if attribute == "record_id":
-        return [person["id"]["record_id"]]
+        return [record["id"]["record_id"]]
     if attribute == "created_at":
-        return [person["created_at"]]
-    if attribute == "name" and field is None:
-        field = "full_name"
-    key = field or SORT_FIELDS[attribute]
-    return [_normalize(attribute, v.get(key)) for v in _active(person, attribute)]
+        return [record["created_at"]]
+    key = field or QUERY_FIELDS[object_slug][attribute]
+    return [_normalize(attribute, v.get(key)) for v in _active(record, attribute)]
 
 
 def _condition(values: list[object], operator: str, operand: object, attribute: str) -> bool:
@@ -337,26 +382,26 @@ def _condition(values: list[object], operator: str, operand: object, attribute: 
         ) from None
 
 
-def _matches(person: dict[str, Any], flt: object) -> bool:
+def _matches(record: dict[str, Any], object_slug: str, flt: object) -> bool:
     if not isinstance(flt, dict):
         raise AttioError(400, "filter_error", "A filter must be an object.")
     for key, cond in flt.items():
         if key in ("$and", "$or"):
             if not isinstance(cond, list):
                 raise AttioError(400, "filter_error", f"{key} needs an array of filters.")
-            results = [_matches(person, f) for f in cond]
+            results = [_matches(record, object_slug, f) for f in cond]
             if not (all(results) if key == "$and" else any(results)):
                 return False
         elif key == "$not":
-            if _matches(person, cond):
+            if _matches(record, object_slug, cond):
                 return False
-        elif key in SORT_FIELDS:
+        elif key in QUERY_FIELDS[object_slug]:
             conds = cond if isinstance(cond, dict) else {"$eq": cond}
             for op, operand in conds.items():
                 field = None
                 if not op.startswith("$"):  # a value field, e.g. {"name": {"first_name": ...}}
                     field, (op, operand) = op, next(iter(_as_operators(operand).items()))
-                if not _condition(_compared(person, key, field), op, operand, key):
+                if not _condition(_compared(record, object_slug, key, field), op, operand, key):
                     return False
         else:
             raise AttioError(400, "filter_error", f'Unknown attribute slug "{key}" in filter.')
@@ -367,18 +412,21 @@ def _as_operators(operand: object) -> dict[str, object]:
     return operand if isinstance(operand, dict) and operand else {"$eq": operand}
 
 
-def _sorted(people: list[dict[str, Any]], sorts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    ordered = sorted(people, key=lambda p: (p["created_at"], p["id"]["record_id"]))
+def _sorted(
+    records: list[dict[str, Any]], object_slug: str, sorts: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    ordered = sorted(records, key=lambda r: (r["created_at"], r["id"]["record_id"]))
     for sort in reversed(sorts):  # stable sorts applied last-key-first give lexicographic order
         if "attribute" not in sort:
-            raise AttioError(400, "filter_error", "Sorting by path is not supported on people.")
+            message = f"Sorting by path is not supported on {object_slug}."
+            raise AttioError(400, "filter_error", message)
         attribute = sort["attribute"]
-        if attribute not in SORT_FIELDS:
+        if attribute not in QUERY_FIELDS[object_slug]:
             raise AttioError(400, "filter_error", f'Unknown attribute slug "{attribute}" in sorts.')
         field = sort.get("field")
 
-        def key(p: dict[str, Any], attribute: str = attribute, field: str | None = field) -> tuple:
-            values = [v for v in _compared(p, attribute, field) if v is not None]
+        def key(r: dict[str, Any], attribute: str = attribute, field: str | None = field) -> tuple:
+            values = [v for v in _compared(r, object_slug, attribute, field) if v is not None]
             return (not values, values[0] if values else "")
 
         ordered.sort(key=key, reverse=sort["direction"] == "desc")
@@ -466,7 +514,8 @@ def _written(
     """The active values a change writes, per attribute slug. A field is one value or a list of
     them: `name` {first_name, last_name, full_name?}, `email_addresses` strings,
     `phone_numbers` strings or {original_phone_number, country_code}, `job_title` and
-    `lead_source` strings; null or [] clears the attribute."""
+    `lead_source` strings, `company` a company's record id or {target_object: "companies",
+    target_record_id}; null or [] clears the attribute."""
     if not isinstance(fields, dict):
         raise _invalid("fields must be a JSON object.")
     written = {}
@@ -496,9 +545,20 @@ def _written_value(
         return _value("email-address", at, actor, **_email(item))
     if slug == "phone_numbers":
         return _value("phone-number", at, actor, **_written_phone(item))
+    if slug == "company":
+        return _value("record-reference", at, actor, **_written_reference(item))
     if not isinstance(item, str):
         raise _invalid(f'"{slug}" is text.')
     return _value("text", at, actor, value=item)
+
+
+def _written_reference(item: object) -> dict[str, str]:
+    target = item
+    if isinstance(item, dict) and item.get("target_object") in ("companies", COMPANIES_OBJECT_ID):
+        target = item.get("target_record_id")
+    if not isinstance(target, str) or target not in COMPANIES:
+        raise _invalid(f"{item!r} does not reference a record of companies.")
+    return {"target_object": "companies", "target_record_id": target}
 
 
 def _written_phone(item: object) -> dict[str, str]:
@@ -741,6 +801,7 @@ class AttioState:
             "byStatus": {str(s): n for s, n in sorted(self.by_status.items())},
             "rateLimited": self.by_status[429],
             "people": len(self.people),
+            "companies": len(COMPANIES),
             "notes": len(self.notes),
             "webhooks": len(self.webhooks),
             "pendingFaults": self.faults.pending,
@@ -857,27 +918,31 @@ class _Api:
         return body
 
     @staticmethod
-    def _object(request: Request) -> None:
+    def _object(request: Request, served: tuple[str, ...] = ("people",)) -> str:
+        """The object the path names by slug or ID, when the route serves it."""
         slug = request.path_params["object"]
-        if slug not in ("people", PEOPLE_OBJECT_ID):
+        if OBJECTS.get(slug) not in served:
             raise AttioError(404, "not_found", f'Object with slug/ID "{slug}" not found.')
+        return OBJECTS[slug]
 
     async def query(self, request: Request) -> Response:
-        return await self.serve(request, "query", self._query)
+        companies = OBJECTS.get(request.path_params["object"]) == "companies"
+        return await self.serve(request, "query_companies" if companies else "query", self._query)
 
     async def _query(self, request: Request) -> Response:
-        self._object(request)
+        object_slug = self._object(request, ("people", "companies"))
         body = await self._body(request, _QUERY_VALIDATOR)
         limit, offset = body.get("limit", 500), body.get("offset", 0)
         # The spec types both as "number"; Attio only takes whole, non-negative ones.
         for name, value, least in (("limit", limit, 1), ("offset", offset, 0)):
             if value != int(value) or value < least:
                 raise AttioError(400, "validation_type", f"{name} must be an integer >= {least}.")
-        people = list(self.state.people.values())
+        held = self.state.people if object_slug == "people" else COMPANIES
+        records = list(held.values())
         if "filter" in body:
-            people = [p for p in people if _matches(p, body["filter"])]
-        people = _sorted(people, body.get("sorts", []))
-        return JSONResponse({"data": people[int(offset) : int(offset) + int(limit)]})
+            records = [r for r in records if _matches(r, object_slug, body["filter"])]
+        records = _sorted(records, object_slug, body.get("sorts", []))
+        return JSONResponse({"data": records[int(offset) : int(offset) + int(limit)]})
 
     async def records(self, request: Request) -> Response:
         return await self.serve(request, "create_record", self._create_record)
@@ -1090,7 +1155,7 @@ async def _admin_body(request: Request, key: str) -> Any:
 async def _admin_people(request: Request, state: AttioState) -> Response:
     """GET: every person, oldest first; POST `{"fields"}`: a new one."""
     if request.method == "GET":
-        return JSONResponse(_sorted(list(state.people.values()), []))
+        return JSONResponse(_sorted(list(state.people.values()), "people", []))
     person, events = state.create_person(await _admin_body(request, "fields"))
     return JSONResponse(person, background=state.deliveries_of(events))
 

@@ -1,8 +1,10 @@
 """Strict local simulator of the Pipedrive API parts the sync uses.
 
 v2 persons (list with opaque cursors, sorting, `updated_since`, batch read by `ids`, single
-read, create), v2 activities (create, read, PATCH), v1 call logs, v1 notes and v1 webhooks, per
-`crm-apis.md` section 1. `GET /_sandbox/activities` lists what was logged on people.
+read, create), v2 organizations (listed and read by `ids` the same way: the organizations the
+seeded persons belong to), v2 activities (create, read, PATCH), v1 call logs, v1 notes and v1
+webhooks, per `crm-apis.md` section 1 and the v2 API reference. `GET /_sandbox/activities`
+lists what was logged on people.
 People can be created, changed, merged and deleted through `/_sandbox/people` while a sync runs
 (and created through `POST /api/v2/persons`, as the sync does for unknown callers);
 each change is delivered as the documented webhooks v2 payload to every matching v2 subscription
@@ -14,7 +16,8 @@ budget whose exhaustion yields Pipedrive's Cloudflare 403 HTML page instead of J
 
 Persons are seeded deterministically into SQLite in the data dir and survive restarts, as do
 their changes (a deleted person is kept soft-deleted, so its id is never reused); created call
-logs, activities, notes and webhooks are persisted too. The server only binds 127.0.0.1;
+logs, activities, notes and webhooks are persisted too. Organizations never change, so they are
+generated on every start. The server only binds 127.0.0.1;
 `/_sandbox/*` admin endpoints are unauthenticated.
 """
 
@@ -43,6 +46,7 @@ from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.background import BackgroundTasks
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -62,6 +66,7 @@ DEFAULT_TOKEN = "pipedrive-sandbox-token"
 BURST_WINDOW_SECONDS = 2.0
 DEFAULT_BURST = 40  # Growth plan, API token, per 2 s
 FIRST_PERSON_ID = 1001
+FIRST_ORG_ID, ORGANIZATIONS = 501, 40  # seeded persons belong to these, 3 in 4 of them
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, MAX_IDS = 100, 500, 100
 MAX_WEBHOOKS = 40  # per user
 SORT_FIELDS = ("id", "update_time", "add_time")
@@ -83,6 +88,8 @@ ERROR_INFO = "Please check developers.pipedrive.com"
 COSTS = {
     "list_persons": 10,
     "batch_persons": 10,
+    "list_organizations": 10,
+    "batch_organizations": 10,
     "get_person": 1,
     "create_person": 5,
     "create_activity": 5,
@@ -135,6 +142,9 @@ _INTERNATIONAL = [
     "+33 1 4268 {:04d}",
 ]
 _LABELS = ["mobile", "work", "home", "other"]
+_ORG_STEMS = ["Acme", "Globex", "Initech", "Umbrella", "Stark", "Wayne", "Tyrell", "Nakatomi"]
+_ORG_STEMS += ["Müller & Söhne", "Øresund Logistik"]
+_ORG_KINDS = ["GmbH", "Ltd", "Inc.", "Trading Co."]
 CUSTOM_FIELD_KEYS = {
     name: hashlib.sha1(f"pipedrive-sandbox:{name}".encode()).hexdigest()
     for name in ("lead_source", "customer_tier")
@@ -198,7 +208,7 @@ def seed_person(i: int) -> Person:
         "first_name": first,
         "last_name": last,
         "owner_id": USER_IDS[i % 3],
-        "org_id": None if i % 4 == 3 else 501 + i % 40,
+        "org_id": None if i % 4 == 3 else FIRST_ORG_ID + i % ORGANIZATIONS,
         "add_time": _rfc3339(add_time),
         "update_time": _rfc3339(update_time),
         "emails": _items(emails, i),
@@ -211,6 +221,23 @@ def seed_person(i: int) -> Person:
             CUSTOM_FIELD_KEYS["lead_source"]: (None, "Website", "Referral", "Trade show")[i % 4],
             CUSTOM_FIELD_KEYS["customer_tier"]: i % 3 + 1 if i % 5 else None,
         },
+    }
+
+
+def seed_organization(n: int) -> dict[str, Any]:
+    """Organization number n (0-based), in the v2 shape; all of them exist before any person."""
+    add_time = _BASE_TIME - timedelta(days=7 * (ORGANIZATIONS - n))
+    return {
+        "id": FIRST_ORG_ID + n,
+        "name": f"{_ORG_STEMS[n % len(_ORG_STEMS)]} {_ORG_KINDS[n // len(_ORG_STEMS)]}",
+        "owner_id": USER_IDS[n % 3],
+        "add_time": _rfc3339(add_time),
+        "update_time": _rfc3339(add_time + timedelta(days=n % 5, hours=n)),
+        "is_deleted": False,
+        "visible_to": 3,
+        "address": None,
+        "label_ids": [],
+        "custom_fields": {},
     }
 
 
@@ -441,6 +468,8 @@ class PipedriveState:
         self.persons: dict[int, Person] = {
             pid: person for pid, person in stored.items() if not person["is_deleted"]
         }
+        # Never changed, so generated rather than stored.
+        self.organizations = {o["id"]: o for o in map(seed_organization, range(ORGANIZATIONS))}
         self._next_person_id = max(stored, default=FIRST_PERSON_ID - 1) + 1
         self.objects: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in CREATED}
         for kind, oid, body in self._db.execute(
@@ -605,6 +634,7 @@ class PipedriveState:
             "tokensUsed": self.tokens_used,
             "dailyBudget": self.daily_budget,
             "persons": len(self.persons),
+            "organizations": len(self.organizations),
             "created": {name: list(self.objects[k].values()) for k, name in CREATED.items()},
             "pendingFaults": self.faults.pending,
         }
@@ -630,8 +660,8 @@ def _rfc3339_param(value: str, name: str) -> datetime:
         raise _bad(f"Parameter '{name}' is not a valid date-time") from None
 
 
-def _encode_cursor(sort_by: str, direction: str, person: Person) -> str:
-    raw = json.dumps({"field": sort_by, "dir": direction, "v": person[sort_by], "id": person["id"]})
+def _encode_cursor(sort_by: str, direction: str, record: dict[str, Any]) -> str:
+    raw = json.dumps({"field": sort_by, "dir": direction, "v": record[sort_by], "id": record["id"]})
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
@@ -711,6 +741,49 @@ def _ok(data: Any, http_status: int = 200, **extra: Any) -> Response:
     return JSONResponse({"success": True, "data": data, **extra}, status_code=http_status)
 
 
+def _listed(
+    query: QueryParams, records: list[dict[str, Any]], filters: tuple[str, ...]
+) -> Response:
+    """A v2 list endpoint's page of `records` (persons, organizations): `limit`, `sort_by`,
+    `sort_direction`, `ids` (a batch read), the integer `filters`, `updated_since` and
+    `updated_until`, and the opaque `cursor`, each checked as Pipedrive checks it."""
+    limit = _int_param(query.get("limit", str(LIST_LIMIT_DEFAULT)), "limit")
+    if not 1 <= limit <= LIST_LIMIT_MAX:
+        raise _bad(f"Parameter 'limit' must be between 1 and {LIST_LIMIT_MAX}")
+    sort_by, direction = query.get("sort_by", "id"), query.get("sort_direction", "asc")
+    if sort_by not in SORT_FIELDS:
+        raise _bad(f"Parameter 'sort_by' must be one of {', '.join(SORT_FIELDS)}")
+    if direction not in ("asc", "desc"):
+        raise _bad("Parameter 'sort_direction' must be one of asc, desc")
+    if "ids" in query:
+        parts = query["ids"].split(",")
+        if len(parts) > MAX_IDS:
+            raise _bad(f"Parameter 'ids' accepts at most {MAX_IDS} ids")
+        wanted = {_int_param(p.strip(), "ids") for p in parts}
+        records = [r for r in records if r["id"] in wanted]
+    for name in filters:
+        if name in query:
+            value = _int_param(query[name], name)
+            records = [r for r in records if r[name] == value]
+    if "updated_since" in query:
+        since = _rfc3339_param(query["updated_since"], "updated_since")
+        records = [r for r in records if _parse(r["update_time"]) >= since]
+    if "updated_until" in query:
+        until = _rfc3339_param(query["updated_until"], "updated_until")
+        records = [r for r in records if _parse(r["update_time"]) < until]
+    # RFC 3339 in one format sorts as text; the id breaks ties so cursors are exact.
+    records = sorted(records, key=lambda r: (r[sort_by], r["id"]), reverse=direction == "desc")
+    if "cursor" in query:
+        after = _decode_cursor(query["cursor"], sort_by, direction)
+        if direction == "asc":
+            records = [r for r in records if (r[sort_by], r["id"]) > after]
+        else:
+            records = [r for r in records if (r[sort_by], r["id"]) < after]
+    page = records[:limit]
+    next_cursor = _encode_cursor(sort_by, direction, page[-1]) if len(records) > limit else None
+    return _ok(page, additional_data={"next_cursor": next_cursor})
+
+
 class _Api:
     """Every handler runs on the server's single event loop, so state needs no locks."""
 
@@ -775,43 +848,8 @@ class _Api:
         return await self.serve(request, "get_person", self._get_person)
 
     async def _list_persons(self, request: Request) -> Response:
-        query = request.query_params
-        limit = _int_param(query.get("limit", str(LIST_LIMIT_DEFAULT)), "limit")
-        if not 1 <= limit <= LIST_LIMIT_MAX:
-            raise _bad(f"Parameter 'limit' must be between 1 and {LIST_LIMIT_MAX}")
-        sort_by, direction = query.get("sort_by", "id"), query.get("sort_direction", "asc")
-        if sort_by not in SORT_FIELDS:
-            raise _bad(f"Parameter 'sort_by' must be one of {', '.join(SORT_FIELDS)}")
-        if direction not in ("asc", "desc"):
-            raise _bad("Parameter 'sort_direction' must be one of asc, desc")
         persons = list(self.state.persons.values())
-        if "ids" in query:
-            parts = query["ids"].split(",")
-            if len(parts) > MAX_IDS:
-                raise _bad(f"Parameter 'ids' accepts at most {MAX_IDS} ids")
-            wanted = {_int_param(p.strip(), "ids") for p in parts}
-            persons = [p for p in persons if p["id"] in wanted]
-        for name in ("owner_id", "org_id"):
-            if name in query:
-                value = _int_param(query[name], name)
-                persons = [p for p in persons if p[name] == value]
-        if "updated_since" in query:
-            since = _rfc3339_param(query["updated_since"], "updated_since")
-            persons = [p for p in persons if _parse(p["update_time"]) >= since]
-        if "updated_until" in query:
-            until = _rfc3339_param(query["updated_until"], "updated_until")
-            persons = [p for p in persons if _parse(p["update_time"]) < until]
-        # RFC 3339 in one format sorts as text; the id breaks ties so cursors are exact.
-        persons.sort(key=lambda p: (p[sort_by], p["id"]), reverse=direction == "desc")
-        if "cursor" in query:
-            after = _decode_cursor(query["cursor"], sort_by, direction)
-            if direction == "asc":
-                persons = [p for p in persons if (p[sort_by], p["id"]) > after]
-            else:
-                persons = [p for p in persons if (p[sort_by], p["id"]) < after]
-        page = persons[:limit]
-        next_cursor = _encode_cursor(sort_by, direction, page[-1]) if len(persons) > limit else None
-        return _ok(page, additional_data={"next_cursor": next_cursor})
+        return _listed(request.query_params, persons, ("owner_id", "org_id"))
 
     async def _get_person(self, request: Request) -> Response:
         person_id = _int_param(request.path_params["id"], "id")
@@ -841,6 +879,15 @@ class _Api:
             raise _bad(f"Field '{field}' must be an integer")
         if person_id not in self.state.persons:
             raise ApiError(404, f"Person {person_id} not found", "ERR_NOT_FOUND")
+
+    # ---- organizations ----------------------------------------------------------------------
+    async def organizations(self, request: Request) -> Response:
+        kind = "batch_organizations" if "ids" in request.query_params else "list_organizations"
+        return await self.serve(request, kind, self._list_organizations)
+
+    async def _list_organizations(self, request: Request) -> Response:
+        organizations = list(self.state.organizations.values())
+        return _listed(request.query_params, organizations, ("owner_id",))
 
     # ---- writes -----------------------------------------------------------------------------
     @staticmethod
@@ -1200,6 +1247,7 @@ def build_app(state: PipedriveState) -> Starlette:
         routes=[
             Route("/api/v2/persons", api.persons, methods=["GET", "POST"]),
             Route("/api/v2/persons/{id}", api.person, methods=["GET"]),
+            Route("/api/v2/organizations", api.organizations, methods=["GET"]),
             Route("/api/v2/activities", api.activities, methods=["POST"]),
             Route("/api/v2/activities/{id}", api.activity, methods=["GET", "PATCH"]),
             Route("/v1/callLogs", api.call_logs, methods=["POST"]),

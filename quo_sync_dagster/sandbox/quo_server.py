@@ -11,6 +11,9 @@ Admin switches for exactly-once tests (besides stats and the fault queue of serv
   the pairs held more than once.
 - `GET /_sandbox/writes?after=N`: every contact create, patch and delete since write N, with
   its time and externalId (who was written, how often, when).
+- `POST /_sandbox/contacts` (a list of create bodies): a workspace as an earlier sync left it,
+  contacts with any source (`openphone-pipedrive`, which the public create refuses), for
+  cutover tests and `quo-sync demo --legacy-contacts`.
 - Calls and messages (quo_activity.py): `POST /_sandbox/calls` and `POST /_sandbox/messages`
   simulate one and emit its signed events to the webhooks registered through `/v1/webhooks/*`;
   `GET` of either lists what was simulated; `POST /_sandbox/webhook-faults` drops, duplicates,
@@ -90,6 +93,7 @@ CALL_VOICEMAIL, MESSAGE = "/v1/call-voicemails/{callId}", "/v1/messages/{id}"
 PHONE_NUMBERS, USERS = "/v1/phone-numbers", "/v1/users"
 RESERVED_SOURCES = frozenset({"openphone", "device", "csv", "zapier", "google-people", "other"})
 RESERVED_SOURCE_PREFIXES = ("openphone", "csv")
+PREFILL_BATCH = 500  # contacts per admin prefill request
 MAX_ARRAY_QUERY_VALUES = 20  # Quo's query parser rejects more repeated values (Lefthook finding)
 SANDBOX_USER_ID = USER_ID
 FAULT_STATUSES = frozenset({429, 500, 502, 503})
@@ -526,13 +530,20 @@ class _Api:
 
     async def _create(self, request: Request) -> Response:
         body = await self._json_body(request, _CREATE_VALIDATOR)
-        source = body.get("source", "public-api")
-        _check_source(source)
+        _check_source(body.get("source"))
+        contact = self._new_contact(body)
+        if not self.state.store.insert(contact, unique=self.state.unique_external_ids):
+            raise ApiError(409, _CONFLICT)
+        self.state.writes.add("create", contact)
+        return JSONResponse({"data": contact}, status_code=201)
+
+    def _new_contact(self, body: dict[str, Any]) -> Contact:
+        """The contact a valid create body makes (its source unchecked)."""
         fields, now = body["defaultFields"], _now()
-        contact = {
+        return {
             "id": _new_id(),
             "externalId": body.get("externalId"),
-            "source": source,
+            "source": body.get("source", "public-api"),
             "sourceUrl": body.get("sourceUrl"),
             "defaultFields": {
                 "company": fields.get("company"),
@@ -547,10 +558,32 @@ class _Api:
             "updatedAt": now,
             "createdByUserId": body.get("createdByUserId", SANDBOX_USER_ID),
         }
-        if not self.state.store.insert(contact, unique=self.state.unique_external_ids):
-            raise ApiError(409, _CONFLICT)
-        self.state.writes.add("create", contact)
-        return JSONResponse({"data": contact}, status_code=201)
+
+    async def prefill(self, request: Request) -> Response:
+        """`POST /_sandbox/contacts` (a list of create bodies): contacts as an earlier system
+        left them, with any source (the reserved `openphone*` ones included, which the public
+        create refuses); neither counted as requests nor logged as writes. Answers the contacts
+        made, in order; nothing is made if any body is invalid or, while externalIds are
+        unique, takes a source and externalId that is taken (409)."""
+        try:
+            bodies = json.loads(await request.body())
+            if not isinstance(bodies, list):
+                raise ValueError("not a list of contact create bodies")
+            for n, body in enumerate(bodies):
+                _validate(_CREATE_VALIDATOR, body, f"contact {n}")
+            contacts = [self._new_contact(body) for body in bodies]
+        except ApiError as exc:
+            return JSONResponse({"message": exc.message, "errors": exc.errors}, status_code=400)
+        except ValueError as exc:
+            return JSONResponse({"message": f"Invalid request body: {exc}"}, status_code=400)
+        keys = [(c["source"], c["externalId"]) for c in contacts if c["externalId"] is not None]
+        if self.state.unique_external_ids and (
+            len(set(keys)) < len(keys) or self.state.store.taken(keys)
+        ):
+            return JSONResponse({"message": _CONFLICT}, status_code=409)
+        for contact in contacts:
+            self.state.store.insert(contact, unique=False)
+        return JSONResponse(contacts, status_code=201)
 
     async def _get(self, request: Request) -> Response:
         return JSONResponse({"data": self._existing(request)})
@@ -780,6 +813,7 @@ def build_app(state: SandboxState) -> Starlette:
             Route(PHONE_NUMBERS, api.phone_numbers, methods=["GET"]),
             Route(USERS, api.users, methods=["GET"]),
             Route("/_sandbox/writes", _writes, methods=["GET"]),
+            Route("/_sandbox/contacts", api.prefill, methods=["POST"]),
             Route("/_sandbox/calls", _simulated_calls, methods=["GET", "POST"]),
             Route("/_sandbox/messages", _simulated_messages, methods=["GET", "POST"]),
             *delivery_routes(),
@@ -806,6 +840,15 @@ class QuoAdmin(AdminClient):
     def accept_duplicates(self, accept: bool = True) -> None:
         """Accept a second contact with the same source and externalId (no 409), or not."""
         self.settings(unique_external_ids=not accept)
+
+    def prefill_contacts(self, bodies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Put contacts (create bodies, any source) into Quo as an earlier system left them;
+        the contacts made, in order."""
+        made: list[dict[str, Any]] = []
+        for start in range(0, len(bodies), PREFILL_BATCH):
+            batch = list(bodies[start : start + PREFILL_BATCH])
+            made += self._admin_request("POST", "contacts", json=batch).json()
+        return made
 
     def writes(self, after: int = 0) -> list[dict[str, Any]]:
         """Every contact write numbered above `after` that the sandbox still holds."""

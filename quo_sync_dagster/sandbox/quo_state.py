@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,11 @@ class ContactStore:
             )
             self._index(contact, seq)
             return True
+
+    def taken(self, keys: Iterable[tuple[str | None, str]]) -> bool:
+        """Whether a contact holds any of these (source, externalId) pairs."""
+        with self._lock:
+            return any(key in self._by_key for key in keys)
 
     def replace(self, contact: Contact, unique: bool = True) -> bool:
         """Overwrite an existing contact; False if `unique` and its new key belongs to another

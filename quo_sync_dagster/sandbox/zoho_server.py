@@ -1,13 +1,15 @@
-"""Strict local simulator of the Zoho CRM v8 API: Contacts and Leads, Calls, Notes, watch channels.
+"""Strict local simulator of the Zoho CRM v8 API: Contacts, Leads and Accounts, Calls, Notes,
+watch channels.
 
 Enforces what real Zoho enforces and a lax fake would let through: the `Zoho-oauthtoken` auth
 form, a mandatory `fields` list, `per_page` <= 200, `page` paging only up to record 2,000 (then
 `page_token`), 204 with no body for an empty result, 429 without Retry-After, v8 body shapes for
-Calls (create, and update by id), Notes and people inserts (`POST /{module}`, the module's
-mandatory Last_Name, field types and lengths checked per record). The people are generated
-deterministically on first start and persisted in the data dir, as are written calls, notes and
-channels (read them back through `GET /_sandbox/activities`). Binds 127.0.0.1 only;
-`/_sandbox/*` admin endpoints are unauthenticated.
+Calls (create, and update by id), Notes and inserts (`POST /{module}`, the module's mandatory
+field (Last_Name; an Account's Account_Name), field types and lengths checked per record). The
+records are generated deterministically on first start and persisted in the data dir, as are
+written calls, notes and channels (read them back through `GET /_sandbox/activities`). Binds
+127.0.0.1 only; `/_sandbox/*` admin endpoints are unauthenticated. Every module is served the
+same way; "people" below means records of any of them (an Account is a company).
 
 People can be created, edited, merged and deleted through `/_sandbox/people` while a sync runs
 (and inserted through the API, as the sync does for unknown callers).
@@ -53,7 +55,9 @@ log = logging.getLogger(__name__)
 
 API = "/crm/v8"
 API_DOMAIN = "https://www.zohoapis.com"
-PEOPLE_MODULES = ("Contacts", "Leads")
+PEOPLE_MODULES = ("Contacts", "Leads", "Accounts")  # the modules the sync reads
+MANDATORY = {"Contacts": "Last_Name", "Leads": "Last_Name", "Accounts": "Account_Name"}
+RELATED_TO_MODULES = ("Leads", "Accounts")  # what a call's What_Id may name here
 WATCHABLE_MODULES = frozenset({"Contacts", "Leads", "Accounts", "Deals"})
 WATCH_OPERATIONS = frozenset({"create", "edit", "delete", "all"})
 SORT_FIELDS = frozenset({"id", "Created_Time", "Modified_Time"})
@@ -82,7 +86,18 @@ _DURATION = re.compile(r"^(\d{1,4}):([0-5]\d)$")  # mm:ss, minutes may exceed 59
 PHONE_FIELDS = frozenset({"Phone", "Mobile", "Home_Phone", "Other_Phone", "Fax"})
 EMAIL_FIELDS = frozenset({"Email", "Secondary_Email"})
 BOOLEAN_FIELDS = frozenset({"Email_Opt_Out"})
-LOOKUP_FIELDS = frozenset({"Owner", "Account_Name"})
+# On Contacts Account_Name is a lookup of the Account; on Accounts it is the name itself.
+LOOKUP_FIELDS = {
+    "Contacts": frozenset({"Owner", "Account_Name"}),
+    "Leads": frozenset({"Owner"}),
+    "Accounts": frozenset({"Owner", "Parent_Account"}),
+}
+# What Zoho sets on an inserted record that names none of them.
+INSERT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "Contacts": {"Email_Opt_Out": False},
+    "Leads": {"Email_Opt_Out": False, "Converted__s": False},
+    "Accounts": {},
+}
 READ_ONLY_FIELDS = frozenset({"Converted__s"})  # Zoho sets it when a lead is converted
 MAX_SINGLE_LINE, MAX_PHONE = 255, 30
 _PHONE = re.compile(r"^\+?[0-9A-Za-z][0-9A-Za-z .()\-]*(?:[#;,][0-9A-Za-z]+)*$")
@@ -99,6 +114,8 @@ _CITIES = [
     ("Bengaluru", "Karnataka", "560001", "India"),
 ]
 _TIERS = ["Gold", "Silver", "Bronze", None]
+_ACCOUNT_TYPES = ["Customer", "Prospect", "Partner", "Vendor", None]
+_INDUSTRIES = ["Healthcare", "Legal", "Manufacturing", "Retail", None]
 
 Record = dict[str, Any]
 Handler = Callable[[Request], Awaitable[Response]]
@@ -155,8 +172,56 @@ def _full_name(first: str | None, last: str | None) -> str:
     return " ".join(part for part in (first, last) if part)
 
 
+def _record_id(module: str, i: int) -> str:
+    """Ids rise with the index and differ across modules, as Zoho's do within an org."""
+    return f"3652397000{PEOPLE_MODULES.index(module) + 1}{i * 7 + 1:08d}"
+
+
+def _account_name(i: int) -> str:
+    """The first six are the companies generated Contacts name in their Account_Name lookup."""
+    branch, k = divmod(i, len(_COMPANIES))
+    company = _COMPANIES[k]
+    return company if branch == 0 else f"{company} {_CITIES[i % len(_CITIES)][0]} {branch}"
+
+
+def _account_ref(i: int) -> Record:
+    """A lookup of Account i, as Zoho answers one: {name, id}."""
+    return {"name": _account_name(i), "id": _record_id("Accounts", i)}
+
+
+def _account(i: int) -> Record:
+    """Account i: a company with a switchboard Phone (a few none, or only a Fax); ids rise with
+    Created_Time, Modified_Time is scattered."""
+    created = datetime(2023, 6, 1, tzinfo=UTC) + timedelta(minutes=211 * i)
+    modified = created + timedelta(seconds=(i * 6007) % 40_000_000)
+    city, state, zip_code, country = _CITIES[i % len(_CITIES)]
+    return {
+        "id": _record_id("Accounts", i),
+        "Owner": OWNER,
+        "Account_Name": _account_name(i),
+        "Phone": _phone(i, 2),
+        "Fax": _phone(i, 6) if i % 5 == 1 else None,
+        "Account_Type": _ACCOUNT_TYPES[i % len(_ACCOUNT_TYPES)],
+        "Industry": _INDUSTRIES[i % len(_INDUSTRIES)],
+        "Parent_Account": _account_ref(i % len(_COMPANIES)) if i % 7 == 6 else None,
+        "Billing_Street": f"{i % 700 + 10} Market St",
+        "Billing_City": city,
+        "Billing_State": state,
+        "Billing_Code": zip_code,
+        "Billing_Country": country,
+        "Created_Time": _iso(created),
+        "Modified_Time": _iso(modified),
+        "Created_By": OWNER,
+        "Modified_By": OWNER,
+    }
+
+
+def _record(module: str, i: int) -> Record:
+    return _account(i) if module == "Accounts" else _person(module, i)
+
+
 def _person(module: str, i: int) -> Record:
-    """Person i of a module; ids rise with Created_Time, Modified_Time is scattered."""
+    """Person i of Contacts or Leads; ids rise with Created_Time, Modified_Time is scattered."""
     lead = module == "Leads"
     first = None if i % 11 == 5 else _FIRST[(i * 3 + lead) % len(_FIRST)]
     last = _LAST[(i * 7 + 2 * lead) % len(_LAST)]
@@ -165,7 +230,7 @@ def _person(module: str, i: int) -> Record:
     local = f"{(first or 'x').lower()}.{i}".encode("ascii", "ignore").decode()
     city, state, zip_code, country = _CITIES[i % len(_CITIES)]
     record: Record = {
-        "id": f"3652397000{1 + lead}{i * 7 + 1:08d}",
+        "id": _record_id(module, i),
         "Owner": OWNER,
         "First_Name": first,
         "Last_Name": last,
@@ -199,7 +264,7 @@ def _person(module: str, i: int) -> Record:
             "Converted__s": False,
         }
     else:
-        account = None if i % 9 == 4 else {"name": company, "id": f"365239700000{i % 6:07d}"}
+        account = None if i % 9 == 4 else _account_ref(i % len(_COMPANIES))
         record |= {
             "Account_Name": account,
             "Mailing_Street": f"{i % 900 + 1} Main St",
@@ -211,15 +276,20 @@ def _person(module: str, i: int) -> Record:
     return record
 
 
-# A module's fields are those its generated people carry (Leads: Company, Street...; Contacts:
+# A module's fields are those its generated records carry (Leads: Company, Street...; Contacts:
 # Account_Name, Mailing_*...), so asking Leads for Account_Name fails as it does in Zoho.
-MODULE_FIELDS = {m: frozenset(_person(m, 0)) for m in PEOPLE_MODULES}
+MODULE_FIELDS = {m: frozenset(_record(m, 0)) for m in PEOPLE_MODULES}
 
 
 def split_records(records: int | Mapping[str, int]) -> dict[str, int]:
-    """An int is split two contacts to one lead; a mapping gives each module's count."""
+    """An int is people split two contacts to one lead, and an Account per ten of them; a
+    mapping gives each module's count (a module it leaves out has none)."""
     if isinstance(records, int):
-        return {"Contacts": records - records // 3, "Leads": records // 3}
+        return {
+            "Contacts": records - records // 3,
+            "Leads": records // 3,
+            "Accounts": records // 10,
+        }
     unknown = set(records) - set(PEOPLE_MODULES)
     if unknown:
         raise ValueError(f"unknown modules {sorted(unknown)}; people modules: {PEOPLE_MODULES}")
@@ -277,8 +347,9 @@ def _check_fields(module: str, fields: Mapping[str, Any]) -> None:
         raise AdminError(400, "fields must be a JSON object")
     if unknown := sorted(set(fields) - (MODULE_FIELDS[module] - SYSTEM_FIELDS)):
         raise AdminError(400, f"{module} has no settable fields {unknown}")
-    if "Last_Name" in fields and not (isinstance(fields["Last_Name"], str) and fields["Last_Name"]):
-        raise AdminError(400, "Last_Name is mandatory: a non-empty string")
+    name = MANDATORY[module]
+    if name in fields and not (isinstance(fields[name], str) and fields[name]):
+        raise AdminError(400, f"{name} is mandatory: a non-empty string")
 
 
 class ZohoState:
@@ -295,18 +366,18 @@ class ZohoState:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.access_token = access_token
         self.limiter = TokenBuckets(rate_limit) if rate_limit else None
+        # A data dir written before Accounts were served has none of them.
+        none: dict[str, list[Record]] = {m: [] for m in PEOPLE_MODULES}
         deleted_path = self.data_dir / DELETED_FILE
-        self.deleted: dict[str, list[Record]] = (
-            json.loads(deleted_path.read_text())
-            if deleted_path.exists()
-            else {m: [] for m in PEOPLE_MODULES}
+        self.deleted = none | (
+            json.loads(deleted_path.read_text()) if deleted_path.exists() else {}
         )
         records_path = self.data_dir / RECORDS_FILE
         if records_path.exists():  # a restart keeps the people and their changes
-            self.people: dict[str, list[Record]] = json.loads(records_path.read_text())
+            self.people: dict[str, list[Record]] = none | json.loads(records_path.read_text())
         else:
             counts = split_records(records)
-            self.people = {m: [_person(m, i) for i in range(counts[m])] for m in PEOPLE_MODULES}
+            self.people = {m: [_record(m, i) for i in range(counts[m])] for m in PEOPLE_MODULES}
             self._save_people()
         activity_path = self.data_dir / ACTIVITY_FILE
         self.activity: dict[str, Any] = (
@@ -351,7 +422,8 @@ class ZohoState:
         """Set `fields` and move Modified_Time, as an edit in Zoho does; the fields changed."""
         changed = [name for name, value in fields.items() if record.get(name) != value]
         record.update(fields)
-        record["Full_Name"] = _full_name(record["First_Name"], record["Last_Name"])
+        if "Full_Name" in record:  # a person's, not an Account's
+            record["Full_Name"] = _full_name(record["First_Name"], record["Last_Name"])
         record["Modified_Time"] = now
         return changed
 
@@ -374,11 +446,10 @@ class ZohoState:
         _check_fields(module, fields)
         now = _iso(datetime.now(UTC))
         # Indexes never repeat (the deleted keep theirs), so neither do the ids they make.
-        record = _person(module, len(self.people[module]) + len(self.deleted[module]))
+        record = _record(module, len(self.people[module]) + len(self.deleted[module]))
         if not generated:
             record |= {name: None for name in MODULE_FIELDS[module] - SYSTEM_FIELDS}
-            record |= {"Owner": OWNER, "Email_Opt_Out": False}
-            record |= {"Converted__s": False} if module == "Leads" else {}
+            record |= {"Owner": OWNER, **INSERT_DEFAULTS[module]}
         record["Created_Time"] = now
         self._edit(record, fields, now)
         self.people[module].append(record)
@@ -398,9 +469,10 @@ class ZohoState:
         return record, [_notification(module, "update", {record_id: changed})]
 
     def _generated_change(self, module: str, record: Record) -> dict[str, Any]:
+        names = ("Account_Name",) if module == "Accounts" else ("First_Name", "Last_Name")
         while True:
-            other = _person(module, self._rng.randrange(10**6))
-            change = {k: other[k] for k in ("First_Name", "Last_Name", "Phone")}
+            other = _record(module, self._rng.randrange(10**6))
+            change = {k: other[k] for k in (*names, "Phone")}
             if other["Phone"] and all(record[k] != v for k, v in change.items()):
                 return change
 
@@ -442,7 +514,7 @@ class ZohoState:
             {
                 "deleted_by": by,
                 "id": record["id"],
-                "display_name": record["Full_Name"],
+                "display_name": record.get("Full_Name", record.get("Account_Name")),
                 "type": "recycle",
                 "created_by": by,
                 "deleted_time": _iso(datetime.now(UTC)),
@@ -906,18 +978,19 @@ class _Api:
                 json_path=f"{path}.Description",
                 maximum_length=MAX_TEXTAREA,
             )
-        # Who_Id ("Contact Name") looks up Contacts only; a Lead is the "Related To" record:
-        # What_Id with $se_module "Leads", and then no contact may be named.
+        # Who_Id ("Contact Name") looks up Contacts only; a Lead or an Account is the "Related
+        # To" record: What_Id with $se_module naming its module (no contact beside a lead).
         if "Who_Id" in call and self._check_person_ref(call["Who_Id"], "Who_Id", path) != (
             "Contacts"
         ):
             raise _invalid("Who_Id", path, "a Contacts record id")
         if "What_Id" in call:
-            if call.get("$se_module") != "Leads":  # the only "Related To" module held here
-                raise _invalid("$se_module", path, "Leads")
-            if self._check_person_ref(call["What_Id"], "What_Id", path) != "Leads":
-                raise _invalid("What_Id", path, "a Leads record id")
-            if "Who_Id" in call:
+            module = call.get("$se_module")
+            if module not in RELATED_TO_MODULES:  # the "Related To" modules held here
+                raise _invalid("$se_module", path, " or ".join(RELATED_TO_MODULES))
+            if self._check_person_ref(call["What_Id"], "What_Id", path) != module:
+                raise _invalid("What_Id", path, f"a {module} record id")
+            if module == "Leads" and "Who_Id" in call:
                 raise _invalid("Who_Id", path, "no contact on a call related to a lead")
 
     def _check_person_ref(self, ref: object, name: str, path: str) -> str:
@@ -1109,8 +1182,9 @@ def _require(item: dict[str, Any], name: str, path: str) -> None:
 
 
 def _check_insert(module: str, item: dict[str, Any], path: str) -> None:
-    """What Zoho refuses in a record inserted into Contacts or Leads."""
-    _require(item, "Last_Name", path)  # the system-defined mandatory field of both modules
+    """What Zoho refuses in a record inserted into the module."""
+    mandatory = MANDATORY[module]  # the module's system-defined mandatory field
+    _require(item, mandatory, path)
     for name, value in item.items():
         settable = MODULE_FIELDS[module] - SYSTEM_FIELDS - READ_ONLY_FIELDS
         if name not in settable:
@@ -1120,7 +1194,7 @@ def _check_insert(module: str, item: dict[str, Any], path: str) -> None:
         if name in BOOLEAN_FIELDS:
             if not isinstance(value, bool):
                 raise _invalid(name, path, "boolean")
-        elif name in LOOKUP_FIELDS:
+        elif name in LOOKUP_FIELDS[module]:
             if not isinstance(value, dict) or not isinstance(value.get("id"), str):
                 raise _invalid(name, path, "lookup {id}")
         elif not isinstance(value, str):
@@ -1140,8 +1214,8 @@ def _check_insert(module: str, item: dict[str, Any], path: str) -> None:
                 json_path=f"{path}.{name}",
                 maximum_length=MAX_SINGLE_LINE,
             )
-    if not item["Last_Name"].strip():
-        raise _invalid("Last_Name", path, "text")
+    if not item[mandatory].strip():
+        raise _invalid(mandatory, path, "text")
 
 
 def _invalid(name: str, path: str, expected: str) -> ZohoError:
@@ -1348,7 +1422,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, type=Path)
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--records", type=int, default=500, help="people, split 2:1 Contacts:Leads")
+    parser.add_argument(
+        "--records",
+        type=int,
+        default=500,
+        help="people, split 2:1 Contacts:Leads, and an Account per ten of them",
+    )
     parser.add_argument("--token", default="zoho-sandbox-token", help="the valid access token")
     parser.add_argument("--rate-limit", type=float, default=10.0, help="requests/s for the org")
     parser.add_argument("--no-rate-limit", action="store_true")

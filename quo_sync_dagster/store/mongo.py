@@ -121,6 +121,9 @@ _PAGE_FIELDS = (
     "updated",
     "unchanged",
     "skipped",
+    "adopted",
+    "adoption_candidates",
+    "unverified_phones",
     "ok",
 )
 
@@ -400,7 +403,7 @@ class MongoStore(Store):
             return []  # limit=0 means "no limit" to MongoDB
         docs = self._errors.find(
             {"process_id": process_id},
-            {"_id": 0, "external_id": 1, "error": 1, "timestamp": 1, "page": 1},
+            {"_id": 0, "external_id": 1, "error": 1, "timestamp": 1, "page": 1, "skipped": 1},
             sort=[("seq", DESCENDING)],
             limit=limit,
         )

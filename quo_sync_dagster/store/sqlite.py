@@ -151,6 +151,19 @@ CREATE TABLE IF NOT EXISTS phone_index (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS phone_index_by_person ON phone_index (integration_id, external_id);
 """
+# A page's counts, in PageResult; those from `skipped` on were added after the first release.
+_PAGE_COUNTS = (
+    "records",
+    "synced",
+    "failed",
+    "created",
+    "updated",
+    "unchanged",
+    "skipped",
+    "adopted",
+    "adoption_candidates",
+    "unverified_phones",
+)
 _INBOX_COLUMNS = "id, integration_id, event_id, payload, received_at, attempts, last_error"
 _LINK_COLUMNS = "external_id, quo_id, content_hash, phones"
 _ROWID = re.compile(r"[1-9][0-9]{0,17}")  # str() of a rowid; 18 digits stay below 2**63
@@ -167,7 +180,9 @@ def _added_columns() -> Iterator[tuple[str, str, str]]:
     default fills the rows that predate the column: an inbox item gets the migration time."""
     for name in COUNTER_NAMES:
         yield "processes", name, "INTEGER NOT NULL DEFAULT 0"
-    yield "pages", "skipped", "INTEGER NOT NULL DEFAULT 0"
+    for name in _PAGE_COUNTS[_PAGE_COUNTS.index("skipped") :]:
+        yield "pages", name, "INTEGER NOT NULL DEFAULT 0"
+    yield "process_errors", "skipped", "TEXT"
     yield "webhook_inbox", "received_at", f"TEXT NOT NULL DEFAULT '{_now()}'"
     yield "webhook_inbox", "attempts", "INTEGER NOT NULL DEFAULT 0"
     yield "webhook_inbox", "last_error", "TEXT"
@@ -213,16 +228,7 @@ def _process(row: sqlite3.Row) -> Process:
 
 
 def _page_result(row: sqlite3.Row) -> PageResult:
-    return PageResult(
-        records=row["records"],
-        synced=row["synced"],
-        failed=row["failed"],
-        created=row["created"],
-        updated=row["updated"],
-        unchanged=row["unchanged"],
-        skipped=row["skipped"],
-        ok=bool(row["ok"]),
-    )
+    return PageResult(**{name: row[name] for name in _PAGE_COUNTS}, ok=bool(row["ok"]))
 
 
 class SqliteStore(Store):
@@ -469,18 +475,12 @@ class SqliteStore(Store):
             )
             # Columns named: a file migrated by ALTER TABLE has them in another order.
             conn.execute(
-                "INSERT OR REPLACE INTO pages (process_id, page_key, records, synced, failed, "
-                "created, updated, unchanged, skipped, ok) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO pages (process_id, page_key, {', '.join(_PAGE_COUNTS)}, "
+                f"ok) VALUES ({_placeholders(len(_PAGE_COUNTS) + 3)})",
                 (
                     process_id,
                     page_key,
-                    result.records,
-                    result.synced,
-                    result.failed,
-                    result.created,
-                    result.updated,
-                    result.unchanged,
-                    result.skipped,
+                    *(getattr(result, name) for name in _PAGE_COUNTS),
                     int(result.ok),
                 ),
             )
@@ -490,9 +490,9 @@ class SqliteStore(Store):
             )
             conn.executemany(
                 "INSERT INTO process_errors (process_id, page_key, external_id, error, timestamp, "
-                "page) VALUES (?, ?, ?, ?, ?, ?)",
+                "page, skipped) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (process_id, page_key, e.external_id, e.error, e.timestamp, e.page)
+                    (process_id, page_key, e.external_id, e.error, e.timestamp, e.page, e.skipped)
                     for e in result.errors
                 ],
             )
@@ -511,7 +511,7 @@ class SqliteStore(Store):
 
     def recent_errors(self, process_id: str, limit: int = MAX_STORED_ERRORS) -> list[ErrorDetail]:
         rows = self._conn().execute(
-            "SELECT external_id, error, timestamp, page FROM process_errors "
+            "SELECT external_id, error, timestamp, page, skipped FROM process_errors "
             "WHERE process_id = ? ORDER BY id DESC LIMIT ?",
             (process_id, max(limit, 0)),
         )

@@ -53,8 +53,7 @@ class WebhookContext:
 
     @property
     def object_types(self) -> frozenset[str]:
-        types = self.connector.crm_config.person_object_types
-        return frozenset(t.crm_object_name for t in types)
+        return frozenset(self.connector.object_types)
 
 
 _REGISTRY: dict[str, type[WebhookHandler]] = {}
