@@ -4,6 +4,9 @@ daemon-driven path is in test_e2e.py)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -167,3 +170,18 @@ def run_request(p: Pipeline, request: dg.RunRequest) -> dg.ExecuteInProcessResul
         tags=request.tags,
         raise_on_error=False,
     )
+
+
+def run_demo(home: Path, *args: str, timeout: float = 900) -> tuple[int, dict[str, Any]]:
+    """`quo-sync demo ARGS` on `home` (sandbox limit off, exiting when done) as a user runs
+    it: its exit code and its RESULT line."""
+    argv = ["--home", str(home), "--quo-rate-limit", "0", "--exit-when-done", *args]
+    proc = subprocess.run(
+        [sys.executable, "-m", "quo_sync_dagster.cli", "demo", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT "), proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.returncode, json.loads(last.removeprefix("RESULT "))

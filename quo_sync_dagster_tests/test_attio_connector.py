@@ -30,6 +30,7 @@ from quo_sync_dagster.crms.attio_api import AttioApi, AttioApiError
 from quo_sync_dagster.governed_http import OutcomeUnknown
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.sandbox.attio_server import COMPANIES, AttioSandbox, generate_people
+from quo_sync_dagster_tests.corpus import Expected, each_record, transform_as_expected
 from quo_sync_dagster_tests.pipeline import add_integration, pipeline, sync_everything
 
 KEY, SECRET, RECORDS = "attio-connector-key", "whsec-attio-test", 120
@@ -211,6 +212,44 @@ def test_fictional_555_numbers_are_kept() -> None:
     numbers = [phone("5558675309", "US", "+15558675309"), phone("(555) 010-0123", "US", None)]
     contact = connector().transform_person_to_quo(person(phones=numbers), "people")
     assert [p.value for p in contact.phone_numbers] == ["+15558675309", "+15550100123"]
+
+
+ADA = ("Ada", "Lovelace")
+ALICE = (("email", "alice@app.attio.com"),)
+US_555 = (("phone", "+15558675309"),)  # a 555 number is kept
+# corpus id -> (first, last, company, emails, phones) as (label, value) pairs, or the skip.
+# No company anywhere: the corpus is transformed without prepare_page (no HTTP), so a `company`
+# record reference is never read into a name (attio-no-name is named by its e-mail, not its
+# company). Attio has no deleted marker: nothing is Excluded.
+CORPUS_EXPECTED: dict[str, Expected] = {
+    "attio-base": (*ADA, None, ALICE, US_555),
+    "attio-no-phone": NoPhone,
+    "attio-intl": (*ADA, None, ALICE, (("phone", "+442079460958"), ("phone", "+33123456789"))),
+    "attio-multi": (
+        *ADA,
+        None,
+        (*ALICE, ("email", "ada@example.com")),
+        (*US_555, ("phone", "+15558675310")),
+    ),
+    "attio-no-name": ("alice", None, None, ALICE, US_555),  # the e-mail's local part
+    "attio-name-partial": (*ADA, None, ALICE, US_555),  # full_name split at its space
+    "attio-unicode": ("Łukasz", "Żółć", None, ALICE, US_555),
+    "attio-no-company": (*ADA, None, ALICE, US_555),
+    # The superseded 555 number (active_until set) is not synced; the current one is.
+    "attio-historic-phone": (*ADA, None, ALICE, (("phone", "+12125550134"),)),
+    "attio-only-phone": ("+15558675309", None, None, (), US_555),  # the first phone number
+    "attio-extension": (*ADA, None, ALICE, (("phone", "+12125550134"),)),  # ext. 9 dropped
+    "attio-cjk": ("太郎", "山田", None, ALICE, (("phone", "+819012345678"),)),
+}
+
+
+@each_record("attio")
+def test_the_corpus_field_by_field(entry: dict[str, Any]) -> None:
+    kind, record = entry["objectType"], entry["record"]
+    assert kind == "people"
+    if contact := transform_as_expected(connector(), record, kind, CORPUS_EXPECTED[entry["id"]]):
+        assert contact.external_id == record["id"]["record_id"]
+        assert contact.source_url == record["web_url"]
 
 
 # ---- companies -------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ Dagster pipeline into the Quo sandbox."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import replace
@@ -28,6 +27,7 @@ from quo_sync_dagster.crms.axiscare import AxisCareConnector, CallLogNotFound
 from quo_sync_dagster.crms.axiscare_api import AxisCareApiError
 from quo_sync_dagster.governed_http import OutcomeUnknown
 from quo_sync_dagster.sandbox.axiscare_server import KINDS, AxisCareSandbox, generate_people
+from quo_sync_dagster_tests.corpus import Expected, each_record, transform_as_expected
 from quo_sync_dagster_tests.pipeline import add_integration, pipeline, sync_everything
 
 TOKEN = "axiscare-test-token"
@@ -220,54 +220,45 @@ def test_an_inactive_person_is_still_synced(status: dict[str, Any]) -> None:
     assert (contact.external_id, contact.first_name) == ("client-295", "Zozo")
 
 
-CORPUS = Path(__file__).with_name("fixtures") / "crm_corpus" / "axiscare.json"
 LAKEMAN = ("Sure Shot", "Lakeman")  # goesBy before firstName "John"
 HOME = ("home", "+12345678901")  # "+2-345-678-9012" (no country +2) is dropped beside it
 CIA = (("personal", "jtavner@cia.gov"),)  # billingEmail repeats it
-# corpus id -> (first, last, emails, phones) as (label, value) pairs, or the skip.
-CORPUS_EXPECTED: dict[str, tuple[Any, ...] | type[Exception]] = {
-    "axiscare-client-base": (*LAKEMAN, CIA, (HOME,)),
+# corpus id -> what its contact holds (corpus.Expected).
+CORPUS_EXPECTED: dict[str, Expected] = {  # people of a care agency have no company
+    "axiscare-client-base": (*LAKEMAN, None, CIA, (HOME,)),
     "axiscare-client-ref": (
         "Ruthie",
         "Adams",
+        None,
         (("personal", "ruth@example.com"), ("billing", "jtavner@cia.gov")),
         (("home", "+15551230001"), ("mobile", "+15551230002")),
     ),
     "axiscare-client-no-phone": NoPhone,
-    "axiscare-client-only-mobile": (*LAKEMAN, CIA, (("mobile", "+14145550188"),)),
-    "axiscare-client-extension": (*LAKEMAN, CIA, (("other", "+14145550100"),)),
-    "axiscare-client-inactive": (*LAKEMAN, CIA, (HOME,)),  # Deceased: still someone's number
-    "axiscare-client-goesby-only": ("Sure Shot", None, CIA, (HOME,)),
-    "axiscare-client-unicode": ("María José", "Peña", CIA, (("mobile", "+525512345678"),)),
-    "axiscare-client-status-string": (*LAKEMAN, CIA, (HOME, ("other", "+12345678902"))),
-    "axiscare-client-same-phone-twice": (*LAKEMAN, CIA, (HOME,)),
-    "axiscare-client-no-email": ("+12345678901", None, (), (HOME,)),
-    "axiscare-caregiver-base": (*LAKEMAN, CIA, (HOME,)),
-    "axiscare-caregiver-only-mobile": (*LAKEMAN, CIA, (("mobile", "+12625550147"),)),
+    "axiscare-client-only-mobile": (*LAKEMAN, None, CIA, (("mobile", "+14145550188"),)),
+    "axiscare-client-extension": (*LAKEMAN, None, CIA, (("other", "+14145550100"),)),
+    "axiscare-client-inactive": (*LAKEMAN, None, CIA, (HOME,)),  # Deceased: still someone's number
+    "axiscare-client-goesby-only": ("Sure Shot", None, None, CIA, (HOME,)),
+    "axiscare-client-unicode": ("María José", "Peña", None, CIA, (("mobile", "+525512345678"),)),
+    "axiscare-client-status-string": (*LAKEMAN, None, CIA, (HOME, ("other", "+12345678902"))),
+    "axiscare-client-same-phone-twice": (*LAKEMAN, None, CIA, (HOME,)),
+    "axiscare-client-no-email": ("+12345678901", None, None, (), (HOME,)),
+    "axiscare-caregiver-base": (*LAKEMAN, None, CIA, (HOME,)),
+    "axiscare-caregiver-only-mobile": (*LAKEMAN, None, CIA, (("mobile", "+12625550147"),)),
     "axiscare-caregiver-no-phone": NoPhone,
-    "axiscare-lead-base": ("John", "Lakeman", CIA, (HOME,)),
-    "axiscare-lead-555": ("John", "Lakeman", CIA, (("home", "+15551234567"),)),
-    "axiscare-applicant-base": (*LAKEMAN, CIA, (HOME,)),
-    "axiscare-applicant-intl": (*LAKEMAN, CIA, (("mobile", "+38787667676"),)),
+    "axiscare-lead-base": ("John", "Lakeman", None, CIA, (HOME,)),
+    "axiscare-lead-555": ("John", "Lakeman", None, CIA, (("home", "+15551234567"),)),
+    "axiscare-applicant-base": (*LAKEMAN, None, CIA, (HOME,)),
+    "axiscare-applicant-intl": (*LAKEMAN, None, CIA, (("mobile", "+38787667676"),)),
 }
 
 
-@pytest.mark.parametrize(
-    "entry", json.loads(CORPUS.read_text())["records"], ids=lambda entry: entry["id"]
-)
+@each_record("axiscare")
 def test_the_corpus_field_by_field(entry: dict[str, Any]) -> None:
     kind, record = entry["objectType"], entry["record"]
     expected = CORPUS_EXPECTED[entry["id"]]
-    if isinstance(expected, type):
-        with pytest.raises(expected):
-            offline().transform_person_to_quo(record, kind)
-        return
-    contact = offline().transform_person_to_quo(record, kind)
-    first, last, addresses, numbers = expected
-    assert (contact.external_id, contact.role) == (f"{kind[:-1]}-{record['id']}", kind[:-1].title())
-    assert (contact.first_name, contact.last_name, contact.company) == (first, last, None)
-    assert contact.emails == tuple(LabeledValue(*e) for e in addresses)
-    assert contact.phone_numbers == tuple(LabeledValue(*n) for n in numbers)
+    if contact := transform_as_expected(offline(), record, kind, expected):
+        assert contact.external_id == f"{kind[:-1]}-{record['id']}"
+        assert contact.role == kind[:-1].title()
 
 
 def test_simulator_records_transform_or_fail_cleanly(connector: AxisCareConnector) -> None:

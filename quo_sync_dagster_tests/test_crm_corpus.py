@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import phonenumbers
@@ -19,8 +18,8 @@ import pytest
 
 from quo_sync_dagster.core.models import Excluded, Integration, InvalidRecord, NoPhone
 from quo_sync_dagster.crms import connector_class
+from quo_sync_dagster_tests.corpus import CORPUS, corpus_records
 
-CORPUS = Path(__file__).with_name("fixtures") / "crm_corpus"
 OBJECT_TYPES = {"pipedrive": {"person": "Person"}}  # the corpus's name -> the connector's
 E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 
@@ -29,7 +28,7 @@ def _entries() -> list[tuple[str, dict[str, Any]]]:
     return [
         (path.stem, entry)
         for path in sorted(CORPUS.glob("*.json"))
-        for entry in json.loads(path.read_text())["records"]
+        for entry in corpus_records(path.stem)
     ]
 
 

@@ -4,9 +4,6 @@ as the UI launches them). The upserter's adoption itself is tested in test_upser
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +11,7 @@ import pytest
 
 from quo_sync_dagster.core.adoption import AdoptionRules
 from quo_sync_dagster.crms.scalingtest import skipped_record_count
+from quo_sync_dagster_tests.pipeline import run_demo
 
 
 def test_adoption_settings_default_to_none_and_parse() -> None:
@@ -54,25 +52,12 @@ def test_a_bad_adoption_setting_is_an_error_naming_it(setting: str, value: Any) 
         AdoptionRules.from_settings({setting: value})
 
 
-def _demo(home: Path, *args: str) -> tuple[int, dict[str, Any]]:
-    argv = ["--home", str(home), "--quo-rate-limit", "0", "--exit-when-done", *args]
-    proc = subprocess.run(
-        [sys.executable, "-m", "quo_sync_dagster.cli", "demo", *argv],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("RESULT "), proc.stdout[-2000:] + proc.stderr[-2000:]
-    return proc.returncode, json.loads(last.removeprefix("RESULT "))
-
-
 def test_demo_on_a_workspace_an_earlier_sync_filled_adopts_it_without_duplicates(
     tmp_path: Path,
 ) -> None:
     records = 1100  # 1,000 the earlier sync wrote, the rest new since
     legacy = ["--records", str(records), "--legacy-contacts", "1000", "--legacy-changed", "50"]
-    code, first = _demo(tmp_path / "home", *legacy)
+    code, first = run_demo(tmp_path / "home", *legacy)
     with_phone = records - skipped_record_count(records)
     assert code == 0 and first["state"] == "COMPLETED", first
     assert (first["legacyContacts"], first["adopted"]) == (1000, 1000)
@@ -83,7 +68,7 @@ def test_demo_on_a_workspace_an_earlier_sync_filled_adopts_it_without_duplicates
     assert first["quoWriteRequests"] == with_phone  # a PATCH per adopted, a create per new
     assert first["adoptionCandidates"] == 0
 
-    code, second = _demo(tmp_path / "home", *legacy)  # Quo holds contacts now: no prefill
+    code, second = run_demo(tmp_path / "home", *legacy)  # Quo holds contacts now: no prefill
     assert code == 0 and second["state"] == "COMPLETED", second
     assert (second["legacyContacts"], second["adopted"], second["quoWriteRequests"]) == (0, 0, 0)
     assert second["skippedUnchanged"] == with_phone

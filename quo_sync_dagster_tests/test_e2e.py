@@ -4,28 +4,18 @@ Faults on the same path (a killed run, outages, ...) are in test_faults.py."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from quo_sync_dagster.crms import registered_connectors
 from quo_sync_dagster.crms.scalingtest import skipped_record_count
+from quo_sync_dagster_tests.pipeline import run_demo
 
 
-def _demo(home: Path, records: int, crm: str = "scalingtest") -> tuple[int, dict]:
-    args = ["--crm", crm, "--records", str(records), "--home", str(home), "--quo-rate-limit", "0"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "quo_sync_dagster.cli", "demo", *args, "--exit-when-done"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("RESULT "), proc.stdout[-2000:] + proc.stderr[-2000:]
-    return proc.returncode, json.loads(last.removeprefix("RESULT "))
+def _demo(home: Path, records: int, crm: str = "scalingtest") -> tuple[int, dict[str, Any]]:
+    return run_demo(home, "--crm", crm, "--records", str(records), timeout=600)
 
 
 def test_demo_syncs_everything_once_and_a_second_run_writes_nothing(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from quo_sync_dagster.sandbox.pipedrive_server import (
     seed_organization,
     seed_person,
 )
+from quo_sync_dagster_tests.corpus import Expected, each_record, transform_as_expected
 from quo_sync_dagster_tests.pipeline import add_integration, pipeline, sync_everything
 
 RECORDS = 60
@@ -212,6 +213,50 @@ def test_fictional_555_numbers_are_kept() -> None:
 def test_a_person_pipedrive_marks_deleted_is_excluded() -> None:
     with pytest.raises(Excluded, match="deleted"):
         connector().transform_person_to_quo(person(is_deleted=True), "Person")
+
+
+JANE = ("Jane", "Doe")
+# No company anywhere: the corpus is transformed without prepare_page (no HTTP), and a v2
+# person's integer org_id names no organization until prepare_page has read it; none of these
+# records carries an org_name or a v1 org_id object.
+WORK_EMAIL = (("work", "jane@acme.example"),)
+MOBILE, WORK = ("mobile", "+15551230001"), ("work", "+15551239999")  # 555 numbers are kept
+# corpus id -> (first, last, company, emails, phones) as (label, value) pairs, or the skip.
+CORPUS_EXPECTED: dict[str, Expected] = {
+    "pd-base": (*JANE, None, WORK_EMAIL, (MOBILE, WORK)),
+    "pd-no-phone": NoPhone,
+    "pd-only-mobile": (*JANE, None, WORK_EMAIL, (MOBILE,)),
+    "pd-extension": (*JANE, None, WORK_EMAIL, (("work", "+12125550134"),)),  # ext. 204 dropped
+    # "030 901820" has no country code: read in the integration's region (US) it is too short.
+    "pd-international": (*JANE, None, WORK_EMAIL, (("work", "+442079460958"),)),
+    "pd-555-only": (*JANE, None, WORK_EMAIL, (("work", "+15551234567"),)),
+    "pd-no-name": ("jane", None, None, WORK_EMAIL, (MOBILE, WORK)),  # the e-mail's local part
+    "pd-name-only": (*JANE, None, WORK_EMAIL, (MOBILE, WORK)),  # `name` split at its space
+    "pd-unicode": ("Zoë", "Ångström-Müller", None, WORK_EMAIL, (MOBILE, WORK)),
+    "pd-unicode-cjk": ("太郎", "山田", None, WORK_EMAIL, (("mobile", "+819012345678"),)),
+    "pd-multi": (  # nothing primary: Pipedrive's order stands
+        *JANE,
+        None,
+        (*WORK_EMAIL, ("home", "jane.doe@home.example")),
+        (MOBILE, WORK, ("home", "+15551230003"), ("other", "+15551230004")),
+    ),
+    "pd-deleted": Excluded,  # is_deleted
+    "pd-no-org": ("+15551230001", None, None, (), (MOBILE, WORK)),  # the first phone number
+    "pd-vanity": (*JANE, None, WORK_EMAIL, (("work", "+18003569377"),)),  # 1-800-356-9377
+    "pd-no-area-code": NoPhone,  # 123-4567 alone
+    "pd-garbage-phone": NoPhone,  # "n/a"
+}
+
+
+@each_record("pipedrive")
+def test_the_corpus_field_by_field(entry: dict[str, Any]) -> None:
+    assert entry["objectType"] == "person"  # the connector's object type is "Person"
+    record = entry["record"]
+    if contact := transform_as_expected(
+        connector(), record, "Person", CORPUS_EXPECTED[entry["id"]]
+    ):
+        assert contact.external_id == str(record["id"])
+        assert contact.source_url == f"https://app.pipedrive.com/person/{record['id']}"
 
 
 # ---- organizations -----------------------------------------------------------------------------

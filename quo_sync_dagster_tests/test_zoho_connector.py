@@ -33,6 +33,7 @@ from quo_sync_dagster.crms.zoho_api import ZohoOutcomeUnknown
 from quo_sync_dagster.crms.zoho_webhooks import ZohoWebhooks
 from quo_sync_dagster.sandbox.zoho_server import ZohoSandbox
 from quo_sync_dagster.webhooks.handler import Delivery, WebhookContext
+from quo_sync_dagster_tests.corpus import Expected, each_record, transform_as_expected
 from quo_sync_dagster_tests.pipeline import add_integration, pipeline, sync_everything
 
 TOKEN = "zoho-test-token"
@@ -143,12 +144,11 @@ def test_lead_with_a_lone_last_name_keeps_its_555_number() -> None:
     )
 
 
-CORPUS = Path(__file__).with_name("fixtures") / "crm_corpus" / "zoho.json"
 JANE = ("Jane", "Doe")
 WORK, MOBILE = ("work", "+15551230001"), ("mobile", "+15551230002")
 PRIMARY = (("primary", "jane@acme.example"),)
-# corpus id -> (first, last, company, emails, phones) as (label, value) pairs, or the skip.
-CORPUS_EXPECTED: dict[str, tuple[Any, ...] | type[Exception]] = {
+# corpus id -> what its contact holds (corpus.Expected).
+CORPUS_EXPECTED: dict[str, Expected] = {
     "zoho-contact-base": (*JANE, "Acme", PRIMARY, (WORK, MOBILE)),
     "zoho-contact-no-phone": NoPhone,
     "zoho-contact-only-mobile": (*JANE, "Acme", PRIMARY, (MOBILE,)),
@@ -178,22 +178,11 @@ CORPUS_EXPECTED: dict[str, tuple[Any, ...] | type[Exception]] = {
 }
 
 
-@pytest.mark.parametrize(
-    "entry", json.loads(CORPUS.read_text())["records"], ids=lambda entry: entry["id"]
-)
+@each_record("zoho")
 def test_the_corpus_field_by_field(entry: dict[str, Any]) -> None:
-    expected = CORPUS_EXPECTED[entry["id"]]
-    crm = connector()
-    if isinstance(expected, type):
-        with pytest.raises(expected):
-            crm.transform_person_to_quo(entry["record"], entry["objectType"])
-        return
-    contact = crm.transform_person_to_quo(entry["record"], entry["objectType"])
-    first, last, company, addresses, numbers = expected
-    assert contact.external_id == f"{entry['objectType']}-{entry['record']['id']}"
-    assert (contact.first_name, contact.last_name, contact.company) == (first, last, company)
-    assert contact.emails == tuple(LabeledValue(*e) for e in addresses)
-    assert contact.phone_numbers == tuple(LabeledValue(*n) for n in numbers)
+    kind, record = entry["objectType"], entry["record"]
+    if contact := transform_as_expected(connector(), record, kind, CORPUS_EXPECTED[entry["id"]]):
+        assert contact.external_id == f"{kind}-{record['id']}"
 
 
 def test_the_valid_phone_policy_drops_555_numbers() -> None:

@@ -132,6 +132,22 @@ class PageResult:
         }
 
 
+# PageResult's counts, as the stores keep them; those from `skipped` on came after the first
+# release (a page stored before has their default, 0).
+PAGE_COUNTS = (
+    "records",
+    "synced",
+    "failed",
+    "created",
+    "updated",
+    "unchanged",
+    "skipped",
+    "adopted",
+    "adoption_candidates",
+    "unverified_phones",
+)
+
+
 @dataclass
 class Process:
     id: str

@@ -16,22 +16,22 @@ mapped attributes are sent, since Quo rejects keys its workspace does not define
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Sequence
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from quo_sync_dagster.core.activity_text import call_lines, sms_lines
 from quo_sync_dagster.core.models import (
     CallActivity,
     CustomFieldValue,
-    Integration,
     InvalidRecord,
     LabeledValue,
     PersonPage,
     QuoContact,
     SmsActivity,
 )
-from quo_sync_dagster.core.ratelimit import Throttle
 from quo_sync_dagster.crms.attio_api import COMPANIES, PEOPLE, AttioApi, AttioApiError
 from quo_sync_dagster.crms.base import (
     CRMConfig,
@@ -44,6 +44,7 @@ from quo_sync_dagster.crms.fields import crm_id, display_name, emails, items, ph
 from quo_sync_dagster.governed_http import OutcomeUnknown
 
 DEFAULT_BASE_URL = "https://api.attio.com"
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 # The name of a person created for a caller nobody in Attio has (create_person_for_caller).
 UNKNOWN_CALLER = {"first_name": "Unknown", "last_name": "caller", "full_name": "Unknown caller"}
 
@@ -77,8 +78,9 @@ def _company_id(person: dict[str, Any]) -> str | None:
     """The record id of the company the person's current `company` value points at."""
     for value in _active(person, "company"):
         target = value.get("target_record_id")
+        # Record ids are UUIDs: anything else would make Attio refuse the page's whole query.
         if value.get("target_object") == COMPANIES and isinstance(target, str):
-            return target
+            return target if _UUID.fullmatch(target) else None
     return None
 
 
@@ -144,16 +146,11 @@ class AttioConnector(CRMConnector):
         requests_per_second=20.0,
     )
 
-    def __init__(
-        self,
-        integration: Integration,
-        credential: str | None = None,
-        throttle: Throttle | None = None,
-    ) -> None:
-        super().__init__(integration, credential, throttle)
-        # Company record id -> name (None: Attio did not return it), for this run: a run is
-        # short, and a renamed company is read again by the next one.
-        self._company_names: dict[str, str | None] = {}
+    @cached_property
+    def _company_names(self) -> dict[str, str | None]:
+        """Company record id -> name (None: Attio did not return it), for this run: a run is
+        short, and a renamed company is read again by the next one."""
+        return {}
 
     def make_api(self) -> AttioApi:
         if not self.credential:

@@ -21,20 +21,20 @@ import html
 import re
 from collections.abc import Sequence
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from quo_sync_dagster.core.activity_text import call_lines, call_subject, sms_lines
 from quo_sync_dagster.core.models import (
+    MAX_SAFE_INTEGER,
     CallActivity,
     CallOutcome,
     CustomFieldValue,
     Excluded,
-    Integration,
     PersonPage,
     QuoContact,
     SmsActivity,
 )
-from quo_sync_dagster.core.ratelimit import Throttle
 from quo_sync_dagster.crms.base import (
     CRMConfig,
     CRMConnector,
@@ -79,8 +79,11 @@ def _talk_seconds(call: CallActivity) -> int | None:
 
 
 def _org_id(value: Any) -> int | None:
-    """A v2 `org_id` (an integer); None for none, and for v1's object, which holds the name."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A v2 `org_id` (a positive integer); None for none, for v1's object (which holds the
+    name), and for what no organization has: one bad id must not fail its page's read."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SAFE_INTEGER:
+        return value
+    return None
 
 
 def _labeled(person: dict[str, Any], field: str) -> list[tuple[str, str]]:
@@ -113,16 +116,11 @@ class PipedriveConnector(CRMConnector):
         requests_per_second=5.0,
     )
 
-    def __init__(
-        self,
-        integration: Integration,
-        credential: str | None = None,
-        throttle: Throttle | None = None,
-    ) -> None:
-        super().__init__(integration, credential, throttle)
-        # Organization id -> name (None: Pipedrive did not return it), for this run: a run is
-        # short, and a renamed organization is read again by the next one.
-        self._org_names: dict[int, str | None] = {}
+    @cached_property
+    def _org_names(self) -> dict[int, str | None]:
+        """Organization id -> name (None: Pipedrive did not return it), for this run: a run is
+        short, and a renamed organization is read again by the next one."""
+        return {}
 
     def make_api(self) -> PipedriveApi:
         if not self.credential:

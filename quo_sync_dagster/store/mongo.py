@@ -23,6 +23,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 from quo_sync_dagster.core.models import ContactLink, Integration
 from quo_sync_dagster.core.process import (
     COUNTER_NAMES,
+    PAGE_COUNTS,
     TERMINAL_STATES,
     ErrorDetail,
     PageResult,
@@ -113,19 +114,7 @@ def _process(doc: Mapping[str, Any]) -> Process:
     )
 
 
-_PAGE_FIELDS = (
-    "records",
-    "synced",
-    "failed",
-    "created",
-    "updated",
-    "unchanged",
-    "skipped",
-    "adopted",
-    "adoption_candidates",
-    "unverified_phones",
-    "ok",
-)
+_PAGE_FIELDS = (*PAGE_COUNTS, "ok")
 
 
 def _page_result(doc: Mapping[str, Any]) -> PageResult:

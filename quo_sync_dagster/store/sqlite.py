@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from quo_sync_dagster.core.models import ContactLink, Integration
 from quo_sync_dagster.core.process import (
     COUNTER_NAMES,
+    PAGE_COUNTS,
     TERMINAL_STATES,
     ErrorDetail,
     PageResult,
@@ -151,19 +152,6 @@ CREATE TABLE IF NOT EXISTS phone_index (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS phone_index_by_person ON phone_index (integration_id, external_id);
 """
-# A page's counts, in PageResult; those from `skipped` on were added after the first release.
-_PAGE_COUNTS = (
-    "records",
-    "synced",
-    "failed",
-    "created",
-    "updated",
-    "unchanged",
-    "skipped",
-    "adopted",
-    "adoption_candidates",
-    "unverified_phones",
-)
 _INBOX_COLUMNS = "id, integration_id, event_id, payload, received_at, attempts, last_error"
 _LINK_COLUMNS = "external_id, quo_id, content_hash, phones"
 _ROWID = re.compile(r"[1-9][0-9]{0,17}")  # str() of a rowid; 18 digits stay below 2**63
@@ -180,7 +168,7 @@ def _added_columns() -> Iterator[tuple[str, str, str]]:
     default fills the rows that predate the column: an inbox item gets the migration time."""
     for name in COUNTER_NAMES:
         yield "processes", name, "INTEGER NOT NULL DEFAULT 0"
-    for name in _PAGE_COUNTS[_PAGE_COUNTS.index("skipped") :]:
+    for name in PAGE_COUNTS[PAGE_COUNTS.index("skipped") :]:
         yield "pages", name, "INTEGER NOT NULL DEFAULT 0"
     yield "process_errors", "skipped", "TEXT"
     yield "webhook_inbox", "received_at", f"TEXT NOT NULL DEFAULT '{_now()}'"
@@ -228,7 +216,7 @@ def _process(row: sqlite3.Row) -> Process:
 
 
 def _page_result(row: sqlite3.Row) -> PageResult:
-    return PageResult(**{name: row[name] for name in _PAGE_COUNTS}, ok=bool(row["ok"]))
+    return PageResult(**{name: row[name] for name in PAGE_COUNTS}, ok=bool(row["ok"]))
 
 
 class SqliteStore(Store):
@@ -475,12 +463,12 @@ class SqliteStore(Store):
             )
             # Columns named: a file migrated by ALTER TABLE has them in another order.
             conn.execute(
-                f"INSERT OR REPLACE INTO pages (process_id, page_key, {', '.join(_PAGE_COUNTS)}, "
-                f"ok) VALUES ({_placeholders(len(_PAGE_COUNTS) + 3)})",
+                f"INSERT OR REPLACE INTO pages (process_id, page_key, {', '.join(PAGE_COUNTS)}, "
+                f"ok) VALUES ({_placeholders(len(PAGE_COUNTS) + 3)})",
                 (
                     process_id,
                     page_key,
-                    *(getattr(result, name) for name in _PAGE_COUNTS),
+                    *(getattr(result, name) for name in PAGE_COUNTS),
                     int(result.ok),
                 ),
             )
