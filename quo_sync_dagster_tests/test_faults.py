@@ -149,6 +149,7 @@ def expected_contacts(stack: LocalStack, integration: Integration) -> dict[str, 
     try:
         page, n = connector.fetch_person_page(object_type, 0, 100, None, False), 0
         while True:
+            connector.prepare_page(page.records, object_type)  # as the sync does
             for record in page.records:
                 try:
                     contact = connector.transform_person_to_quo(record, object_type)

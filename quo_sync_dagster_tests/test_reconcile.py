@@ -158,12 +158,12 @@ def test_unlinked_contact_in_the_namespace_is_adopted_and_patched(
 
 
 def evaluate_schedule(p: Pipeline, at: datetime) -> list[dg.RunRequest]:
-    context = dg.build_schedule_context(
+    with dg.build_schedule_context(
         instance=p.instance,
         scheduled_execution_time=at,
         resources={"store": p.resources["store"]},
-    )
-    result = reconcile_defs(p).resolve_schedule_def(SCHEDULE)(context)
+    ) as context:
+        result = reconcile_defs(p).resolve_schedule_def(SCHEDULE)(context)
     return [] if isinstance(result, dg.SkipReason) else list(result)
 
 

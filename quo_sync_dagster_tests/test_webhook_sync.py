@@ -11,6 +11,7 @@ import copy
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,8 @@ def _diff(p: Pipeline, sim: PipedriveSandbox, integration: Integration) -> Diffe
     with QuoClient(p.quo.url, "test-key") as quo:
         contacts = list(quo.iter_contacts(CRM))
     people = [("Person", person) for person in sim.people()]
-    return differential(PipedriveConnector(integration), people, contacts)
+    with closing(PipedriveConnector(integration, DEFAULT_TOKEN)) as connector:
+        return differential(connector, people, contacts)
 
 
 def _delivered(sim: PipedriveSandbox, count: int) -> None:

@@ -316,7 +316,7 @@ def sync_records(
         latest[ext_id], names[ext_id] = contact, person
     if store is not None:
         for ext_id in store.get_tombstones(connector.integration.id, list(latest)):
-            note(names[ext_id], "deleted after this page was read", SkipReason.DELETED)
+            note(names[ext_id], "deleted in the CRM after this page was read", SkipReason.DELETED)
             skipped += 1
             del latest[ext_id]
     outcomes = upserter.upsert(
