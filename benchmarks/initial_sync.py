@@ -27,6 +27,7 @@ from quo_sync_dagster.core.process import Process, ProcessState
 from quo_sync_dagster.crms import connector_class
 from quo_sync_dagster.local_stack import LocalStack
 from quo_sync_dagster.orchestration.sync import fetch_page_frame, frame_records, sync_records
+from quo_sync_dagster.orchestration.tags import TAG_PEAK_RSS
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.quo.governor import RateGovernor
 from quo_sync_dagster.quo.upsert import ContactUpserter
@@ -61,10 +62,8 @@ def dagster_sync(
         assert states == [ProcessState.COMPLETED] * len(processes), states
         stats = stack.sandbox_stats()
         with dg.DagsterInstance.from_config(str(stack.dagster_home)) as instance:
-            key = dg.AssetKey("scalingtest_quo_contacts")
-            mats = instance.fetch_materializations(key, limit=10_000).records
-            rss = [m.asset_materialization.metadata["run_peak_rss_mb"].value for m in mats]
             runs = instance.get_run_records(dg.RunsFilter(job_name="scalingtest_page_sync"))
+            rss = [float(r.dagster_run.tags[TAG_PEAK_RSS]) for r in runs]
         return {
             "seconds": seconds,
             "planning": planning,

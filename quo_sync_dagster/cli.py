@@ -10,11 +10,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, Self, TextIO
 
+from quo_sync_dagster.analytics import integration_summary, processes_frame
 from quo_sync_dagster.core.adoption import AdoptionRules
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.core.phones import PhoneRules
@@ -26,7 +29,9 @@ from quo_sync_dagster.local_stack import ChangeLog, LocalStack, legacy_source
 from quo_sync_dagster.orchestration.metadata import process_summary
 from quo_sync_dagster.orchestration.resources import default_store_uri
 from quo_sync_dagster.orchestration.sync import open_connector
+from quo_sync_dagster.orchestration.sync_checks import max_failed_share
 from quo_sync_dagster.quo.client import QuoClient
+from quo_sync_dagster.report_plot import plot_png
 from quo_sync_dagster.secrets import SECRETS_DIR_ENV, resolve_secret
 from quo_sync_dagster.store import NotFound, Store, open_store
 from quo_sync_dagster.webhooks import quo_subscriptions as quo_webhooks
@@ -54,41 +59,191 @@ def _settings(pairs: list[str]) -> dict[str, Any]:
     return settings
 
 
-def _progress_line(summaries: list[dict[str, Any]]) -> str:
-    """One line from the process store: records done, throughput and the store's ETA."""
+_PHASES = {
+    ProcessState.INITIALIZING: "planning",
+    ProcessState.FETCHING_TOTAL: "planning",
+    ProcessState.QUEUING_PAGES: "planning",
+    ProcessState.PROCESSING_BATCHES: "syncing",
+    ProcessState.COMPLETING: "closing",
+}
+
+
+def _sync_status(summaries: list[dict[str, Any]], now: datetime) -> tuple[str, str, float]:
+    """(phase, figures, share done) of a sync's Processes in the store: the phase of the least
+    advanced open one ("waiting for page runs" while no record is done), or their result once
+    all are closed; then records done of the total, throughput and the store's ETA."""
     total = sum(s["totalRecords"] or 0 for s in summaries)
     done = sum(s["processedRecords"] for s in summaries)
     rate = sum(s["aggregateData"]["recordsPerSecond"] for s in summaries)
-    etas = [
-        datetime.fromisoformat(s["estimatedCompletion"])
-        for s in summaries
-        if s["estimatedCompletion"]
+    states = [ProcessState(s["state"]) for s in summaries]
+    open_states = [state for state in states if state in _PHASES]
+    if open_states:
+        phase = _PHASES[min(open_states, key=list(ProcessState).index)]
+        if phase == "syncing" and not done:
+            phase = "waiting for page runs"
+    else:
+        completed = set(states) == {ProcessState.COMPLETED}
+        phase = str(ProcessState.COMPLETED if completed else ProcessState.ERROR)
+    figures = [f"{done}/{total} records"] if total else []
+    if done:
+        figures.append(f"{rate:.1f} records/s")
+    etas = [datetime.fromisoformat(e) for s in summaries if (e := s["estimatedCompletion"])]
+    if etas and phase == "syncing":  # closing, the records are done; closed, nothing is left
+        figures.append(f"ETA {max((max(etas) - now).total_seconds(), 0):.0f} s")
+    return phase, "  ".join(figures), done / total if total else 0.0
+
+
+class _Progress:
+    """The demo's status line from its first second: a bar, the seconds since the demo
+    started, the phase it is in and that phase's figures. A thread redraws it every `tick`
+    seconds, so the clock moves while the main thread blocks (starting Dagster takes ~30 s).
+    On a terminal it is one line rewritten in place; in a log, a line at each new phase and
+    every `every` seconds. `note` prints a message above it."""
+
+    WIDTH = 30
+
+    def __init__(self, out: TextIO, tick: float = 1.0, every: float = 10.0) -> None:
+        self.out, self.tty, self.tick, self.every = out, out.isatty(), tick, every
+        self._started = time.monotonic()
+        self._phase, self._figures, self._done = "", "", 0.0
+        self._logged_at = 0.0  # when a log got its last status line
+        self._shown = False  # the status line is on the terminal, the cursor at its end
+        self._live = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._redraw, name="demo-progress", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._live = True
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            self._live = False
+            if self._shown:
+                self._write("\n")
+                self._shown = False
+
+    def set(self, phase: str, figures: str = "", done: float = 0.0) -> None:
+        with self._lock:
+            new_phase = phase != self._phase
+            self._phase, self._figures, self._done = phase, figures, done
+            self._draw(force=new_phase)
+
+    def note(self, message: str) -> None:
+        with self._lock:
+            self._write(("\r\x1b[K" if self._shown else "") + message + "\n")
+            self._shown = False
+            if self.tty and self._live:
+                self._draw()
+
+    def line(self) -> str:
+        filled = int(self.WIDTH * min(self._done, 1.0))
+        elapsed = time.monotonic() - self._started
+        line = f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {elapsed:4.0f} s  {self._phase}"
+        return f"{line}  {self._figures}" if self._figures else line
+
+    def _draw(self, force: bool = False) -> None:
+        if not self._phase:
+            return
+        if self.tty:
+            self._write(f"\r{self.line()}\x1b[K")
+            self._shown = True
+        elif force or time.monotonic() - self._logged_at >= self.every:
+            self._write(self.line() + "\n")
+            self._logged_at = time.monotonic()
+
+    def _redraw(self) -> None:
+        while not self._stop.wait(self.tick):
+            with self._lock:
+                self._draw()
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+def _process_report(process: Process, summary: dict[str, Any], shown: int = 3) -> list[str]:
+    """A closed Process's figures, each with its unit, and its last `shown` failures and
+    skips with how many more there are."""
+    agg, pages = summary["aggregateData"], summary["pages"]
+    object_type = process.context.get("personObjectType", "people")
+    return [
+        f"Process {process.id} ({object_type}): {summary['state']}",
+        f"  records: {summary['processedRecords']} of {summary['totalRecords'] or 0} processed:"
+        f" {agg['totalSynced']} synced ({agg['created']} created, {agg['updated']} updated,"
+        f" {agg['skippedUnchanged']} unchanged, {agg['adopted']} adopted),"
+        f" {agg['totalSkipped']} skipped, {agg['totalFailed']} failed",
+        f"  pages: {pages['processedPages']} of {pages['totalPages'] or 0} processed,"
+        f" {pages['failedPages']} failed",
+        f"  time: {agg['duration'] / 1000:.1f} s syncing, {agg['recordsPerSecond']:.1f} records/s",
+        f"  to check: {agg['adoptionCandidates']} adoption candidates,"
+        f" {agg['unverifiedPhones']} unverified phones",
+        *_last(
+            "failed",
+            [f"{e['contactId']} (page {e['page']}): {e['error']}" for e in agg["errors"]],
+            agg["totalFailed"],
+            shown,
+        ),
+        *_last(
+            "skipped",
+            [f"{s['contactId']} (page {s['page']}): {s['reason']}" for s in agg["skipped"]],
+            agg["totalSkipped"],
+            shown,
+        ),
     ]
-    left = (max(etas) - datetime.now(UTC)).total_seconds() if etas else None
-    eta = f"{max(left, 0):5.0f} s" if left is not None else "    -"
-    width = 30
-    filled = int(width * done / total) if total else width
-    states = ",".join(sorted({s["state"] for s in summaries}))
-    return (
-        f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-        f"{rate:6.1f} rec/s  ETA {eta}  {states}"
-    )
+
+
+def _last(what: str, items: list[str], total: int, shown: int) -> list[str]:
+    """The last `shown` of `items` (the store keeps the last 100 of `total`) and how many
+    more there are."""
+    if not items:
+        return []
+    last = items[-shown:]
+    more = max(total, len(items)) - len(last)
+    return [
+        f"  {what}, the last {len(last)}:",
+        *(f"    {item}" for item in last),
+        *([f"    and {more} more"] if more else []),
+    ]
 
 
 def demo(args: argparse.Namespace) -> int:
-    crm = args.crm
-    connector_class(crm)  # fail fast, naming the known CRMs
+    connector_class(args.crm)  # fail fast, naming the known CRMs
     stack = LocalStack(
         Path(args.home), quo_rate_limit=args.quo_rate_limit or None, ui_port=args.port
     )
     if args.changes or args.calls:  # the webhook subscriptions' secrets stay in its home
         os.environ.setdefault(SECRETS_DIR_ENV, str(stack.home / "secrets"))
-    print(f"Starting the Quo sandbox and Dagster (home: {stack.home}) ...", flush=True)
     try:
+        with _stopping(lambda: _stop_stack(stack)):
+            result = _run_demo(args, stack)
+    except _Stopped as stopped:
+        print(f"{stopped}: everything the demo started is stopped", flush=True)
+        return 128 + stopped.signum
+    print("RESULT " + json.dumps(result, separators=(",", ":")), flush=True)
+    states = {result["state"], result.get("pollState", result["state"])}
+    findings = ("missing", "stale", "duplicates", "orphans", "missingActivities")
+    findings += ("duplicateActivities", "unenriched", "wrongOutcome")
+    exact = not any(result.get(k) for k in findings)
+    return 0 if states == {ProcessState.COMPLETED} and exact else 1
+
+
+def _run_demo(args: argparse.Namespace, stack: LocalStack) -> dict[str, Any]:
+    """Start the stack, run the initial sync (and what --changes, --calls and
+    --legacy-contacts add) under a status line; the RESULT line's figures."""
+    crm = args.crm
+    integration_id = f"demo-{crm}"
+    with _Progress(sys.stdout) as progress:
+        progress.note(f"Starting the Quo sandbox and Dagster (home: {stack.home}) ...")
+        progress.set("starting Dagster")
         stack.start()
         source = connector_class(crm).quo_source
         before = stack.sandbox_stats()
-        integration_id = f"demo-{crm}"
+        progress.set(f"registering {integration_id}")
         # The earlier sync's contacts are found under its source and ids (CRM id as is).
         legacy = {"legacy_sources": [legacy_source(crm)]} if args.legacy_contacts else {}
         stack.register_integration(
@@ -101,62 +256,91 @@ def demo(args: argparse.Namespace) -> int:
         )
         prefilled = 0  # an earlier sync left contacts only in a workspace nothing else wrote
         if args.legacy_contacts and not before["contacts"]:
+            progress.set("prefilling Quo")
             prefilled = stack.prefill_legacy(
                 integration_id, args.legacy_contacts, args.legacy_changed
             )
-            print(f"Quo prefilled as an earlier sync left it: {prefilled} contacts", flush=True)
-        print(f"Dagster UI: {stack.ui_url}  (launching {crm}_initial_sync)", flush=True)
+            progress.note(f"Quo prefilled as an earlier sync left it: {prefilled} contacts")
+        progress.note(f"Dagster UI: {stack.ui_url}  (launching {crm}_initial_sync)")
+        progress.set("planning")
         started = time.monotonic()
         process_ids = stack.run_initial_sync(crm, {"integration_id": integration_id})
-        changes = _DemoChanges(stack, integration_id, args.changes, args.seed)
+        progress.set("waiting for page runs")
+        changes = _DemoChanges(stack, integration_id, args.changes, args.seed, progress.note)
         changes.during(process_ids)
-        assert stack.store is not None
         store = stack.store
-        tty = sys.stdout.isatty()
-        last_print = [0.0]
+        assert store is not None
 
         def show(processes: list[Process]) -> None:
-            line = _progress_line([process_summary(store, p) for p in processes])
-            if tty:
-                print("\r" + line, end="", flush=True)
-            elif time.monotonic() - last_print[0] >= 10:
-                print(line, flush=True)
-                last_print[0] = time.monotonic()
+            summaries = [process_summary(store, p) for p in processes]
+            progress.set(*_sync_status(summaries, datetime.now(UTC)))
 
-        processes = stack.wait_processes(process_ids, show)
-        show(processes)
-        print()
-        duration = time.monotonic() - started
-        summaries = [process_summary(store, p) for p in processes]
-        for summary in summaries:
-            summary["aggregateData"]["errors"] = summary["aggregateData"]["errors"][-3:]
-            print(json.dumps(summary, indent=2))
-        ongoing = changes.after()
-        after = stack.sandbox_stats()
-        result = {**_result(processes, before, after, source, duration), **ongoing}
-        if args.legacy_contacts:
-            result["legacyContacts"] = prefilled
-            result["quoLegacyContacts"] = after["contactsBySource"].get(legacy_source(crm), 0)
-        if args.changes or args.legacy_contacts:
-            result.update(stack.differential(integration_id).result())
-        if args.calls:
-            made = simulate_calls(stack, integration_id, args.calls, random.Random(args.seed))
-            result.update(calls_result(stack, integration_id, made))
-        if not args.exit_when_done:
-            print(f"Sync done. Dagster UI stays up at {stack.ui_url}; Ctrl-C stops everything.")
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
+        processes = stack.wait_processes(process_ids, show)  # its last `show`: the result
+    duration = time.monotonic() - started
+    for process in processes:
+        print("\n".join(_process_report(process, process_summary(store, process))))
+    ongoing = changes.after()
+    after = stack.sandbox_stats()
+    result = {**_result(processes, before, after, source, duration), **ongoing}
+    if args.legacy_contacts:
+        result["legacyContacts"] = prefilled
+        result["quoLegacyContacts"] = after["contactsBySource"].get(legacy_source(crm), 0)
+    if args.changes or args.legacy_contacts:
+        result.update(stack.differential(integration_id).result())
+    if args.calls:
+        made = simulate_calls(stack, integration_id, args.calls, random.Random(args.seed))
+        result.update(calls_result(stack, integration_id, made))
+    if not args.exit_when_done:
+        print(f"Sync done. Dagster UI up at {stack.ui_url}; Ctrl-C or SIGTERM stops everything.")
+        with suppress(_Stopped):  # the wanted way out: the RESULT line follows
+            while True:
+                time.sleep(3600)
+    return result
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGINT arrived."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _stopping(stop: Callable[[], None]) -> Iterator[None]:
+    """Run `stop` on leaving however the block ends, SIGTERM and SIGINT included: they raise
+    `_Stopped` in the main thread (the default SIGTERM would end the process with no cleanup,
+    and the stack's processes, each in its own session, would keep running). From the first
+    of them on, and while `stop` runs, both are ignored: a second Ctrl-C must not cut the
+    cleanup short."""
+
+    def raise_stopped(signum: int, _frame: FrameType | None) -> None:
+        _ignore_stop_signals()
+        raise _Stopped(signum)
+
+    previous = {signum: signal.signal(signum, raise_stopped) for signum in _STOP_SIGNALS}
+    try:
+        yield
     finally:
-        stack.stop()
-    print("RESULT " + json.dumps(result, separators=(",", ":")), flush=True)
-    states = {result["state"], result.get("pollState", result["state"])}
-    findings = ("missing", "stale", "duplicates", "orphans", "missingActivities")
-    findings += ("duplicateActivities", "unenriched", "wrongOutcome")
-    exact = not any(result.get(k) for k in findings)
-    return 0 if states == {ProcessState.COMPLETED} and exact else 1
+        try:
+            _ignore_stop_signals()
+        finally:  # even when a signal lands just as the block ends
+            stop()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _ignore_stop_signals() -> None:
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _stop_stack(stack: LocalStack) -> None:
+    print("Stopping the Quo sandbox, the simulators, the receiver and Dagster ...", flush=True)
+    stack.stop()
 
 
 def _change_count(value: str) -> int:
@@ -170,8 +354,15 @@ class _DemoChanges:
     page is synced), the rest after it; then the webhook runs apply what the simulator sent and
     one polling cycle runs. Nothing without --changes."""
 
-    def __init__(self, stack: LocalStack, integration_id: str, count: int, seed: int | None):
-        self.stack, self.integration_id, self.count = stack, integration_id, count
+    def __init__(
+        self,
+        stack: LocalStack,
+        integration_id: str,
+        count: int,
+        seed: int | None,
+        say: Callable[[str], None],
+    ) -> None:
+        self.stack, self.integration_id, self.count, self.say = stack, integration_id, count, say
         self.seed = random.randrange(10**6) if seed is None else seed
         self.rng, self.log = random.Random(self.seed), ChangeLog()
         self.during_sync = 0
@@ -179,7 +370,7 @@ class _DemoChanges:
     def _change(self, count: int, when: str) -> None:
         with self.stack.crm_people(self.integration_id) as people:
             people.random_changes(count, self.rng, self.log)
-        print(f"{count} random changes {when}; so far {dict(self.log.ops)}", flush=True)
+        self.say(f"{count} random changes {when}; so far {dict(self.log.ops)}")
 
     def during(self, process_ids: list[str]) -> None:
         if not self.count:
@@ -188,7 +379,7 @@ class _DemoChanges:
             self.during_sync = self.count // 2
             self._change(self.during_sync, "while the initial sync runs")
         else:
-            print("the initial sync closed before its first page was seen: no change during it")
+            self.say("the initial sync closed before its first page was seen: no change during it")
 
     def after(self) -> dict[str, Any]:
         if not self.count:
@@ -198,12 +389,12 @@ class _DemoChanges:
         assert store is not None
         integration = store.get_integration(self.integration_id)
         if store.get_webhook_subscription(self.integration_id) is not None:
-            print("Waiting for the webhook runs to apply what the CRM sent ...", flush=True)
+            self.say("Waiting for the webhook runs to apply what the CRM sent ...")
             self.stack.wait_webhooks_applied(integration)
         crm = integration.crm
-        print(f"One polling cycle ({crm}_poll) ...", flush=True)
+        self.say(f"One polling cycle ({crm}_poll) ...")
         processes, how = self.stack.poll_cycle(self.integration_id)
-        print(f"polling cycle: {how}", flush=True)
+        self.say(f"polling cycle: {how}")
         states = {p.state for p in processes}
         return {
             "seed": self.seed,
@@ -269,6 +460,7 @@ def integrations(args: argparse.Namespace) -> int:
             PhoneRules.from_settings(integration.default_region, settings)
             AdoptionRules.from_settings(settings)
             connector_cls.object_types_for(settings)
+            max_failed_share(settings)
         except ValueError as exc:
             raise SystemExit(f"integration {args.id!r}: {exc}") from None
         webhooks = connector_cls.crm_config.sync_config.supports_webhooks
@@ -379,6 +571,30 @@ def receiver(args: argparse.Namespace) -> int:
     return 0
 
 
+# integration_summary's columns as `quo-sync report` heads them, with their units.
+_REPORT_HEADINGS = {"seconds": "sync time (s)", "records_per_second": "records/s"}
+
+
+def report(args: argparse.Namespace) -> int:
+    """Per integration: Processes, record outcomes and throughput; with --plot, a PNG of
+    throughput and failures over time."""
+    store = open_store(args.store or default_store_uri())
+    try:
+        processes = processes_frame(store, crm=args.crm, integration=args.integration)
+    finally:
+        store.close()
+    if processes.empty:
+        print("no Processes in the store match")
+    else:
+        summary = integration_summary(processes).rename_axis("integration").reset_index()
+        table = summary.rename(columns=_REPORT_HEADINGS)
+        print(table.to_string(index=False, float_format="{:.1f}".format, na_rep="-"))
+    if args.plot:
+        Path(args.plot).write_bytes(plot_png(processes))
+        print(f"plot written to {args.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quo-sync", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -458,6 +674,14 @@ def main(argv: list[str] | None = None) -> int:
         help="write deliveries to this SQS queue, not the store (QUO_SYNC_WEBHOOK_QUEUE_URL)",
     )
     r.set_defaults(func=receiver)
+    rp = sub.add_parser("report", help="sync totals and throughput per integration")
+    rp.add_argument("--integration", metavar="ID", help="only this integration")
+    rp.add_argument("--crm", choices=sorted(registered_connectors()), help="only this CRM")
+    rp.add_argument("--plot", metavar="FILE.png", help="also plot throughput and failures")
+    rp.add_argument(
+        "--store", help="store URI (default: QUO_SYNC_STORE_URI or SQLite in DAGSTER_HOME)"
+    )
+    rp.set_defaults(func=report)
     args = parser.parse_args(argv)
     if args.command == "demo" and args.legacy_changed > args.legacy_contacts:
         parser.error("--legacy-changed M counts some of the --legacy-contacts N: M <= N")

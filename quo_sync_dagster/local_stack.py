@@ -16,7 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,6 +87,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_STOP_SECONDS = 30.0  # for a process group to end on SIGTERM before it gets SIGKILL
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with suppress(ProcessLookupError):  # the group is empty already
+        os.killpg(pgid, signum)
+
+
+def _group_ended(leader: subprocess.Popen[bytes], deadline: float) -> bool:
+    """Whether the group `leader` leads is empty (the leader reaped) by `deadline`."""
+    while leader.poll() is None or _group_alive(leader.pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _wait(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
@@ -200,15 +225,18 @@ class LocalStack:
         return url
 
     def stop(self) -> None:
+        """Stop every process started and everything they started. Each runs in its own
+        session, so its process group holds its descendants too (dagster dev's webserver,
+        daemon, code servers and run workers): SIGTERM to every group, SIGKILL to what is left
+        of one after `_STOP_SECONDS`. A group is waited for until it is empty, not only its
+        leader: a leader that exits first would leave its children running."""
         for proc in reversed(self._procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_SECONDS
         for proc in self._procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            if not _group_ended(proc, deadline):
+                _signal_group(proc.pid, signal.SIGKILL)
+                _group_ended(proc, time.monotonic() + _STOP_SECONDS)
         self._procs.clear()
         self.quo.close()
         if self.store:

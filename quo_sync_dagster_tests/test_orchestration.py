@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,23 @@ import pytest
 import yaml
 
 from quo_sync_dagster.core.models import Integration
-from quo_sync_dagster.core.process import ProcessState
+from quo_sync_dagster.core.process import Process, ProcessState
+from quo_sync_dagster.crms import registered_connectors
 from quo_sync_dagster.crms.scalingtest import ScalingTestConnector, skipped_record_count
 from quo_sync_dagster.definitions import defs
 from quo_sync_dagster.orchestration.instance import render_instance_yaml
+from quo_sync_dagster.orchestration.metadata import event_tags
 from quo_sync_dagster.orchestration.sync import frame_records, page_key, sync_records
-from quo_sync_dagster.orchestration.tags import RANGE_END, RANGE_START, TAG_PROCESS, TAG_RETRY
+from quo_sync_dagster.orchestration.tags import (
+    RANGE_END,
+    RANGE_START,
+    TAG_CRM,
+    TAG_INTEGRATION,
+    TAG_INTERNAL,
+    TAG_OBJECT_TYPE,
+    TAG_PROCESS,
+    TAG_RETRY,
+)
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.quo.upsert import ContactUpserter
 from quo_sync_dagster_tests.pipeline import (
@@ -35,6 +47,7 @@ from quo_sync_dagster_tests.pipeline import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+CONTACTS = dg.AssetKey("scalingtest_quo_contacts")
 
 
 @pytest.fixture
@@ -103,7 +116,7 @@ def test_ranged_runs_sync_everything_and_the_completion_sensor_closes_the_proces
         assert _sync_range(env, process_id, first, min(first + 3, 5) - 1).success
     closed = close_processes(env, "scalingtest")
     (event,) = [e for e in closed.asset_events if isinstance(e, dg.AssetMaterialization)]
-    assert event.metadata["process_state"].value == "COMPLETED"
+    assert event.metadata["state"].value == "COMPLETED"
     process = env.store.get_process(process_id)
     bad = skipped_record_count(records)
     assert process.state is ProcessState.COMPLETED
@@ -126,17 +139,149 @@ def test_ranged_runs_sync_everything_and_the_completion_sensor_closes_the_proces
     assert meta["synced"].value + meta["skipped"].value == page_size
 
 
-def _fail_pages_3_to_5(p: Pipeline, records: int, **settings: Any) -> str:
-    """Six pages in runs of three; the second run meets a Quo outage; both runs are over."""
+PAGE_FIGURES = {
+    "integration_id",
+    "object_type",
+    "process_id",
+    "records",
+    "synced",
+    "failed",
+    "skipped",
+    "skipped_unchanged",
+    "created",
+    "updated",
+    "adopted",
+    "adoption_candidates",
+    "unverified_phones",
+    "started_at",
+    "finished_at",
+    "duration_s",
+    "records_per_second",
+}
+
+
+def test_a_page_partition_carries_its_own_figures_and_tags_and_the_run_its_totals(
+    env: Pipeline,
+) -> None:
+    process_id = _plan(env, records=450, page_size=200, pages_per_run=3)
+    (plan_run,) = env.instance.get_run_records(dg.RunsFilter(job_name="scalingtest_initial_sync"))
+    assert plan_run.dagster_run.tags[TAG_INTEGRATION] == "it-1"
+    assert plan_run.dagster_run.tags[TAG_OBJECT_TYPE] == "MockPerson"
+    (output,) = env.instance.all_logs(
+        plan_run.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_OUTPUT
+    )
+    links = output.dagster_event.step_output_data.metadata["page_runs"].value
+    assert f"(/runs?q[]=tag:quo_sync/process={process_id})" in links
+
+    result = _sync_range(env, process_id, 0, 2)  # one run of pages of 200, 200 and 50 people
+    assert result.success
+    stored = env.store.page_results(process_id)
+    keys = [page_key(process_id, i) for i in range(3)]
+    logs = [e.user_message for e in env.instance.all_logs(result.run_id)]
+    for key, size in zip(keys, (200, 200, 50), strict=True):
+        page = stored[key]
+        assert page.synced + page.skipped == size and page.skipped > 0
+        (record,) = env.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=CONTACTS, asset_partitions=[key]), limit=5
+        ).records
+        event = record.asset_materialization
+        meta = {k: v.value for k, v in event.metadata.items()}
+        assert set(meta) == PAGE_FIGURES | {"errors"}  # no run or Process totals
+        assert (meta["records"], meta["synced"], meta["skipped"], meta["failed"]) == (
+            size,
+            page.synced,
+            page.skipped,
+            0,
+        )
+        # records/s over the page's own seconds (each rounded for display: 0.1/s, 1 ms)
+        rate, seconds = meta["records_per_second"], meta["duration_s"]
+        assert abs(rate * seconds - size) <= 0.0005 * rate + 0.05 * seconds + 1e-4
+        assert meta["finished_at"] >= meta["started_at"]
+        skips = event.metadata["errors"].records  # the page's skipped people, with the reason
+        assert len(skips) == page.skipped and {r.data["outcome"] for r in skips} == {"skipped"}
+        tags = {TAG_INTEGRATION: "it-1", TAG_OBJECT_TYPE: "MockPerson", TAG_PROCESS: process_id}
+        assert tags.items() <= event.tags.items() and event.tags[TAG_CRM] == "scalingtest"
+        (fetched,) = env.instance.fetch_materializations(
+            dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey("scalingtest_crm_pages"), asset_partitions=[key]
+            ),
+            limit=5,
+        ).records
+        assert fetched.asset_materialization.metadata["dagster/row_count"].value == size
+        assert tags.items() <= fetched.asset_materialization.tags.items()
+        # one log line per page
+        (line,) = [m for m in logs if m.startswith(f"page {key}:")]
+        assert line.startswith(f"page {key}: fetched {size}, synced {page.synced} (")
+    # The run's totals are on the run; it was launched without the integration's tags.
+    run_tags = env.instance.get_run_by_id(result.run_id).tags
+    assert run_tags["quo_sync/synced"] == str(sum(stored[k].synced for k in keys))
+    assert run_tags["quo_sync/pages"] == "3" and run_tags["quo_sync/pages_failed"] == "0"
+    assert run_tags[TAG_INTEGRATION] == "it-1" and run_tags[TAG_OBJECT_TYPE] == "MockPerson"
+
+
+def test_every_crm_has_kinds_owners_and_tags_and_its_processes_follow_its_contacts() -> None:
+    graph = defs.resolve_asset_graph()
+    for crm in registered_connectors():
+        pages, contacts, processes = (
+            graph.get(dg.AssetKey(f"{crm}_{name}"))
+            for name in ("crm_pages", "quo_contacts", "sync_processes")
+        )
+        assert processes.parent_keys == {contacts.key}
+        assert contacts.parent_keys == {pages.key}
+        assert pages.kinds == {crm, "pandas"}
+        assert contacts.kinds == {crm, "quo", "pandas"}
+        assert processes.kinds == {crm, "quo"}
+        for node in (pages, contacts, processes):
+            assert node.owners == ["team:quo-sync"] and node.tags[TAG_CRM] == crm
+        checks = {k.name for k in graph.asset_check_keys if k.asset_key == processes.key}
+        assert {
+            "no_process_in_error",
+            "all_pages_synced",
+            "failed_share_below_max",
+            "no_duplicate_contacts",
+            "polling_fresh",
+            "deletions_not_held",
+            "webhooks_delivering",
+        } <= checks
+        page_sync = defs.resolve_job_def(f"{crm}_page_sync")
+        assert page_sync.tags[TAG_INTERNAL] == "true"
+        assert (page_sync.description or "").startswith("Internal")
+
+
+def test_event_tags_hold_any_integration_id_and_only_values_a_range_shares() -> None:
+    def process(pid: str, integration_id: str, object_type: str) -> Process:
+        return Process(
+            pid,
+            integration_id,
+            "n",
+            "CRM_SYNC",
+            ProcessState.PROCESSING_BATCHES,
+            {"personObjectType": object_type},
+        )
+
+    odd = process("p1", "Acme Corp/EU #1", "MockPerson")
+    tags = event_tags("scalingtest", [odd])
+    assert tags[TAG_INTEGRATION] == "Acme_Corp_EU__1"
+    dg.AssetMaterialization(asset_key="x", tags=tags)  # Dagster refuses other characters
+    mixed = event_tags("scalingtest", [odd, process("p2", "Acme Corp/EU #1", "Other")])
+    assert mixed == {TAG_CRM: "scalingtest", TAG_INTEGRATION: "Acme_Corp_EU__1"}
+
+
+def _fail_pages_3_to_5(
+    p: Pipeline, records: int, **settings: Any
+) -> tuple[str, dg.ExecuteInProcessResult]:
+    """Six pages in runs of three; the second run meets a Quo outage; both runs are over.
+    Returns the Process and the failed run."""
     _integration(p, records, **settings)
     config = {"integration_id": "it-1", "page_size": 100, "pages_per_run": 3}
     launch_initial_sync(p, "scalingtest", config)
     (process,) = p.store.list_processes(integration_id="it-1")
     assert _sync_range(p, process.id, 0, 2).success
     p.quo.inject_fault(status=503, count=10_000)
-    assert not _sync_range(p, process.id, 3, 5).success
+    failed = _sync_range(p, process.id, 3, 5)
+    assert not failed.success
     _register_finished_page_runs(p.instance, process.id, 2)
-    return process.id
+    return process.id, failed
 
 
 def _assert_exactly_once(p: Pipeline, process_id: str, records: int) -> None:
@@ -156,7 +301,7 @@ def test_failed_pages_are_retried_by_the_completion_sensor_after_a_backoff(
     env: Pipeline,
 ) -> None:
     records = 600
-    process_id = _fail_pages_3_to_5(env, records, retry_backoff_seconds=0)
+    process_id, _ = _fail_pages_3_to_5(env, records, retry_backoff_seconds=0)
     assets_def = defs.get_assets_def("scalingtest_quo_contacts")
     keys = [page_key(process_id, i) for i in range(6)]
     status = env.instance.get_status_by_partition(
@@ -183,7 +328,7 @@ def test_failed_pages_are_retried_by_the_completion_sensor_after_a_backoff(
     # Only the failed pages' contacts were written; the good pages cost nothing again.
     assert after["create"] - before["create"] == 300 - skipped_record_count(300)
     closed = close_processes(env, "scalingtest")
-    assert closed.asset_events[0].metadata["process_state"].value == "COMPLETED"
+    assert closed.asset_events[0].metadata["state"].value == "COMPLETED"
     _assert_exactly_once(env, process_id, records)
 
 
@@ -191,19 +336,92 @@ def test_pages_still_failing_after_the_last_retry_close_the_process_as_error(
     env: Pipeline,
 ) -> None:
     records = 600
-    process_id = _fail_pages_3_to_5(env, records, retry_attempts=0)
+    process_id, _ = _fail_pages_3_to_5(env, records, retry_attempts=0)
     closed = close_processes(env, "scalingtest")
-    assert closed.asset_events[0].metadata["process_state"].value == "ERROR"
+    assert closed.asset_events[0].metadata["state"].value == "ERROR"
     process = env.store.get_process(process_id)
     assert process.state is ProcessState.ERROR
     assert "3 of 6 pages not synced after 0 automatic retries" in process.context["error"]
     assert process.counters["pages_failed"] == 3
 
+    # It sat in ERROR for an hour (moved back in time: its start and its entering ERROR).
+    hour = timedelta(hours=1)
+    env.store.update_context(
+        process_id,
+        {
+            key: (datetime.fromisoformat(process.context[key]) - hour).isoformat()
+            for key in ("startTime", "errorTimestamp")
+        },
+    )
     # A later run of those pages (a backfill from the UI) reopens and completes it.
     env.quo.clear_faults()
     assert _sync_range(env, process_id, 3, 5).success
-    close_processes(env, "scalingtest")
+    closed = close_processes(env, "scalingtest")
     _assert_exactly_once(env, process_id, records)
+    # Its duration and throughput count the syncing, not the hour in ERROR.
+    (event,) = [e for e in closed.asset_events if isinstance(e, dg.AssetMaterialization)]
+    meta = {k: v.value for k, v in event.metadata.items()}
+    ctx = env.store.get_process(process_id).context
+    lived = datetime.fromisoformat(ctx["endTime"]) - datetime.fromisoformat(ctx["startTime"])
+    assert meta["seconds_in_error"] >= hour.total_seconds()
+    assert meta["duration_s"] == pytest.approx(
+        lived.total_seconds() - ctx["secondsInError"], abs=0.01
+    )
+    assert meta["records_per_second"] == pytest.approx(records / meta["duration_s"], rel=0.01)
+    assert _check(closed, "no_process_in_error").passed
+
+
+def test_failed_pages_show_why_on_their_partitions_and_an_error_process_fails_its_checks(
+    env: Pipeline,
+) -> None:
+    process_id, failed_run = _fail_pages_3_to_5(env, 600, retry_attempts=0)
+    keys = [page_key(process_id, i) for i in range(6)]
+    # The failed run's message names its failed partitions.
+    (failure,) = [e for e in failed_run.all_events if e.is_step_failure]
+    message = str(failure.step_failure_data.error.message)
+    assert "3 of 3 pages failed" in message and all(k in message for k in keys[3:])
+    # Each failed partition has an observation saying why.
+    stored = {e.page: e.error for e in env.store.recent_errors(process_id)}
+    for key in keys[3:]:
+        (observation,) = env.instance.fetch_observations(
+            dg.AssetRecordsFilter(asset_key=CONTACTS, asset_partitions=[key]), limit=5
+        ).records
+        meta = observation.asset_observation.metadata
+        assert meta["error"].value == stored[key] and stored[key].startswith("page failed")
+        assert meta["integration_id"].value == "it-1"
+        assert observation.asset_observation.tags[TAG_INTEGRATION] == "it-1"
+
+    closed = close_processes(env, "scalingtest")
+    # The ERROR Process's event says why and for which integration; its checks fail.
+    (event,) = [e for e in closed.asset_events if isinstance(e, dg.AssetMaterialization)]
+    error = env.store.get_process(process_id).context["error"]
+    assert event.metadata["state"].value == "ERROR" and event.metadata["error"].value == error
+    assert event.metadata["integration_id"].value == "it-1"
+    assert event.tags[TAG_INTEGRATION] == "it-1" and event.tags[TAG_PROCESS] == process_id
+    in_error = _check(closed, "no_process_in_error")
+    assert not in_error.passed and in_error.severity is dg.AssetCheckSeverity.ERROR
+    assert in_error.description is not None
+    assert in_error.description.startswith(
+        f"integration it-1 (MockPerson): Process {process_id} (initial sync) ended in ERROR: "
+        f"{error}"
+    )
+    assert "backfill the failed partitions of scalingtest_quo_contacts" in in_error.description
+    unsynced = _check(closed, "all_pages_synced")
+    assert not unsynced.passed
+    assert unsynced.description is not None
+    assert f"3 of 6 pages of Process {process_id} not synced (3 failed, 0 never ran" in (
+        unsynced.description
+    )
+
+
+def _check(result: Any, name: str) -> dg.AssetCheckEvaluation:
+    """The evaluation of check `name` the completion sensor reported."""
+    (evaluation,) = [
+        e
+        for e in result.asset_events
+        if isinstance(e, dg.AssetCheckEvaluation) and e.check_name == name
+    ]
+    return evaluation
 
 
 def _register_finished_page_runs(instance: dg.DagsterInstance, process_id: str, n: int) -> None:

@@ -35,6 +35,7 @@ from quo_sync_dagster.orchestration.inbox_runs import (
     inbox_tick,
     run_claimed,
 )
+from quo_sync_dagster.orchestration.metadata import asset_attributes
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
 from quo_sync_dagster.orchestration.tags import TAG_CRM, TAG_INTEGRATION
 from quo_sync_dagster.quo.client import QuoClient
@@ -144,7 +145,7 @@ def _build_activity_job(
 
     asset = dg.AssetSpec(
         key=key,
-        group_name=crm,
+        **asset_attributes(crm),
         kinds={crm, "quo"},
         description=f"One materialization per {crm}_log_activities run, per integration: "
         "activities created and enriched, duplicates dropped, unmatched numbers, failures",

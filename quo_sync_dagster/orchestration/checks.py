@@ -1,12 +1,13 @@
-"""Asset checks of ongoing sync on `<crm>_sync_processes`, per integration of the CRM.
+"""Asset checks on `<crm>_sync_processes`, per integration of the CRM: those of ongoing sync
+below, and the health of every sync (sync_checks.py).
 
 * `deletions_not_held`: no integration has deletions the mass-delete guard held back in its
   last full scan (closing.py); a failure names each integration, the counts and what to do.
 * `webhooks_delivering`: no integration with webhooks had its last gap-fill poll find changes
   while no webhook run applied anything since the poll before: its deliveries have stopped.
 
-The completion sensor reports both after every Process it closes; either can also be run on
-demand from the asset's Checks tab.
+The completion sensor reports all of them after every Process it closes; each can also be run
+on demand from the asset's Checks tab.
 """
 
 # No `from __future__ import annotations`: Dagster reads the context type from the annotation.
@@ -20,6 +21,7 @@ import dagster as dg
 from quo_sync_dagster.core.process import Process, ProcessState
 from quo_sync_dagster.orchestration.closing_run import CLOSING_KEY
 from quo_sync_dagster.orchestration.resources import StoreResource
+from quo_sync_dagster.orchestration.sync_checks import build_sync_checks, sync_check_evaluations
 from quo_sync_dagster.orchestration.tags import TAG_INTEGRATION
 from quo_sync_dagster.store.port import Store
 
@@ -126,7 +128,7 @@ def webhooks_evaluation(
 def check_evaluations(
     store: Store, instance: dg.DagsterInstance, crm: str, processes_key: dg.AssetKey
 ) -> list[dg.AssetCheckEvaluation]:
-    """Both checks, as events the completion sensor reports."""
+    """Every check, as events the completion sensor reports."""
     results = [
         (DELETIONS_CHECK, *deletions_evaluation(store, crm)),
         (WEBHOOKS_CHECK, *webhooks_evaluation(store, instance, crm)),
@@ -138,9 +140,10 @@ def check_evaluations(
             passed=passed,
             metadata={**metadata, "summary": summary},
             severity=dg.AssetCheckSeverity.ERROR,
+            description=summary,
         )
         for name, passed, metadata, summary in results
-    ]
+    ] + sync_check_evaluations(store, crm, processes_key)
 
 
 def build_checks(crm: str, processes_key: dg.AssetKey) -> list[dg.AssetChecksDefinition]:
@@ -151,7 +154,9 @@ def build_checks(crm: str, processes_key: dg.AssetKey) -> list[dg.AssetChecksDef
     )
     def deletions_not_held(store: StoreResource) -> dg.AssetCheckResult:
         passed, metadata, summary = deletions_evaluation(store.get(), crm)
-        return dg.AssetCheckResult(passed=passed, metadata={**metadata, "summary": summary})
+        return dg.AssetCheckResult(
+            passed=passed, metadata={**metadata, "summary": summary}, description=summary
+        )
 
     @dg.asset_check(
         asset=processes_key,
@@ -162,6 +167,8 @@ def build_checks(crm: str, processes_key: dg.AssetKey) -> list[dg.AssetChecksDef
         context: dg.AssetCheckExecutionContext, store: StoreResource
     ) -> dg.AssetCheckResult:
         passed, metadata, summary = webhooks_evaluation(store.get(), context.instance, crm)
-        return dg.AssetCheckResult(passed=passed, metadata={**metadata, "summary": summary})
+        return dg.AssetCheckResult(
+            passed=passed, metadata={**metadata, "summary": summary}, description=summary
+        )
 
-    return [deletions_not_held, webhooks_delivering]
+    return [deletions_not_held, webhooks_delivering, *build_sync_checks(crm, processes_key)]

@@ -23,8 +23,10 @@ from quo_sync_dagster.core.recovery import RECOVERY_KEY, RetryPolicy, Step, deci
 from quo_sync_dagster.orchestration.checks import check_evaluations
 from quo_sync_dagster.orchestration.closing_run import CLOSING_KEY, closing_run_config
 from quo_sync_dagster.orchestration.metadata import (
+    event_tags,
     page_metadata,
     process_metadata,
+    process_run_tags,
     process_summary,
 )
 from quo_sync_dagster.orchestration.reconcile import reconcile_run_request
@@ -34,10 +36,10 @@ from quo_sync_dagster.orchestration.tags import (
     RANGE_END,
     RANGE_START,
     TAG_CRM,
-    TAG_INTEGRATION,
     TAG_PROCESS,
     TAG_RETRY,
 )
+from quo_sync_dagster.report_plot import plot_metadata
 from quo_sync_dagster.store.port import Store
 
 CLOSING_RECOVERY_KEY = "closingRecovery"
@@ -103,10 +105,12 @@ def build_completion_sensor(
                 final = s.get_process(process.id)
                 if closed["state"] == str(ProcessState.COMPLETED):
                     advance_watermark(s, final)
-                    events += _unreported_pages(context.instance, s, process, contacts)
+                    events += _unreported_pages(context.instance, s, final, contacts, crm)
                 events.append(
                     dg.AssetMaterialization(
-                        asset_key=processes_key, metadata=process_metadata(closed, final)
+                        asset_key=processes_key,
+                        metadata={**process_metadata(closed, final), **plot_metadata(s, final)},
+                        tags=event_tags(crm, [final]),
                     )
                 )
                 if _is_initial_full_sync(process):
@@ -121,7 +125,11 @@ def build_completion_sensor(
 
 
 def _unreported_pages(
-    instance: dg.DagsterInstance, store: Store, process: Process, contacts: dg.AssetsDefinition
+    instance: dg.DagsterInstance,
+    store: Store,
+    process: Process,
+    contacts: dg.AssetsDefinition,
+    crm: str,
 ) -> list[dg.AssetMaterialization]:
     """Pages synced by a run that died before it could report them: their Quo writes and
     results are in the store, the materialization went down with the run (a killed worker),
@@ -134,7 +142,11 @@ def _unreported_pages(
         dg.AssetMaterialization(
             asset_key=contacts.key,
             partition=key,
-            metadata={**page_metadata(results[key], None), "reported_by": "completion sensor"},
+            metadata={
+                **page_metadata(results[key], process, None),
+                "reported_by": "completion sensor",
+            },
+            tags=event_tags(crm, [process]),
         )
         for key in keys
         if status.get(key) is not dg.AssetPartitionStatus.MATERIALIZED
@@ -177,12 +189,7 @@ def closing_run_request(crm: str, job_name: str) -> Callable[[Process, int], dg.
             run_key=f"closing:{process.id}:{attempt}",
             job_name=job_name,
             run_config=closing_run_config(crm, process),
-            tags={
-                TAG_CRM: crm,
-                TAG_PROCESS: process.id,
-                TAG_INTEGRATION: process.integration_id,
-                TAG_RETRY: str(attempt),
-            },
+            tags={TAG_CRM: crm, **process_run_tags(process), TAG_RETRY: str(attempt)},
         )
 
     return request
@@ -239,8 +246,7 @@ def _step(
                 **run_tags,
                 RANGE_START: page_key(process.id, first),
                 RANGE_END: page_key(process.id, last),
-                TAG_PROCESS: process.id,
-                TAG_INTEGRATION: process.integration_id,
+                **process_run_tags(process),
                 TAG_RETRY: str(attempt),
             },
         )

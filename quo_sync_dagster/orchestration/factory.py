@@ -33,10 +33,16 @@ from quo_sync_dagster.orchestration.completion import (
     build_completion_sensor,
 )
 from quo_sync_dagster.orchestration.metadata import (
+    PageTiming,
+    asset_attributes,
+    event_tags,
+    failed_page_metadata,
+    identity_metadata,
+    left_error_context,
     page_metadata,
     peak_rss_mb,
-    process_metadata,
-    process_summary,
+    process_run_tags,
+    shared_tags,
 )
 from quo_sync_dagster.orchestration.namespacing import namespace_links
 from quo_sync_dagster.orchestration.planning import (
@@ -48,6 +54,12 @@ from quo_sync_dagster.orchestration.planning import (
 from quo_sync_dagster.orchestration.polling import build_polling_definitions
 from quo_sync_dagster.orchestration.reconcile import build_reconcile_definitions
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
+from quo_sync_dagster.orchestration.run_logs import (
+    failed_pages_message,
+    log_planned,
+    page_line,
+    run_figures,
+)
 from quo_sync_dagster.orchestration.sync import (
     failed_page,
     fetch_page_frame,
@@ -58,11 +70,14 @@ from quo_sync_dagster.orchestration.sync import (
     plan_sync,
     sync_records,
 )
+from quo_sync_dagster.orchestration.sync_checks import build_freshness_sensor
 from quo_sync_dagster.orchestration.tags import (
     RANGE_END,
     RANGE_START,
     TAG_CRM,
     TAG_INTEGRATION,
+    TAG_INTERNAL,
+    TAG_OBJECT_TYPE,
     TAG_PLANNED,
     TAG_PROCESS,
     TAG_RETRY,
@@ -157,6 +172,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
             )
         since = _parse_since(config.modified_since)
         s = store.get()
+        context.instance.add_run_tags(context.run.run_id, {TAG_INTEGRATION: config.integration_id})
         connector, client = open_integration(s, quo, crm, config.integration_id)
         planned = []
         try:
@@ -166,6 +182,9 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
                 raise dg.Failure(
                     f"integration {config.integration_id!r}: {exc}", allow_retries=False
                 ) from None
+            context.instance.add_run_tags(
+                context.run.run_id, {TAG_OBJECT_TYPE: ",".join(object_types)}
+            )
             if renamed := namespace_links(s, connector.integration):
                 context.log.info(f"{renamed} contact links moved to namespaced externalIds")
             for object_type in object_types:
@@ -187,6 +206,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
             client.close()
             connector.close()
         report_planned(context, planned)
+        log_planned(context, planned)
 
     @dg.job(
         name=f"{crm}_initial_sync",
@@ -203,18 +223,19 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         backfill_policy=policy,
         io_manager_key="page_frames",
         pool=f"{crm}_api",
-        group_name=crm,
-        kinds={"pandas"},
+        kinds={crm, "pandas"},
         description=f"People pages fetched from {crm}, one DataFrame per page",
+        **asset_attributes(crm),
     )
     def crm_pages(
         context: dg.AssetExecutionContext, store: StoreResource
-    ) -> dict[str, pd.DataFrame | None]:
+    ) -> dg.Output[dict[str, pd.DataFrame | None]]:
         """A page whose fetch fails is recorded as failed and gets no frame (None); the other
         pages of the range go on. After two failures in a row the rest of the range is not
         fetched: the fault has been tried again once, and recovery re-runs those pages later."""
         s = store.get()
         connectors: dict[str, CRMConnector] = {}
+        processes: dict[str, Process] = {}
         frames: dict[str, pd.DataFrame | None] = {}
         fault, in_a_row = "", 0
         try:
@@ -224,16 +245,27 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
                 if in_a_row >= 2:
                     s.record_page(process_id, key, failed_page(0, key, f"not tried: {fault}"))
                     continue
+                started = time.perf_counter()
                 try:
-                    process = s.get_process(process_id)
+                    process = processes.get(process_id) or s.get_process(process_id)
+                    processes[process_id] = process
                     if process.integration_id not in connectors:
                         connectors[process.integration_id] = open_connector(
                             s, crm, process.integration_id
                         )
-                    frames[key] = fetch_page_frame(
-                        connectors[process.integration_id], process, page
-                    )
+                    frame = fetch_page_frame(connectors[process.integration_id], process, page)
+                    frames[key] = frame
                     in_a_row = 0
+                    context.add_asset_metadata(
+                        {
+                            **identity_metadata(process),
+                            "dagster/row_count": len(frame),
+                            "fetch_s": dg.MetadataValue.float(
+                                round(time.perf_counter() - started, 3)
+                            ),
+                        },
+                        partition_key=key,
+                    )
                 except Exception as exc:  # this page's failure, shown with its reason
                     fault, in_a_row = f"{crm} still failing ({type(exc).__name__})", in_a_row + 1
                     context.log.warning(f"page {key}: fetch failed: {exc}")
@@ -241,7 +273,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         finally:
             for connector in connectors.values():
                 connector.close()
-        return frames
+        return dg.Output(frames, tags=event_tags(crm, processes.values()))
 
     @dg.asset(
         name=f"{crm}_quo_contacts",
@@ -249,8 +281,9 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         partitions_def=pages,
         backfill_policy=policy,
         pool="quo_api",
-        group_name=crm,
+        kinds={crm, "quo", "pandas"},
         description=f"{crm} people upserted into Quo, per page",
+        **asset_attributes(crm),
     )
     def quo_contacts(
         context: dg.AssetExecutionContext,
@@ -261,28 +294,33 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         """Pages without a frame were recorded as failed by the fetch. Only what makes a whole
         page impossible (Quo unreachable, credentials refused) fails a page; any record fails
         only itself (sync_records). After two Quo outages in a row the rest of the range is not
-        tried: recovery re-runs those pages after a backoff."""
+        tried: recovery re-runs those pages after a backoff. Each page's figures go on its own
+        partition; the run's own figures on the run (tags and a log line)."""
         s = store.get()
         workers: dict[str, Any] = {}
         failures: dict[str, str] = {}
         totals: Counter[str] = Counter()
-        touched: dict[str, None] = {}
+        processes: dict[str, Process] = {}
         unavailable_in_a_row = 0
         first_try = _first_try(context.run.tags)
         tried: dict[str, set[str]] = {}  # per Process: pages with a result before this run
+        run_started = time.perf_counter()
         try:
             for key in context.partition_keys:
                 process_id, _ = parse_page_key(key)
                 if frames.get(key) is None:
-                    failures[key] = "fetch failed"
+                    process = processes.get(process_id) or s.get_process(process_id)
+                    processes[process_id] = process
+                    failures[key] = _fetch_error(s, process_id, key)
+                    context.log.warning(f"page {key}: {failures[key]}")
+                    _observe_failed_page(context, crm, key, failures[key], 0, process)
                     continue
                 records = frame_records(frames[key])
-                started = time.perf_counter()
+                started_at, started = datetime.now(UTC), time.perf_counter()
                 try:
                     process = _resume(s, process_id)
                     if process_id not in tried:
                         tried[process_id] = set(s.page_results(process_id))
-                    touched[process_id] = None
                     if unavailable_in_a_row >= 2:
                         raise QuoUnavailable("not tried: Quo still unavailable")
                     upserter = _worker(workers, s, quo, crm, process.integration_id)
@@ -302,42 +340,50 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
                     result = failed_page(len(records), key, str(exc))
                 except Exception as exc:  # e.g. a refused credential: this page's failure
                     result = failed_page(len(records), key, f"{type(exc).__name__}: {exc}")
-                if not result.ok:
-                    failures[key] = result.errors[0].error
-                    context.log.warning(f"page {key}: {failures[key]}")
+                seconds = time.perf_counter() - started
                 s.record_page(process_id, key, result)
-                _resume(s, process_id)  # the completion sensor may have closed it meanwhile
+                # The completion sensor may have closed it meanwhile.
+                process = processes[process_id] = _resume(s, process_id)
                 totals.update(result.counter_values())
-                context.add_asset_metadata(
-                    page_metadata(result, time.perf_counter() - started), partition_key=key
-                )
+                if result.ok:
+                    context.log.info(page_line(key, result, seconds))
+                    context.add_asset_metadata(
+                        page_metadata(result, process, PageTiming(started_at, seconds)),
+                        partition_key=key,
+                    )
+                else:
+                    failures[key] = result.errors[0].error
+                    context.log.warning(page_line(key, result, seconds))
+                    _observe_failed_page(context, crm, key, failures[key], len(records), process)
         finally:
             for connector, client, _ in workers.values():
                 client.close()
                 connector.close()
+        pages_run = len(context.partition_keys)
+        line, figures = run_figures(
+            pages_run, len(failures), totals, time.perf_counter() - run_started, peak_rss_mb()
+        )
+        context.log.info(line)
+        # A run launched without them (a UI backfill) gets the identity tags its pages share.
+        identity = {
+            k: v for k, v in shared_tags(processes.values()).items() if k not in context.run.tags
+        }
+        context.instance.add_run_tags(context.run.run_id, {**identity, **figures})
         if failures:
             raise dg.Failure(
-                description=f"{len(failures)} of {len(context.partition_keys)} pages failed; "
-                "they are re-run automatically after a backoff (nothing is written twice)",
+                description=failed_pages_message(failures, pages_run),
                 metadata={"failed_pages": dg.MetadataValue.json(failures)},
             )
-        summaries = [process_summary(s, s.get_process(pid)) for pid in touched]
-        return dg.MaterializeResult(
-            metadata={
-                "run_pages": len(context.partition_keys),
-                "run_synced": totals["synced"],
-                "run_failed": totals["failed"],
-                "run_peak_rss_mb": dg.MetadataValue.float(peak_rss_mb()),
-                **(process_metadata(summaries[0]) if len(summaries) == 1 else {}),
-            }
-        )
+        return dg.MaterializeResult(tags=event_tags(crm, processes.values()))
 
     page_sync = dg.define_asset_job(
         name=f"{crm}_page_sync",
         selection=[crm_pages, quo_contacts],
         executor_def=dg.in_process_executor,
-        tags=run_tags,
-        description=f"Fetch and upsert a range of {crm} pages (launched by {crm}_page_sensor)",
+        tags={**run_tags, TAG_INTERNAL: "true"},
+        description=f"Internal: fetches and upserts a range of {crm} pages, launched by "
+        f"{crm}_page_sensor and {crm}_completion_sensor. To sync, launch {crm}_initial_sync; "
+        f"to re-run pages, backfill partitions of {crm}_quo_contacts.",
     )
 
     @dg.sensor(
@@ -366,8 +412,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
                             **run_tags,
                             RANGE_START: page_key(process.id, first),
                             RANGE_END: page_key(process.id, last),
-                            TAG_PROCESS: process.id,
-                            TAG_INTEGRATION: process.integration_id,
+                            **process_run_tags(process),
                         },
                     )
                 )
@@ -379,8 +424,11 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
 
     processes_asset = dg.AssetSpec(
         key=f"{crm}_sync_processes",
-        group_name=crm,
-        description=f"One materialization per closed {crm} sync Process, with its final metrics",
+        deps=[quo_contacts.key],
+        kinds={crm, "quo"},
+        description=f"One materialization per closed {crm} sync Process: its final state (and "
+        "in ERROR why), integration and metrics; its checks tell each integration's health",
+        **asset_attributes(crm),
     )
 
     reconciling = build_reconcile_definitions(connector_cls)
@@ -398,7 +446,11 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         dg.Definitions(
             assets=[crm_pages, quo_contacts, processes_asset],
             jobs=[initial_sync, page_sync, closing_job],
-            sensors=[page_sensor, completion_sensor],
+            sensors=[
+                page_sensor,
+                completion_sensor,
+                build_freshness_sensor(crm, processes_asset.key),
+            ],
             asset_checks=build_checks(crm, processes_asset.key),
         ),
         reconciling,
@@ -412,10 +464,40 @@ def _resume(store: Store, process_id: str) -> Process:
     process = store.get_process(process_id)
     if process.state is ProcessState.ERROR:
         try:
-            process = store.transition(process_id, ProcessState.PROCESSING_BATCHES)
+            process = store.transition(
+                process_id,
+                ProcessState.PROCESSING_BATCHES,
+                left_error_context(process, datetime.now(UTC)),
+            )
         except IllegalTransition:  # another run reopened it first
             process = store.get_process(process_id)
     return process
+
+
+def _fetch_error(store: Store, process_id: str, key: str) -> str:
+    """Why the fetch of page `key` failed, as the fetch recorded it."""
+    errors = store.recent_errors(process_id)
+    return next((e.error for e in reversed(errors) if e.page == key), "fetch failed")
+
+
+def _observe_failed_page(
+    context: dg.AssetExecutionContext,
+    crm: str,
+    key: str,
+    reason: str,
+    records: int,
+    process: Process,
+) -> None:
+    """An observation on the failed page's partition, so the partition view says why (the
+    failed run materializes nothing)."""
+    context.log_event(
+        dg.AssetObservation(
+            asset_key=context.asset_key,
+            partition=key,
+            metadata=failed_page_metadata(reason, records, process),
+            tags=event_tags(crm, [process]),
+        )
+    )
 
 
 def _first_try(tags: Mapping[str, str]) -> Callable[[Process], bool]:

@@ -34,6 +34,7 @@ from quo_sync_dagster.orchestration.inbox_runs import (
     inbox_tick,
     run_claimed,
 )
+from quo_sync_dagster.orchestration.metadata import asset_attributes
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
 from quo_sync_dagster.orchestration.tags import TAG_INTEGRATION
 from quo_sync_dagster.quo.client import QuoClient
@@ -153,7 +154,7 @@ def build_webhook_definitions(
 
     changes_asset = dg.AssetSpec(
         key=changes_key,
-        group_name=crm,
+        **asset_attributes(crm),
         kinds={crm, "quo"},
         description=f"One materialization per {crm}_webhook_sync run, per integration: events, "
         "people upserted and deleted, latency from receipt to Quo",
