@@ -6,6 +6,7 @@ swept, the mass-delete guard) and webhook changes applied in any order."""
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
@@ -15,8 +16,10 @@ from quo_sync_dagster.core.external_ids import namespaced
 from quo_sync_dagster.core.models import InvalidRecord
 from quo_sync_dagster.core.process import ProcessState
 from quo_sync_dagster.crms.scalingtest import ScalingTestConnector, change
+from quo_sync_dagster.definitions import defs
 from quo_sync_dagster.orchestration.change_sync import apply_changes
 from quo_sync_dagster.orchestration.sync import now_iso, sync_records
+from quo_sync_dagster.orchestration.tags import TAG_INTEGRATION
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.quo.upsert import ContactUpserter
 from quo_sync_dagster_tests.pipeline import (
@@ -210,3 +213,26 @@ def test_webhook_changes_apply_the_crm_state_whatever_the_delivery_order(p: Pipe
     assert result.skipped == 1 and result.created == 0
     assert "deleted in the CRM" in result.errors[0].error
     assert _in_quo(p) == _expected(p)
+
+
+def _due(p: Pipeline, at: datetime) -> set[str]:
+    """The integrations `scalingtest_ongoing_sync` launches a polling cycle for at `at`."""
+    with dg.build_schedule_context(
+        instance=p.instance, scheduled_execution_time=at, resources={"store": p.resources["store"]}
+    ) as context:
+        result = defs.resolve_schedule_def("scalingtest_ongoing_sync")(context)
+    return set() if isinstance(result, dg.SkipReason) else {r.tags[TAG_INTEGRATION] for r in result}
+
+
+def test_the_polling_schedule_waits_for_the_initial_sync_then_for_the_interval(
+    p: Pipeline,
+) -> None:
+    integration = add_integration(p, "scalingtest", {"records": 30, "poll_interval_minutes": 120})
+    config = {"integration_id": integration.id}
+    assert _due(p, datetime.now(UTC)) == set()  # no sync has completed: the initial one first
+    sync_everything(p, "scalingtest", config)
+    assert _due(p, datetime.now(UTC)) == {integration.id}  # never polled
+    poll_everything(p, "scalingtest", config)
+    polled = datetime.now(UTC)
+    assert _due(p, polled + timedelta(minutes=60)) == set()
+    assert _due(p, polled + timedelta(minutes=121)) == {integration.id}

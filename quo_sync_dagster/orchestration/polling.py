@@ -246,9 +246,18 @@ def _due(store: Store, integration: Integration, minutes: int, now: datetime) ->
     types = connector_class(integration.crm).object_types_for(settings)
     if all(store.get_watermark(integration.id, t) is None for t in types):
         return False  # the initial sync has not completed: it comes first
-    if store.get_webhook_subscription(integration.id) is not None:
-        interval = _number(settings, "gap_fill_interval_minutes", DEFAULT_GAP_FILL_MINUTES)
-    else:
-        interval = _number(settings, "poll_interval_minutes", minutes)
     starts = [_at(p.context["startTime"]) for p in _cycles(store, integration.id)]
-    return not starts or now - max(starts) >= timedelta(minutes=interval) - _DUE_TOLERANCE
+    interval = poll_interval(store, integration, minutes)
+    return not starts or now - max(starts) >= interval - _DUE_TOLERANCE
+
+
+def poll_interval(store: Store, integration: Integration, crm_minutes: int) -> timedelta:
+    """How often polling cycles of the integration start: its gap-fill interval when it has
+    webhooks, else its poll interval (default: the CRM's, `crm_minutes`). ValueError names a
+    bad setting."""
+    settings = integration.settings
+    if store.get_webhook_subscription(integration.id) is not None:
+        return timedelta(
+            minutes=_number(settings, "gap_fill_interval_minutes", DEFAULT_GAP_FILL_MINUTES)
+        )
+    return timedelta(minutes=_number(settings, "poll_interval_minutes", crm_minutes))

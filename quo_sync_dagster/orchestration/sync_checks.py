@@ -37,7 +37,7 @@ from quo_sync_dagster.core.external_ids import crm_id_of
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.core.process import Process, ProcessState
 from quo_sync_dagster.crms.base import connector_class
-from quo_sync_dagster.orchestration.polling import DEFAULT_GAP_FILL_MINUTES, _number
+from quo_sync_dagster.orchestration.polling import poll_interval
 from quo_sync_dagster.orchestration.reconcile import IdSample
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
 from quo_sync_dagster.orchestration.sync import page_key
@@ -245,14 +245,9 @@ def _duplicates(view: SyncView) -> Found:
 
 
 def _poll_interval(store: Store, integration: Integration, crm_minutes: int) -> timedelta:
-    """How often polling cycles of the integration start (polling._due's interval); never
-    more often than the CRM's schedule ticks."""
-    settings = integration.settings
-    if store.get_webhook_subscription(integration.id) is not None:
-        minutes = _number(settings, "gap_fill_interval_minutes", DEFAULT_GAP_FILL_MINUTES)
-    else:
-        minutes = _number(settings, "poll_interval_minutes", crm_minutes)
-    return timedelta(minutes=max(minutes, crm_minutes))
+    """How often polling cycles of the integration start; never more often than the CRM's
+    schedule ticks."""
+    return max(poll_interval(store, integration, crm_minutes), timedelta(minutes=crm_minutes))
 
 
 def _minutes(delta: timedelta) -> float:
