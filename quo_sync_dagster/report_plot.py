@@ -14,9 +14,6 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
-from matplotlib.figure import Figure
 
 from quo_sync_dagster.analytics import processes_frame
 from quo_sync_dagster.core.process import Process
@@ -36,6 +33,12 @@ def plot_png(
 ) -> bytes:
     """A processes_frame drawn as records/s (top) and failed records (bottom) per Process over
     its start time, one line per integration."""
+    # Imported here: loading the code location (completion.py imports this module) must not
+    # pay for matplotlib; only closing a Process or a report draws.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=size, dpi=dpi, layout="constrained")
     FigureCanvasAgg(figure)
     throughput, failures = figure.subplots(2, 1, sharex=True)
