@@ -65,7 +65,7 @@ from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.local_stack import LocalStack
 from quo_sync_dagster.orchestration.activity_logging import Workspace, log_activities
 from quo_sync_dagster.orchestration.activity_sync import settle
-from quo_sync_dagster.orchestration.resources import QuoResource
+from quo_sync_dagster.orchestration.resources import QuoResource, QuoSettings
 from quo_sync_dagster.orchestration.sync import open_connector
 from quo_sync_dagster.sandbox.serving import AdminClient
 from quo_sync_dagster.secrets import SECRETS_DIR_ENV
@@ -210,7 +210,8 @@ def baseline(
     store, queue = stack.store, activity_queue(integration.id)
     stack.stop_sensor("quo_activity_sensor")
     connector = open_connector(store, CRM, integration.id)
-    client = QuoResource(requests_per_second=QUO_LIMIT).client(integration, store)
+    settings = QuoSettings.from_env(stack.env)  # as the stack's runs: QUO_LIMIT
+    client = QuoResource().client(integration, store, settings)
     workspace = Workspace(client)  # as a run keeps it across its batches
 
     def log_waiting() -> bool:

@@ -34,7 +34,7 @@ from quo_sync_dagster.quo.upsert import ContactUpserter
 from quo_sync_dagster.store import open_store
 
 UNLIMITED = 100_000.0  # governor rate when the sandbox limit is off, as LocalStack sets it
-CONCURRENCY = 4  # QuoResource's default requests in flight per page step
+CONCURRENCY = 4  # QuoSettings' default requests in flight per page step
 LIMIT = 10.0  # Quo's documented requests/s per API key
 
 

@@ -42,7 +42,7 @@ from rate_under_429s import machine
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.local_stack import CrmPeople, LocalStack
 from quo_sync_dagster.orchestration.change_sync import apply_changes
-from quo_sync_dagster.orchestration.resources import QuoResource
+from quo_sync_dagster.orchestration.resources import QuoResource, QuoSettings
 from quo_sync_dagster.orchestration.sync import open_connector
 from quo_sync_dagster.sandbox.serving import AdminClient
 from quo_sync_dagster.secrets import SECRETS_DIR_ENV
@@ -125,10 +125,10 @@ def baseline(stack: LocalStack, integration: Integration, args: argparse.Namespa
     assert stack.store is not None
     store = stack.store
     stack.stop_sensor(f"{CRM}_webhook_sensor")
-    quo = QuoResource(requests_per_second=QUO_LIMIT)
+    quo, settings = QuoResource(), QuoSettings.from_env(stack.env)  # as the stack's runs
     connector = open_connector(store, CRM, integration.id)
-    client = quo.client(integration, store)
-    upserter = quo.upserter(client, integration, store)
+    client = quo.client(integration, store, settings)
+    upserter = quo.upserter(client, integration, store, settings)
 
     def apply_waiting() -> bool:
         items = store.claim_webhooks(integration.id, 500, 600)

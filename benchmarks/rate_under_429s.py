@@ -7,7 +7,7 @@ Run:  python benchmarks/rate_under_429s.py [--contacts 600] [--limit 20] [--shar
 Last line: BENCH <one-line JSON>. Both runs happen in this invocation on this machine; each gets
 a fresh sandbox process and a fresh store.
 
-`--concurrency` is the requests in flight against the key: QuoResource lets each page run have 4
+`--concurrency` is the requests in flight against the key: QuoSettings lets each page run have 4
 in flight and several page runs share one key, so the default 8 is two page runs.
 
 `ratio` (the figure to compare with the 0.8 target) is `requestRatio`: every request the key
@@ -47,7 +47,7 @@ from quo_sync_dagster.quo.governor import RateGovernor
 from quo_sync_dagster.quo.upsert import ContactUpserter
 from quo_sync_dagster.store import open_store
 
-CONCURRENCY = 8  # QuoResource's default 4 in flight per page run, two page runs on one key
+CONCURRENCY = 8  # QuoSettings' default 4 in flight per page run, two page runs on one key
 TARGET = 0.8  # of the limit, in requests/s: the issue's figure under 20% injected 429s
 MAX_ATTEMPTS = 12  # 6 (the client's default) fails ~1 create in 3,000 when 20% are refused
 KEY = "bench-429-key"
@@ -205,7 +205,7 @@ def main() -> None:
         "--concurrency",
         type=int,
         default=CONCURRENCY,
-        help="requests in flight against the key (QuoResource: 4 per page run)",
+        help="requests in flight against the key (QuoSettings: 4 per page run)",
     )
     parser.add_argument("--seed", type=int, default=429, help="seed of the random 429s")
     args = parser.parse_args()

@@ -27,7 +27,7 @@ from quo_sync_dagster.crms.base import CRMConnector
 from quo_sync_dagster.demo_calls import calls_result, simulate_calls
 from quo_sync_dagster.local_stack import ChangeLog, LocalStack, legacy_source
 from quo_sync_dagster.orchestration.metadata import process_summary
-from quo_sync_dagster.orchestration.resources import default_store_uri
+from quo_sync_dagster.orchestration.resources import default_store_uri, quo_rate_setting
 from quo_sync_dagster.orchestration.sync import open_connector
 from quo_sync_dagster.orchestration.sync_checks import max_failed_share
 from quo_sync_dagster.quo.client import QuoClient
@@ -461,6 +461,7 @@ def integrations(args: argparse.Namespace) -> int:
             AdoptionRules.from_settings(settings)
             connector_cls.object_types_for(settings)
             max_failed_share(settings)
+            quo_rate_setting(settings)
         except ValueError as exc:
             raise SystemExit(f"integration {args.id!r}: {exc}") from None
         webhooks = connector_cls.crm_config.sync_config.supports_webhooks

@@ -15,10 +15,8 @@ defs = dg.Definitions.merge(
     dg.Definitions(
         resources={
             "store": StoreResource(uri=os.environ.get("QUO_SYNC_STORE_URI")),
-            "quo": QuoResource(
-                requests_per_second=float(os.environ.get("QUO_SYNC_QUO_RATE", "10")),
-                timeout_seconds=float(os.environ.get("QUO_SYNC_QUO_TIMEOUT", "30")),
-            ),
+            # No run config: QuoSettings reads QUO_SYNC_QUO_* in each run (resources.py).
+            "quo": QuoResource(),
             "page_frames": PageFramesIOManager(s3_bucket=os.environ.get("QUO_SYNC_S3_BUCKET")),
         }
     ),

@@ -43,6 +43,9 @@ class Pipeline:
 @contextmanager
 def pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeline]:
     monkeypatch.setenv(QUO_KEY_ENV, "test-key")
+    # Quo's settings come from the environment, as in a deployment (QuoSettings).
+    monkeypatch.setenv("QUO_SYNC_QUO_RATE", "10000")
+    monkeypatch.setenv("QUO_SYNC_QUO_MAX_ATTEMPTS", "2")
     store_uri = f"sqlite:///{tmp_path}/store.sqlite"
     with (
         QuoSandbox(tmp_path / "quo", api_keys=("test-key",), rate_limit=None) as quo,
@@ -51,7 +54,7 @@ def pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeli
         store = open_store(store_uri)
         resources = {
             "store": StoreResource(uri=store_uri),
-            "quo": QuoResource(requests_per_second=10_000, max_attempts=2),
+            "quo": QuoResource(),
             "page_frames": PageFramesIOManager(),
         }
         yield Pipeline(quo, instance, store, resources)

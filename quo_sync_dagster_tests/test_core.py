@@ -29,6 +29,7 @@ from quo_sync_dagster.core.process import (
     check_transition,
 )
 from quo_sync_dagster.core.ratelimit import GovernorState, reserve, retry_at
+from quo_sync_dagster.core.recovery import REQUESTED, RetryPolicy, Step, decide
 
 S = ProcessState
 CHAIN = [
@@ -457,3 +458,18 @@ def test_a_slowdown_stored_by_an_older_version_is_ignored_and_reset() -> None:
         slots.append(send_at)
         assert state.slowdown == 1.0
     assert [b - a for a, b in itertools.pairwise(slots)] == pytest.approx([0.1] * 4)
+
+
+def test_recovery_waits_a_backoff_retries_gives_up_and_obeys_a_requested_retry() -> None:
+    policy, now = RetryPolicy(attempts=1, backoff_seconds=30), datetime(2026, 1, 1, tzinfo=UTC)
+    first = decide(None, policy, now)
+    assert first.step is Step.WAIT  # the backoff counts from the stall
+    assert decide(first.state, policy, now + timedelta(seconds=29)).step is Step.WAIT
+    retry = decide(first.state, policy, now + timedelta(seconds=30))
+    assert (retry.step, retry.state["attempt"]) == (Step.RETRY, 1)
+    exhausted = decide(retry.state, policy, now + timedelta(hours=1))
+    assert exhausted.step is Step.GIVE_UP
+    # An operator's retry runs at once, with the automatic attempts counted afresh after it.
+    requested = decide(dict(REQUESTED), policy, now)
+    assert (requested.step, requested.attempt, requested.state["attempt"]) == (Step.RETRY, 0, 1)
+    assert "requested" not in requested.state

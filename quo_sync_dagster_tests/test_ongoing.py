@@ -19,7 +19,7 @@ from quo_sync_dagster.crms.scalingtest import ScalingTestConnector, change
 from quo_sync_dagster.definitions import defs
 from quo_sync_dagster.orchestration.change_sync import apply_changes
 from quo_sync_dagster.orchestration.sync import now_iso, sync_records
-from quo_sync_dagster.orchestration.tags import TAG_INTEGRATION
+from quo_sync_dagster.orchestration.tags import TAG_INTEGRATION, TAG_OBJECT_TYPE
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.quo.upsert import ContactUpserter
 from quo_sync_dagster_tests.pipeline import (
@@ -99,6 +99,15 @@ def test_a_poll_cycle_syncs_what_changed_since_the_watermark_and_nothing_else(
     assert _writes(p) - before == 8
     assert _in_quo(p) == _expected(p)
     assert p.store.get_watermark("it-1", OBJECT) == cycle.context["startTime"]
+    # The cycle's planning run names the Process it planned and links to its page runs.
+    (poll_run,) = p.instance.get_run_records(dg.RunsFilter(job_name=f"{CRM}_poll"))
+    assert poll_run.dagster_run.tags[TAG_INTEGRATION] == "it-1"
+    assert poll_run.dagster_run.tags[TAG_OBJECT_TYPE] == OBJECT
+    (output,) = p.instance.all_logs(
+        poll_run.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_OUTPUT
+    )
+    links = output.dagster_event.step_output_data.metadata["page_runs"].value
+    assert f"(/runs?q[]=tag:quo_sync/process={cycle.id})" in links
 
     # Nothing changed since: the overlap window lists the 8 again, and nothing is written.
     before = _writes(p)

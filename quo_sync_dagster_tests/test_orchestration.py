@@ -43,6 +43,7 @@ from quo_sync_dagster_tests.pipeline import (
     evaluate_sensor,
     launch_initial_sync,
     pipeline,
+    run_request,
     sync_range,
 )
 
@@ -371,6 +372,76 @@ def test_pages_still_failing_after_the_last_retry_close_the_process_as_error(
     assert _check(closed, "no_process_in_error").passed
 
 
+def _retry_failed_pages(p: Pipeline, **config: str) -> dg.ExecuteInProcessResult:
+    return defs.get_job_def("scalingtest_retry_failed_pages").execute_in_process(
+        run_config={"ops": {"scalingtest_request_page_retries": {"config": config}}},
+        instance=p.instance,
+        resources=p.resources,
+        raise_on_error=False,
+    )
+
+
+def test_the_retry_job_reopens_an_error_process_and_its_pages_rerun_through_the_sensor(
+    env: Pipeline,
+) -> None:
+    records = 600
+    process_id, _ = _fail_pages_3_to_5(env, records, retry_attempts=0)
+    keys = [page_key(process_id, i) for i in range(6)]
+    assert close_processes(env, "scalingtest").asset_events[0].metadata["state"].value == "ERROR"
+    automatic = env.instance.get_run_records(dg.RunsFilter(tags={TAG_PROCESS: process_id}))
+
+    # The outage is still on: the operator's retry launches the failed pages once more, as
+    # page runs of the sensor (the project's tags, the run queue), and they fail again.
+    for round_ in (1, 2):
+        retry = _retry_failed_pages(env, integration_id="it-1")
+        assert retry.success
+        assert retry.dagster_run.tags[TAG_INTEGRATION] == "it-1"
+        assert env.store.get_process(process_id).state is ProcessState.PROCESSING_BATCHES
+        (request,) = _evaluate(env, "scalingtest_completion_sensor").run_requests
+        assert request.job_name == "scalingtest_page_sync"
+        assert (request.tags[RANGE_START], request.tags[RANGE_END]) == (keys[3], keys[5])
+        assert request.tags[TAG_CRM] == "scalingtest" and "dagster/max_runtime" in request.tags
+        assert request.tags[TAG_PROCESS] == process_id and request.tags[TAG_RETRY] == "1"
+        # Each round has its own run key: the sensor launches a key only once.
+        assert request.run_key == f"{process_id}:r{round_}.retry1:3-5"
+        if round_ == 1:
+            assert not run_request(env, request).success  # still failing: ERROR again
+            (event,) = close_processes(env, "scalingtest").asset_events[:1]
+            assert event.metadata["state"].value == "ERROR"
+    # The outage over, the second round's run syncs them; the Process completes, each person
+    # in Quo once.
+    env.quo.clear_faults()
+    assert run_request(env, request).success
+    closed = close_processes(env, "scalingtest")
+    assert closed.asset_events[0].metadata["state"].value == "COMPLETED"
+    _assert_exactly_once(env, process_id, records)
+    assert len(env.instance.get_run_records(dg.RunsFilter(tags={TAG_PROCESS: process_id}))) > (
+        len(automatic)
+    )
+    # Nothing left to retry: the job says so and launches nothing.
+    done = _retry_failed_pages(env, process_id=process_id)
+    assert done.success
+    (output,) = [e for e in done.all_events if e.is_successful_output]
+    assert output.step_output_data.metadata["processes_retried"].value == 0
+    assert isinstance(_evaluate(env, "scalingtest_completion_sensor"), dg.SkipReason)
+
+
+def test_the_retry_job_refuses_unclear_or_foreign_targets(env: Pipeline) -> None:
+    _integration(env, 100)
+    add_integration(env, "pipedrive", {}, integration_id="pd-1")
+    for config, why in [
+        ({}, "give either integration_id or process_id"),
+        ({"integration_id": "it-1", "process_id": "x"}, "give either"),
+        ({"integration_id": "nope"}, "no integration 'nope'"),
+        ({"integration_id": "pd-1"}, "is a pipedrive integration, not scalingtest"),
+        ({"process_id": "nope"}, "no Process 'nope'"),
+    ]:
+        result = _retry_failed_pages(env, **config)
+        assert not result.success
+        (failure,) = [e for e in result.all_events if e.is_step_failure]
+        assert why in str(failure.step_failure_data.error.message), config
+
+
 def test_failed_pages_show_why_on_their_partitions_and_an_error_process_fails_its_checks(
     env: Pipeline,
 ) -> None:
@@ -405,7 +476,7 @@ def test_failed_pages_show_why_on_their_partitions_and_an_error_process_fails_it
         f"integration it-1 (MockPerson): Process {process_id} (initial sync) ended in ERROR: "
         f"{error}"
     )
-    assert "backfill the failed partitions of scalingtest_quo_contacts" in in_error.description
+    assert "launch scalingtest_retry_failed_pages for the integration" in in_error.description
     unsynced = _check(closed, "all_pages_synced")
     assert not unsynced.passed
     assert unsynced.description is not None

@@ -4,6 +4,8 @@ A Process whose pages failed (Quo or the CRM down, a run worker killed) is not c
 at once: its unsynced pages are re-run after a backoff, a bounded number of times, so a
 transient outage ends COMPLETED without anyone touching it. Only what still fails after the
 last attempt ends in ERROR. The state lives in the Process context under `recovery`.
+An operator's retry (the `<crm>_retry_failed_pages` job) asks for one now, in a new round
+whose automatic retries start afresh.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 RECOVERY_KEY = "recovery"
+RETRY_ROUND_KEY = "retryRound"  # Process context: operator retries so far (run keys differ)
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,17 @@ class Decision:
     attempt: int  # retries already launched before this decision
 
 
+REQUESTED = {"attempt": 0, "stalledSince": None, "requested": True}  # an operator's retry
+
+
 def decide(state: Mapping[str, Any] | None, policy: RetryPolicy, now: datetime) -> Decision:
     """What to do with a Process whose pages are unsynced and which no run is working on.
-    The backoff starts when the stall is first seen, so it counts from the failure."""
+    The backoff starts when the stall is first seen, so it counts from the failure. A
+    requested retry runs now, whatever the automatic attempts left."""
     attempt = int((state or {}).get("attempt", 0))
     stalled = (state or {}).get("stalledSince")
+    if (state or {}).get("requested"):
+        return Decision(Step.RETRY, {"attempt": attempt + 1, "stalledSince": None}, attempt)
     if attempt >= policy.attempts:
         return Decision(Step.GIVE_UP, dict(state or {}), attempt)
     if stalled is None:

@@ -32,6 +32,7 @@ from quo_sync_dagster.orchestration.inbox_runs import (
     LEASE_MARGIN_SECONDS,
     InboxRunConfig,
     InboxTarget,
+    inbox_run_config,
     inbox_tick,
     run_claimed,
 )
@@ -88,6 +89,7 @@ def _build_activity_job(
     key = activities_key(crm)
     max_runtime = connector_cls.crm_config.queue_config.timeout
     run_tags = {TAG_CRM: crm, "dagster/max_runtime": str(max_runtime)}
+    Config = inbox_run_config(crm)
 
     @dg.op(
         name=_op_name(crm),
@@ -95,7 +97,7 @@ def _build_activity_job(
     )
     def log_quo_activities(
         context: dg.OpExecutionContext,
-        config: InboxRunConfig,
+        config: Config,  # type: ignore[valid-type]
         store: StoreResource,
         quo: QuoResource,
     ) -> None:

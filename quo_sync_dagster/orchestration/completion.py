@@ -19,7 +19,14 @@ from typing import Any
 import dagster as dg
 
 from quo_sync_dagster.core.process import Process, ProcessState
-from quo_sync_dagster.core.recovery import RECOVERY_KEY, RetryPolicy, Step, decide, page_ranges
+from quo_sync_dagster.core.recovery import (
+    RECOVERY_KEY,
+    RETRY_ROUND_KEY,
+    RetryPolicy,
+    Step,
+    decide,
+    page_ranges,
+)
 from quo_sync_dagster.orchestration.checks import check_evaluations
 from quo_sync_dagster.orchestration.closing_run import CLOSING_KEY, closing_run_config
 from quo_sync_dagster.orchestration.metadata import (
@@ -186,13 +193,20 @@ def closing_run_request(crm: str, job_name: str) -> Callable[[Process, int], dg.
 
     def request(process: Process, attempt: int) -> dg.RunRequest:
         return dg.RunRequest(
-            run_key=f"closing:{process.id}:{attempt}",
+            run_key=f"closing:{process.id}:{_round(process)}{attempt}",
             job_name=job_name,
             run_config=closing_run_config(crm, process),
             tags={TAG_CRM: crm, **process_run_tags(process), TAG_RETRY: str(attempt)},
         )
 
     return request
+
+
+def _round(process: Process) -> str:
+    """Run keys of an operator's retry round differ from the earlier rounds' (a sensor never
+    launches a run key twice)."""
+    n = process.context.get(RETRY_ROUND_KEY, 0)
+    return f"r{n}." if n else ""
 
 
 def _step(
@@ -240,7 +254,7 @@ def _step(
     attempt = decision.attempt + 1
     return None, [
         dg.RunRequest(
-            run_key=f"{process.id}:retry{attempt}:{first}-{last}",
+            run_key=f"{process.id}:{_round(process)}retry{attempt}:{first}-{last}",
             job_name=page_job,
             tags={
                 **run_tags,

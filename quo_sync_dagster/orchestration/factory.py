@@ -32,6 +32,7 @@ from quo_sync_dagster.orchestration.completion import (
     SENSOR_INTERVAL_SECONDS,
     build_completion_sensor,
 )
+from quo_sync_dagster.orchestration.launchpad import integration_id_field
 from quo_sync_dagster.orchestration.metadata import (
     PageTiming,
     asset_attributes,
@@ -54,9 +55,9 @@ from quo_sync_dagster.orchestration.planning import (
 from quo_sync_dagster.orchestration.polling import build_polling_definitions
 from quo_sync_dagster.orchestration.reconcile import build_reconcile_definitions
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
+from quo_sync_dagster.orchestration.retry_pages import build_retry_job
 from quo_sync_dagster.orchestration.run_logs import (
     failed_pages_message,
-    log_planned,
     page_line,
     run_figures,
 )
@@ -103,10 +104,7 @@ def _initial_sync_config(connector_cls: type[CRMConnector]) -> type[dg.Config]:
     return create_model(
         f"{connector_cls.name.title()}InitialSyncConfig",
         __base__=dg.Config,
-        integration_id=(
-            str,
-            Field(description="Id of the integration to sync (quo-sync integrations)"),
-        ),
+        integration_id=integration_id_field(connector_cls.name, "Id of the integration to sync"),
         object_types=(
             list[str] | None,
             Field(
@@ -206,7 +204,6 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
             client.close()
             connector.close()
         report_planned(context, planned)
-        log_planned(context, planned)
 
     @dg.job(
         name=f"{crm}_initial_sync",
@@ -383,7 +380,8 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         tags={**run_tags, TAG_INTERNAL: "true"},
         description=f"Internal: fetches and upserts a range of {crm} pages, launched by "
         f"{crm}_page_sensor and {crm}_completion_sensor. To sync, launch {crm}_initial_sync; "
-        f"to re-run pages, backfill partitions of {crm}_quo_contacts.",
+        f"to re-run failed pages, launch {crm}_retry_failed_pages or backfill partitions of "
+        f"{crm}_quo_contacts.",
     )
 
     @dg.sensor(
@@ -445,7 +443,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
     return dg.Definitions.merge(
         dg.Definitions(
             assets=[crm_pages, quo_contacts, processes_asset],
-            jobs=[initial_sync, page_sync, closing_job],
+            jobs=[initial_sync, page_sync, closing_job, build_retry_job(connector_cls)],
             sensors=[
                 page_sensor,
                 completion_sensor,

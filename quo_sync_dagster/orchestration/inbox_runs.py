@@ -27,6 +27,7 @@ from pydantic import Field
 from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.crms.base import CRMConnector
 from quo_sync_dagster.orchestration.completion import LIVE_STATUSES
+from quo_sync_dagster.orchestration.launchpad import with_integration_id
 from quo_sync_dagster.orchestration.planning import open_integration
 from quo_sync_dagster.orchestration.resources import QuoResource
 from quo_sync_dagster.orchestration.tags import TAG_INTEGRATION
@@ -54,6 +55,14 @@ class InboxRunConfig(dg.Config):
         description="After its items, keep applying the integration's new ones while each "
         "arrives within this many seconds of the last (the sensor sets it from the "
         "integration's webhook_linger_seconds)",
+    )
+
+
+def inbox_run_config(crm: str) -> type[InboxRunConfig]:
+    """InboxRunConfig of `crm`'s inbox runs: `integration_id` lists the CRM's integrations but
+    has no default, since the sensor names it with the items it claimed for it."""
+    return with_integration_id(  # type: ignore[return-value]
+        InboxRunConfig, crm, "The integration whose inbox items to apply", default=False
     )
 
 

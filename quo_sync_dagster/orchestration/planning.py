@@ -7,8 +7,9 @@ import dagster as dg
 from quo_sync_dagster.core.process import Process, ProcessState
 from quo_sync_dagster.crms.base import CRMConnector
 from quo_sync_dagster.orchestration.resources import QuoResource
+from quo_sync_dagster.orchestration.run_logs import log_planned
 from quo_sync_dagster.orchestration.sync import open_connector, page_key
-from quo_sync_dagster.orchestration.tags import TAG_PLANNED
+from quo_sync_dagster.orchestration.tags import TAG_OBJECT_TYPE, TAG_PLANNED
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.secrets import MissingSecret
 from quo_sync_dagster.store.port import NotFound, Store
@@ -46,9 +47,12 @@ def queue_pages(
 
 
 def report_planned(context: dg.OpExecutionContext, planned: list[Process]) -> None:
-    context.instance.add_run_tags(
-        context.run.run_id, {TAG_PLANNED: ",".join(p.id for p in planned)}
-    )
+    """The planning run names its Processes (tags, metadata) and links to their page runs."""
+    tags = {TAG_PLANNED: ",".join(p.id for p in planned)}
+    if planned:
+        tags[TAG_OBJECT_TYPE] = ",".join(p.context["personObjectType"] for p in planned)
+    context.instance.add_run_tags(context.run.run_id, tags)
+    log_planned(context, planned)
     context.add_output_metadata(
         {
             "processes": dg.MetadataValue.json(

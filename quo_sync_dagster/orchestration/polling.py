@@ -28,6 +28,7 @@ from quo_sync_dagster.core.models import Integration
 from quo_sync_dagster.core.process import Process, ProcessState
 from quo_sync_dagster.crms.base import CRMConnector, connector_class
 from quo_sync_dagster.orchestration.closing_run import CONFIRM_DELETES_KEY
+from quo_sync_dagster.orchestration.launchpad import with_integration_id
 from quo_sync_dagster.orchestration.planning import (
     PLAN_RETRY,
     open_integration,
@@ -105,7 +106,7 @@ def needs_full_scan(
 
 
 class PollConfig(dg.Config):
-    integration_id: str = Field(description="Id of the integration to poll")
+    integration_id: str = Field(description="Id of the integration to poll")  # per CRM: below
     full_scan: bool = Field(
         default=False, description="List everyone (and sweep deletions), not only changes"
     )
@@ -121,6 +122,7 @@ def build_polling_definitions(
 ) -> dg.Definitions:
     crm = connector_cls.name
     cfg = connector_cls.crm_config
+    Config = with_integration_id(PollConfig, crm, "Id of the integration to poll")
 
     @dg.op(
         name=_op_name(crm),
@@ -129,7 +131,7 @@ def build_polling_definitions(
     )
     def plan_poll(
         context: dg.OpExecutionContext,
-        config: PollConfig,
+        config: Config,  # type: ignore[valid-type]
         store: StoreResource,
         quo: QuoResource,
     ) -> None:

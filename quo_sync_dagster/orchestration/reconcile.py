@@ -26,7 +26,9 @@ from quo_sync_dagster.core.adoption import AdoptionRules
 from quo_sync_dagster.core.external_ids import crm_id_of
 from quo_sync_dagster.core.models import ContactLink, Integration
 from quo_sync_dagster.crms.base import CRMConnector
+from quo_sync_dagster.orchestration.launchpad import with_integration_id
 from quo_sync_dagster.orchestration.resources import QuoResource, StoreResource
+from quo_sync_dagster.orchestration.sync import integration_of
 from quo_sync_dagster.orchestration.tags import TAG_CRM, TAG_INTEGRATION
 from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.secrets import MissingSecret
@@ -193,13 +195,14 @@ def last_reconcile_at(
 
 
 class ReconcileConfig(dg.Config):
-    integration_id: str = Field(description="Id of the integration to reconcile")
+    integration_id: str = Field(description="Id of the integration to reconcile")  # per CRM
 
 
 def build_reconcile_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
     """The CRM's `x_reconcile` job (in `jobs[0]`, for sensors that launch it) and its
     `x_reconcile_schedule`; the `store` and `quo` resources come from the caller."""
     crm = connector_cls.name
+    Config = with_integration_id(ReconcileConfig, crm, "Id of the integration to reconcile")
 
     @dg.op(
         name=_op_name(crm),
@@ -207,7 +210,7 @@ def build_reconcile_definitions(connector_cls: type[CRMConnector]) -> dg.Definit
     )
     def reconcile_contacts(
         context: dg.OpExecutionContext,
-        config: ReconcileConfig,
+        config: Config,  # type: ignore[valid-type]
         store: StoreResource,
         quo: QuoResource,
     ) -> None:
@@ -215,11 +218,7 @@ def build_reconcile_definitions(connector_cls: type[CRMConnector]) -> dg.Definit
         context.instance.add_run_tags(context.run_id, {TAG_INTEGRATION: config.integration_id})
         s = store.get()
         try:
-            integration = s.get_integration(config.integration_id)
-            if integration.crm != crm:
-                raise ValueError(
-                    f"integration {integration.id!r} is a {integration.crm} integration, not {crm}"
-                )
+            integration = integration_of(s, crm, config.integration_id)
             client = quo.client(integration, s)
         except (NotFound, ValueError, MissingSecret) as exc:  # shown as is in the run's page
             raise dg.Failure(str(exc), allow_retries=False) from None

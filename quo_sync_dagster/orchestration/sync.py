@@ -20,6 +20,7 @@ from quo_sync_dagster.core.adoption import AdoptionRules
 from quo_sync_dagster.core.external_ids import namespaced, quo_external_id
 from quo_sync_dagster.core.models import (
     Excluded,
+    Integration,
     InvalidRecord,
     NoPhone,
     PersonPage,
@@ -42,7 +43,7 @@ from quo_sync_dagster.quo.client import QuoClient
 from quo_sync_dagster.quo.governor import RateGovernor
 from quo_sync_dagster.quo.upsert import ContactUpserter
 from quo_sync_dagster.secrets import resolve_secret
-from quo_sync_dagster.store.port import Store
+from quo_sync_dagster.store.port import NotFound, Store
 
 _PAGE_MARK = "-p"
 MAX_PAGES = 99_999  # page keys have five digits; Dagster advises < 100k partitions per asset
@@ -360,14 +361,44 @@ def failed_page(records: int, page: str, error: str) -> PageResult:
     )
 
 
+LISTED_IDS = 20  # ids a message or the launchpad names; past it, "and N more"
+
+
+def listed(ids: Sequence[str], limit: int = LISTED_IDS) -> str:
+    """`a, b, c` (the first `limit`, then "and N more"); "none" for no id."""
+    if not ids:
+        return "none"
+    shown = ", ".join(ids[:limit])
+    return shown if len(ids) <= limit else f"{shown} and {len(ids) - limit} more"
+
+
+def integration_of(store: Store, crm: str, integration_id: str) -> Integration:
+    """The `crm` integration `integration_id`. An unknown id (NotFound) or another CRM's
+    integration (ValueError) names the ids registered for `crm` (ids only: no secret)."""
+    try:
+        integration = store.get_integration(integration_id)
+    except NotFound:
+        raise NotFound(
+            f"integration {integration_id!r} is not registered for {crm}; "
+            f"{_registered_hint(store, crm)}"
+        ) from None
+    if integration.crm != crm:
+        raise ValueError(
+            f"integration {integration_id!r} is a {integration.crm} integration, not {crm}; "
+            f"{_registered_hint(store, crm)}"
+        )
+    return integration
+
+
+def _registered_hint(store: Store, crm: str) -> str:
+    ids = [i.id for i in store.list_integrations(crm=crm)]
+    return f"registered: {listed(ids)}; add one with `quo-sync integrations add --crm {crm}`"
+
+
 def open_connector(store: Store, crm: str, integration_id: str) -> CRMConnector:
     """The integration's connector with its CRM credential and the governor shared by every
     run that uses that credential."""
-    integration = store.get_integration(integration_id)
-    if integration.crm != crm:
-        raise ValueError(
-            f"integration {integration_id!r} is a {integration.crm} integration, not {crm}"
-        )
+    integration = integration_of(store, crm, integration_id)
     cls = connector_class(crm)
     credential = (
         resolve_secret(integration.crm_credential_ref) if integration.crm_credential_ref else None

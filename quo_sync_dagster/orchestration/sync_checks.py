@@ -363,17 +363,19 @@ SYNC_CHECKS = (
         ERROR_CHECK,
         "The latest sync of every integration and object type did not end in ERROR",
         "no latest sync ended in ERROR",
-        "Fix the cause the error names, then backfill the failed partitions of "
-        "{crm}_quo_contacts (the Process reopens and closes again; nothing is written twice) "
-        "or launch {crm}_initial_sync again; a polling cycle is read again by the next one.",
+        "Fix the cause the error names, then launch {crm}_retry_failed_pages for the "
+        "integration or backfill the failed partitions of {crm}_quo_contacts (the Process "
+        "reopens and closes again; nothing is written twice); a polling cycle is read again "
+        "by the next one.",
         _in_error,
     ),
     SyncCheck(
         PAGES_CHECK,
         "Every page of the latest sync of every integration and object type is synced",
         "every page synced",
-        "Backfill the failed partitions of {crm}_quo_contacts from its Partitions tab once "
-        "the cause is fixed (their observations say why they failed); nothing is written twice.",
+        "Once the cause is fixed, launch {crm}_retry_failed_pages for the integration or "
+        "backfill the failed partitions of {crm}_quo_contacts from its Partitions tab (their "
+        "observations say why they failed); nothing is written twice.",
         _unsynced_pages,
     ),
     SyncCheck(

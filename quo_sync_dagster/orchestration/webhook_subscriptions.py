@@ -19,6 +19,7 @@ import dagster as dg
 from pydantic import Field
 
 from quo_sync_dagster.crms.base import CRMConnector
+from quo_sync_dagster.orchestration.launchpad import with_integration_id
 from quo_sync_dagster.orchestration.resources import StoreResource
 from quo_sync_dagster.orchestration.sync import open_connector
 from quo_sync_dagster.orchestration.tags import TAG_CRM, TAG_INTEGRATION
@@ -57,13 +58,16 @@ class RenewConfig(dg.Config):
 def build_subscription_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
     crm = connector_cls.name
     tags = {TAG_CRM: crm}
+    Config = with_integration_id(SubscribeConfig, crm, "Id of the integration to subscribe (again)")
 
     @dg.op(
         name=f"{crm}_subscribe_webhooks",
         description=f"Subscribe a {crm} integration's person events to the webhook receiver",
     )
     def subscribe_op(
-        context: dg.OpExecutionContext, config: SubscribeConfig, store: StoreResource
+        context: dg.OpExecutionContext,
+        config: Config,  # type: ignore[valid-type]
+        store: StoreResource,
     ) -> None:
         s = store.get()
         context.instance.add_run_tags(context.run.run_id, {TAG_INTEGRATION: config.integration_id})

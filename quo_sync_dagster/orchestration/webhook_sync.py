@@ -31,6 +31,7 @@ from quo_sync_dagster.orchestration.inbox_runs import (
     LEASE_MARGIN_SECONDS,
     InboxRunConfig,
     InboxTarget,
+    inbox_run_config,
     inbox_tick,
     run_claimed,
 )
@@ -64,6 +65,7 @@ def build_webhook_definitions(
     changes_key = webhook_changes_key(crm)
     max_runtime = connector_cls.crm_config.queue_config.timeout
     lease_seconds = max_runtime + LEASE_MARGIN_SECONDS
+    Config = inbox_run_config(crm)
 
     @dg.op(
         name=_op_name(crm),
@@ -71,7 +73,7 @@ def build_webhook_definitions(
     )
     def apply_webhook_changes(
         context: dg.OpExecutionContext,
-        config: InboxRunConfig,
+        config: Config,  # type: ignore[valid-type]
         store: StoreResource,
         quo: QuoResource,
     ) -> None:
