@@ -26,6 +26,7 @@ from quo_sync_dagster.orchestration.resources import (
     StoreResource,
 )
 from quo_sync_dagster.orchestration.sync import page_key
+from quo_sync_dagster.orchestration.tags import SENSOR_NAME
 from quo_sync_dagster.sandbox.quo_server import QuoSandbox
 from quo_sync_dagster.store import Store, open_store
 
@@ -99,10 +100,11 @@ def sync_range(
         assets,
         instance=p.instance,
         resources=p.resources,
-        tags={
+        tags={  # as the page sensor launches it
             RANGE_START: page_key(process_id, first),
             RANGE_END: page_key(process_id, last),
             TAG_PROCESS: process_id,
+            SENSOR_NAME: f"{crm}_page_sensor",
         },
         raise_on_error=False,
     )

@@ -372,6 +372,35 @@ def test_pages_still_failing_after_the_last_retry_close_the_process_as_error(
     assert _check(closed, "no_process_in_error").passed
 
 
+def test_only_the_page_sensors_first_run_skips_lookups_a_backfill_looks_contacts_up(
+    env: Pipeline,
+) -> None:
+    """Quo held no contact of the source at planning, so the page sensor's own run of a new
+    page sends creates without lookups. A backfill (tagged like a page run by the run
+    coordinator, but not launched by the sensor) may follow a create whose outcome was lost:
+    it looks unmapped contacts up first."""
+    process_id = _plan(env, records=200, page_size=100, pages_per_run=1)
+    assert env.store.get_process(process_id).context["quoSourceEmptyAtStart"]
+    assets = [defs.get_assets_def(f"scalingtest_{name}") for name in ("crm_pages", "quo_contacts")]
+
+    def lookups() -> int:
+        return env.quo.stats()["byKind"]["lookup"]
+
+    before = lookups()
+    assert _sync_range(env, process_id, 0, 0).success  # as the page sensor launches it
+    assert lookups() == before
+    backfill = dg.materialize(
+        assets,
+        instance=env.instance,
+        resources=env.resources,
+        partition_key=page_key(process_id, 1),
+        tags={TAG_PROCESS: process_id, "dagster/backfill": "abc123"},
+    )
+    assert backfill.success
+    assert lookups() > before
+    assert env.quo.stats()["duplicateExternalIds"] == 0
+
+
 def _retry_failed_pages(p: Pipeline, **config: str) -> dg.ExecuteInProcessResult:
     return defs.get_job_def("scalingtest_retry_failed_pages").execute_in_process(
         run_config={"ops": {"scalingtest_request_page_retries": {"config": config}}},

@@ -75,6 +75,7 @@ from quo_sync_dagster.orchestration.sync_checks import build_freshness_sensor
 from quo_sync_dagster.orchestration.tags import (
     RANGE_END,
     RANGE_START,
+    SENSOR_NAME,
     TAG_CRM,
     TAG_INTEGRATION,
     TAG_INTERNAL,
@@ -149,6 +150,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
     policy = dg.BackfillPolicy.multi_run(cfg.queue_config.batch_size)
     run_tags = {TAG_CRM: crm, "dagster/max_runtime": str(cfg.queue_config.timeout)}
     InitialSyncConfig = _initial_sync_config(connector_cls)
+    page_sensor_name = f"{crm}_page_sensor"
     known_types = [o.crm_object_name for o in cfg.person_object_types]
 
     @dg.op(
@@ -299,7 +301,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         totals: Counter[str] = Counter()
         processes: dict[str, Process] = {}
         unavailable_in_a_row = 0
-        first_try = _first_try(context.run.tags)
+        first_try = _first_try(context.run.tags, page_sensor_name)
         tried: dict[str, set[str]] = {}  # per Process: pages with a result before this run
         run_started = time.perf_counter()
         try:
@@ -385,7 +387,7 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
     )
 
     @dg.sensor(
-        name=f"{crm}_page_sensor",
+        name=page_sensor_name,
         job=page_sync,
         minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
         default_status=dg.DefaultSensorStatus.RUNNING,
@@ -498,13 +500,13 @@ def _observe_failed_page(
     )
 
 
-def _first_try(tags: Mapping[str, str]) -> Callable[[Process], bool]:
+def _first_try(tags: Mapping[str, str], page_sensor: str) -> Callable[[Process], bool]:
     """Whether unmapped contacts may skip the lookup: only in the page sensor's own run of a
     page never tried before, while Quo had no contact of the source at planning. Any other try
-    may follow a create whose outcome was lost (a killed run, an outage): that contact must be
-    looked up, not sent again."""
+    (a retry, a UI backfill or re-execution) may follow a create whose outcome was lost (a
+    killed run, an outage): that contact must be looked up, not sent again."""
     sensor_run = (
-        TAG_PROCESS in tags
+        tags.get(SENSOR_NAME) == page_sensor
         and TAG_RETRY not in tags
         and "dagster/parent_run_id" not in tags  # a re-execution from the UI
     )

@@ -1,5 +1,7 @@
 """The Dagster instance settings (dagster.yaml): run queue, per-CRM run limits, pools.
 
+The run queue is Dagster's, through QuoSyncRunCoordinator (orchestration/run_coordinator.py):
+it tags runs launched without the product's tags (UI backfills), so the limits hold them too.
 Per-CRM run limits come from each connector's queueConfig, so the file is rendered, not
 hand-kept: `quo-sync demo` writes it into its Dagster home, and a test keeps the top-level
 dagster.yaml equal to it.
@@ -27,7 +29,13 @@ def instance_settings() -> dict[str, Any]:
     connectors = registered_connectors()
     return {
         "telemetry": {"enabled": False},
-        "run_queue": {"dequeue_interval_seconds": 1, "dequeue_use_threads": True},
+        # Dagster refuses `run_queue` beside `run_coordinator`, so the dequeue settings are
+        # here; the run limits stay in `concurrency.runs`.
+        "run_coordinator": {
+            "module": "quo_sync_dagster.orchestration.run_coordinator",
+            "class": "QuoSyncRunCoordinator",
+            "config": {"dequeue_interval_seconds": 1, "dequeue_use_threads": True},
+        },
         "concurrency": {
             "runs": {
                 "max_concurrent_runs": 10,

@@ -10,3 +10,4 @@ TAG_INTERNAL = "quo_sync/internal"  # jobs launched by sensors only, not from th
 TAG_PEAK_RSS = "quo_sync/peak_rss_mb"  # on page runs: the run process's peak RSS
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
+SENSOR_NAME = "dagster/sensor_name"  # Dagster's: the sensor that launched a run
