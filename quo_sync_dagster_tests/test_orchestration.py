@@ -480,6 +480,7 @@ def test_failed_pages_show_why_on_their_partitions_and_an_error_process_fails_it
     (failure,) = [e for e in failed_run.all_events if e.is_step_failure]
     message = str(failure.step_failure_data.error.message)
     assert "3 of 3 pages failed" in message and all(k in message for k in keys[3:])
+    assert message.rstrip().endswith("/assets/scalingtest_quo_contacts?view=partitions")
     # Each failed partition has an observation saying why.
     stored = {e.page: e.error for e in env.store.recent_errors(process_id)}
     for key in keys[3:]:

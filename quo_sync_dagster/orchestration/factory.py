@@ -370,7 +370,9 @@ def build_crm_definitions(connector_cls: type[CRMConnector]) -> dg.Definitions:
         context.instance.add_run_tags(context.run.run_id, {**identity, **figures})
         if failures:
             raise dg.Failure(
-                description=failed_pages_message(failures, pages_run),
+                description=failed_pages_message(
+                    failures, pages_run, context.asset_key.to_user_string()
+                ),
                 metadata={"failed_pages": dg.MetadataValue.json(failures)},
             )
         return dg.MaterializeResult(tags=event_tags(crm, processes.values()))

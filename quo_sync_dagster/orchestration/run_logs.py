@@ -28,13 +28,19 @@ def page_line(key: str, result: PageResult, seconds: float) -> str:
     )
 
 
-def failed_pages_message(failures: Mapping[str, str], pages: int) -> str:
+def partitions_url(asset: str) -> str:
+    """The webserver's partitions view of a page asset (relative to its root)."""
+    return f"/assets/{asset}?view=partitions"
+
+
+def failed_pages_message(failures: Mapping[str, str], pages: int, asset: str) -> str:
     named = "; ".join(f"{key}: {why}" for key, why in list(failures.items())[:FAILED_PAGES_NAMED])
     more = len(failures) - FAILED_PAGES_NAMED
     return (
         f"{len(failures)} of {pages} pages failed: {named}"
         + (f"; and {more} more (metadata failed_pages)" if more > 0 else "")
-        + ". They are re-run automatically after a backoff (nothing is written twice)."
+        + ". They are re-run automatically after a backoff (nothing is written twice). "
+        + f"The failed partitions, with why: {partitions_url(asset)}"
     )
 
 
