@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import pandas as pd
@@ -19,10 +19,14 @@ from quo_sync_dagster.analytics import processes_frame
 from quo_sync_dagster.core.process import Process
 from quo_sync_dagster.store import Store
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 PLOT_METADATA_KEY = "throughput_plot"
 RECENT_PROCESSES = 30  # of the integration, on a closed Process's plot
 # Metadata is kept in the event log for every closed Process: small is enough to read a trend.
 INLINE_SIZE, INLINE_DPI = (6.0, 3.0), 80
+MIN_SPAN = pd.Timedelta(hours=1)  # the narrowest time axis drawn
 REPORT_SIZE, REPORT_DPI = (10.0, 5.0), 100
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,13 @@ def plot_png(
 ) -> bytes:
     """A processes_frame drawn as records/s (top) and failed records (bottom) per Process over
     its start time, one line per integration."""
+    buffer = io.BytesIO()
+    plot_figure(processes, size, dpi).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def plot_figure(processes: pd.DataFrame, size: tuple[float, float], dpi: int) -> Figure:
+    """The figure plot_png draws."""
     # Imported here: loading the code location (completion.py imports this module) must not
     # pay for matplotlib; only closing a Process or a report draws.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -47,7 +58,10 @@ def plot_png(
         when = rows["started_at"].dt.tz_localize(None)
         # Unclipped: a point on the zero line (no failure) stays whole.
         style = {"marker": "o", "label": integration, "clip_on": False}
-        throughput.plot(when, rows["records_per_second"], **style)
+        # A Process that had nobody to sync (a quiet polling cycle) has no throughput: left
+        # out, not drawn as a collapse to 0 records/s.
+        synced = rows["records"] > 0
+        throughput.plot(when[synced], rows["records_per_second"][synced], **style)
         failures.plot(when, rows["failed"], **style)
     throughput.set_ylabel("records/s")
     failures.set_ylabel("failed records")
@@ -55,6 +69,11 @@ def plot_png(
     locator = AutoDateLocator()
     failures.xaxis.set_major_locator(locator)
     failures.xaxis.set_major_formatter(ConciseDateFormatter(locator))
+    starts = processes["started_at"]
+    if len(processes) and starts.max() - starts.min() < MIN_SPAN:
+        # One Process (or a burst): a window around it, not the years a zero span gets.
+        middle = (starts.min() + (starts.max() - starts.min()) / 2).tz_localize(None)
+        failures.set_xlim(middle - MIN_SPAN / 2, middle + MIN_SPAN / 2)
     for axes in (throughput, failures):
         axes.margins(y=0.15)
         axes.set_ylim(bottom=0)
@@ -67,9 +86,7 @@ def plot_png(
             title="integration",
             title_fontsize="small",
         )
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure
 
 
 def markdown_image(png: bytes, title: str) -> str:

@@ -34,7 +34,7 @@ from quo_sync_dagster.core.process import (
 )
 from quo_sync_dagster.crms.scalingtest import skipped_record_count
 from quo_sync_dagster.orchestration.sync import page_key, parse_page_key
-from quo_sync_dagster.report_plot import PLOT_METADATA_KEY, plot_metadata
+from quo_sync_dagster.report_plot import MIN_SPAN, PLOT_METADATA_KEY, plot_figure, plot_metadata
 from quo_sync_dagster.store import Store, open_store
 from quo_sync_dagster_tests.pipeline import (
     Pipeline,
@@ -325,3 +325,23 @@ def test_two_synced_integrations_read_back_alike_in_frames_report_and_ui(
         plot = event.metadata[PLOT_METADATA_KEY]
         assert isinstance(plot, dg.MarkdownMetadataValue)
         assert _inline_png(plot.value).startswith(PNG_MAGIC)
+
+
+def test_the_plot_leaves_quiet_processes_out_of_throughput_and_widens_a_single_instant() -> None:
+    frame = pd.DataFrame(
+        {
+            "integration_id": ["a", "a"],
+            "started_at": pd.to_datetime([DAY1, DAY1 + timedelta(minutes=5)]),
+            "records": [100, 0],  # the second: a polling cycle that found no change
+            "records_per_second": [9.0, 0.0],
+            "failed": [1, 0],
+        }
+    )
+    figure = plot_figure(frame, (6.0, 3.0), 80)
+    throughput, failures = figure.axes[:2]
+    (line,) = throughput.lines
+    assert list(line.get_ydata()) == [9.0]  # no fall to 0 records/s for the quiet cycle
+    assert list(failures.lines[0].get_ydata()) == [1, 0]  # both still count their failures
+    # Five minutes apart: the axis spans MIN_SPAN around them, not the years a tiny span gets.
+    low, high = failures.get_xlim()
+    assert high - low == pytest.approx(MIN_SPAN / pd.Timedelta(days=1))

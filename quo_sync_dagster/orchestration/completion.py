@@ -32,6 +32,7 @@ from quo_sync_dagster.orchestration.closing_run import CLOSING_KEY, closing_run_
 from quo_sync_dagster.orchestration.metadata import (
     event_tags,
     page_metadata,
+    process_description,
     process_metadata,
     process_run_tags,
     process_summary,
@@ -112,10 +113,11 @@ def build_completion_sensor(
                 final = s.get_process(process.id)
                 if closed["state"] == str(ProcessState.COMPLETED):
                     advance_watermark(s, final)
-                    events += _unreported_pages(context.instance, s, final, contacts, crm)
+                events += _unreported_pages(context.instance, s, final, contacts, crm)
                 events.append(
                     dg.AssetMaterialization(
                         asset_key=processes_key,
+                        description=process_description(final),
                         metadata={**process_metadata(closed, final), **plot_metadata(s, final)},
                         tags=event_tags(crm, [final]),
                     )
@@ -138,9 +140,10 @@ def _unreported_pages(
     contacts: dg.AssetsDefinition,
     crm: str,
 ) -> list[dg.AssetMaterialization]:
-    """Pages synced by a run that died before it could report them: their Quo writes and
-    results are in the store, the materialization went down with the run (a killed worker),
-    so the UI would show them failed. Reported here, from the store, marked as such."""
+    """Pages synced by a run that could not report them: a killed worker, or a run that
+    failed for its other pages (a failed run materializes nothing). Their Quo writes and
+    results are in the store, so the UI would show them failed, and a backfill of the failed
+    partitions would re-run them. Reported here, from the store, marked as such."""
     keys = [page_key(process.id, i) for i in range(process.context["totalPages"])]
     pages = contacts.partitions_def
     status = (pages and instance.get_status_by_partition(contacts.key, keys, pages)) or {}
@@ -156,7 +159,9 @@ def _unreported_pages(
             tags=event_tags(crm, [process]),
         )
         for key in keys
-        if status.get(key) is not dg.AssetPartitionStatus.MATERIALIZED
+        if key in results
+        and results[key].ok
+        and status.get(key) is not dg.AssetPartitionStatus.MATERIALIZED
     ]
 
 

@@ -176,6 +176,14 @@ def left_error_context(process: Process, now: datetime) -> dict[str, Any]:
     return {SECONDS_IN_ERROR_KEY: ctx.get(SECONDS_IN_ERROR_KEY, 0) + max(spent, 0.0)}
 
 
+def process_description(process: Process) -> str:
+    """The first line the UI shows under a closed Process's event: an ERROR is not a success,
+    whatever Dagster's green "Materialized" says."""
+    if process.state is ProcessState.ERROR:
+        return f"ERROR: {process.context.get('error') or 'unknown'}"
+    return f"{process.state}: {process.counters.get('synced', 0)} synced"
+
+
 def process_metadata(summary: dict[str, Any], process: Process) -> dict[str, Any]:
     """A closed Process on `<crm>_sync_processes`: what it synced, its final state and, in
     ERROR, why; what kind of sync it was, and for a polling cycle of an integration with
