@@ -461,7 +461,7 @@ def test_the_retry_job_refuses_unclear_or_foreign_targets(env: Pipeline) -> None
     for config, why in [
         ({}, "give either integration_id or process_id"),
         ({"integration_id": "it-1", "process_id": "x"}, "give either"),
-        ({"integration_id": "nope"}, "no integration 'nope'"),
+        ({"integration_id": "nope"}, "integration 'nope' is not registered for scalingtest"),
         ({"integration_id": "pd-1"}, "is a pipedrive integration, not scalingtest"),
         ({"process_id": "nope"}, "no Process 'nope'"),
     ]:

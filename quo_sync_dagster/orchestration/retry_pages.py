@@ -21,6 +21,7 @@ from quo_sync_dagster.orchestration.completion import CLOSING_RECOVERY_KEY, unsy
 from quo_sync_dagster.orchestration.metadata import left_error_context
 from quo_sync_dagster.orchestration.resources import StoreResource
 from quo_sync_dagster.orchestration.run_logs import page_runs_url
+from quo_sync_dagster.orchestration.sync import integration_of
 from quo_sync_dagster.orchestration.tags import TAG_CRM, TAG_INTEGRATION, TAG_PROCESS
 from quo_sync_dagster.store.port import NotFound, Store
 
@@ -104,17 +105,9 @@ def _targets(store: Store, crm: str, config: RetryFailedPagesConfig) -> list[Pro
             raise dg.Failure(f"Process {process.id!r} is not a {crm} sync", allow_retries=False)
         return [process]
     try:
-        integration = store.get_integration(config.integration_id or "")
-    except NotFound:
-        raise dg.Failure(
-            f"no integration {config.integration_id!r} (quo-sync integrations list)",
-            allow_retries=False,
-        ) from None
-    if integration.crm != crm:
-        raise dg.Failure(
-            f"integration {integration.id!r} is a {integration.crm} integration, not {crm}",
-            allow_retries=False,
-        )
+        integration = integration_of(store, crm, config.integration_id or "")
+    except (NotFound, ValueError) as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from None
     return store.list_processes(integration_id=integration.id, crm=crm)
 
 
