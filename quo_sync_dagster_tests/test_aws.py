@@ -154,15 +154,18 @@ def test_ranged_run_writes_one_s3_object_per_page_and_reads_them_back(
             assert {"first_name", "phones", "updated_at"} <= set(frame.columns)
 
         # A downstream step reads the frames back through the same IO manager.
-        manager = io_manager.create_io_manager(dg.build_init_resource_context(instance=instance))
-        context = dg.build_input_context(
-            asset_key=dg.AssetKey(ASSET),
-            asset_partitions_def=dg.DynamicPartitionsDefinition(name="scalingtest_pages"),
-            asset_partition_key_range=dg.PartitionKeyRange(keys[1], keys[2]),
-            dagster_type=dg.DagsterType(lambda _, __: True, name="frames"),
-            instance=instance,
-        )
-        loaded = manager.load_input(context)
+        # Closed after use: an open context leaves its instance current for later tests.
+        with (
+            dg.build_init_resource_context(instance=instance) as init_context,
+            dg.build_input_context(
+                asset_key=dg.AssetKey(ASSET),
+                asset_partitions_def=dg.DynamicPartitionsDefinition(name="scalingtest_pages"),
+                asset_partition_key_range=dg.PartitionKeyRange(keys[1], keys[2]),
+                dagster_type=dg.DagsterType(lambda _, __: True, name="frames"),
+                instance=instance,
+            ) as context,
+        ):
+            loaded = io_manager.create_io_manager(init_context).load_input(context)
         assert set(loaded) == {keys[1], keys[2]}
         assert [len(loaded[k]) for k in keys[1:]] == [100, 50]
         assert loaded[keys[2]]["id"].tolist() == _expected_ids(2)

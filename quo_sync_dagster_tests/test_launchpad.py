@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +38,14 @@ from quo_sync_dagster_tests.pipeline import Pipeline, add_integration, launch_in
 LAUNCHED = ["initial_sync", "poll", "reconcile"]
 WEBHOOK_LAUNCHED = ["webhooks"]
 QUO_FIELDS = {"requests_per_second", "concurrency", "timeout_seconds", "max_attempts"}
+
+
+@pytest.fixture(autouse=True)
+def _own_instance() -> Iterator[None]:
+    """Definitions built here resolve against this test's instance, never one an earlier test
+    left current (Dagster keeps the entered instance's state storage in a context variable)."""
+    with dg.instance_for_test():
+        yield
 
 
 def _store_with_integrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
