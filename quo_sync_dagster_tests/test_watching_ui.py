@@ -14,8 +14,7 @@ import base64
 import os
 import shutil
 import struct
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -33,6 +32,7 @@ from quo_sync_dagster.orchestration.sync_checks import ERROR_CHECK, PAGES_CHECK
 from quo_sync_dagster.orchestration.tags import TAG_PROCESS
 from quo_sync_dagster.report_plot import PLOT_METADATA_KEY
 from quo_sync_dagster_tests.browser import Browser
+from quo_sync_dagster_tests.test_faults import wait_for
 
 pytestmark = pytest.mark.timeout(1800)  # the module's stack and syncs are set up in the first
 
@@ -108,7 +108,7 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
         scene = Scene(stack, broken, healthy, failed, synced)
         # The completion sensor reports a closed Process (and then the checks) a moment after
         # the store says it closed.
-        _wait(
+        wait_for(
             "both Processes reported with the checks after them",
             lambda: (
                 {broken.id, healthy.id} <= set(_process_events(scene))
@@ -116,15 +116,6 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
             ),
         )
         yield scene
-
-
-def _wait(what: str, check: Callable[[], Any], timeout: float = 300) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def _key(name: str) -> dict[str, list[str]]:
