@@ -311,15 +311,26 @@ def test_a_sigkilled_page_run_is_detected_and_its_pages_rerun(
     assert_exactly_once(stack, integration, process)
     # The instance, and the real webserver in a real browser, show this Process's pages all
     # materialized, the killed runs' failures replaced by the re-runs.
+    # The completion sensor marks the Process COMPLETED in the store, then the daemon records
+    # the sensor's reports of the pages the killed runs synced: wait for those events.
     keys = [page_key(process_id, i) for i in range(process.context["totalPages"])]
-    with dg.DagsterInstance.from_config(str(stack.dagster_home)) as instance:
-        asset = dg.AssetKey("scalingtest_quo_contacts")
-        all_keys = instance.get_dynamic_partitions("scalingtest_pages")
-        status = instance.get_status_by_partition(
-            asset, all_keys, dg.DynamicPartitionsDefinition(name="scalingtest_pages")
-        )
-    assert {status[k].value for k in keys} == {"MATERIALIZED"}
-    counts = Counter(v.value for v in status.values())
+
+    def partition_status() -> dict[str, str]:
+        with dg.DagsterInstance.from_config(str(stack.dagster_home)) as instance:
+            status = instance.get_status_by_partition(
+                dg.AssetKey("scalingtest_quo_contacts"),
+                instance.get_dynamic_partitions("scalingtest_pages"),
+                dg.DynamicPartitionsDefinition(name="scalingtest_pages"),
+            )
+        return {k: v.value for k, v in status.items()}
+
+    deadline = time.monotonic() + 120
+    while (status := partition_status()) and time.monotonic() < deadline:
+        if all(status[k] == "MATERIALIZED" for k in keys):
+            break
+        time.sleep(0.5)
+    assert {k: status[k] for k in keys if status[k] != "MATERIALIZED"} == {}
+    counts = Counter(status.values())
     partitions_page = f"{stack.ui_url}/assets/scalingtest_quo_contacts?view=partitions"
     dom = rendered_page(partitions_page, tmp_path / "browser")
     assert f"Materialized ({counts['MATERIALIZED']})" in dom
