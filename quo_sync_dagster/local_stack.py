@@ -6,6 +6,7 @@ simulator's admin API; ScalingTest's settings), the ground truth of the differen
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -89,6 +90,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+log = logging.getLogger(__name__)
 _STOP_SECONDS = 30.0  # for a process group to end on SIGTERM before it gets SIGKILL
 
 
@@ -104,6 +106,22 @@ def _group_ended(leader: subprocess.Popen[bytes], deadline: float) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def _group_members(pgid: int) -> list[str]:
+    """`pid state program` of each process in the group (Linux /proc; nothing elsewhere).
+    Only the first arguments: later ones can hold a store URI with a password."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            state, _ppid, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            argv = (entry / "cmdline").read_bytes().split(b"\0")[1:4]
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+        if int(group) == pgid:
+            program = " ".join(a.decode(errors="replace")[:60] for a in argv)
+            members.append(f"{entry.name} {state} {program}")
+    return members
 
 
 def _group_alive(pgid: int) -> bool:
@@ -235,6 +253,12 @@ class LocalStack:
         deadline = time.monotonic() + _STOP_SECONDS
         for proc in self._procs:
             if not _group_ended(proc, deadline):
+                log.warning(
+                    "process group %d still ran %.0f s after SIGTERM, killing it: %s",
+                    proc.pid,
+                    _STOP_SECONDS,
+                    "; ".join(_group_members(proc.pid)) or "no member listed",
+                )
                 _signal_group(proc.pid, signal.SIGKILL)
                 _group_ended(proc, time.monotonic() + _STOP_SECONDS)
         self._procs.clear()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from quo_sync_dagster import local_stack
 from quo_sync_dagster.cli import (
     _last,
     _process_report,
@@ -208,6 +210,33 @@ def test_leaving_normally_runs_the_cleanup_too() -> None:
     with _stopping(lambda: stops.append("stopped")):
         pass
     assert stops == ["stopped"]
+
+
+def test_a_process_that_ignores_sigterm_is_killed_and_named_in_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(local_stack, "_STOP_SECONDS", 1.0)
+    stack = local_stack.LocalStack(tmp_path / "home")
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", IGNORES_SIGTERM, "--store", "mongodb://user:secret@db"],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"
+    stack._procs.append(stubborn)
+    with caplog.at_level(logging.WARNING, logger=local_stack.__name__):
+        stack.stop()
+    assert stubborn.returncode == -signal.SIGKILL
+    [warning] = caplog.messages
+    assert f"process group {stubborn.pid} still ran 1 s after SIGTERM" in warning
+    assert f"{stubborn.pid} S -c import signal" in warning
+    assert "secret" not in warning  # only the first arguments are named
+
+
+IGNORES_SIGTERM = (
+    "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "print('ready', flush=True); time.sleep(600)"
+)
 
 
 # ---- the demo itself, by PID -------------------------------------------------------------------
