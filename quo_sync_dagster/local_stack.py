@@ -92,6 +92,12 @@ def free_port() -> int:
 
 log = logging.getLogger(__name__)
 _STOP_SECONDS = 30.0  # for a process group to end on SIGTERM before it gets SIGKILL
+# Runs argv[1:] (by exec: same PID) with SIGINT and SIGTERM reset from "ignored".
+_WITH_DEFAULT_SIGNALS = (
+    "import os, signal, sys; "
+    "[signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)]; "
+    "os.execvp(sys.argv[1], sys.argv[1:])"
+)
 
 
 def _signal_group(pgid: int, signum: int) -> None:
@@ -208,9 +214,20 @@ class LocalStack:
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen(
-                argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            return self._popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+    def _popen(self, argv: list[str], stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
+        """`argv` in a session of its own (stop() signals its group), with SIGINT and SIGTERM
+        at their defaults: a background job of a non-interactive shell starts with SIGINT
+        ignored and passes that on, and Dagster gives SIGTERM SIGINT's handler, so dagster
+        dev and all it starts would ignore both and end only on SIGKILL."""
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WITH_DEFAULT_SIGNALS, *argv],
+            env=self.env,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
         self._procs.append(proc)
         return proc
 
@@ -232,10 +249,7 @@ class LocalStack:
         """Start a server process that prints one `..._READY <url>` line once serving; its
         logs go to logs/<name>.log."""
         with (self.logs / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen(
-                argv, env=self.env, stdout=subprocess.PIPE, stderr=log, start_new_session=True
-            )
-        self._procs.append(proc)
+            proc = self._popen(argv, stdout=subprocess.PIPE, stderr=log)
         assert proc.stdout is not None
         ready, _, url = proc.stdout.readline().decode().strip().partition(" ")
         if not ready.endswith("READY") or not url:

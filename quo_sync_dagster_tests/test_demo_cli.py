@@ -233,6 +233,31 @@ def test_a_process_that_ignores_sigterm_is_killed_and_named_in_a_warning(
     assert "secret" not in warning  # only the first arguments are named
 
 
+def test_children_stop_on_sigterm_when_started_with_sigint_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As a background job of a non-interactive shell starts (SIGINT ignored), with a child
+    that gives SIGTERM SIGINT's handler, as Dagster does: it must still end on SIGTERM."""
+    monkeypatch.setattr(local_stack, "_STOP_SECONDS", 10.0)
+    stack = local_stack.LocalStack(tmp_path / "home")
+    stack.logs.mkdir(parents=True)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        child = stack._spawn("like-dagster", [sys.executable, "-c", SIGTERM_AS_SIGINT])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    wait_for_line = (stack.logs / "like-dagster.log").read_text
+    _wait_for("the child to start", lambda: "ready" in wait_for_line(), timeout=60)
+    with caplog.at_level(logging.WARNING, logger=local_stack.__name__):
+        stack.stop()
+    assert "KeyboardInterrupt" in wait_for_line()  # SIGTERM reached SIGINT's default handler
+    assert child.returncode == -signal.SIGINT and caplog.messages == []
+
+
+SIGTERM_AS_SIGINT = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT)); "
+    "print('ready', flush=True); time.sleep(600)"
+)
 IGNORES_SIGTERM = (
     "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
     "print('ready', flush=True); time.sleep(600)"
